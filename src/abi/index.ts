@@ -1,0 +1,6 @@
+export * from './constants.js';
+export * from './layout.js';
+export * from './segment.js';
+export * from './request.js';
+export * from './response.js';
+export * from './json.js';

@@ -1,0 +1,31 @@
+#!/usr/bin/env node
+/** The `blkif` command line: one file per command, registered here. */
+import { Command, CommanderError } from 'commander';
+import { VERSION } from '../index.js';
+import { UsageError } from './errors.js';
+import { ringCommand } from './ring.js';
+
+const program = new Command('blkif')
+  .description('the Xen PV block protocol (blkif) on an emulated Xen')
+  .version(VERSION)
+  .showHelpAfterError('(run with --help for usage)')
+  .addCommand(ringCommand());
+
+// Every command's usage errors exit 2 (commander's own included), with one line on stderr.
+program.exitOverride();
+for (const c of program.commands) c.exitOverride();
+for (const c of program.commands.flatMap((c) => c.commands)) c.exitOverride();
+
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  if (e instanceof CommanderError) {
+    if (e.exitCode === 0) process.exit(0); // --help, --version
+    process.exit(2);
+  }
+  if (e instanceof UsageError) {
+    process.stderr.write(`blkif: ${e.message}\n`);
+    process.exit(2);
+  }
+  throw e;
+}

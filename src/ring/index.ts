@@ -1,0 +1,3 @@
+export * from './shared-ring.js';
+export * from './front-ring.js';
+export * from './back-ring.js';
