@@ -138,8 +138,9 @@ export function encodeRequestOther(view: DataView, off: number, abi: BlkifAbi, o
 /** Reads the request at `off`. Never throws: bad bytes give `{ ok: false }` with the id to answer. */
 export function decodeRequest(view: DataView, off: number, abi: BlkifAbi, limits?: DecodeLimits): RequestDecodeResult {
   const avail = view.byteLength - off;
-  if (off < 0 || avail < abi.request.id + 8) {
-    return fail(avail > 0 ? view.getUint8(off) : 0, 0n, 'truncated', `only ${Math.max(avail, 0)} bytes`);
+  if (!Number.isInteger(off) || off < 0 || avail < abi.request.id + 8) {
+    const op = Number.isInteger(off) && off >= 0 && avail > 0 ? view.getUint8(off) : 0;
+    return fail(op, 0n, 'truncated', `only ${Math.max(avail, 0)} bytes at offset ${off}`);
   }
   const operation = view.getUint8(off + REQ_OPERATION);
   // Every request keeps `id` at the same offset, so it is readable whatever the operation.
