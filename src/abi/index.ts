@@ -4,3 +4,4 @@ export * from './segment.js';
 export * from './request.js';
 export * from './response.js';
 export * from './json.js';
+export * from './xenstore-keys.js';

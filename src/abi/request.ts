@@ -87,23 +87,14 @@ export function encodeRequest(view: DataView, off: number, abi: BlkifAbi, req: B
   switch (req.operation) {
     case BLKIF_OP_DISCARD: {
       const l = abi.discard;
-      zero(view, off, l.size);
-      view.setUint8(off + REQ_OPERATION, req.operation);
-      view.setUint8(off + REQ_BYTE1, req.flag);
-      view.setUint16(off + REQ_HALF2, req.handle, true);
-      view.setBigUint64(off + l.id, req.id, true);
-      view.setBigUint64(off + l.sector_number, req.sector_number, true);
+      writeHead(view, off, l, req.operation, req.flag, req.handle, req.id, req.sector_number);
       view.setBigUint64(off + l.nr_sectors, req.nr_sectors, true);
       return l.size;
     }
     case BLKIF_OP_INDIRECT: {
       const l = abi.indirect;
-      zero(view, off, l.size);
-      view.setUint8(off + REQ_OPERATION, req.operation);
-      view.setUint8(off + REQ_BYTE1, req.indirect_op);
-      view.setUint16(off + REQ_HALF2, req.nr_segments, true);
-      view.setBigUint64(off + l.id, req.id, true);
-      view.setBigUint64(off + l.sector_number, req.sector_number, true);
+      // The u16 at 2 is nr_segments here; handle moves after sector_number.
+      writeHead(view, off, l, req.operation, req.indirect_op, req.nr_segments, req.id, req.sector_number);
       view.setUint16(off + l.handle, req.handle, true);
       const n = Math.min(req.indirect_grefs.length, BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST);
       for (let i = 0; i < n; i++) view.setUint32(off + l.indirect_grefs + 4 * i, req.indirect_grefs[i]!, true);
@@ -111,12 +102,7 @@ export function encodeRequest(view: DataView, off: number, abi: BlkifAbi, req: B
     }
     default: {
       const l = abi.request;
-      zero(view, off, l.size);
-      view.setUint8(off + REQ_OPERATION, req.operation);
-      view.setUint8(off + REQ_BYTE1, req.nr_segments);
-      view.setUint16(off + REQ_HALF2, req.handle, true);
-      view.setBigUint64(off + l.id, req.id, true);
-      view.setBigUint64(off + l.sector_number, req.sector_number, true);
+      writeHead(view, off, l, req.operation, req.nr_segments, req.handle, req.id, req.sector_number);
       const n = Math.min(req.seg.length, BLKIF_MAX_SEGMENTS_PER_REQUEST);
       for (let i = 0; i < n; i++) encodeSegment(view, off + l.seg + BLKIF_SEGMENT_SIZE * i, req.seg[i]!);
       return l.size;
@@ -230,6 +216,28 @@ export function responseOperation(req: BlkifRequest): number {
 
 function fail(operation: number, id: bigint, problem: RequestProblem, message: string): RequestDecodeResult {
   return { ok: false, operation, id, problem, message };
+}
+
+/**
+ * Clears a request struct and writes what every request shares: `operation` at 0, a byte at 1,
+ * a u16 at 2, then `id` and `sector_number` at this struct's offsets for the ABI.
+ */
+function writeHead(
+  view: DataView,
+  off: number,
+  l: { id: number; sector_number: number; size: number },
+  operation: number,
+  byte1: number,
+  half2: number,
+  id: bigint,
+  sector_number: bigint,
+): void {
+  zero(view, off, l.size);
+  view.setUint8(off + REQ_OPERATION, operation);
+  view.setUint8(off + REQ_BYTE1, byte1);
+  view.setUint16(off + REQ_HALF2, half2, true);
+  view.setBigUint64(off + l.id, id, true);
+  view.setBigUint64(off + l.sector_number, sector_number, true);
 }
 
 /** Clears a struct's bytes (every blkif struct size is a multiple of 4); allocates nothing. */
