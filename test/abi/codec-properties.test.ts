@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { X86_32_ABI, X86_64_ABI, decodeRequest, decodeResponse, decodeSegment, encodeRequest, encodeResponse, encodeSegment } from '../../src/abi/index.js';
+import { X86_32_ABI, X86_64_ABI, decodeRequest, decodeResponse, decodeSegment, encodeRequest, encodeResponse, encodeSegment, requestFromJson, requestToJson, responseFromJson, responseToJson } from '../../src/abi/index.js';
 import * as arb from '../support/arbitraries.js';
 
 for (const abi of [X86_64_ABI, X86_32_ABI]) {
@@ -37,5 +37,16 @@ test('segments round-trip', () => {
       encodeSegment(view, slot * 8, seg);
       assert.deepEqual(decodeSegment(view, slot * 8), seg);
     }),
+  );
+});
+
+test('the JSON form round-trips every request and response, 64-bit values exact', () => {
+  fc.assert(
+    fc.property(arb.request, arb.response, (req, rsp) => {
+      const viaJson = JSON.parse(JSON.stringify(requestToJson(req)));
+      assert.deepEqual(requestFromJson(viaJson, 'r'), { known: true, request: req });
+      assert.deepEqual(responseFromJson(JSON.parse(JSON.stringify(responseToJson(rsp))), 'p'), rsp);
+    }),
+    { numRuns: 1000 },
   );
 });
