@@ -55,7 +55,9 @@ export class XenDomain {
     this.domid = domid;
     this.memory = new DomainMemory(pages);
     this.grants = new GrantTable(t, domid, slot, this.memory, registry);
-    this.events = new EventChannels(t, domid, slot, pollMicros);
+    // Idle time is when the thread applies the toolstack's memory news (e.g. drops the pages
+    // of destroyed domains), off the data path.
+    this.events = new EventChannels(t, domid, slot, pollMicros, () => registry.drain());
     this.counters = new CounterView(t);
     this.workerData = workerData;
   }
@@ -83,5 +85,7 @@ export async function attachDomain(): Promise<XenDomain> {
   const own = b.memories.find(([d]) => d === b.domid)?.[1];
   if (own === undefined) throw new Error(`attachDomain(): no memory for domain ${b.domid}`);
   attached = new XenDomain(t, b.domid, b.slot, registry, own, b.pollMicros ?? DEFAULT_POLL_MICROS, wd.app);
+  // The bootstrap holds every domain's pages: take it out of the domain code's reach.
+  delete (wd as { xen?: DomainBootstrap }).xen;
   return attached;
 }

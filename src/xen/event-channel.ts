@@ -133,6 +133,7 @@ export class EventChannels {
     private readonly domid: number,
     private readonly slot: number,
     pollMicros: number = DEFAULT_POLL_MICROS,
+    private readonly beforeSleep: () => void = () => undefined,
   ) {
     this.pollMicros = pollMicros;
     this.keepAlive = setInterval(() => undefined, 1 << 30);
@@ -342,6 +343,7 @@ export class EventChannels {
           t.count(this.slot, C_POLL_HITS);
           continue;
         }
+        this.beforeSleep();
         Atomics.store(t.dom, d + D_SLEEPING, 1);
         const r = waitAsync(t.dom, d + D_UPCALL, 0);
         if (r.async) {
