@@ -102,6 +102,32 @@ describe('worker-thread domains', () => {
     });
   }
 
+  test('grant end racing a peer that maps and unmaps in a loop: no map succeeds after the end', async (t) => {
+    hv = new Hypervisor({ dom0MemoryPages: 4 });
+    const g = await hv.createDomain({ script: GUEST, memoryPages: 4 });
+    const dom0 = hv.dom0;
+    const [frame] = dom0.memory.alloc(1);
+    const page = dom0.memory.page(frame!);
+    const ref = dom0.grants.grantAccess(g.domid, frame!, false);
+    send(g.worker, { op: 'hammer', peer: 0, ref });
+    assert.equal((await next(g.worker)).op, 'bound');
+    const done = next(g.worker);
+    while (page[0] !== 0xab) await new Promise((r) => setImmediate(r)); // the peer is mapping
+    let busy = 0;
+    while (!dom0.grants.endAccess(ref)) busy++; // spins against the peer's pins, both threads running
+    page[0] = 0;
+    const r = await done;
+    assert.equal(r.op, 'hammered');
+    if (r.op !== 'hammered') return;
+    assert.ok(r.ok > 0);
+    assert.deepEqual(r.statuses, [-1], 'only GNTST_general_error after the end');
+    assert.equal(page[0], 0, 'no write through a mapping made after the grant ended');
+    t.diagnostic(`endAccess refused ${busy} times while mapped; peer maps ok ${r.ok}, refused ${r.fail}`);
+    dom0.memory.free([frame!]);
+    await g.exited;
+    assertSettled(hv.counters());
+  });
+
   test('polling: a notify sent while the peer polls is seen without a sleep', async () => {
     hv = new Hypervisor({ dom0MemoryPages: 4 });
     const g = await hv.createDomain({ script: GUEST, memoryPages: 4, pollMicros: 5_000_000 });
