@@ -53,10 +53,18 @@ export function closePort(t: SharedTables, slot: number, port: number): number {
   if (!validPort(port)) return -EINVAL;
   const i = pidx(slot, port);
   let wasBound = false;
-  for (;;) {
+  for (let spins = 0; ; spins++) {
     const st = Atomics.load(t.port, i + P_STATE);
     if (st === EVTCHNSTAT_closed || st === PS_CLOSING) return -EINVAL;
-    if (st === PS_BINDING || st === PS_RESERVED) continue; // a peer is mid-bind: transient
+    if (st === PS_RESERVED) {
+      // Only seen at teardown: the owner died between reserving and opening the port (it was
+      // never counted as open).
+      Atomics.compareExchange(t.port, i + P_STATE, PS_RESERVED, EVTCHNSTAT_closed);
+      return -EINVAL;
+    }
+    // PS_BINDING: a peer is mid-bind, which takes a few stores; if the peer died there, stop
+    // waiting after a bounded spin and close the port as unbound.
+    if (st === PS_BINDING && spins < 1_000_000) continue;
     if (Atomics.compareExchange(t.port, i + P_STATE, st, PS_CLOSING) === st) {
       wasBound = st === EVTCHNSTAT_interdomain;
       break;
