@@ -124,13 +124,16 @@ describe('event channels', () => {
   test('per-port handlers', async () => {
     const { pa, pb } = await pair();
     const seen: number[] = [];
-    let done!: () => void;
-    const got = new Promise<void>((r) => { done = r; });
-    const off = b.events.on(pb, (p) => { seen.push(p); if (seen.length === 2) done(); });
+    let wake: (() => void) | undefined;
+    const off = b.events.on(pb, (p) => { seen.push(p); wake?.(); });
+    const seenCount = (n: number) => new Promise<void>((r) => {
+      wake = () => { if (seen.length >= n) r(); };
+      wake();
+    });
     a.events.notify(pa);
-    await new Promise((r) => setTimeout(r, 5));
+    await seenCount(1); // a second notify before this would coalesce with the first
     a.events.notify(pa);
-    await got;
+    await seenCount(2);
     off();
     assert.deepEqual(seen, [pb, pb]);
     a.events.close(pa);
