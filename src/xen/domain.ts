@@ -5,7 +5,7 @@ import { DEFAULT_POLL_MICROS } from './constants.js';
 import { EventChannels } from './event-channel.js';
 import { GrantTable } from './grant-table.js';
 import { DomainMemory, MemoryRegistry, type Pages } from './memory.js';
-import { GLOBAL_ROW, readCounters, SharedTables, type SharedTablesInit, type XenCounters } from './shared-tables.js';
+import { GLOBAL_ROW, readCounters, SharedTables, SLOT_DYING, type SharedTablesInit, type XenCounters } from './shared-tables.js';
 
 /** What the hypervisor hands a domain's thread (inside workerData.xen). Internal. */
 export interface DomainBootstrap {
@@ -31,7 +31,7 @@ export class CounterView {
   /** Counters of a running or dying domain; undefined if unknown. */
   domain(domid: number): XenCounters | undefined {
     let slot = this.t.slotOf(domid);
-    if (slot < 0) slot = this.t.slotOf(domid, 2);
+    if (slot < 0) slot = this.t.slotOf(domid, SLOT_DYING);
     return slot < 0 ? undefined : readCounters(this.t, slot);
   }
 }

@@ -164,7 +164,7 @@ export interface XenCounters {
   mapsActive: number;
   /** Event-channel ports not closed (unbound or interdomain). */
   portsOpen: number;
-  /** Interdomain connections (each counted on both ends for a domain, once globally per end). */
+  /** Ports in the interdomain state (a connected channel counts once on each of its two ends). */
   channelsBound: number;
   mapOps: number;
   unmapOps: number;
