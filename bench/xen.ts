@@ -51,7 +51,7 @@ function nextMessage<T>(w: import('node:worker_threads').Worker): Promise<T> {
 }
 
 /** Round trips between two worker domains; returns one-way latency (us) and poll statistics. */
-async function pingPong(pollMicros: number, rounds: number): Promise<{ oneWayMicros: number; pollHits: number; sleeps: number }> {
+async function pingPong(pollMicros: number, rounds: number): Promise<{ oneWayMicros: number; pollHits: number; sleeps: number; roundTrips: number }> {
   const hv = new Hypervisor({ dom0MemoryPages: 1 });
   try {
     const script = new URL(import.meta.url);
@@ -70,7 +70,8 @@ async function pingPong(pollMicros: number, rounds: number): Promise<{ oneWayMic
     const pollHits = after[0]!.pollHits + after[1]!.pollHits - before[0]!.pollHits - before[1]!.pollHits;
     const sleeps = after[0]!.sleeps + after[1]!.sleeps - before[0]!.sleeps - before[1]!.sleeps;
     await Promise.all([a.exited, b.exited]);
-    return { oneWayMicros: (elapsedMs * 1000) / rounds / 2, pollHits, sleeps };
+    // The counters span the warm-up rounds too.
+    return { oneWayMicros: (elapsedMs * 1000) / rounds / 2, pollHits, sleeps, roundTrips: rounds + warmup };
   } finally {
     await hv.shutdown();
   }
@@ -145,7 +146,8 @@ export async function benchXen(): Promise<BenchResult[]> {
   results.push({ name: 'xen notify->wake latency, polling 50 us (one way)', value: round2(on.oneWayMicros), unit: 'us' });
   const waits = on.pollHits + on.sleeps;
   results.push({ name: 'xen polling saved a sleep (polling 50 us)', value: round2(waits === 0 ? 0 : (100 * on.pollHits) / waits), unit: '% of waits' });
-  results.push({ name: 'xen sleeps per round trip, polling off', value: round2(off.sleeps / 5000), unit: 'sleeps' });
+  results.push({ name: 'xen sleeps per round trip, polling off (both domains)', value: round2(off.sleeps / off.roundTrips), unit: 'sleeps' });
+  results.push({ name: 'xen sleeps per round trip, polling 50 us (both domains)', value: round2(on.sleeps / on.roundTrips), unit: 'sleeps' });
   results.push(...grantBench());
   return results;
 }
