@@ -1,0 +1,11 @@
+// Public surface of the emulated hypervisor layer.
+export * from './constants.js';
+export { Hypervisor } from './hypervisor.js';
+export type { HypervisorOptions, CreateDomainOptions, DomainHandle, DomainExit } from './hypervisor.js';
+export { attachDomain, XenDomain, CounterView } from './domain.js';
+export { DomainMemory } from './memory.js';
+export { GrantTable } from './grant-table.js';
+export type { GntMapOp, GntMapResult, GntCopyOp, GntCopyPtr } from './grant-table.js';
+export { EventChannels } from './event-channel.js';
+export type { EvtchnStatus, WaitOptions } from './event-channel.js';
+export type { XenCounters } from './shared-tables.js';

@@ -1,0 +1,197 @@
+// The hypervisor's state, kept in SharedArrayBuffers so that every thread's copy of the
+// hypervisor code runs the data path (grant map/unmap/copy, event send) synchronously, with
+// Atomics, and no message to the main thread. Layout is ours; the semantics are Xen's.
+import {
+  MAX_DOMAINS, NR_EVTCHN_PORTS, NR_GRANT_ENTRIES, NR_MAPTRACK,
+} from './constants.js';
+
+/** The buffers behind the tables; structured-cloneable, handed to every domain thread. */
+export interface SharedTablesInit {
+  readonly domains: SharedArrayBuffer;
+  readonly counters: SharedArrayBuffer;
+  readonly grants: SharedArrayBuffer;
+  readonly maptrack: SharedArrayBuffer;
+  readonly ports: SharedArrayBuffer;
+  readonly portCounters: SharedArrayBuffer;
+  readonly pending: SharedArrayBuffer;
+  readonly mask: SharedArrayBuffer;
+}
+
+// ---- Domain record (Int32, per slot) ----
+export const D_STATE = 0;
+export const D_DOMID = 1;
+/** evtchn_upcall_pending (xen.h, struct vcpu_info): the word a sleeping domain waits on. */
+export const D_UPCALL = 2;
+/** 1 while the domain sleeps in Atomics.waitAsync: senders skip Atomics.notify otherwise. */
+export const D_SLEEPING = 3;
+/** 1 while the domain spins in its polling budget (observability, tests). */
+export const D_POLLING = 4;
+export const D_STRIDE = 8;
+
+export const SLOT_FREE = 0;
+export const SLOT_RUNNING = 1;
+/** Destroyed; kept while peers still map its grants (Xen keeps such a domain as a zombie). */
+export const SLOT_DYING = 2;
+
+// ---- Counters (BigInt64, one row per slot, plus one global row at MAX_DOMAINS) ----
+export const C_GRANTS_ACTIVE = 0;
+export const C_MAPS_ACTIVE = 1;
+export const C_PORTS_OPEN = 2;
+export const C_CHANNELS_BOUND = 3;
+export const C_MAP_OPS = 4;
+export const C_UNMAP_OPS = 5;
+export const C_COPY_OPS = 6;
+export const C_COPY_BYTES = 7;
+export const C_NOTIFY_SENT = 8;
+export const C_NOTIFY_RECEIVED = 9;
+export const C_NOTIFY_COALESCED = 10;
+export const C_NOTIFY_DROPPED = 11;
+export const C_WAKES = 12;
+export const C_POLL_HITS = 13;
+export const C_SLEEPS = 14;
+export const C_STRIDE = 16;
+export const GLOBAL_ROW = MAX_DOMAINS;
+
+// ---- Grant entry (Int32 x 4, per slot per ref) ----
+// Word 0 holds the v1 flags (low 16 bits, grant_table.h struct grant_entry_v1) and the pin
+// counts Xen keeps in its active entry, so that ending a grant and mapping it race on one
+// compare-exchange, as gnttab_end_foreign_access_ref races Xen's _set_status_v1.
+export const G_FLAGS = 0;
+export const G_DOMID = 1;
+export const G_FRAME = 2;
+export const G_STRIDE = 4;
+export const G_FLAGS_MASK = 0xffff;
+export const PIN_R = 1 << 16;
+export const PIN_R_MASK = 0xff << 16;
+export const PIN_W = 1 << 24;
+export const PIN_W_MASK = 0x7f << 24;
+
+// ---- Maptrack entry (Int32 x 4, per mapping slot per handle) ----
+export const M_FLAGS = 0; // 0 = free; else M_IN_USE | GNTMAP_* flags
+export const M_SLOT = 1;
+export const M_REF = 2;
+export const M_DOMID = 3;
+export const M_STRIDE = 4;
+export const M_IN_USE = 1 << 30;
+
+// ---- Event-channel port (Int32 x 4, per slot per port) ----
+export const P_STATE = 0;
+export const P_REMOTE_DOMID = 1;
+export const P_REMOTE_PORT = 2;
+export const P_REMOTE_SLOT = 3;
+export const P_STRIDE = 4;
+// Transient states (ours) on top of EVTCHNSTAT_closed/unbound/interdomain.
+export const PS_RESERVED = 16;
+export const PS_BINDING = 17;
+export const PS_CLOSING = 18;
+/** Port counters (BigInt64 x 2): notifications sent from, and received on, the port. */
+export const PC_SENT = 0;
+export const PC_RECEIVED = 1;
+export const PC_STRIDE = 2;
+export const PORT_WORDS = NR_EVTCHN_PORTS / 32;
+
+/** Typed views over the shared buffers, one set per thread. */
+export class SharedTables {
+  readonly init: SharedTablesInit;
+  readonly dom: Int32Array;
+  readonly ctr: BigInt64Array;
+  readonly gnt: Int32Array;
+  readonly mt: Int32Array;
+  readonly port: Int32Array;
+  readonly pctr: BigInt64Array;
+  readonly pending: Int32Array;
+  readonly mask: Int32Array;
+  private readonly slotCache = new Map<number, number>();
+
+  static allocate(): SharedTables {
+    const sab = (bytes: number) => new SharedArrayBuffer(bytes);
+    return new SharedTables({
+      domains: sab(MAX_DOMAINS * D_STRIDE * 4),
+      counters: sab((MAX_DOMAINS + 1) * C_STRIDE * 8),
+      grants: sab(MAX_DOMAINS * NR_GRANT_ENTRIES * G_STRIDE * 4),
+      maptrack: sab(MAX_DOMAINS * NR_MAPTRACK * M_STRIDE * 4),
+      ports: sab(MAX_DOMAINS * NR_EVTCHN_PORTS * P_STRIDE * 4),
+      portCounters: sab(MAX_DOMAINS * NR_EVTCHN_PORTS * PC_STRIDE * 8),
+      pending: sab(MAX_DOMAINS * PORT_WORDS * 4),
+      mask: sab(MAX_DOMAINS * PORT_WORDS * 4),
+    });
+  }
+
+  constructor(init: SharedTablesInit) {
+    this.init = init;
+    this.dom = new Int32Array(init.domains);
+    this.ctr = new BigInt64Array(init.counters);
+    this.gnt = new Int32Array(init.grants);
+    this.mt = new Int32Array(init.maptrack);
+    this.port = new Int32Array(init.ports);
+    this.pctr = new BigInt64Array(init.portCounters);
+    this.pending = new Int32Array(init.pending);
+    this.mask = new Int32Array(init.mask);
+  }
+
+  /** Slot of a domain in the given state (running by default), or -1. Domids are never reused. */
+  slotOf(domid: number, state: number = SLOT_RUNNING): number {
+    const cached = this.slotCache.get(domid);
+    if (cached !== undefined && Atomics.load(this.dom, cached * D_STRIDE + D_DOMID) === domid) {
+      return Atomics.load(this.dom, cached * D_STRIDE + D_STATE) === state ? cached : -1;
+    }
+    for (let s = 0; s < MAX_DOMAINS; s++) {
+      const b = s * D_STRIDE;
+      if (Atomics.load(this.dom, b + D_STATE) !== SLOT_FREE && Atomics.load(this.dom, b + D_DOMID) === domid) {
+        this.slotCache.set(domid, s);
+        return Atomics.load(this.dom, b + D_STATE) === state ? s : -1;
+      }
+    }
+    return -1;
+  }
+
+  /** Adds to a counter of a slot and to the global row. */
+  count(slot: number, c: number, n: bigint = 1n): void {
+    Atomics.add(this.ctr, slot * C_STRIDE + c, n);
+    Atomics.add(this.ctr, GLOBAL_ROW * C_STRIDE + c, n);
+  }
+
+  counter(row: number, c: number): number {
+    return Number(Atomics.load(this.ctr, row * C_STRIDE + c));
+  }
+}
+
+/** A snapshot of counters, for one domain or for the whole hypervisor. */
+export interface XenCounters {
+  /** Grant entries currently permitting access (granted and not ended or revoked). */
+  grantsActive: number;
+  /** Grant mappings currently held. */
+  mapsActive: number;
+  /** Event-channel ports not closed (unbound or interdomain). */
+  portsOpen: number;
+  /** Ports in the interdomain state (a connected channel counts once on each of its two ends). */
+  channelsBound: number;
+  mapOps: number;
+  unmapOps: number;
+  copyOps: number;
+  copyBytes: number;
+  notifySent: number;
+  /** Events delivered to the domain's code (pending bits consumed by wait()). */
+  notifyReceived: number;
+  /** Notifies that found the pending bit already set (coalesced, no second wake). */
+  notifyCoalesced: number;
+  /** Notifies on an unbound port (Xen drops them silently). */
+  notifyDropped: number;
+  /** Upcalls raised (evtchn_upcall_pending went 0 -> 1). */
+  wakes: number;
+  /** Waits satisfied while polling (a sleep saved). */
+  pollHits: number;
+  /** Waits that went to sleep in Atomics.waitAsync. */
+  sleeps: number;
+}
+
+export function readCounters(t: SharedTables, row: number): XenCounters {
+  const c = (i: number) => t.counter(row, i);
+  return {
+    grantsActive: c(C_GRANTS_ACTIVE), mapsActive: c(C_MAPS_ACTIVE), portsOpen: c(C_PORTS_OPEN),
+    channelsBound: c(C_CHANNELS_BOUND), mapOps: c(C_MAP_OPS), unmapOps: c(C_UNMAP_OPS),
+    copyOps: c(C_COPY_OPS), copyBytes: c(C_COPY_BYTES), notifySent: c(C_NOTIFY_SENT),
+    notifyReceived: c(C_NOTIFY_RECEIVED), notifyCoalesced: c(C_NOTIFY_COALESCED),
+    notifyDropped: c(C_NOTIFY_DROPPED), wakes: c(C_WAKES), pollHits: c(C_POLL_HITS), sleeps: c(C_SLEEPS),
+  };
+}
