@@ -4,11 +4,15 @@
  */
 import { cpus } from 'node:os';
 import { benchRing } from './ring.js';
+import { benchXen } from './xen.js';
 import type { Figure } from './measure.js';
 
 const args = new Set(process.argv.slice(2));
 const quick = args.has('--quick');
-const suites: [string, (quick: boolean) => Promise<Figure[]>][] = [['wire format and ring', benchRing]];
+const suites: [string, (quick: boolean) => Promise<Figure[]>][] = [
+  ['wire format and ring', benchRing],
+  ['emulated Xen: event channels and grants', () => benchXen()],
+];
 
 const results: { suite: string; figures: Figure[] }[] = [];
 for (const [suite, run] of suites) {
