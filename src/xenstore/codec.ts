@@ -63,7 +63,7 @@ export function encodeMessage(m: XsMessage): Uint8Array {
 export function decodeMessage(bytes: Uint8Array): XsMessage {
   const h = decodeHeader(bytes);
   if (bytes.length !== XSD_SOCKMSG_SIZE + h.len) throw new RangeError('length mismatch');
-  return { type: h.type, reqId: h.reqId, txId: h.txId, payload: bytes.slice(XSD_SOCKMSG_SIZE) };
+  return { type: h.type, reqId: h.reqId, txId: h.txId, payload: new Uint8Array(bytes.subarray(XSD_SOCKMSG_SIZE)) };
 }
 
 /** Each string NUL-terminated, concatenated: the usual payload shape. */
@@ -155,7 +155,8 @@ export class MessageParser {
     const all = this.take(XSD_SOCKMSG_SIZE + header.len);
     return {
       kind: 'message',
-      message: { type: header.type, reqId: header.reqId, txId: header.txId, payload: all.slice(XSD_SOCKMSG_SIZE) },
+      // Copy into a plain Uint8Array: socket chunks are Buffers whose slice() is a view.
+      message: { type: header.type, reqId: header.reqId, txId: header.txId, payload: new Uint8Array(all.subarray(XSD_SOCKMSG_SIZE)) },
     };
   }
 
