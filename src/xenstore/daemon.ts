@@ -295,7 +295,8 @@ export class XenstoreDaemon {
     return kind === 'watches' ? E2BIG : ENOSPC;
   }
 
-  private domainWatches(domid: number): number {
+  /** Watches held by a domain's connections. */
+  watchCount(domid: number): number {
     let n = 0;
     for (const c of this.connections) if (c.domid === domid) n += c.watches.length;
     return n;
@@ -388,7 +389,7 @@ export class XenstoreDaemon {
         const [raw, token] = args as [string, string];
         const abs = path(raw, true);
         if (c.watches.some((w) => w.path === abs && w.token === token)) fail(EEXIST);
-        if (!subject.privileged && this.domainWatches(c.domid) >= this.quotas.watchesPerDomain) {
+        if (!subject.privileged && this.watchCount(c.domid) >= this.quotas.watchesPerDomain) {
           fail(this.quotaError('watches'));
         }
         const relative = !raw.startsWith('/') && !raw.startsWith('@');
