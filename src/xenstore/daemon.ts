@@ -73,7 +73,7 @@ export interface XenstoreDaemonOptions {
    * it returns undefined, the domain is introduced without a page.
    */
   mapDomainPage?: (domid: number, gfn: string, port: number) => DomainPage | undefined;
-  /** Attaches a page connection (set by the page transport module). */
+  /** Where the daemon reports internal errors (never the protocol replies). */
   log?: (line: string) => void;
 }
 
