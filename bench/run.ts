@@ -5,6 +5,7 @@
 import { cpus } from 'node:os';
 import { benchRing } from './ring.js';
 import { benchXen } from './xen.js';
+import { benchXenstore } from './xenstore.js';
 import type { Figure } from './measure.js';
 
 const args = new Set(process.argv.slice(2));
@@ -12,6 +13,7 @@ const quick = args.has('--quick');
 const suites: [string, (quick: boolean) => Promise<Figure[]>][] = [
   ['wire format and ring', benchRing],
   ['emulated Xen: event channels and grants', () => benchXen()],
+  ['xenstore', () => benchXenstore()],
 ];
 
 const results: { suite: string; figures: Figure[] }[] = [];

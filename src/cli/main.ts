@@ -4,12 +4,14 @@ import { Command, CommanderError } from 'commander';
 import { VERSION } from '../index.js';
 import { UsageError } from './errors.js';
 import { ringCommand } from './ring.js';
+import { xenstoredCommand } from './xenstored.js';
 
 const program = new Command('blkif')
   .description('the Xen PV block protocol (blkif) on an emulated Xen')
   .version(VERSION)
   .showHelpAfterError('(run with --help for usage)')
-  .addCommand(ringCommand());
+  .addCommand(ringCommand())
+  .addCommand(xenstoredCommand());
 
 // Every command's usage errors exit 2 (commander's own included), with one line on stderr.
 program.exitOverride();
