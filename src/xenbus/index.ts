@@ -1,0 +1,4 @@
+export * from './state.js';
+export * from './paths.js';
+export * from './xenbus.js';
+export * from './xenstore-link.js';
