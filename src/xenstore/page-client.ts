@@ -1,6 +1,7 @@
 // Guest side of the shared xenstore page, mirrored from the daemon side:
 // requests go into req[], replies and watch events come from rsp[].
 // `kick` notifies the daemon; the guest's event-channel handler calls onEvent().
+import { CoalescedRunner } from './coalesced-runner.js';
 import { REQUEST_RING, RESPONSE_RING, XenstoreInterface } from './ring.js';
 import type { XenstoreTransport } from './transport.js';
 import { XENSTORE_ERROR_NONE } from './wire.js';
@@ -10,8 +11,7 @@ export class XenstorePageClient implements XenstoreTransport {
   private pending: Uint8Array[] = [];
   private dataCb: ((chunk: Uint8Array) => void) | undefined;
   private closeCb: ((reason: Error) => void) | undefined;
-  private busy = false;
-  private again = false;
+  private readonly runner = new CoalescedRunner(() => this.step(), () => this.closed);
   private closed = false;
 
   constructor(page: Uint8Array, private readonly kick: () => void) {
@@ -34,20 +34,7 @@ export class XenstorePageClient implements XenstoreTransport {
 
   /** The daemon notified us (or we have something to send). */
   onEvent(): void {
-    if (this.closed) return;
-    if (this.busy) {
-      this.again = true;
-      return;
-    }
-    this.busy = true;
-    try {
-      do {
-        this.again = false;
-        this.step();
-      } while (this.again && !this.closed);
-    } finally {
-      this.busy = false;
-    }
+    this.runner.run();
   }
 
   private step(): void {

@@ -1,6 +1,7 @@
 // Daemon side of a guest's shared xenstore page. How notifications travel
 // is left to the caller: `kick` notifies the guest, and whoever receives
 // the guest's event-channel notification calls onEvent().
+import { CoalescedRunner } from './coalesced-runner.js';
 import { MessageParser } from './codec.js';
 import { attachHook, type ServerConnection, type XenstoreDaemon } from './daemon.js';
 import { REQUEST_RING, RESPONSE_RING, XenstoreInterface } from './ring.js';
@@ -19,8 +20,7 @@ export class XenstorePageServer {
   private conn: ServerConnection;
   private parser = new MessageParser();
   private out: Uint8Array[] = [];
-  private busy = false;
-  private again = false;
+  private readonly runner = new CoalescedRunner(() => this.step(), () => this.closed);
   private ignored = false;
   private closed = false;
 
@@ -43,7 +43,7 @@ export class XenstorePageServer {
     return this.daemon.connect(this.domid, {
       send: (bytes) => {
         this.out.push(bytes);
-        if (!this.busy) this.onEvent();
+        if (!this.runner.busy) this.onEvent();
       },
       drop: () => {
         this.ignored = true;
@@ -57,20 +57,7 @@ export class XenstorePageServer {
 
   /** The guest notified us: consume requests, send what we can. */
   onEvent(): void {
-    if (this.closed) return;
-    if (this.busy) {
-      this.again = true;
-      return;
-    }
-    this.busy = true;
-    try {
-      do {
-        this.again = false;
-        this.step();
-      } while (this.again && !this.closed);
-    } finally {
-      this.busy = false;
-    }
+    this.runner.run();
   }
 
   private step(): void {
