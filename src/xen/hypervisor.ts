@@ -108,15 +108,21 @@ export class Hypervisor {
     return slot < 0 ? undefined : readCounters(this.t, slot);
   }
 
-  /** Creates a guest domain running `script` in a worker thread; resolves once the thread is online. */
-  async createDomain(opts: CreateDomainOptions): Promise<DomainHandle> {
+  /** Claims a domid and a table slot, and gives the domain memory that every thread learns of. */
+  private newDomain(memoryPages: number | undefined): { domid: number; slot: number; pages: Pages } {
     const domid = this.nextDomid++;
     const slot = this.claimSlot(domid, -1);
-    const pages = createPages(opts.memoryPages ?? DEFAULT_MEMORY_PAGES);
+    const pages = createPages(memoryPages ?? DEFAULT_MEMORY_PAGES);
     // Every thread learns the new memory before the domid can reach it (see memory.ts).
     this.memories.set(domid, pages);
     this.registry.add(domid, pages);
     this.broadcast({ t: 'mem', domid, pages });
+    return { domid, slot, pages };
+  }
+
+  /** Creates a guest domain running `script` in a worker thread; resolves once the thread is online. */
+  async createDomain(opts: CreateDomainOptions): Promise<DomainHandle> {
+    const { domid, slot } = this.newDomain(opts.memoryPages);
     const { port1, port2 } = new MessageChannel();
     const xen: DomainBootstrap = {
       tables: this.t.init, domid, slot, memories: [...this.memories.entries()], control: port2,
@@ -151,12 +157,7 @@ export class Hypervisor {
    * benchmarks and single-threaded setups. Same rules as a worker domain; destroyDomain() ends it.
    */
   createLocalDomain(opts: { memoryPages?: number; pollMicros?: number } = {}): XenDomain {
-    const domid = this.nextDomid++;
-    const slot = this.claimSlot(domid, -1);
-    const pages = createPages(opts.memoryPages ?? DEFAULT_MEMORY_PAGES);
-    this.memories.set(domid, pages);
-    this.registry.add(domid, pages);
-    this.broadcast({ t: 'mem', domid, pages });
+    const { domid, slot, pages } = this.newDomain(opts.memoryPages);
     const dom = new XenDomain(this.t, domid, slot, this.registry, pages, opts.pollMicros ?? DEFAULT_POLL_MICROS, undefined);
     this.locals.set(domid, { slot, dom });
     return dom;
