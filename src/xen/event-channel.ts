@@ -15,11 +15,6 @@ import {
   PS_RESERVED, type SharedTables,
 } from './shared-tables.js';
 
-// Atomics.waitAsync exists in Node 20 but is typed only from lib es2024 (tsconfig targets es2022).
-type WaitAsyncResult = { async: false; value: 'not-equal' | 'timed-out' } | { async: true; value: Promise<'ok' | 'timed-out'> };
-const waitAsync = (Atomics as unknown as {
-  waitAsync(ta: Int32Array, index: number, value: number, timeout?: number): WaitAsyncResult;
-}).waitAsync;
 
 const pidx = (slot: number, port: number) => (slot * NR_EVTCHN_PORTS + port) * P_STRIDE;
 const validPort = (port: number) => Number.isInteger(port) && port > 0 && port < NR_EVTCHN_PORTS;
@@ -353,7 +348,7 @@ export class EventChannels {
         }
         this.beforeSleep();
         Atomics.store(t.dom, d + D_SLEEPING, 1);
-        const r = waitAsync(t.dom, d + D_UPCALL, 0);
+        const r = Atomics.waitAsync(t.dom, d + D_UPCALL, 0);
         if (r.async) {
           t.count(this.slot, C_SLEEPS);
           this.keepAlive.ref();

@@ -11,7 +11,7 @@ import { closeAllPorts, resetEventSlot } from './event-channel.js';
 import { hasPinnedGrants, releaseAllMappings, resetGrantSlot, revokeAllGrants } from './grant-table.js';
 import { createPages, MemoryRegistry, type ControlMessage, type Pages } from './memory.js';
 import {
-  C_STRIDE, D_DOMID, D_STATE, D_STRIDE, GLOBAL_ROW, readCounters, SharedTables, SLOT_DYING, SLOT_FREE,
+  C_STRIDE, D_DOMID, D_STATE, D_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE,
   SLOT_RUNNING, type XenCounters,
 } from './shared-tables.js';
 
@@ -99,14 +99,10 @@ export class Hypervisor {
   }
 
   /** Whole-hypervisor counters. */
-  counters(): XenCounters { return readCounters(this.t, GLOBAL_ROW); }
+  counters(): XenCounters { return this.dom0.counters.global(); }
 
-  /** Counters of a running domain (or dom0); undefined once its slot is gone. */
-  domainCounters(domid: number): XenCounters | undefined {
-    let slot = this.t.slotOf(domid);
-    if (slot < 0) slot = this.t.slotOf(domid, SLOT_DYING);
-    return slot < 0 ? undefined : readCounters(this.t, slot);
-  }
+  /** Counters of a running or dying domain (or dom0); undefined once its slot is gone. */
+  domainCounters(domid: number): XenCounters | undefined { return this.dom0.counters.domain(domid); }
 
   /** Claims a domid and a table slot, and gives the domain memory that every thread learns of. */
   private newDomain(memoryPages: number | undefined): { domid: number; slot: number; pages: Pages } {

@@ -116,3 +116,35 @@ export class RawConnection {
 export function hex(s: string): Uint8Array {
   return Uint8Array.from(Buffer.from(s.replace(/\s+/g, ''), 'hex'));
 }
+
+/** Rings doorbell `i` of a SharedArrayBuffer bell array: counts, then wakes the listening thread. */
+export function ringBell(bell: Int32Array, i: number): void {
+  Atomics.add(bell, i, 1);
+  Atomics.notify(bell, i);
+}
+
+/**
+ * Runs `onEvent` each time doorbell `i` rings, until `stop()`. A pending Atomics.waitAsync does
+ * not keep the event loop alive, so a timer does while listening.
+ */
+export function listenBell(bell: Int32Array, i: number, onEvent: () => void): { stop(): Promise<void> } {
+  let running = true;
+  const keepAlive = setInterval(() => undefined, 1000);
+  const loop = (async () => {
+    let seen = Atomics.load(bell, i);
+    while (running) {
+      const r = Atomics.waitAsync(bell, i, seen);
+      if (r.async) await r.value;
+      seen = Atomics.load(bell, i);
+      onEvent();
+    }
+  })();
+  return {
+    async stop() {
+      running = false;
+      clearInterval(keepAlive);
+      ringBell(bell, i);
+      await loop;
+    },
+  };
+}

@@ -3,12 +3,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Worker } from 'node:worker_threads';
 import { XenstoreDaemon, XenstoreClient, XenstorePageClient, attachPage } from '../../src/xenstore/index.js';
+import { listenBell, ringBell } from './helpers.js';
 
-interface WaitAsyncResult {
-  async: boolean;
-  value: Promise<string> | string;
-}
-type WaitAsync = (a: Int32Array, i: number, v: number) => WaitAsyncResult;
 
 test('guest in a worker thread over a SharedArrayBuffer page', async () => {
   const daemon = new XenstoreDaemon();
@@ -25,23 +21,8 @@ test('guest in a worker thread over a SharedArrayBuffer page', async () => {
   const page = new SharedArrayBuffer(4096);
   const bells = new SharedArrayBuffer(8);
   const bell = new Int32Array(bells);
-  const server = attachPage(daemon, 6, new Uint8Array(page), () => {
-    Atomics.add(bell, 1, 1); // daemon -> guest
-    Atomics.notify(bell, 1);
-  });
-  let running = true;
-  // A pending Atomics.waitAsync does not keep the event loop alive; this does.
-  const keepAlive = setInterval(() => undefined, 1000);
-  const loop = (async () => {
-    const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
-    let seen = Atomics.load(bell, 0);
-    while (running) {
-      const r = waitAsync(bell, 0, seen);
-      if (r.async) await r.value;
-      seen = Atomics.load(bell, 0);
-      server.onEvent();
-    }
-  })();
+  const server = attachPage(daemon, 6, new Uint8Array(page), () => ringBell(bell, 1)); // daemon -> guest
+  const listener = listenBell(bell, 0, () => server.onEvent());
   const worker = new Worker(new URL('./guest-worker.js', import.meta.url), { workerData: { page, bells } });
   try {
     const out = await new Promise<string[]>((resolve, reject) => {
@@ -52,11 +33,7 @@ test('guest in a worker thread over a SharedArrayBuffer page', async () => {
     assert.deepEqual(out, ['from-worker', 'EACCES', 'event worker', 'event worker/again']);
     assert.equal(await dom0.read('/local/domain/6/worker/hello'), 'from-worker');
   } finally {
-    running = false;
-  clearInterval(keepAlive);
-    Atomics.add(bell, 0, 1);
-    Atomics.notify(bell, 0);
-    await loop;
+    await listener.stop();
     await worker.terminate();
     await daemon.close();
   }
