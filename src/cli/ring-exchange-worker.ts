@@ -16,6 +16,7 @@ import {
   encodeRequest,
   encodeResponse,
   responseOperation,
+  type BlkifAbi,
   type BlkifRequest,
 } from '../abi/index.js';
 import { BackRing, FrontRing, RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, SharedRing } from '../ring/index.js';
@@ -39,8 +40,9 @@ export interface ExchangeWorkerResult {
 }
 
 const d = workerData as ExchangeWorkerData;
-const abi = abiByName(d.protocol);
-if (abi === undefined) throw new Error(`unknown ABI ${d.protocol}`);
+const found = abiByName(d.protocol);
+if (found === undefined) throw new Error(`unknown ABI ${d.protocol}`);
+const abi: BlkifAbi = found;
 const ring = new SharedRing(d.pages, abi.entrySize);
 const entry = new RingEntry(abi.entrySize);
 const TO_BACK = 0;
@@ -74,7 +76,7 @@ function runFront(): void {
   while (received < d.entries) {
     let produced = false;
     while (sent < d.entries && !front.full()) {
-      encodeRequest(entry.view, 0, abi!, requestFor(sent));
+      encodeRequest(entry.view, 0, abi, requestFor(sent));
       front.produceRequest(entry);
       sent++;
       produced = true;
@@ -85,7 +87,7 @@ function runFront(): void {
       const r = front.consumeResponse(entry);
       if (r === RING_PEER_OVERFLOW) throw new Error('backend overflowed rsp_prod');
       if (r !== RING_CONSUMED) break;
-      const rsp = decodeResponse(entry.view, 0, abi!);
+      const rsp = decodeResponse(entry.view, 0, abi);
       const want = requestFor(received);
       if (rsp.id !== want.id || rsp.status !== BLKIF_RSP_OKAY || rsp.operation !== responseOperation(want)) {
         if (errors.length < 10) errors.push(`response ${received}: id ${rsp.id} op ${rsp.operation} status ${rsp.status}`);
@@ -104,15 +106,15 @@ function runFront(): void {
 
 function runBack(): void {
   const back = new BackRing(ring);
-  const out = new RingEntry(abi!.entrySize);
+  const out = new RingEntry(abi.entrySize);
   let answered = 0;
   while (answered < d.entries) {
     const r = back.consumeRequest(entry);
     if (r === RING_PEER_OVERFLOW) throw new Error('frontend overflowed req_prod');
     if (r === RING_CONSUMED) {
-      const req = decodeRequest(entry.view, 0, abi!);
-      if (req.ok) encodeResponse(out.view, 0, abi!, { id: req.request.id, operation: responseOperation(req.request), status: BLKIF_RSP_OKAY });
-      else encodeResponse(out.view, 0, abi!, { id: req.id, operation: req.operation, status: -1 });
+      const req = decodeRequest(entry.view, 0, abi);
+      if (req.ok) encodeResponse(out.view, 0, abi, { id: req.request.id, operation: responseOperation(req.request), status: BLKIF_RSP_OKAY });
+      else encodeResponse(out.view, 0, abi, { id: req.id, operation: req.operation, status: -1 });
       back.produceResponse(out);
       answered++;
       continue;

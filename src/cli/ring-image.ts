@@ -20,7 +20,7 @@ import {
   type BlkifAbi,
   type JsonObject,
 } from '../abi/index.js';
-import { RingEntry, SharedRing, XEN_PAGE_SIZE } from '../ring/index.js';
+import { RingEntry, SharedRing, XEN_PAGE_SIZE, splitPages } from '../ring/index.js';
 
 export interface RingImage {
   req_prod: number;
@@ -34,12 +34,6 @@ export interface RingImage {
   warnings?: string[];
 }
 
-function pagesOf(bytes: Uint8Array, order: number): Uint8Array[] {
-  const pages: Uint8Array[] = [];
-  for (let i = 0; i < 1 << order; i++) pages.push(bytes.subarray(i * XEN_PAGE_SIZE, (i + 1) * XEN_PAGE_SIZE));
-  return pages;
-}
-
 export function ringImageBytes(order: number): number {
   return XEN_PAGE_SIZE << order;
 }
@@ -49,7 +43,7 @@ export function decodeRingImage(bytes: Uint8Array, abi: BlkifAbi, order: number)
   // Copy into an aligned private buffer: file contents may sit at any offset.
   const copy = new Uint8Array(ringImageBytes(order));
   copy.set(bytes.subarray(0, copy.byteLength));
-  const ring = new SharedRing(pagesOf(copy, order), abi.entrySize);
+  const ring = new SharedRing(splitPages(copy, 1 << order), abi.entrySize);
   const entry = new RingEntry(abi.entrySize);
   const img: RingImage = {
     req_prod: ring.reqProd,
@@ -90,7 +84,7 @@ export function decodeRingImage(bytes: Uint8Array, abi: BlkifAbi, order: number)
 export function encodeRingImage(spec: unknown, abi: BlkifAbi, order: number): Uint8Array {
   const o = asObject(spec, 'spec');
   const bytes = new Uint8Array(ringImageBytes(order));
-  const ring = new SharedRing(pagesOf(bytes, order), abi.entrySize);
+  const ring = new SharedRing(splitPages(bytes, 1 << order), abi.entrySize);
   if (o['ring_size'] !== undefined && o['ring_size'] !== ring.size) {
     throw new BlkifJsonError(`spec.ring_size: ${JSON.stringify(o['ring_size'])} does not match order ${order} (${ring.size} entries for ${abi.protocol})`);
   }

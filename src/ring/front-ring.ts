@@ -99,9 +99,4 @@ export class FrontRing {
     work = this.unconsumedResponses(); // Atomics are sequentially consistent: the mb() of ring.h
     return work;
   }
-
-  /** Ask for the next notification only after `n` more responses (batching through the event index). */
-  requestResponseEventAfter(n: number): void {
-    this.sring.rspEvent = (this.rspCons + Math.max(1, n)) >>> 0;
-  }
 }

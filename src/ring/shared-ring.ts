@@ -41,6 +41,13 @@ export const RING_CONSUMED = 1;
 export const RING_PEER_OVERFLOW = -1;
 export type ConsumeResult = typeof RING_EMPTY | typeof RING_CONSUMED | typeof RING_PEER_OVERFLOW;
 
+/** Views of the first `count` 4 KiB pages of `bytes`, in order (no copy). */
+export function splitPages(bytes: Uint8Array, count: number): Uint8Array[] {
+  const pages: Uint8Array[] = [];
+  for (let i = 0; i < count; i++) pages.push(bytes.subarray(i * XEN_PAGE_SIZE, (i + 1) * XEN_PAGE_SIZE));
+  return pages;
+}
+
 /** A private buffer holding one ring entry, with the views codecs and the ring copy need. */
 export class RingEntry {
   readonly bytes: Uint8Array;
@@ -97,10 +104,7 @@ export class SharedRing {
     if (!Number.isInteger(order) || order < 0 || order > MAX_RING_PAGE_ORDER) {
       throw new RangeError(`ring page order must be 0..${MAX_RING_PAGE_ORDER}, not ${order}`);
     }
-    const sab = new SharedArrayBuffer(XEN_PAGE_SIZE << order);
-    const pages: Uint8Array[] = [];
-    for (let i = 0; i < 1 << order; i++) pages.push(new Uint8Array(sab, i * XEN_PAGE_SIZE, XEN_PAGE_SIZE));
-    return new SharedRing(pages, entrySize);
+    return new SharedRing(splitPages(new Uint8Array(new SharedArrayBuffer(XEN_PAGE_SIZE << order)), 1 << order), entrySize);
   }
 
   /** `SHARED_RING_INIT`: only the frontend does this (spec decision 5); entries are untouched. */
