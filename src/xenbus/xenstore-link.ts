@@ -71,6 +71,7 @@ export function acceptGuestXenstore(hv: Hypervisor, daemon: XenstoreDaemon, gues
       const offer = m as StoreOffer | undefined;
       if (offer?.kind !== 'xenstore-offer') return;
       worker.off('message', onMsg);
+      worker.off('exit', onExit);
       const map = dom0.grants.mapGrant(guestDomid, offer.ref, false);
       if (map.page === undefined) return reject(new Error(`mapping domain ${guestDomid}'s xenstore page failed (status ${map.status})`));
       const local = dom0.events.bindInterdomain(guestDomid, offer.port);
@@ -98,7 +99,13 @@ export function acceptGuestXenstore(hv: Hypervisor, daemon: XenstoreDaemon, gues
       worker.postMessage({ kind: 'xenstore-ready' } satisfies StoreReady);
       resolve(teardown);
     };
+    // A domain that ends before offering its page would leave the toolstack waiting forever.
+    const onExit = (code: number) => {
+      worker.off('message', onMsg);
+      reject(new Error(`domain ${guestDomid} exited (code ${code}) before offering its xenstore page`));
+    };
     worker.on('message', onMsg);
+    worker.once('exit', onExit);
     worker.postMessage({ kind: 'xenstore-connect' } satisfies StoreConnect);
   });
 }

@@ -89,3 +89,15 @@ test('frontend and backend domains handshake through xenstore, share a ring, clo
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a domain that ends before offering its xenstore page fails the toolstack wait instead of hanging', async () => {
+  const hv = new Hypervisor();
+  const daemon = new XenstoreDaemon();
+  try {
+    const d = await hv.createDomain({ script: new URL('./fixtures/quits.js', import.meta.url) });
+    await assert.rejects(acceptGuestXenstore(hv, daemon, d.domid, d.worker), /exited .* before offering its xenstore page/);
+  } finally {
+    await hv.shutdown();
+    daemon.close();
+  }
+});
