@@ -94,10 +94,10 @@ export const ENOSPC = 28;
 // ---- Emulator sizing (ours, not Xen ABI) ----
 /** Domain slots in the shared tables (live domains plus zombies whose grants are still mapped). */
 export const MAX_DOMAINS = 32;
-/** v1 grant entries per domain (Xen's default is 32 frames x 512 entries; 4096 is plenty here). */
-export const NR_GRANT_ENTRIES = 4096;
+/** v1 grant entries per domain: Xen's default max_grant_frames (64) x 512 entries, room for a ring of indirect requests. */
+export const NR_GRANT_ENTRIES = 32768;
 /** Mapping handles per domain (maptrack). */
-export const NR_MAPTRACK = 8192;
+export const NR_MAPTRACK = 32768;
 /** Event-channel ports per domain; port 0 is never handed out, as on Xen. */
 export const NR_EVTCHN_PORTS = 1024;
 /** Default memory of a domain, in pages (4 MiB). */

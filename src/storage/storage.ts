@@ -1,0 +1,39 @@
+/**
+ * The backend's storage interface: what blkback needs from whatever holds a VBD's bytes (a raw
+ * image file, memory, later a remote NBD export). Offsets and lengths are bytes; the caller
+ * (blkback) has already checked alignment and range, but every driver checks range again and
+ * never touches a byte past `size`.
+ */
+export interface BlockStorage {
+  /** Usable bytes: whole sectors only (an image of 1000 bytes with 512-byte sectors exposes 512). */
+  readonly size: number;
+  /** Logical sector size in bytes (512 or 4096). */
+  readonly sectorSize: number;
+  readonly readOnly: boolean;
+  /** Whether `discard` frees space (else it still zeroes the range, by writing). */
+  readonly canDiscard: boolean;
+  /** Reads consecutive bytes from `offset` into `buffers`, one after another. */
+  read(offset: number, buffers: readonly Uint8Array[]): Promise<void>;
+  /** Writes `buffers`, one after another, to consecutive bytes from `offset`. */
+  write(offset: number, buffers: readonly Uint8Array[]): Promise<void>;
+  /** Makes every completed write durable (fdatasync for a file). */
+  flush(): Promise<void>;
+  /** Drops a range: reads afterwards return zeroes. */
+  discard(offset: number, length: number): Promise<void>;
+  /** Overwrites a range with zeroes (secure discard: nothing of the old data is left). */
+  writeZeroes(offset: number, length: number): Promise<void>;
+  /** Re-reads the size of the backing store (online resize); returns the new `size`. */
+  refreshSize(): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** A storage failure, with the errno name blkback maps to a response status. */
+export class StorageError extends Error {
+  override name = 'StorageError';
+  constructor(
+    readonly code: 'EIO' | 'EROFS' | 'EINVAL' | 'ENOSPC' | 'ENOENT' | 'EEXIST',
+    message: string,
+  ) {
+    super(message);
+  }
+}
