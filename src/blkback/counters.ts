@@ -1,0 +1,47 @@
+/**
+ * Per-VBD statistics: what Linux blkback exposes in sysfs `statistics/` (`oo_req`, `rd_req`,
+ * `wr_req`, `f_req`, `ds_req`, `rd_sect`, `wr_sect`) plus what the indirect and notification
+ * machinery costs. Plain numbers owned by one VBD: nothing is shared between VBDs.
+ */
+export interface VbdCounters {
+  /** Times the ring was found full of unanswered requests (Linux `oo_req`: out of request slots). */
+  oo_req: number;
+  rd_req: number;
+  wr_req: number;
+  /** Flushes and barriers. */
+  f_req: number;
+  /** Discards. */
+  ds_req: number;
+  /** Sectors (512 bytes) read and written. */
+  rd_sect: number;
+  wr_sect: number;
+  /** Requests of BLKIF_OP_INDIRECT and the segments they carried. */
+  indirect_req: number;
+  indirect_segments: number;
+  /** Data segments of every request. */
+  segments: number;
+  /** Requests answered BLKIF_RSP_ERROR / BLKIF_RSP_EOPNOTSUPP. */
+  errors: number;
+  eopnotsupp: number;
+  /** Event-channel notifications sent to and received from the frontend. */
+  notify_sent: number;
+  notify_received: number;
+  /** GNTTABOP_map_grant_ref / unmap_grant_ref operations (one per page). */
+  grant_map_ops: number;
+  grant_unmap_ops: number;
+  /** Requests being served now, and the data bytes they carry; the peak of the latter. */
+  inflight_req: number;
+  inflight_bytes: number;
+  peak_inflight_bytes: number;
+  /** Frontends disconnected for breaking the protocol (ring overflow). */
+  fatal: number;
+}
+
+export function newVbdCounters(): VbdCounters {
+  return {
+    oo_req: 0, rd_req: 0, wr_req: 0, f_req: 0, ds_req: 0, rd_sect: 0, wr_sect: 0,
+    indirect_req: 0, indirect_segments: 0, segments: 0, errors: 0, eopnotsupp: 0,
+    notify_sent: 0, notify_received: 0, grant_map_ops: 0, grant_unmap_ops: 0,
+    inflight_req: 0, inflight_bytes: 0, peak_inflight_bytes: 0, fatal: 0,
+  };
+}

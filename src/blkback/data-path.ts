@@ -1,0 +1,297 @@
+/**
+ * One ring's request pipeline, read top to bottom as Linux blkback's: wake -> consume (copy each
+ * request out of the ring once) -> validate -> map grants -> storage I/O -> unmap -> respond.
+ * Everything after the copy is ABI-agnostic (`BackendRequest`). The pipeline owns nothing shared
+ * with another VBD: its ring, counters and storage are its own.
+ */
+import {
+  BLKIF_OP_INDIRECT,
+  BLKIF_RSP_EOPNOTSUPP,
+  BLKIF_RSP_ERROR,
+  BLKIF_RSP_OKAY,
+  BLKIF_SEGS_PER_INDIRECT_FRAME,
+  BLKIF_SEGMENT_SIZE,
+  SECTOR_SHIFT,
+  decodeRequest,
+  decodeSegment,
+  encodeResponse,
+  responseOperation,
+  type BlkifAbi,
+  type BlkifSegment,
+} from '../abi/index.js';
+import { RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, type BackRing } from '../ring/index.js';
+import { GNTMAP_host_map, GNTMAP_readonly, GNTST_okay, type GntMapOp, type XenDomain } from '../xen/index.js';
+import type { BlockStorage } from '../storage/storage.js';
+import type { VbdCounters } from './counters.js';
+import { classifyRequest, dataBytes, dataProblem, isRejection, type BackendRequest, type VbdLimits } from './validate.js';
+
+export interface DataPathDeps {
+  readonly xen: XenDomain;
+  readonly frontDomid: number;
+  readonly ring: BackRing;
+  readonly abi: BlkifAbi;
+  /** Our end of the interdomain event channel. */
+  readonly port: number;
+  readonly storage: BlockStorage;
+  /** Read on every request, so a resize or feature change applies to the next one. */
+  readonly limits: () => VbdLimits;
+  readonly maxIndirectSegments: number;
+  readonly counters: VbdCounters;
+  /** The frontend broke the ring protocol: stop serving it (the control path disconnects). */
+  readonly onFatal: (why: string) => void;
+  readonly log: (msg: string) => void;
+}
+
+export class DataPath {
+  private running = false;
+  private stopped = false;
+  private inflight = 0;
+  private drainWaiters: (() => void)[] = [];
+  private pushQueued = false;
+  /** One entry for the request copy, one for responses: nothing allocated per ring slot. */
+  private readonly entry: RingEntry;
+  private readonly out: RingEntry;
+  private readonly offEvent: () => void;
+
+  constructor(private readonly d: DataPathDeps) {
+    this.entry = new RingEntry(d.abi.entrySize);
+    this.out = new RingEntry(d.abi.entrySize);
+    this.offEvent = d.xen.events.on(d.port, () => {
+      d.counters.notify_received++;
+      this.kick();
+    });
+    // Requests may already be waiting: the frontend can publish before we bind.
+    this.kick();
+  }
+
+  /** Starts the consume loop unless it is already running. */
+  kick(): void {
+    if (!this.running && !this.stopped) void this.consumeLoop();
+  }
+
+  /**
+   * Stops consuming, waits for every request in flight to be answered, publishes the answers and
+   * detaches from the event channel. The caller then unmaps the ring and closes the port.
+   */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.drain();
+    this.push();
+    this.offEvent();
+  }
+
+  private async consumeLoop(): Promise<void> {
+    this.running = true;
+    const { ring, abi, counters } = this.d;
+    try {
+      do {
+        for (;;) {
+          if (this.stopped) return;
+          const r = ring.consumeRequest(this.entry);
+          if (r === RING_PEER_OVERFLOW) {
+            // RING_REQUEST_PROD_OVERFLOW: Linux blkback halts the ring ("bogus ring requests").
+            counters.fatal++;
+            this.stopped = true;
+            this.d.onFatal(`frontend published req_prod ${ring.sring.reqProd} with only ${ring.size} slots (rsp_prod_pvt ${ring.rspProdPvt})`);
+            return;
+          }
+          if (r !== RING_CONSUMED) break;
+          const dec = decodeRequest(this.entry.view, 0, abi, { maxIndirectSegments: this.d.maxIndirectSegments });
+          if (!dec.ok) {
+            // Unknown operations are "not supported" (Linux `dispatch_other_io`); malformed ones are
+            // errors. An indirect request is answered with its indirect_op, the byte after operation.
+            const op = dec.operation === BLKIF_OP_INDIRECT ? this.entry.view.getUint8(1) : dec.operation;
+            this.respond(dec.id, op, dec.problem === 'unknown-operation' ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR, dec.message);
+            continue;
+          }
+          const req = classifyRequest(dec.request, this.d.limits());
+          if (isRejection(req)) {
+            this.respond(dec.request.id, responseOperation(dec.request), req.status, req.why);
+            continue;
+          }
+          if (req.kind === 'barrier') {
+            // blkif.h: earlier writes complete before a barrier, later ones start after it.
+            if (this.inflight > 0) counters.oo_req++;
+            await this.drain();
+            await this.serve(req);
+            continue;
+          }
+          void this.serve(req);
+        }
+      } while (!this.stopped && ring.finalCheckForRequests() !== 0);
+    } finally {
+      this.running = false;
+    }
+  }
+
+  /** Runs one validated request to its response; never throws. */
+  private async serve(req: BackendRequest): Promise<void> {
+    const { counters } = this.d;
+    this.inflight++;
+    counters.inflight_req++;
+    let bytes = 0;
+    let status: number = BLKIF_RSP_OKAY;
+    let why: string | undefined;
+    try {
+      if (req.indirectGrefs !== undefined) {
+        why = this.readIndirectSegments(req);
+        if (why !== undefined) return;
+      }
+      why = dataProblem(req, this.d.limits());
+      if (why !== undefined) return;
+      bytes = dataBytes(req.segs);
+      this.account(req, bytes);
+      counters.inflight_bytes += bytes;
+      if (counters.inflight_bytes > counters.peak_inflight_bytes) counters.peak_inflight_bytes = counters.inflight_bytes;
+      why = await this.execute(req, bytes);
+    } catch (e) {
+      why = `storage: ${(e as Error).message}`;
+    } finally {
+      if (why !== undefined) status = BLKIF_RSP_ERROR;
+      counters.inflight_bytes -= bytes;
+      counters.inflight_req--;
+      this.respond(req.id, req.operation, status, why);
+      if (--this.inflight === 0) this.wakeDrainers();
+    }
+  }
+
+  /** Storage work of a request whose data is validated: map, I/O, unmap. Returns a problem or undefined. */
+  private async execute(req: BackendRequest, bytes: number): Promise<string | undefined> {
+    const { storage } = this.d;
+    const offset = req.sector << SECTOR_SHIFT;
+    switch (req.kind) {
+      case 'discard': {
+        const length = req.discardSectors << SECTOR_SHIFT;
+        if (length > 0) await (req.secure ? storage.writeZeroes(offset, length) : storage.discard(offset, length));
+        return undefined;
+      }
+      case 'flush':
+      case 'barrier':
+        // A flush or barrier carrying data flushes first (Linux maps both to REQ_PREFLUSH).
+        await storage.flush();
+        if (req.segs.length === 0) return undefined;
+        break;
+      default:
+    }
+    if (bytes === 0) return undefined;
+    const toDisk = req.kind !== 'read';
+    const mapped = this.mapSegments(req.segs, toDisk);
+    if (typeof mapped === 'string') return mapped;
+    try {
+      if (toDisk) await storage.write(offset, mapped.buffers);
+      else await storage.read(offset, mapped.buffers);
+    } finally {
+      this.unmap(mapped.handles);
+    }
+    return undefined;
+  }
+
+  /**
+   * Maps an indirect request's pages read-only, copies its segments out once (a frontend may
+   * change the page meanwhile: only the copy is validated), unmaps them.
+   */
+  private readIndirectSegments(req: BackendRequest): string | undefined {
+    const grefs = req.indirectGrefs!;
+    const ops: GntMapOp[] = grefs.map((ref) => ({ dom: this.d.frontDomid, ref, flags: GNTMAP_host_map | GNTMAP_readonly }));
+    this.d.counters.grant_map_ops += ops.length;
+    const res = this.d.xen.grants.map(ops);
+    const handles: number[] = [];
+    for (const r of res) if (r.status === GNTST_okay) handles.push(r.handle);
+    try {
+      const bad = res.findIndex((r) => r.status !== GNTST_okay);
+      if (bad >= 0) return `indirect page ${bad} (gref ${grefs[bad]}) does not map: ${res[bad]!.status}`;
+      const segs: BlkifSegment[] = new Array(req.nrSegments);
+      for (let j = 0; j < req.nrSegments; j++) {
+        const page = res[Math.floor(j / BLKIF_SEGS_PER_INDIRECT_FRAME)]!.page!;
+        const view = new DataView(page.buffer, page.byteOffset, page.byteLength);
+        segs[j] = decodeSegment(view, (j % BLKIF_SEGS_PER_INDIRECT_FRAME) * BLKIF_SEGMENT_SIZE);
+      }
+      req.segs = segs;
+      this.d.counters.indirect_req++;
+      this.d.counters.indirect_segments += segs.length;
+      return undefined;
+    } finally {
+      this.unmap(handles);
+    }
+  }
+
+  /** Maps every data page in one batch: writable when storage fills it, read-only when it is written out. */
+  private mapSegments(segs: readonly BlkifSegment[], readOnly: boolean): { buffers: Uint8Array[]; handles: number[] } | string {
+    const flags = GNTMAP_host_map | (readOnly ? GNTMAP_readonly : 0);
+    const ops: GntMapOp[] = segs.map((s) => ({ dom: this.d.frontDomid, ref: s.gref, flags }));
+    this.d.counters.grant_map_ops += ops.length;
+    const res = this.d.xen.grants.map(ops);
+    const handles: number[] = [];
+    const buffers: Uint8Array[] = new Array(segs.length);
+    let problem: string | undefined;
+    for (let i = 0; i < res.length; i++) {
+      const r = res[i]!;
+      if (r.status !== GNTST_okay) {
+        problem ??= `seg[${i}] gref ${segs[i]!.gref} does not map: ${r.status}`;
+        continue;
+      }
+      handles.push(r.handle);
+      const s = segs[i]!;
+      buffers[i] = r.page!.subarray(s.first_sect << SECTOR_SHIFT, (s.last_sect + 1) << SECTOR_SHIFT);
+    }
+    if (problem !== undefined) {
+      this.unmap(handles);
+      return problem;
+    }
+    return { buffers, handles };
+  }
+
+  private unmap(handles: number[]): void {
+    if (handles.length === 0) return;
+    this.d.counters.grant_unmap_ops += handles.length;
+    this.d.xen.grants.unmap(handles);
+  }
+
+  private account(req: BackendRequest, bytes: number): void {
+    const c = this.d.counters;
+    const sectors = bytes >> SECTOR_SHIFT;
+    c.segments += req.segs.length;
+    switch (req.kind) {
+      case 'read': c.rd_req++; c.rd_sect += sectors; break;
+      case 'write': c.wr_req++; c.wr_sect += sectors; break;
+      case 'discard': c.ds_req++; break;
+      default: c.f_req++; c.wr_sect += sectors;
+    }
+  }
+
+  /** Writes a response into the next slot; publication is batched (see push). */
+  private respond(id: bigint, operation: number, status: number, why?: string): void {
+    const c = this.d.counters;
+    if (status === BLKIF_RSP_ERROR) c.errors++;
+    else if (status !== BLKIF_RSP_OKAY) c.eopnotsupp++;
+    if (why !== undefined) this.d.log(`request ${id} (op ${operation}): ${why}`);
+    encodeResponse(this.out.view, 0, this.d.abi, { id, operation, status });
+    this.d.ring.produceResponse(this.out);
+    if (!this.pushQueued) {
+      this.pushQueued = true;
+      // Completions of one batch run as consecutive microtasks: one push, at most one notify, for all.
+      queueMicrotask(() => this.push());
+    }
+  }
+
+  /** RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, then look for requests that arrived meanwhile. */
+  private push(): void {
+    this.pushQueued = false;
+    if (this.d.ring.pushResponsesAndCheckNotify()) {
+      this.d.counters.notify_sent++;
+      this.d.xen.events.notify(this.d.port);
+    }
+    this.kick();
+  }
+
+  private drain(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  private wakeDrainers(): void {
+    const w = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const f of w) f();
+  }
+}

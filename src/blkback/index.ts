@@ -1,0 +1,5 @@
+export * from './options.js';
+export * from './counters.js';
+export * from './validate.js';
+export * from './data-path.js';
+export * from './xenbus.js';

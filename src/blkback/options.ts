@@ -1,0 +1,66 @@
+/**
+ * What a VBD's backend offers its frontend, with Linux blkback's defaults. Validated once, here,
+ * so the control and data paths can trust their configuration.
+ */
+import {
+  BLKIF_MAX_INDIRECT_SEGMENTS,
+  BLKIF_MAX_SEGMENTS_PER_REQUEST,
+  DEFAULT_MAX_INDIRECT_SEGMENTS,
+  XEN_IO_PROTO_ABI_X86_32,
+} from '../abi/index.js';
+import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+
+export interface BlkbackOptions {
+  /** `feature-max-indirect-segments`; 0 disables indirect requests (the node is then absent). */
+  maxIndirectSegments: number;
+  /** `max-ring-page-order` offered (blkif.h "Multi-page ring"). */
+  maxRingPageOrder: number;
+  /** `feature-flush-cache`. */
+  flush: boolean;
+  /** `feature-barrier`. */
+  barrier: boolean;
+  /** `feature-discard` (when the storage can also write zeroes, it always can). */
+  discard: boolean;
+  /** `discard-secure`: honour BLKIF_DISCARD_SECURE by overwriting with zeroes. */
+  discardSecure: boolean;
+  /** `physical-sector-size`, bytes; defaults to the storage's sector size. */
+  physicalSectorSize?: number;
+  /** Serve read-only even if the storage is writable (`mode` = "r"). */
+  readOnly: boolean;
+  /** `info` bits besides VDISK_READONLY. */
+  cdrom: boolean;
+  removable: boolean;
+  /** ABI assumed when the frontend writes no `protocol` (spec decision 2: Linux on x86 assumes x86_32). */
+  defaultProtocol: string;
+}
+
+export const DEFAULT_BLKBACK_OPTIONS: Readonly<BlkbackOptions> = {
+  maxIndirectSegments: DEFAULT_MAX_INDIRECT_SEGMENTS,
+  maxRingPageOrder: MAX_RING_PAGE_ORDER,
+  flush: true,
+  barrier: true,
+  discard: true,
+  discardSecure: true,
+  readOnly: false,
+  cdrom: false,
+  removable: false,
+  defaultProtocol: XEN_IO_PROTO_ABI_X86_32,
+};
+
+export class BlkbackConfigError extends Error {
+  override name = 'BlkbackConfigError';
+}
+
+/** Fills defaults and rejects impossible values with a message naming the option. */
+export function blkbackOptions(given: Partial<BlkbackOptions> = {}): BlkbackOptions {
+  const o: BlkbackOptions = { ...DEFAULT_BLKBACK_OPTIONS, ...given };
+  const m = o.maxIndirectSegments;
+  // Linux blkfront ignores a maximum of 11 or less: indirect buys nothing below a plain request.
+  if (!Number.isInteger(m) || (m !== 0 && (m <= BLKIF_MAX_SEGMENTS_PER_REQUEST || m > BLKIF_MAX_INDIRECT_SEGMENTS))) {
+    throw new BlkbackConfigError(`max indirect segments ${m}: use 0 (off) or ${BLKIF_MAX_SEGMENTS_PER_REQUEST + 1}..${BLKIF_MAX_INDIRECT_SEGMENTS}`);
+  }
+  if (!Number.isInteger(o.maxRingPageOrder) || o.maxRingPageOrder < 0 || o.maxRingPageOrder > MAX_RING_PAGE_ORDER) {
+    throw new BlkbackConfigError(`max ring page order ${o.maxRingPageOrder}: use 0..${MAX_RING_PAGE_ORDER}`);
+  }
+  return o;
+}

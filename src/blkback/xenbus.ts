@@ -1,0 +1,337 @@
+/**
+ * One VBD's control path (Linux blkback `xenbus.c`): advertise features and go to InitWait, follow
+ * the frontend's state, map its ring and bind its event channel when it is Initialised, publish
+ * the disk's properties and go Connected; drain, unmap and go Closed when it closes; back to
+ * InitWait when it comes again. Event source, xenstore, grant table and storage are injected.
+ */
+import {
+  SECTOR_SHIFT,
+  VDISK_CDROM,
+  VDISK_READONLY,
+  VDISK_REMOVABLE,
+  XS_DISCARD_ALIGNMENT,
+  XS_DISCARD_GRANULARITY,
+  XS_DISCARD_SECURE,
+  XS_EVENT_CHANNEL,
+  XS_FEATURE_BARRIER,
+  XS_FEATURE_DISCARD,
+  XS_FEATURE_FLUSH_CACHE,
+  XS_FEATURE_MAX_INDIRECT_SEGMENTS,
+  XS_INFO,
+  XS_MAX_RING_PAGE_ORDER,
+  XS_MODE,
+  XS_MULTI_QUEUE_NUM_QUEUES,
+  XS_PHYSICAL_SECTOR_SIZE,
+  XS_PROTOCOL,
+  XS_RING_PAGE_ORDER,
+  XS_RING_REF,
+  XS_SECTORS,
+  XS_SECTOR_SIZE,
+  abiByName,
+  xsRingRefN,
+} from '../abi/index.js';
+import { BackRing, SharedRing } from '../ring/index.js';
+import type { BlockStorage } from '../storage/storage.js';
+import { GNTMAP_host_map, GNTST_okay, type XenDomain } from '../xen/index.js';
+import {
+  XS_FRONTEND,
+  XS_FRONTEND_ID,
+  XS_STATE,
+  XenbusStateClosed,
+  XenbusStateClosing,
+  XenbusStateConnected,
+  XenbusStateInitWait,
+  XenbusStateInitialised,
+  XenbusStateInitialising,
+  readState,
+  switchState,
+  type XenbusState,
+} from '../xenbus/index.js';
+import type { XenstoreClient } from '../xenstore/index.js';
+import { newVbdCounters, type VbdCounters } from './counters.js';
+import { DataPath } from './data-path.js';
+import { blkbackOptions, type BlkbackOptions } from './options.js';
+import type { VbdLimits } from './validate.js';
+
+export interface BlkbackDeps {
+  readonly xen: XenDomain;
+  readonly xs: XenstoreClient;
+  /** The backend directory the toolstack created (with `frontend`, `frontend-id`, `state`). */
+  readonly backDir: string;
+  readonly storage: BlockStorage;
+  readonly options?: Partial<BlkbackOptions>;
+  readonly log?: (msg: string) => void;
+}
+
+/** A live connection: the frontend's ring mapped and its event channel bound. */
+interface Connection {
+  readonly dataPath: DataPath;
+  readonly ringHandles: number[];
+  readonly port: number;
+}
+
+let watchSeq = 0;
+
+/** The backend of one virtual block device. */
+export class Blkback {
+  readonly counters: VbdCounters = newVbdCounters();
+  readonly options: BlkbackOptions;
+  readonly frontDir: string;
+  readonly frontDomid: number;
+  private state: XenbusState = XenbusStateInitialising;
+  private conn: Connection | undefined;
+  /** State changes are handled one at a time, in order. */
+  private serial: Promise<void> = Promise.resolve();
+  private readonly token = `blkback-${++watchSeq}`;
+  private closed = false;
+  private lastError: string | undefined;
+  private readonly stateListeners = new Set<(s: XenbusState) => void>();
+
+  private constructor(
+    private readonly d: BlkbackDeps,
+    frontDir: string,
+    frontDomid: number,
+    readonly readOnly: boolean,
+  ) {
+    this.options = blkbackOptions(d.options);
+    this.frontDir = frontDir;
+    this.frontDomid = frontDomid;
+  }
+
+  /** Reads the toolstack's nodes, advertises features, goes to InitWait and follows the frontend. */
+  static async start(d: BlkbackDeps): Promise<Blkback> {
+    const { xs, backDir } = d;
+    const frontDir = await xs.read(`${backDir}/${XS_FRONTEND}`);
+    const frontDomid = Number(await xs.read(`${backDir}/${XS_FRONTEND_ID}`));
+    const mode = await xs.read(`${backDir}/${XS_MODE}`).catch(() => 'w');
+    const readOnly = d.storage.readOnly || d.options?.readOnly === true || !mode.includes('w');
+    const be = new Blkback(d, frontDir, frontDomid, readOnly);
+    await be.advertise();
+    await xs.watch(`${frontDir}/${XS_STATE}`, be.token, () => be.enqueue(() => be.frontendChanged()));
+    return be;
+  }
+
+  get xenbusState(): XenbusState {
+    return this.state;
+  }
+
+  get connected(): boolean {
+    return this.conn !== undefined;
+  }
+
+  /** Why the backend last gave up on its frontend, if it did. */
+  get error(): string | undefined {
+    return this.lastError;
+  }
+
+  /** The limits requests are checked against, from the storage and the options. */
+  limits(): VbdLimits {
+    const o = this.options;
+    const ro = this.readOnly;
+    return {
+      sectors: Math.floor(this.d.storage.size / this.d.storage.sectorSize) * (this.d.storage.sectorSize >> SECTOR_SHIFT),
+      sectorSize: this.d.storage.sectorSize,
+      readOnly: ro,
+      flush: o.flush && !ro,
+      barrier: o.barrier && !ro,
+      discard: o.discard && !ro,
+      discardSecure: o.discard && o.discardSecure && !ro,
+    };
+  }
+
+  /** Resolves once the backend's state satisfies `want` (checked at once and on every change). */
+  whenState(want: (s: XenbusState) => boolean): Promise<XenbusState> {
+    if (want(this.state)) return Promise.resolve(this.state);
+    return new Promise((resolve) => {
+      const f = (s: XenbusState) => {
+        if (!want(s)) return;
+        this.stateListeners.delete(f);
+        resolve(s);
+      };
+      this.stateListeners.add(f);
+    });
+  }
+
+  /**
+   * Unplug: stop following the frontend, finish what is in flight, unmap and close. The frontend
+   * sees Closing, then Closed. Idempotent.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.d.xs.unwatch(`${this.frontDir}/${XS_STATE}`, this.token).catch(() => undefined);
+    await this.enqueue(async () => {
+      if (this.state !== XenbusStateClosed) await this.setState(XenbusStateClosing).catch(() => undefined);
+      await this.disconnect();
+      await this.setState(XenbusStateClosed).catch(() => undefined);
+    });
+  }
+
+  private enqueue(fn: () => Promise<void>): Promise<void> {
+    const run = this.serial.then(fn).catch((e: unknown) => this.fatal(`${(e as Error).message}`));
+    this.serial = run;
+    return run;
+  }
+
+  private async frontendChanged(): Promise<void> {
+    if (this.closed) return;
+    const fs = await readState(this.d.xs, this.frontDir);
+    switch (fs) {
+      case XenbusStateInitialising:
+        // Linux: "prepare for reconnect" — a frontend starting over after Closed.
+        if (this.state === XenbusStateClosed) await this.advertise();
+        break;
+      case XenbusStateInitialised:
+      case XenbusStateConnected:
+        // Two watch events in quick succession may hide the intermediate state: connect once.
+        if (this.state === XenbusStateConnected || this.state === XenbusStateClosing) break;
+        if (this.state === XenbusStateClosed) await this.advertise();
+        await this.connect();
+        break;
+      case XenbusStateClosing:
+      case XenbusStateClosed:
+        await this.disconnect();
+        if (this.state !== XenbusStateClosed) await this.setState(XenbusStateClosed);
+        break;
+      default:
+        // The frontend's directory is gone (its domain died) or holds nonsense: let go of it.
+        await this.disconnect();
+        if (this.state !== XenbusStateClosed && this.state !== XenbusStateInitWait) await this.setState(XenbusStateClosed);
+    }
+  }
+
+  /** Publishes what the frontend needs before it sets up its ring (blkif.h startup step 2). */
+  private async advertise(): Promise<void> {
+    const { xs, backDir } = this.d;
+    const o = this.options;
+    await xs.transaction(async (tx) => {
+      if (o.maxIndirectSegments > 0) await xs.write(`${backDir}/${XS_FEATURE_MAX_INDIRECT_SEGMENTS}`, String(o.maxIndirectSegments), tx);
+      else await xs.rm(`${backDir}/${XS_FEATURE_MAX_INDIRECT_SEGMENTS}`, tx).catch(() => undefined);
+      await xs.write(`${backDir}/${XS_MAX_RING_PAGE_ORDER}`, String(o.maxRingPageOrder), tx);
+      await this.writeFeatures(tx);
+    });
+    this.lastError = undefined;
+    await this.setState(XenbusStateInitWait);
+  }
+
+  private async writeFeatures(tx: number): Promise<void> {
+    const { xs, backDir } = this.d;
+    const l = this.limits();
+    await xs.write(`${backDir}/${XS_FEATURE_FLUSH_CACHE}`, l.flush ? '1' : '0', tx);
+    await xs.write(`${backDir}/${XS_FEATURE_BARRIER}`, l.barrier ? '1' : '0', tx);
+    await xs.write(`${backDir}/${XS_FEATURE_DISCARD}`, l.discard ? '1' : '0', tx);
+    if (l.discard) {
+      await xs.write(`${backDir}/${XS_DISCARD_GRANULARITY}`, String(l.sectorSize), tx);
+      await xs.write(`${backDir}/${XS_DISCARD_ALIGNMENT}`, '0', tx);
+      await xs.write(`${backDir}/${XS_DISCARD_SECURE}`, l.discardSecure ? '1' : '0', tx);
+    }
+  }
+
+  /** Maps the frontend's ring, binds its channel, publishes the disk and goes Connected (startup step 4). */
+  private async connect(): Promise<void> {
+    const { xen, xs, backDir, storage } = this.d;
+    const f = this.frontDir;
+    const opt = async (key: string): Promise<string | undefined> => xs.read(`${f}/${key}`).catch(() => undefined);
+    const protocol = (await opt(XS_PROTOCOL)) ?? this.options.defaultProtocol;
+    const abi = abiByName(protocol);
+    if (abi === undefined) return this.fatal(`frontend protocol "${protocol}" is not one we speak`);
+    const queues = await opt(XS_MULTI_QUEUE_NUM_QUEUES);
+    if (queues !== undefined && queues !== '1') return this.fatal(`frontend asks for ${queues} queues; this backend offers one`);
+    const orderText = await opt(XS_RING_PAGE_ORDER);
+    const order = orderText === undefined ? 0 : parseUint(orderText);
+    if (order === undefined || order > this.options.maxRingPageOrder) return this.fatal(`ring-page-order "${orderText}" (max ${this.options.maxRingPageOrder})`);
+    const refs: number[] = [];
+    for (let i = 0; i < 1 << order; i++) {
+      const text = orderText === undefined ? await opt(XS_RING_REF) : await opt(xsRingRefN(i));
+      const ref = text === undefined ? undefined : parseUint(text);
+      if (ref === undefined) return this.fatal(`ring reference ${i} missing or malformed (${text})`);
+      refs.push(ref);
+    }
+    const portText = await opt(XS_EVENT_CHANNEL);
+    const remotePort = portText === undefined ? undefined : parseUint(portText);
+    if (remotePort === undefined) return this.fatal(`event-channel missing or malformed (${portText})`);
+
+    const maps = xen.grants.map(refs.map((ref) => ({ dom: this.frontDomid, ref, flags: GNTMAP_host_map })));
+    this.counters.grant_map_ops += maps.length;
+    const ringHandles = maps.filter((m) => m.status === GNTST_okay).map((m) => m.handle);
+    if (ringHandles.length !== refs.length) {
+      this.unmapRing(ringHandles);
+      return this.fatal(`mapping the ring (refs ${refs.join(',')}) failed: ${maps.map((m) => m.status).join(',')}`);
+    }
+    const port = xen.events.bindInterdomain(this.frontDomid, remotePort);
+    if (port < 0) {
+      this.unmapRing(ringHandles);
+      return this.fatal(`binding event channel ${remotePort} of domain ${this.frontDomid} failed (${port})`);
+    }
+    // Only the frontend initialises the shared ring (spec decision 5): attach at index 0.
+    const ring = new BackRing(new SharedRing(maps.map((m) => m.page!), abi.entrySize));
+    const dataPath = new DataPath({
+      xen, frontDomid: this.frontDomid, ring, abi, port, storage,
+      limits: () => this.limits(),
+      maxIndirectSegments: this.options.maxIndirectSegments,
+      counters: this.counters,
+      onFatal: (why) => void this.enqueue(() => this.fatal(why)),
+      log: (m) => this.log(m),
+    });
+    this.conn = { dataPath, ringHandles, port };
+    const l = this.limits();
+    const info = (this.readOnly ? VDISK_READONLY : 0) | (this.options.cdrom ? VDISK_CDROM : 0) | (this.options.removable ? VDISK_REMOVABLE : 0);
+    await xs.transaction(async (tx) => {
+      await xs.write(`${backDir}/${XS_SECTORS}`, String(l.sectors), tx);
+      await xs.write(`${backDir}/${XS_SECTOR_SIZE}`, String(l.sectorSize), tx);
+      await xs.write(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`, String(this.options.physicalSectorSize ?? l.sectorSize), tx);
+      await xs.write(`${backDir}/${XS_INFO}`, String(info), tx);
+      await this.writeFeatures(tx);
+    });
+    this.log(`connected: ${abi.protocol}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ${l.sectors} sectors of ${l.sectorSize} bytes${this.readOnly ? ', read-only' : ''}`);
+    await this.setState(XenbusStateConnected);
+  }
+
+  /** Finishes in-flight requests, unmaps the ring and closes the channel. Idempotent. */
+  private async disconnect(): Promise<void> {
+    const c = this.conn;
+    if (c === undefined) return;
+    this.conn = undefined;
+    await c.dataPath.stop();
+    this.unmapRing(c.ringHandles);
+    this.d.xen.events.close(c.port);
+  }
+
+  private unmapRing(handles: number[]): void {
+    if (handles.length === 0) return;
+    this.counters.grant_unmap_ops += handles.length;
+    this.d.xen.grants.unmap(handles);
+  }
+
+  /**
+   * `xenbus_dev_fatal`: record why, stop serving the frontend and move to Closing; the
+   * frontend's Closing/Closed then finishes the teardown. Never affects another VBD.
+   */
+  private async fatal(why: string): Promise<void> {
+    this.lastError = why;
+    this.log(`fatal: ${why}`);
+    await this.disconnect().catch(() => undefined);
+    if (this.state !== XenbusStateClosing && this.state !== XenbusStateClosed) {
+      await this.setState(XenbusStateClosing).catch(() => undefined);
+    }
+  }
+
+  private async setState(s: XenbusState): Promise<void> {
+    await switchState(this.d.xs, this.d.backDir, 'backend', s);
+    this.state = s;
+    for (const f of [...this.stateListeners]) f(s);
+  }
+
+  private log(msg: string): void {
+    this.d.log?.(`blkback ${this.d.backDir}: ${msg}`);
+  }
+}
+
+/** A decimal u32 as xenstore holds it, or undefined. */
+function parseUint(text: string): number | undefined {
+  const t = text.trim();
+  if (!/^\d{1,10}$/.test(t)) return undefined;
+  const n = Number(t);
+  return n <= 0xffffffff ? n : undefined;
+}
+

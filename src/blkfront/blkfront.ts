@@ -1,0 +1,718 @@
+/**
+ * The guest's block device (Linux xen-blkfront): a promise API over the PV protocol. Each I/O is
+ * cut into ring requests under the negotiated limits (plain up to 11 segments, indirect up to the
+ * backend's `feature-max-indirect-segments`), tracked in a shadow table keyed by `id`, and
+ * completes when all its parts have answered. Every response is checked before it is believed;
+ * a backend that breaks the protocol stops the device. When the backend goes away, requests it
+ * never answered are kept and issued again, re-split, once a backend connects.
+ */
+import {
+  BLKIF_OP_DISCARD,
+  BLKIF_OP_FLUSH_DISKCACHE,
+  BLKIF_OP_INDIRECT,
+  BLKIF_OP_READ,
+  BLKIF_OP_WRITE,
+  BLKIF_OP_WRITE_BARRIER,
+  BLKIF_MAX_SEGMENTS_PER_REQUEST,
+  BLKIF_RSP_EOPNOTSUPP,
+  BLKIF_RSP_OKAY,
+  BLKIF_SEGMENT_SIZE,
+  BLKIF_SEGS_PER_INDIRECT_FRAME,
+  BLKIF_DISCARD_SECURE,
+  SECTOR_SHIFT,
+  XEN_PAGE_SIZE,
+  XS_EVENT_CHANNEL,
+  XS_PROTOCOL,
+  XS_RING_PAGE_ORDER,
+  XS_RING_REF,
+  abiByName,
+  decodeResponse,
+  encodeRequest,
+  encodeSegment,
+  indirectPagesFor,
+  xsRingRefN,
+  type BlkifAbi,
+  type BlkifSegment,
+  type RwOperation,
+} from '../abi/index.js';
+import { FrontRing, RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, SharedRing } from '../ring/index.js';
+import type { XenDomain } from '../xen/index.js';
+import {
+  XS_BACKEND,
+  XS_BACKEND_ID,
+  XS_STATE,
+  XenbusStateClosed,
+  XenbusStateClosing,
+  XenbusStateConnected,
+  XenbusStateInitWait,
+  XenbusStateInitialised,
+  XenbusStateInitialising,
+  allocEvtchn,
+  grantRing,
+  readState,
+  switchState,
+  waitForState,
+  xenbusStateName,
+  type XenbusState,
+} from '../xenbus/index.js';
+import type { XenstoreClient } from '../xenstore/index.js';
+import { readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
+import { blkfrontOptions, type BlkfrontOptions } from './options.js';
+import { PagePool } from './page-pool.js';
+import { ShadowTable, type ShadowEntry } from './shadow.js';
+
+export type BlkfrontErrorCode = 'EIO' | 'EINVAL' | 'EROFS' | 'EOPNOTSUPP' | 'ETIMEDOUT' | 'ESHUTDOWN';
+
+export class BlkfrontError extends Error {
+  override name = 'BlkfrontError';
+  constructor(readonly code: BlkfrontErrorCode, message: string) {
+    super(message);
+  }
+}
+
+export interface BlkfrontDeps {
+  readonly xen: XenDomain;
+  readonly xs: XenstoreClient;
+  /** The frontend directory the toolstack created (with `backend`, `backend-id`, `state`). */
+  readonly frontDir: string;
+  readonly options?: Partial<BlkfrontOptions>;
+  readonly log?: (msg: string) => void;
+}
+
+/** Frontend statistics, readable through `counters`. */
+export interface BlkfrontCounters {
+  requests: number;
+  indirect_requests: number;
+  segments: number;
+  /** Requests issued again after the backend went away without answering them. */
+  reissued: number;
+  notify_sent: number;
+  notify_received: number;
+  responses: number;
+  errors: number;
+  grants: number;
+}
+
+/** What the device is now, as negotiated. */
+export interface DeviceInfo extends DiskInfo {
+  /** Bytes of the disk. */
+  size: number;
+  /** Segments per request in use: 11 without indirect, else the negotiated indirect maximum. */
+  maxSegments: number;
+  indirect: boolean;
+  ringPageOrder: number;
+  ringSize: number;
+  protocol: string;
+}
+
+type IoKind = 'read' | 'write' | 'flush' | 'discard';
+
+/** One caller's I/O. */
+interface IoOp {
+  kind: IoKind;
+  /** Byte offset on disk; length in bytes (0 for flush). */
+  offset: number;
+  length: number;
+  buf: Uint8Array | undefined;
+  secure: boolean;
+  doneBytes: number;
+  failed: boolean;
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+/** A piece of an I/O not yet answered: what a ring request carries, and what is re-issued. */
+interface Chunk {
+  op: IoOp;
+  /** Byte range within the op. */
+  start: number;
+  length: number;
+}
+
+/** One connection to a backend: its ring, channel and negotiated limits. */
+interface Link {
+  backDomid: number;
+  backDir: string;
+  abi: BlkifAbi;
+  ring: FrontRing;
+  ringFrames: number[];
+  ringRefs: number[];
+  ringPageOrder: number;
+  port: number;
+  offEvent: () => void;
+  maxSegments: number;
+  indirect: boolean;
+  shadow: ShadowTable<Chunk>;
+  entry: RingEntry;
+}
+
+type Phase = 'connecting' | 'connected' | 'closing' | 'closed' | 'broken';
+
+let watchSeq = 0;
+
+export class Blkfront {
+  readonly counters: BlkfrontCounters = { requests: 0, indirect_requests: 0, segments: 0, reissued: 0, notify_sent: 0, notify_received: 0, responses: 0, errors: 0, grants: 0 };
+  readonly options: BlkfrontOptions;
+  readonly handle: number;
+  private phase: Phase = 'connecting';
+  private link: Link | undefined;
+  private disk: DiskInfo | undefined;
+  private readonly pool: PagePool;
+  /** Chunks waiting for a ring slot, pages, or a connection; re-issued ones go first. */
+  private queue: Chunk[] = [];
+  private serial: Promise<void> = Promise.resolve();
+  private readonly token = `blkfront-${++watchSeq}`;
+  private backDir = '';
+  private waitTimer: NodeJS.Timeout | undefined;
+  private connectedWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private closedWaiters: (() => void)[] = [];
+  private brokenReason: string | undefined;
+  private userClosing = false;
+  private state: XenbusState = XenbusStateInitialising;
+
+  private constructor(private readonly d: BlkfrontDeps) {
+    this.options = blkfrontOptions(d.options);
+    this.handle = Number(d.frontDir.slice(d.frontDir.lastIndexOf('/') + 1)) & 0xffff;
+    this.pool = new PagePool(d.xen, this.options.bufferPages);
+  }
+
+  /** Connects to the backend named in `frontDir` and resolves once the disk is usable. */
+  static async attach(d: BlkfrontDeps): Promise<Blkfront> {
+    const f = new Blkfront(d);
+    try {
+      await f.watchBackend();
+      await f.whenConnected();
+      return f;
+    } catch (e) {
+      await f.close().catch(() => undefined);
+      throw e;
+    }
+  }
+
+  /** The disk and the protocol limits in use. */
+  get info(): DeviceInfo {
+    const disk = this.disk;
+    const link = this.link;
+    if (disk === undefined) throw new BlkfrontError('ESHUTDOWN', 'not connected');
+    return {
+      ...disk,
+      size: disk.sectors * 512,
+      maxSegments: link?.maxSegments ?? BLKIF_MAX_SEGMENTS_PER_REQUEST,
+      indirect: link?.indirect ?? false,
+      ringPageOrder: link?.ringPageOrder ?? 0,
+      ringSize: link?.ring.size ?? 0,
+      protocol: link?.abi.protocol ?? this.options.protocol,
+    };
+  }
+
+  get xenbusState(): XenbusState {
+    return this.state;
+  }
+
+  /** Requests on the ring now. */
+  get inFlight(): number {
+    return this.link?.shadow.inFlight ?? 0;
+  }
+
+  /** Frames the backend kept mapped after answering (a misbehaving backend): never reused. */
+  get leakedPages(): number {
+    return this.pool.leaked;
+  }
+
+  read(offset: number, length: number): Promise<Uint8Array> {
+    const buf = new Uint8Array(length);
+    return this.submit('read', offset, length, buf, false).then(() => buf);
+  }
+
+  /** Reads into `buf` (its length is the length). */
+  readInto(offset: number, buf: Uint8Array): Promise<void> {
+    return this.submit('read', offset, buf.length, buf, false);
+  }
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.submit('write', offset, data.length, data, false);
+  }
+
+  /**
+   * Makes completed writes durable: FLUSH_DISKCACHE if offered, else a WRITE_BARRIER, else
+   * nothing (a backend offering neither has no volatile cache to flush, as Linux assumes).
+   */
+  flush(): Promise<void> {
+    const disk = this.disk;
+    if (disk !== undefined && !disk.flush && !disk.barrier) return Promise.resolve();
+    return this.submit('flush', 0, 0, undefined, false);
+  }
+
+  /** Drops a range (reads then return zeroes); `secure` asks for BLKIF_DISCARD_SECURE. */
+  discard(offset: number, length: number, opts: { secure?: boolean } = {}): Promise<void> {
+    return this.submit('discard', offset, length, undefined, opts.secure === true);
+  }
+
+  /**
+   * Unplug: refuse new I/O, finish what is queued and in flight, then close with the backend
+   * (Closing, the backend unmaps and closes, Closed) and give the pages back. Idempotent.
+   */
+  async close(): Promise<void> {
+    if (this.userClosing) return new Promise((resolve) => this.closedWaiters.push(resolve));
+    this.userClosing = true;
+    if (this.phase === 'connected') await this.drained();
+    await this.d.xs.unwatch(`${this.backDir}/${XS_STATE}`, this.token).catch(() => undefined);
+    await this.enqueue(async () => {
+      if (this.link !== undefined && this.phase !== 'broken') {
+        await this.setState(XenbusStateClosing).catch(() => undefined);
+        await this.waitBackend((s) => s === XenbusStateClosed || s === undefined, this.options.connectTimeoutMs).catch(() => undefined);
+      }
+      this.teardown();
+      await this.setState(XenbusStateClosed).catch(() => undefined);
+    });
+    this.phase = 'closed';
+    this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed'));
+    clearTimeout(this.waitTimer);
+    this.pool.dispose();
+    for (const f of this.closedWaiters.splice(0)) f();
+  }
+
+  // ---- I/O submission ----
+
+  private submit(kind: IoKind, offset: number, length: number, buf: Uint8Array | undefined, secure: boolean): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const bad = this.checkIo(kind, offset, length);
+      if (bad !== undefined) return reject(bad);
+      if (length === 0 && kind !== 'flush') return resolve();
+      const op: IoOp = { kind, offset, length, buf, secure, doneBytes: 0, failed: false, resolve, reject };
+      this.queue.push({ op, start: 0, length });
+      this.pump();
+    });
+  }
+
+  private checkIo(kind: IoKind, offset: number, length: number): BlkfrontError | undefined {
+    if (this.userClosing || this.phase === 'closed') return new BlkfrontError('ESHUTDOWN', 'device is closing');
+    if (this.phase === 'broken') return new BlkfrontError('EIO', `device stopped: ${this.brokenReason}`);
+    const disk = this.disk;
+    if (disk === undefined) return new BlkfrontError('ESHUTDOWN', 'not connected');
+    if (kind === 'flush') return undefined;
+    const size = disk.sectors * 512;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      return new BlkfrontError('EINVAL', `offset ${offset} length ${length}: must be non-negative integers`);
+    }
+    if (offset % disk.sectorSize !== 0 || length % disk.sectorSize !== 0) {
+      return new BlkfrontError('EINVAL', `offset ${offset} length ${length}: not aligned to ${disk.sectorSize}-byte sectors`);
+    }
+    if (offset + length > size) return new BlkfrontError('EINVAL', `bytes ${offset}..${offset + length} beyond the disk's ${size}`);
+    if (kind !== 'read' && disk.readOnly) return new BlkfrontError('EROFS', 'the disk is read-only');
+    if (kind === 'discard' && !disk.discard) return new BlkfrontError('EOPNOTSUPP', 'the backend offers no discard');
+    return undefined;
+  }
+
+  /** Moves queued chunks onto the ring while it has slots and the pool has pages. */
+  private pump(): void {
+    const link = this.link;
+    if (link === undefined || this.phase !== 'connected') return;
+    let produced = 0;
+    while (this.queue.length > 0 && !link.ring.full() && link.shadow.available > 0) {
+      const c = this.queue[0]!;
+      if (c.op.failed) {
+        this.queue.shift();
+        continue;
+      }
+      if (!this.issue(link, c)) break;
+      produced++;
+    }
+    if (produced > 0 && link.ring.pushRequestsAndCheckNotify()) {
+      this.counters.notify_sent++;
+      this.d.xen.events.notify(link.port);
+    }
+  }
+
+  /**
+   * Puts the head of `c` on the ring as one request (plain, or indirect when more than 11
+   * segments are needed and negotiated). Returns false if the pool lacks pages for it.
+   */
+  private issue(link: Link, c: Chunk): boolean {
+    const op = c.op;
+    const disk = this.disk!;
+    let operation: number;
+    let nsegs = 0;
+    let bytes = 0;
+    if (op.kind === 'read' || op.kind === 'write') {
+      operation = op.kind === 'read' ? BLKIF_OP_READ : BLKIF_OP_WRITE;
+      nsegs = Math.min(Math.ceil(c.length / XEN_PAGE_SIZE), link.maxSegments);
+      bytes = Math.min(c.length, nsegs * XEN_PAGE_SIZE);
+    } else if (op.kind === 'flush') {
+      operation = disk.flush ? BLKIF_OP_FLUSH_DISKCACHE : BLKIF_OP_WRITE_BARRIER;
+    } else {
+      operation = BLKIF_OP_DISCARD;
+    }
+    const indirect = nsegs > BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    const indPages = indirect ? indirectPagesFor(nsegs) : 0;
+    if (this.pool.available < nsegs + indPages) return false;
+
+    const s = link.shadow.take();
+    const backDomid = link.backDomid;
+    const toDisk = op.kind === 'write';
+    this.pool.take(nsegs, s.frames);
+    const segs: BlkifSegment[] = [];
+    for (let i = 0; i < nsegs; i++) {
+      const frame = s.frames[i]!;
+      const len = Math.min(XEN_PAGE_SIZE, bytes - i * XEN_PAGE_SIZE);
+      if (toDisk) {
+        const from = c.start + i * XEN_PAGE_SIZE;
+        this.pool.page(frame).set(op.buf!.subarray(from, from + len));
+      }
+      // The backend only reads a page we write out: grant it read-only.
+      const gref = this.grant(backDomid, frame, toDisk);
+      s.grefs.push(gref);
+      segs.push({ gref, first_sect: 0, last_sect: (len >> SECTOR_SHIFT) - 1 });
+    }
+    const sector = BigInt((op.offset + c.start) / 512);
+    const id = BigInt(s.index);
+    if (indirect) {
+      this.pool.take(indPages, s.indirectFrames);
+      for (let j = 0; j < nsegs; j++) {
+        const frame = s.indirectFrames[Math.floor(j / BLKIF_SEGS_PER_INDIRECT_FRAME)]!;
+        encodeSegment(this.pool.view(frame), (j % BLKIF_SEGS_PER_INDIRECT_FRAME) * BLKIF_SEGMENT_SIZE, segs[j]!);
+      }
+      for (const frame of s.indirectFrames) s.indirectGrefs.push(this.grant(backDomid, frame, true));
+      encodeRequest(link.entry.view, 0, link.abi, {
+        operation: BLKIF_OP_INDIRECT, indirect_op: operation, nr_segments: nsegs, id, sector_number: sector, handle: this.handle, indirect_grefs: s.indirectGrefs,
+      });
+      this.counters.indirect_requests++;
+    } else if (operation === BLKIF_OP_DISCARD) {
+      encodeRequest(link.entry.view, 0, link.abi, {
+        operation, flag: op.secure ? BLKIF_DISCARD_SECURE : 0, handle: this.handle, id, sector_number: sector, nr_sectors: BigInt(c.length / 512),
+      });
+      bytes = c.length;
+    } else {
+      encodeRequest(link.entry.view, 0, link.abi, {
+        operation: operation as RwOperation, nr_segments: nsegs, handle: this.handle, id, sector_number: sector, seg: segs,
+      });
+    }
+    s.expectOp = operation;
+    this.counters.requests++;
+    this.counters.segments += nsegs;
+    link.ring.produceRequest(link.entry);
+    // The request carries [c.start, c.start + bytes); the rest of the chunk stays queued.
+    s.owner = { op, start: c.start, length: bytes };
+    if (bytes < c.length) {
+      c.start += bytes;
+      c.length -= bytes;
+    } else {
+      this.queue.shift();
+    }
+    return true;
+  }
+
+  private grant(backDomid: number, frame: number, readOnly: boolean): number {
+    const ref = this.d.xen.grants.grantAccess(backDomid, frame, readOnly);
+    if (ref < 0) throw new BlkfrontError('EIO', `granting page ${frame} to domain ${backDomid} failed (${ref})`);
+    this.counters.grants++;
+    return ref;
+  }
+
+  // ---- responses ----
+
+  private onEvent(link: Link): void {
+    if (this.link !== link || this.phase === 'broken') return;
+    this.counters.notify_received++;
+    const ring = link.ring;
+    do {
+      for (;;) {
+        const r = ring.consumeResponse(link.entry);
+        if (r === RING_PEER_OVERFLOW) return this.broken(`backend published rsp_prod ${ring.sring.rspProd} beyond the ${ring.size} slots after rsp_cons ${ring.rspCons}`);
+        if (r !== RING_CONSUMED) break;
+        const rsp = decodeResponse(link.entry.view, 0, link.abi);
+        const s = link.shadow.lookup(rsp.id);
+        if (s === undefined) return this.broken(`response for id ${rsp.id}, which is not pending`);
+        if (rsp.operation !== s.expectOp) return this.broken(`response for id ${rsp.id} carries operation ${rsp.operation}, the request was ${s.expectOp}`);
+        this.counters.responses++;
+        this.complete(link, s, rsp.status);
+        if (this.link !== link || (this.phase as Phase) === 'broken') return;
+      }
+    } while (ring.finalCheckForResponses() !== 0);
+    this.pump();
+  }
+
+  /** One request answered: release its grants and pages, then account it to its I/O. */
+  private complete(link: Link, s: ShadowEntry<Chunk>, status: number): void {
+    const c = s.owner!;
+    const op = c.op;
+    if (!this.releaseGrants(link, s)) return;
+    if (status === BLKIF_RSP_OKAY && op.kind === 'read' && !op.failed) {
+      for (let i = 0; i < s.frames.length; i++) {
+        const at = c.start + i * XEN_PAGE_SIZE;
+        const len = Math.min(XEN_PAGE_SIZE, c.length - i * XEN_PAGE_SIZE);
+        op.buf!.set(this.pool.page(s.frames[i]!).subarray(0, len), at);
+      }
+    }
+    for (const f of s.frames) this.pool.give(f);
+    for (const f of s.indirectFrames) this.pool.give(f);
+    link.shadow.release(s);
+    if (status !== BLKIF_RSP_OKAY) {
+      this.counters.errors++;
+      if (status === BLKIF_RSP_EOPNOTSUPP && (op.kind === 'flush' || op.kind === 'discard')) {
+        // Linux blkif_interrupt: the feature is gone for good once the backend says so.
+        this.dropFeature(op.kind === 'discard' ? 'discard' : s.expectOp === BLKIF_OP_FLUSH_DISKCACHE ? 'flush' : 'barrier');
+        if (op.kind === 'flush') return this.finish(op, undefined);
+        return this.finish(op, new BlkfrontError('EOPNOTSUPP', 'the backend does not support discard'));
+      }
+      return this.finish(op, new BlkfrontError('EIO', `${op.kind} of ${c.length} bytes at ${op.offset + c.start}: backend answered ${status}`));
+    }
+    op.doneBytes += c.length;
+    if (op.doneBytes >= op.length) this.finish(op, undefined);
+  }
+
+  /**
+   * Ends access to every page of the request; a grant the backend still maps after answering is
+   * a backend bug (Linux `blkif_completion`): its page is never reused and the device stops.
+   */
+  private releaseGrants(link: Link, s: ShadowEntry<Chunk>): boolean {
+    let leaked = 0;
+    const end = (refs: number[], frames: number[]) => {
+      for (let i = 0; i < refs.length; i++) {
+        if (!this.d.xen.grants.endAccess(refs[i]!)) {
+          leaked++;
+          frames[i] = -1;
+        }
+      }
+    };
+    end(s.grefs, s.frames);
+    end(s.indirectGrefs, s.indirectFrames);
+    if (leaked === 0) return true;
+    this.pool.leaked += leaked;
+    const keep = (a: number[]) => { const k = a.filter((f) => f >= 0); a.length = 0; a.push(...k); };
+    keep(s.frames);
+    keep(s.indirectFrames);
+    for (const f of s.frames) this.pool.give(f);
+    for (const f of s.indirectFrames) this.pool.give(f);
+    link.shadow.release(s);
+    this.broken(`backend still maps ${leaked} page(s) of a request it answered`);
+    return false;
+  }
+
+  private dropFeature(f: 'flush' | 'barrier' | 'discard'): void {
+    const disk = this.disk;
+    if (disk === undefined) return;
+    if (f === 'flush') disk.flush = false;
+    else if (f === 'barrier') disk.barrier = false;
+    else disk.discard = false;
+    this.log(`backend refused ${f}: not using it any more`);
+  }
+
+  private finish(op: IoOp, err: Error | undefined): void {
+    if (op.failed) return;
+    if (err !== undefined) {
+      op.failed = true;
+      op.reject(err);
+    } else {
+      op.doneBytes = op.length;
+      op.resolve();
+    }
+    if (this.inFlight === 0 && this.queue.length === 0) for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  private drainWaiters: (() => void)[] = [];
+  private drained(): Promise<void> {
+    if (this.inFlight === 0 && this.queue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /** The backend broke the protocol: fail everything, stop using the ring (Linux BLKIF_STATE_ERROR). */
+  private broken(why: string): void {
+    if (this.phase === 'broken') return;
+    this.phase = 'broken';
+    this.brokenReason = why;
+    this.log(`backend misbehaved, device stopped: ${why}`);
+    this.failAll(new BlkfrontError('EIO', `backend misbehaved: ${why}`));
+    void this.enqueue(() => this.setState(XenbusStateClosing).catch(() => undefined));
+  }
+
+  private failAll(err: Error): void {
+    const ops = new Set<IoOp>();
+    for (const c of this.queue) ops.add(c.op);
+    this.queue = [];
+    for (const s of this.link?.shadow.pendingEntries() ?? []) if (s.owner !== undefined) ops.add(s.owner.op);
+    for (const op of ops) this.finish(op, err);
+    for (const w of this.connectedWaiters.splice(0)) w.reject(err);
+    for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  // ---- control path ----
+
+  private enqueue(fn: () => Promise<void>): Promise<void> {
+    const run = this.serial.then(fn).catch((e: unknown) => this.log(`xenbus: ${(e as Error).message}`));
+    this.serial = run;
+    return run;
+  }
+
+  private async watchBackend(): Promise<void> {
+    const { xs, frontDir } = this.d;
+    this.backDir = await xs.read(`${frontDir}/${XS_BACKEND}`);
+    this.state = (await readState(xs, frontDir)) ?? XenbusStateInitialising;
+    this.armWaitTimer();
+    await xs.watch(`${this.backDir}/${XS_STATE}`, this.token, () => void this.enqueue(() => this.backendChanged()));
+  }
+
+  /** Linux `blkback_changed`: follow the backend's state. */
+  private async backendChanged(): Promise<void> {
+    if (this.phase === 'closed' || this.phase === 'broken') return;
+    const bs = await readState(this.d.xs, this.backDir);
+    switch (bs) {
+      case XenbusStateInitWait:
+      case XenbusStateInitialised:
+        if (this.userClosing || this.link !== undefined) break;
+        if (this.state === XenbusStateClosed) await this.setState(XenbusStateInitialising);
+        await this.talkToBackend();
+        break;
+      case XenbusStateConnected:
+        if (this.userClosing) break;
+        // A backend already Connected when we arrive still needs our ring first.
+        if (this.link === undefined) {
+          if (this.state === XenbusStateClosed) await this.setState(XenbusStateInitialising);
+          await this.talkToBackend();
+        }
+        await this.connected();
+        break;
+      case XenbusStateClosing:
+        if (this.link !== undefined && this.state !== XenbusStateClosing) {
+          // Stop issuing; the backend answers what it consumed, unmaps, and goes Closed.
+          this.phase = 'connecting';
+          await this.setState(XenbusStateClosing);
+        }
+        break;
+      case XenbusStateClosed:
+      case undefined:
+        this.teardown();
+        if (this.state !== XenbusStateClosed && this.state !== XenbusStateInitialising) await this.setState(XenbusStateClosed);
+        // Ask for a new connection (blkif.h: a closed frontend may initialise again).
+        if (!this.userClosing && bs === XenbusStateClosed) await this.setState(XenbusStateInitialising);
+        break;
+      default:
+    }
+  }
+
+  /** Linux `talk_to_blkback`: set up the ring and channel, publish them, go Initialised. */
+  private async talkToBackend(): Promise<void> {
+    const { xen, xs, frontDir } = this.d;
+    const backDomid = Number(await xs.read(`${frontDir}/${XS_BACKEND_ID}`));
+    const t = await readBackendTransport(xs, this.backDir, this.options.maxIndirectSegments);
+    const abi = abiByName(this.options.protocol)!;
+    const order = Math.min(this.options.ringPageOrder, t.maxRingPageOrder);
+    const ringFrames = xen.memory.alloc(1 << order);
+    const sring = new SharedRing(ringFrames.map((f) => xen.memory.page(f)), abi.entrySize);
+    const ring = FrontRing.init(sring);
+    const ringRefs = grantRing(xen, backDomid, ringFrames);
+    const port = allocEvtchn(xen, backDomid);
+    // The pool must hold one largest request; fall back to a smaller maximum otherwise.
+    let maxSegments = t.maxIndirectSegments > 0 ? t.maxIndirectSegments : BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    while (maxSegments > BLKIF_MAX_SEGMENTS_PER_REQUEST && maxSegments + indirectPagesFor(maxSegments) > this.options.bufferPages) maxSegments >>= 1;
+    maxSegments = Math.max(maxSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
+    const link: Link = {
+      backDomid, backDir: this.backDir, abi, ring, ringFrames, ringRefs, ringPageOrder: order, port, offEvent: () => undefined,
+      maxSegments, indirect: maxSegments > BLKIF_MAX_SEGMENTS_PER_REQUEST, shadow: new ShadowTable(ring.size), entry: new RingEntry(abi.entrySize),
+    };
+    link.offEvent = xen.events.on(port, () => this.onEvent(link));
+    this.link = link;
+    await xs.transaction(async (tx) => {
+      if (order === 0) {
+        await xs.write(`${frontDir}/${XS_RING_REF}`, String(ringRefs[0]), tx);
+        await xs.rm(`${frontDir}/${XS_RING_PAGE_ORDER}`, tx).catch(() => undefined);
+      } else {
+        await xs.rm(`${frontDir}/${XS_RING_REF}`, tx).catch(() => undefined);
+        await xs.write(`${frontDir}/${XS_RING_PAGE_ORDER}`, String(order), tx);
+        for (let i = 0; i < ringRefs.length; i++) await xs.write(`${frontDir}/${xsRingRefN(i)}`, String(ringRefs[i]), tx);
+      }
+      await xs.write(`${frontDir}/${XS_EVENT_CHANNEL}`, String(port), tx);
+      await xs.write(`${frontDir}/${XS_PROTOCOL}`, abi.protocol, tx);
+    });
+    await this.setState(XenbusStateInitialised);
+  }
+
+  /** Linux `blkfront_connect`: read the disk, go Connected, issue what waited; later calls are resizes. */
+  private async connected(): Promise<void> {
+    const fresh = this.state !== XenbusStateConnected;
+    const disk = await readDiskInfo(this.d.xs, this.backDir);
+    if (!fresh && this.disk !== undefined) {
+      if (disk.sectors !== this.disk.sectors) this.log(`resized: ${this.disk.sectors} -> ${disk.sectors} sectors`);
+      this.disk.sectors = disk.sectors;
+      return;
+    }
+    this.disk = disk;
+    await this.setState(XenbusStateConnected);
+    this.phase = 'connected';
+    clearTimeout(this.waitTimer);
+    const l = this.link!;
+    this.log(`connected to ${this.backDir}: ${l.abi.protocol}, ring ${l.ring.size} slots, ${l.indirect ? `indirect ${l.maxSegments}` : 'no indirect'} segments, ${disk.sectors} sectors of ${disk.sectorSize}`);
+    for (const w of this.connectedWaiters.splice(0)) w.resolve();
+    this.pump();
+  }
+
+  /**
+   * Lets go of the ring. Requests the backend never answered go back to the head of the queue, to
+   * be issued again (re-split under the new limits) once a backend connects (Linux `blkif_recover`),
+   * or failed by close() or the wait timer.
+   */
+  private teardown(): void {
+    const link = this.link;
+    if (link === undefined) return;
+    this.link = undefined;
+    if (this.phase === 'connected') this.phase = 'connecting';
+    link.offEvent();
+    this.d.xen.events.close(link.port);
+    const again: Chunk[] = [];
+    for (const s of link.shadow.pendingEntries()) {
+      const c = s.owner;
+      if (!this.releaseGrantsQuiet(s)) continue;
+      for (const f of s.frames) this.pool.give(f);
+      for (const f of s.indirectFrames) this.pool.give(f);
+      link.shadow.release(s);
+      if (c !== undefined && !c.op.failed) again.push(c);
+    }
+    if (again.length > 0) {
+      this.counters.reissued += again.length;
+      this.queue.unshift(...again);
+    }
+    let ringLeaked = 0;
+    for (const ref of link.ringRefs) if (!this.d.xen.grants.endAccess(ref)) ringLeaked++;
+    if (ringLeaked === 0) this.d.xen.memory.free(link.ringFrames);
+    else this.log(`backend still maps the ring: ${ringLeaked} page(s) not reused`);
+    if (!this.userClosing) this.armWaitTimer();
+  }
+
+  private releaseGrantsQuiet(s: ShadowEntry<Chunk>): boolean {
+    let ok = true;
+    for (const r of s.grefs) ok = this.d.xen.grants.endAccess(r) && ok;
+    for (const r of s.indirectGrefs) ok = this.d.xen.grants.endAccess(r) && ok;
+    if (!ok) this.pool.leaked += s.frames.length + s.indirectFrames.length;
+    return ok;
+  }
+
+  /** Queued I/O may wait for a backend only so long. */
+  private armWaitTimer(): void {
+    clearTimeout(this.waitTimer);
+    this.waitTimer = setTimeout(() => {
+      if (this.phase === 'connected' || this.phase === 'closed') return;
+      const err = new BlkfrontError('ETIMEDOUT', `no backend connected at ${this.backDir} within ${this.options.connectTimeoutMs} ms (backend ${this.backDir} state ${xenbusStateName(this.state)})`);
+      this.failAll(err);
+    }, this.options.connectTimeoutMs);
+    this.waitTimer.unref();
+  }
+
+  private whenConnected(): Promise<void> {
+    if (this.phase === 'connected') return Promise.resolve();
+    return new Promise((resolve, reject) => this.connectedWaiters.push({ resolve, reject }));
+  }
+
+  private async waitBackend(want: (s: XenbusState | undefined) => boolean, timeoutMs: number): Promise<void> {
+    await waitForState(this.d.xs, this.backDir, want, timeoutMs);
+  }
+
+  private async setState(s: XenbusState): Promise<void> {
+    await switchState(this.d.xs, this.d.frontDir, 'frontend', s);
+    this.state = s;
+  }
+
+  private log(msg: string): void {
+    this.d.log?.(`blkfront ${this.d.frontDir}: ${msg}`);
+  }
+}
+

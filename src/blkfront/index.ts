@@ -1,0 +1,5 @@
+export * from './options.js';
+export * from './negotiate.js';
+export * from './shadow.js';
+export * from './page-pool.js';
+export * from './blkfront.js';

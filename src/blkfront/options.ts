@@ -1,0 +1,43 @@
+/** What a frontend asks for, with defaults; validated once here. */
+import { BLKIF_MAX_INDIRECT_SEGMENTS, XEN_IO_PROTO_ABI_X86_64, DEFAULT_MAX_INDIRECT_SEGMENTS } from '../abi/index.js';
+import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+
+export interface BlkfrontOptions {
+  /**
+   * Our own cap on segments per indirect request (Linux module parameter `max_indirect_segments`);
+   * the negotiated maximum is the smaller of this and the backend's. 0 never uses indirect.
+   */
+  maxIndirectSegments: number;
+  /** Ring size we want, as log2(pages); capped by the backend's `max-ring-page-order`. */
+  ringPageOrder: number;
+  /** ABI of the ring we write in `protocol` (spec decision 2: always written). */
+  protocol: string;
+  /** Guest pages kept for data and indirect pages: bounds the bytes in flight. */
+  bufferPages: number;
+  /** How long to wait for a backend to connect (or come back) before failing I/O, in ms. */
+  connectTimeoutMs: number;
+}
+
+export const DEFAULT_BLKFRONT_OPTIONS: Readonly<BlkfrontOptions> = {
+  maxIndirectSegments: DEFAULT_MAX_INDIRECT_SEGMENTS,
+  ringPageOrder: 0,
+  protocol: XEN_IO_PROTO_ABI_X86_64,
+  bufferPages: 8192,
+  connectTimeoutMs: 30_000,
+};
+
+export class BlkfrontConfigError extends Error {
+  override name = 'BlkfrontConfigError';
+}
+
+export function blkfrontOptions(given: Partial<BlkfrontOptions> = {}): BlkfrontOptions {
+  const o: BlkfrontOptions = { ...DEFAULT_BLKFRONT_OPTIONS, ...given };
+  if (!Number.isInteger(o.maxIndirectSegments) || o.maxIndirectSegments < 0 || o.maxIndirectSegments > BLKIF_MAX_INDIRECT_SEGMENTS) {
+    throw new BlkfrontConfigError(`max indirect segments ${o.maxIndirectSegments}: use 0..${BLKIF_MAX_INDIRECT_SEGMENTS}`);
+  }
+  if (!Number.isInteger(o.ringPageOrder) || o.ringPageOrder < 0 || o.ringPageOrder > MAX_RING_PAGE_ORDER) {
+    throw new BlkfrontConfigError(`ring page order ${o.ringPageOrder}: use 0..${MAX_RING_PAGE_ORDER}`);
+  }
+  if (!Number.isInteger(o.bufferPages) || o.bufferPages < 16) throw new BlkfrontConfigError(`buffer pages ${o.bufferPages}: at least 16`);
+  return o;
+}

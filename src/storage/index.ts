@@ -1,0 +1,4 @@
+export * from './storage.js';
+export * from './range.js';
+export * from './file-storage.js';
+export * from './memory-storage.js';

@@ -1,0 +1,66 @@
+/**
+ * A driver domain's thread: serves VBDs with blkback, each on its own storage. The toolstack
+ * adds and removes VBDs over the control channel (as xl's hotplug scripts would); everything
+ * between blkback and its frontends goes through xenstore, grants and event channels.
+ */
+import { parentPort } from 'node:worker_threads';
+import { Blkback, type BlkbackOptions, type VbdCounters } from '../blkback/index.js';
+import type { BlockStorage } from '../storage/index.js';
+import { attachDomain } from '../xen/index.js';
+import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
+import { serveRpc } from './rpc.js';
+import { openStorage, type StorageSpec } from './storage-spec.js';
+
+export interface BackendVbdStatus {
+  state: string;
+  connected: boolean;
+  error: string | undefined;
+  readOnly: boolean;
+  counters: VbdCounters;
+}
+
+const xen = await attachDomain();
+const link = await connectGuestXenstore(xen);
+const vbds = new Map<string, { be: Blkback; storage: BlockStorage }>();
+const log = (msg: string) => parentPort!.postMessage({ kind: 'log', domid: xen.domid, msg });
+
+function vbd(backDir: string) {
+  const v = vbds.get(backDir);
+  if (v === undefined) throw new Error(`no VBD at ${backDir}`);
+  return v;
+}
+
+serveRpc(parentPort!, {
+  async addVbd(backDir: string, spec: StorageSpec, options: Partial<BlkbackOptions>) {
+    if (vbds.has(backDir)) throw new Error(`a VBD is already served at ${backDir}`);
+    const storage = await openStorage(spec);
+    try {
+      const be = await Blkback.start({ xen, xs: link.xs, backDir, storage, options, log });
+      vbds.set(backDir, { be, storage });
+      return { readOnly: be.readOnly, size: storage.size };
+    } catch (e) {
+      await storage.close();
+      throw e;
+    }
+  },
+  async removeVbd(backDir: string) {
+    const v = vbd(backDir);
+    vbds.delete(backDir);
+    await v.be.close();
+    await v.storage.close();
+  },
+  status(backDir: string): BackendVbdStatus {
+    const { be } = vbd(backDir);
+    return { state: xenbusStateName(be.xenbusState), connected: be.connected, error: be.error, readOnly: be.readOnly, counters: { ...be.counters } };
+  },
+  async shutdown() {
+    for (const backDir of [...vbds.keys()]) {
+      const v = vbds.get(backDir)!;
+      vbds.delete(backDir);
+      await v.be.close();
+      await v.storage.close();
+    }
+    link.close();
+    xen.dispose();
+  },
+});

@@ -1,0 +1,189 @@
+/**
+ * The toolstack in dom0 (the main thread): starts the emulated Xen and its xenstore, creates
+ * driver and guest domains as worker threads, plugs VBDs between them as xl does, and tears
+ * everything down in order. Tests and the CLI drive the stack through it.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { BlkbackOptions } from '../blkback/index.js';
+import type { BlkfrontCounters, BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
+import { Hypervisor, type DomainHandle } from '../xen/index.js';
+import { acceptGuestXenstore, xvdVirtualDevice } from '../xenbus/index.js';
+import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer } from '../xenstore/index.js';
+import type { BackendVbdStatus } from './backend-domain.js';
+import { RpcClient } from './rpc.js';
+import type { StorageSpec } from './storage-spec.js';
+import { createVbdNodes, removeVbdNodes, type VbdPaths } from './vbd.js';
+
+export interface ToolstackOptions {
+  /** Where domains' log lines go (default: kept, see `logs`). */
+  readonly log?: (domid: number, msg: string) => void;
+}
+
+/** A running domain and the control channel into its thread. */
+export class DomainProxy {
+  constructor(
+    readonly handle: DomainHandle,
+    readonly role: 'guest' | 'backend',
+    readonly rpc: RpcClient,
+    readonly releaseXenstore: () => void,
+  ) {}
+  get domid(): number {
+    return this.handle.domid;
+  }
+}
+
+export interface PlugOptions {
+  readonly guest: DomainProxy;
+  readonly backend: DomainProxy;
+  readonly storage: StorageSpec;
+  /** `virtual-device` (default: the next xvd disk of this guest). */
+  readonly devid?: number;
+  readonly readOnly?: boolean;
+  readonly backendOptions?: Partial<BlkbackOptions>;
+  readonly frontendOptions?: Partial<BlkfrontOptions>;
+}
+
+export interface GuestStatus {
+  state: string;
+  inFlight: number;
+  leakedPages: number;
+  counters: BlkfrontCounters;
+}
+
+/** A VBD plugged between a guest and a driver domain; its I/O methods run in the guest. */
+export class GuestDisk {
+  constructor(
+    private readonly ts: Toolstack,
+    readonly guest: DomainProxy,
+    readonly backend: DomainProxy,
+    readonly paths: VbdPaths,
+    readonly info: DeviceInfo,
+  ) {}
+  read(offset: number, length: number): Promise<Uint8Array> {
+    return this.guest.rpc.call('read', this.paths.frontDir, offset, length);
+  }
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.guest.rpc.call('write', this.paths.frontDir, offset, data);
+  }
+  flush(): Promise<void> {
+    return this.guest.rpc.call('flush', this.paths.frontDir);
+  }
+  discard(offset: number, length: number, secure = false): Promise<void> {
+    return this.guest.rpc.call('discard', this.paths.frontDir, offset, length, secure);
+  }
+  status(): Promise<GuestStatus> {
+    return this.guest.rpc.call('status', this.paths.frontDir);
+  }
+  backendStatus(): Promise<BackendVbdStatus> {
+    return this.backend.rpc.call('status', this.paths.backDir);
+  }
+  /** Closes the frontend (the backend follows to Closed), stops serving, removes the nodes. */
+  async unplug(): Promise<void> {
+    await this.guest.rpc.call('detach', this.paths.frontDir);
+    await this.backend.rpc.call('removeVbd', this.paths.backDir);
+    await removeVbdNodes(this.ts.xs, this.paths);
+  }
+}
+
+export class Toolstack {
+  /** Recent log lines of every domain (when no `log` option is given). */
+  readonly logs: string[] = [];
+  private readonly domains: DomainProxy[] = [];
+  private readonly disksPerGuest = new Map<number, number>();
+
+  private constructor(
+    readonly hv: Hypervisor,
+    readonly daemon: XenstoreDaemon,
+    private readonly server: XenstoreSocketServer,
+    readonly xs: XenstoreClient,
+    /** The xenstored socket (for xenstore-utils: XENSTORED_PATH). */
+    readonly socketPath: string,
+    private readonly dir: string,
+    private readonly opts: ToolstackOptions,
+  ) {}
+
+  static async start(opts: ToolstackOptions = {}): Promise<Toolstack> {
+    const dir = mkdtempSync(join(tmpdir(), 'blkif-xen-'));
+    const socketPath = join(dir, 'xenstored.socket');
+    const hv = new Hypervisor();
+    const daemon = new XenstoreDaemon();
+    const server = await XenstoreSocketServer.listen(daemon, socketPath);
+    const xs = await XenstoreClient.connectSocket(socketPath);
+    return new Toolstack(hv, daemon, server, xs, socketPath, dir, opts);
+  }
+
+  /** A driver domain running blkback. */
+  createBackendDomain(name = 'driver-domain'): Promise<DomainProxy> {
+    return this.createDomain(new URL('./backend-domain.js', import.meta.url), 'backend', name, undefined);
+  }
+
+  /** A guest running blkfront; `memoryPages` must hold blkfront's buffer pages and rings. */
+  createGuest(name = 'guest', memoryPages = 16384 + 512): Promise<DomainProxy> {
+    return this.createDomain(new URL('./guest-domain.js', import.meta.url), 'guest', name, memoryPages);
+  }
+
+  private async createDomain(script: URL, role: 'guest' | 'backend', name: string, memoryPages: number | undefined): Promise<DomainProxy> {
+    const handle = await this.hv.createDomain({ script, name, memoryPages });
+    handle.worker.on('message', (m: { kind?: string; domid?: number; msg?: string }) => {
+      if (m?.kind !== 'log') return;
+      if (this.opts.log !== undefined) this.opts.log(m.domid!, m.msg!);
+      else {
+        this.logs.push(`d${m.domid}: ${m.msg}`);
+        if (this.logs.length > 2000) this.logs.splice(0, 1000);
+      }
+    });
+    const rpc = new RpcClient(handle.worker);
+    const release = await acceptGuestXenstore(this.hv, this.daemon, handle.domid, handle.worker);
+    const d = new DomainProxy(handle, role, rpc, release);
+    this.domains.push(d);
+    return d;
+  }
+
+  /** Plugs a VBD: xenstore nodes, blkback in the driver domain, blkfront in the guest; resolves once Connected. */
+  async plug(o: PlugOptions): Promise<GuestDisk> {
+    const n = this.disksPerGuest.get(o.guest.domid) ?? 0;
+    this.disksPerGuest.set(o.guest.domid, n + 1);
+    const devid = o.devid ?? xvdVirtualDevice(n);
+    const readOnly = o.readOnly === true || o.storage.readOnly === true;
+    const paths = await createVbdNodes(this.xs, { frontDomid: o.guest.domid, backDomid: o.backend.domid, devid }, o.storage, readOnly);
+    try {
+      await o.backend.rpc.call('addVbd', paths.backDir, o.storage, o.backendOptions ?? {});
+      const info = await o.guest.rpc.call<DeviceInfo>('attach', paths.frontDir, o.frontendOptions ?? {});
+      return new GuestDisk(this, o.guest, o.backend, paths, info);
+    } catch (e) {
+      await o.backend.rpc.call('removeVbd', paths.backDir).catch(() => undefined);
+      await removeVbdNodes(this.xs, paths);
+      throw e;
+    }
+  }
+
+  /** Asks a domain to close its devices, then destroys it. */
+  async destroy(d: DomainProxy, graceMs = 10_000): Promise<void> {
+    const i = this.domains.indexOf(d);
+    if (i < 0) return;
+    this.domains.splice(i, 1);
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      d.rpc.call('shutdown').catch(() => undefined),
+      new Promise((r) => { timer = setTimeout(r, graceMs); }),
+    ]);
+    clearTimeout(timer);
+    d.releaseXenstore();
+    if (this.hv.domain(d.domid) !== undefined) await this.hv.destroyDomain(d.domid);
+    await d.handle.exited;
+  }
+
+  /** Guests first (their frontends close), then driver domains, then xenstore and the hypervisor. */
+  async shutdown(): Promise<void> {
+    const guests = this.domains.filter((d) => d.role === 'guest');
+    for (const d of guests) await this.destroy(d);
+    for (const d of [...this.domains]) await this.destroy(d);
+    this.xs.close();
+    await this.hv.shutdown();
+    await this.server.close();
+    this.daemon.close();
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * What a toolstack (xl, libxl) writes to xenstore to plug a virtual block device between a guest
+ * and a driver domain: both directories, owned by their domain and readable by the other, the
+ * `backend`/`frontend` links, the PRIVATE `mode`/`params`/`type`, and both states Initialising.
+ */
+import { XS_DEVICE_TYPE, XS_MODE, XS_PARAMS, XS_TYPE, XS_VIRTUAL_DEVICE } from '../abi/index.js';
+import {
+  XS_BACKEND, XS_BACKEND_ID, XS_FRONTEND, XS_FRONTEND_ID, XS_ONLINE, XS_STATE, XenbusStateInitialising, backendPath, frontendPath,
+} from '../xenbus/index.js';
+import type { XenstoreClient } from '../xenstore/index.js';
+import type { StorageSpec } from './storage-spec.js';
+import { describeStorage } from './storage-spec.js';
+
+export interface VbdPlacement {
+  readonly frontDomid: number;
+  readonly backDomid: number;
+  /** The `virtual-device` number, also the last component of both paths. */
+  readonly devid: number;
+}
+
+export interface VbdPaths {
+  readonly frontDir: string;
+  readonly backDir: string;
+}
+
+export function vbdPaths(p: VbdPlacement): VbdPaths {
+  return { frontDir: frontendPath(p.frontDomid, p.devid), backDir: backendPath(p.backDomid, p.frontDomid, p.devid) };
+}
+
+export async function createVbdNodes(xs: XenstoreClient, p: VbdPlacement, storage: StorageSpec, readOnly: boolean): Promise<VbdPaths> {
+  const paths = vbdPaths(p);
+  const { frontDir, backDir } = paths;
+  await xs.transaction(async (tx) => {
+    await xs.mkdir(frontDir, tx);
+    await xs.setPerms(frontDir, [{ domid: p.frontDomid, perm: 'n' }, { domid: p.backDomid, perm: 'r' }], tx);
+    await xs.mkdir(backDir, tx);
+    await xs.setPerms(backDir, [{ domid: p.backDomid, perm: 'n' }, { domid: p.frontDomid, perm: 'r' }], tx);
+    await xs.write(`${frontDir}/${XS_BACKEND}`, backDir, tx);
+    await xs.write(`${frontDir}/${XS_BACKEND_ID}`, String(p.backDomid), tx);
+    await xs.write(`${frontDir}/${XS_VIRTUAL_DEVICE}`, String(p.devid), tx);
+    await xs.write(`${frontDir}/${XS_DEVICE_TYPE}`, 'disk', tx);
+    await xs.write(`${backDir}/${XS_FRONTEND}`, frontDir, tx);
+    await xs.write(`${backDir}/${XS_FRONTEND_ID}`, String(p.frontDomid), tx);
+    await xs.write(`${backDir}/${XS_MODE}`, readOnly ? 'r' : 'w', tx);
+    await xs.write(`${backDir}/${XS_TYPE}`, storage.kind, tx);
+    await xs.write(`${backDir}/${XS_PARAMS}`, describeStorage(storage), tx);
+    await xs.write(`${backDir}/${XS_ONLINE}`, '1', tx);
+    await xs.write(`${frontDir}/${XS_STATE}`, String(XenbusStateInitialising), tx);
+    await xs.write(`${backDir}/${XS_STATE}`, String(XenbusStateInitialising), tx);
+  });
+  return paths;
+}
+
+/** Removes both directories (after both ends closed). */
+export async function removeVbdNodes(xs: XenstoreClient, paths: VbdPaths): Promise<void> {
+  await xs.rm(paths.frontDir).catch(() => undefined);
+  await xs.rm(paths.backDir).catch(() => undefined);
+}

@@ -1,0 +1,185 @@
+/**
+ * The whole PV path through real worker-thread domains on real files: a guest's blkfront and a
+ * driver domain's blkback, connected only by xenstore, grants, a shared ring and an event
+ * channel, do random reads and writes of one sector to 4 MiB at queue depths 1..64, checked byte
+ * for byte against a model; with indirect off, 32, 256 and 4096 segments, 512- and 4096-byte
+ * sectors. Afterwards the image file equals the model and every grant, mapping and channel the
+ * VBD used is gone.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Toolstack, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
+import type { XenCounters } from '../../src/xen/index.js';
+import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
+
+const IMAGE = 48 * 1024 * 1024;
+const MAX_IO = 4 * 1024 * 1024;
+
+let ts: Toolstack;
+let back: DomainProxy;
+let guest: DomainProxy;
+const tmp = tempDir('blkif-e2e-');
+
+before(async () => {
+  ts = await Toolstack.start();
+  back = await ts.createBackendDomain();
+  guest = await ts.createGuest();
+});
+
+after(async () => {
+  await ts.shutdown();
+  const c = ts.hv.counters();
+  assert.deepEqual([c.grantsActive, c.mapsActive, c.channelsBound, c.portsOpen], [0, 0, 0, 0], 'everything released once the domains are gone');
+  tmp.cleanup();
+});
+
+function resources(): number[] {
+  const pick = (c: XenCounters | undefined) => [c!.grantsActive, c!.mapsActive, c!.portsOpen, c!.channelsBound];
+  return [...pick(ts.hv.domainCounters(guest.domid)), ...pick(ts.hv.domainCounters(back.domid))];
+}
+
+/** Random I/O in batches of disjoint ranges (the batch size is the queue depth), checked against `model`. */
+async function randomIo(disk: GuestDisk, model: Uint8Array, rng: Rng, batches: number, sector: number): Promise<void> {
+  const size = model.length;
+  for (let b = 0; b < batches; b++) {
+    const depth = [1, 2, 8, 32, 64][rng.int(0, 4)]!;
+    // Sizes from one sector to 4 MiB, mostly small (as real workloads are).
+    const ranges: [number, number][] = [];
+    for (let i = 0; i < depth; i++) {
+      const big = rng.int(0, 9) === 0;
+      const len = (big ? rng.int(1, MAX_IO / sector) : rng.int(1, Math.min(64, MAX_IO / sector))) * sector;
+      const off = rng.int(0, (size - len) / sector) * sector;
+      if (ranges.some(([o, l]) => off < o + l && o < off + len)) continue;
+      ranges.push([off, len]);
+    }
+    await Promise.all(ranges.map(async ([off, len]) => {
+      if (rng.int(0, 1) === 0) {
+        const data = rng.bytes(len);
+        await disk.write(off, data);
+        model.set(data, off);
+      } else {
+        const got = await disk.read(off, len);
+        const at = firstDifference(got, model.subarray(off, off + len));
+        assert.equal(at, -1, `read ${len} at ${off}: byte ${at} differs (seed ${rng.seed})`);
+      }
+    }));
+    if (b % 8 === 7) await disk.flush();
+  }
+}
+
+describe('blkfront <-> blkback over real domains and files', () => {
+  const configs: { indirect: number; sector: 512 | 4096 }[] = [
+    { indirect: 0, sector: 512 },
+    { indirect: 32, sector: 512 },
+    { indirect: 256, sector: 512 },
+    { indirect: 4096, sector: 512 },
+    { indirect: 0, sector: 4096 },
+    { indirect: 256, sector: 4096 },
+    { indirect: 4096, sector: 4096 },
+  ];
+  for (const cfg of configs) {
+    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors`, async () => {
+      const base = resources();
+      const path = join(tmp.dir, `img-${cfg.indirect}-${cfg.sector}`);
+      sparseImage(path, IMAGE);
+      const disk = await ts.plug({
+        guest, backend: back,
+        storage: { kind: 'file', path, sectorSize: cfg.sector },
+        backendOptions: { maxIndirectSegments: cfg.indirect },
+        frontendOptions: { maxIndirectSegments: 4096 },
+      });
+      const model = new Uint8Array(IMAGE);
+      const rng = new Rng(0x5eed + cfg.indirect + cfg.sector);
+      try {
+        assert.equal(disk.info.size, IMAGE);
+        assert.equal(disk.info.sectorSize, cfg.sector);
+        assert.equal(disk.info.indirect, cfg.indirect > 0);
+        assert.equal(disk.info.maxSegments, cfg.indirect > 0 ? cfg.indirect : 11);
+        await randomIo(disk, model, rng, 40, cfg.sector);
+        // One large request of each kind across the whole maximum.
+        const big = rng.bytes(MAX_IO);
+        await disk.write(IMAGE - MAX_IO, big);
+        model.set(big, IMAGE - MAX_IO);
+        assert.equal(firstDifference(await disk.read(IMAGE - MAX_IO, MAX_IO), big), -1);
+        await disk.flush();
+
+        const fs = await disk.status();
+        const bs = await disk.backendStatus();
+        assert.equal(bs.state, 'Connected');
+        assert.equal(bs.counters.errors, 0);
+        assert.equal(fs.counters.errors, 0);
+        assert.equal(bs.counters.rd_req + bs.counters.wr_req + bs.counters.f_req, fs.counters.requests);
+        if (cfg.indirect > 0) assert.ok(bs.counters.indirect_req > 0, 'large I/O used indirect requests');
+        else assert.equal(bs.counters.indirect_req, 0);
+        assert.ok(bs.counters.peak_inflight_bytes > 0);
+        assert.equal(bs.counters.grant_map_ops - bs.counters.grant_unmap_ops, 1 << disk.info.ringPageOrder, 'every data and indirect map undone; only the ring stays mapped');
+        // Notification suppression: far fewer kicks than requests when the queue is deep.
+        assert.ok(fs.counters.notify_sent < fs.counters.requests, `${fs.counters.notify_sent} kicks for ${fs.counters.requests} requests`);
+      } finally {
+        await disk.unplug();
+      }
+      assert.deepEqual(resources(), base, 'grants, mappings and channels back to where they were');
+      const image = readFileSync(path);
+      assert.equal(firstDifference(image, model), -1, 'the image file holds exactly what was written');
+    });
+  }
+
+  test('an image whose size is not a multiple of the sector size exposes whole sectors only', async () => {
+    const path = join(tmp.dir, 'odd');
+    sparseImage(path, 10 * 4096 + 1000);
+    const disk = await ts.plug({ guest, backend: back, storage: { kind: 'file', path, sectorSize: 4096 } });
+    try {
+      assert.equal(disk.info.size, 10 * 4096);
+      await disk.write(9 * 4096, new Uint8Array(4096).fill(0xab));
+      await assert.rejects(disk.write(10 * 4096, new Uint8Array(4096)), /beyond the disk/);
+    } finally {
+      await disk.unplug();
+    }
+    const image = readFileSync(path);
+    assert.equal(image.length, 10 * 4096 + 1000);
+    assert.ok(image.subarray(10 * 4096).every((b) => b === 0), 'the partial sector at the end is never written');
+    assert.ok(image.subarray(9 * 4096, 10 * 4096).every((b) => b === 0xab));
+  });
+
+  test('a read-only VBD reads, refuses writes and discards, and is never written', async () => {
+    const path = join(tmp.dir, 'ro');
+    sparseImage(path, 1024 * 1024);
+    const disk = await ts.plug({ guest, backend: back, storage: { kind: 'file', path }, readOnly: true });
+    try {
+      assert.equal(disk.info.readOnly, true);
+      assert.equal(disk.info.discard, false);
+      assert.equal((await disk.read(0, 8192)).length, 8192);
+      await assert.rejects(disk.write(0, new Uint8Array(512)), /read-only/);
+      await assert.rejects(disk.discard(0, 4096), /read-only/);
+      const bs = await disk.backendStatus();
+      assert.equal(bs.readOnly, true);
+    } finally {
+      await disk.unplug();
+    }
+  });
+
+  test('flush, discard and secure discard reach the file', async () => {
+    const path = join(tmp.dir, 'discard');
+    sparseImage(path, 4 * 1024 * 1024);
+    const disk = await ts.plug({ guest, backend: back, storage: { kind: 'file', path } });
+    try {
+      const data = new Uint8Array(1024 * 1024).fill(0x5a);
+      await disk.write(0, data);
+      await disk.write(2 * 1024 * 1024, data);
+      await disk.flush();
+      await disk.discard(0, 1024 * 1024);
+      await disk.discard(2 * 1024 * 1024, 512 * 1024, true);
+      assert.ok((await disk.read(0, 1024 * 1024)).every((b) => b === 0));
+      const rest = await disk.read(2 * 1024 * 1024, 1024 * 1024);
+      assert.ok(rest.subarray(0, 512 * 1024).every((b) => b === 0));
+      assert.ok(rest.subarray(512 * 1024).every((b) => b === 0x5a));
+      const bs = await disk.backendStatus();
+      assert.equal(bs.counters.ds_req, 2);
+      assert.ok(bs.counters.f_req >= 1);
+    } finally {
+      await disk.unplug();
+    }
+  });
+});

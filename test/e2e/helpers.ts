@@ -1,0 +1,51 @@
+/** Shared pieces of the end-to-end tests: a seeded random source, a disk model, temp images. */
+import { mkdtempSync, rmSync, writeFileSync, openSync, ftruncateSync, closeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+/** xorshift32: reproducible data and choices from a seed printed on failure. */
+export class Rng {
+  private s: number;
+  constructor(readonly seed: number) {
+    this.s = seed >>> 0 || 1;
+  }
+  next(): number {
+    let x = this.s;
+    x ^= x << 13; x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5; x >>>= 0;
+    this.s = x;
+    return x;
+  }
+  int(min: number, max: number): number {
+    return min + (this.next() % (max - min + 1));
+  }
+  bytes(n: number): Uint8Array {
+    const b = new Uint8Array(n);
+    const w = new Uint32Array(b.buffer, 0, n >> 2);
+    for (let i = 0; i < w.length; i++) w[i] = this.next();
+    for (let i = w.length * 4; i < n; i++) b[i] = this.next() & 0xff;
+    return b;
+  }
+}
+
+/** A temp directory removed by `cleanup`. */
+export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** A sparse image of `size` bytes (zeroes). */
+export function sparseImage(path: string, size: number): void {
+  writeFileSync(path, '');
+  const fd = openSync(path, 'r+');
+  ftruncateSync(fd, size);
+  closeSync(fd);
+}
+
+/** First differing byte of two arrays, or -1. */
+export function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
+}
