@@ -165,7 +165,7 @@ export class Blkfront {
   private backDir = '';
   private waitTimer: NodeJS.Timeout | undefined;
   private connectedWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
-  private closedWaiters: (() => void)[] = [];
+  private closing: Promise<void> | undefined;
   private brokenReason: string | undefined;
   private userClosing = false;
   private state: XenbusState = XenbusStateInitialising;
@@ -252,8 +252,12 @@ export class Blkfront {
    * Unplug: refuse new I/O, finish what is queued and in flight, then close with the backend
    * (Closing, the backend unmaps and closes, Closed) and give the pages back. Idempotent.
    */
-  async close(): Promise<void> {
-    if (this.userClosing) return new Promise((resolve) => this.closedWaiters.push(resolve));
+  close(): Promise<void> {
+    this.closing ??= this.shutdown();
+    return this.closing;
+  }
+
+  private async shutdown(): Promise<void> {
     this.userClosing = true;
     if (this.phase === 'connected') await this.drained();
     await this.d.xs.unwatch(`${this.backDir}/${XS_STATE}`, this.token).catch(() => undefined);
@@ -269,7 +273,6 @@ export class Blkfront {
     this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed'));
     clearTimeout(this.waitTimer);
     this.pool.dispose();
-    for (const f of this.closedWaiters.splice(0)) f();
   }
 
   // ---- I/O submission ----
@@ -565,10 +568,14 @@ export class Blkfront {
         break;
       case XenbusStateConnected:
         if (this.userClosing) break;
-        // A backend already Connected when we arrive still needs our ring first.
         if (this.link === undefined) {
-          if (this.state === XenbusStateClosed) await this.setState(XenbusStateInitialising);
-          await this.talkToBackend();
+          // Connected to a frontend that is no more (a guest restarted without closing): reset it
+          // as Linux's xenbus_reset_state does — Closing, the backend closes, then start over.
+          if (this.state !== XenbusStateClosing) {
+            this.log('backend is already connected to an earlier frontend: resetting it');
+            await this.setState(XenbusStateClosing);
+          }
+          break;
         }
         await this.connected();
         break;

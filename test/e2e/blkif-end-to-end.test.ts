@@ -70,7 +70,7 @@ async function randomIo(disk: GuestDisk, model: Uint8Array, rng: Rng, batches: n
 }
 
 describe('blkfront <-> blkback over real domains and files', () => {
-  const configs: { indirect: number; sector: 512 | 4096 }[] = [
+  const configs: { indirect: number; sector: 512 | 4096; protocol?: string }[] = [
     { indirect: 0, sector: 512 },
     { indirect: 32, sector: 512 },
     { indirect: 256, sector: 512 },
@@ -78,17 +78,20 @@ describe('blkfront <-> blkback over real domains and files', () => {
     { indirect: 0, sector: 4096 },
     { indirect: 256, sector: 4096 },
     { indirect: 4096, sector: 4096 },
+    // A 32-bit guest's ring layout (108-byte entries), same behaviour.
+    { indirect: 0, sector: 512, protocol: 'x86_32-abi' },
+    { indirect: 256, sector: 512, protocol: 'x86_32-abi' },
   ];
   for (const cfg of configs) {
-    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors`, async () => {
+    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors${cfg.protocol ? `, ${cfg.protocol}` : ''}`, async () => {
       const base = resources();
-      const path = join(tmp.dir, `img-${cfg.indirect}-${cfg.sector}`);
+      const path = join(tmp.dir, `img-${cfg.indirect}-${cfg.sector}-${cfg.protocol ?? 'native'}`);
       sparseImage(path, IMAGE);
       const disk = await ts.plug({
         guest, backend: back,
         storage: { kind: 'file', path, sectorSize: cfg.sector },
         backendOptions: { maxIndirectSegments: cfg.indirect },
-        frontendOptions: { maxIndirectSegments: 4096 },
+        frontendOptions: { maxIndirectSegments: 4096, ...(cfg.protocol ? { protocol: cfg.protocol } : {}) },
       });
       const model = new Uint8Array(IMAGE);
       const rng = new Rng(0x5eed + cfg.indirect + cfg.sector);
@@ -97,6 +100,7 @@ describe('blkfront <-> blkback over real domains and files', () => {
         assert.equal(disk.info.sectorSize, cfg.sector);
         assert.equal(disk.info.indirect, cfg.indirect > 0);
         assert.equal(disk.info.maxSegments, cfg.indirect > 0 ? cfg.indirect : 11);
+        assert.equal(disk.info.protocol, cfg.protocol ?? 'x86_64-abi');
         await randomIo(disk, model, rng, 40, cfg.sector);
         // One large request of each kind across the whole maximum.
         const big = rng.bytes(MAX_IO);
