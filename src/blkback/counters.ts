@@ -26,7 +26,7 @@ export interface VbdCounters {
   /** Event-channel notifications sent to and received from the frontend. */
   notify_sent: number;
   notify_received: number;
-  /** GNTTABOP_map_grant_ref / unmap_grant_ref operations (one per page). */
+  /** Pages mapped (successful GNTTABOP_map_grant_ref ops) and unmapped. */
   grant_map_ops: number;
   grant_unmap_ops: number;
   /** Requests being served now, and the data bytes they carry; the peak of the latter. */

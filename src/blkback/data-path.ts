@@ -12,6 +12,7 @@ import {
   BLKIF_SEGS_PER_INDIRECT_FRAME,
   BLKIF_SEGMENT_SIZE,
   SECTOR_SHIFT,
+  SECTOR_SIZE,
   decodeRequest,
   decodeSegment,
   encodeResponse,
@@ -92,7 +93,7 @@ export class DataPath {
             // RING_REQUEST_PROD_OVERFLOW: Linux blkback halts the ring ("bogus ring requests").
             counters.fatal++;
             this.stopped = true;
-            this.d.onFatal(`frontend published req_prod ${ring.sring.reqProd} with only ${ring.size} slots (rsp_prod_pvt ${ring.rspProdPvt})`);
+            this.d.onFatal(`RING_REQUEST_PROD_OVERFLOW: frontend published req_prod ${ring.sring.reqProd} with only ${ring.size} slots (rsp_prod_pvt ${ring.rspProdPvt})`);
             return;
           }
           if (r !== RING_CONSUMED) break;
@@ -158,10 +159,11 @@ export class DataPath {
   /** Storage work of a request whose data is validated: map, I/O, unmap. Returns a problem or undefined. */
   private async execute(req: BackendRequest, bytes: number): Promise<string | undefined> {
     const { storage } = this.d;
-    const offset = req.sector << SECTOR_SHIFT;
+    // Multiply, never shift: byte offsets pass 2^32 on any disk over 4 GiB.
+    const offset = req.sector * SECTOR_SIZE;
     switch (req.kind) {
       case 'discard': {
-        const length = req.discardSectors << SECTOR_SHIFT;
+        const length = req.discardSectors * SECTOR_SIZE;
         if (length > 0) await (req.secure ? storage.writeZeroes(offset, length) : storage.discard(offset, length));
         return undefined;
       }
@@ -193,10 +195,10 @@ export class DataPath {
   private readIndirectSegments(req: BackendRequest): string | undefined {
     const grefs = req.indirectGrefs!;
     const ops: GntMapOp[] = grefs.map((ref) => ({ dom: this.d.frontDomid, ref, flags: GNTMAP_host_map | GNTMAP_readonly }));
-    this.d.counters.grant_map_ops += ops.length;
     const res = this.d.xen.grants.map(ops);
     const handles: number[] = [];
     for (const r of res) if (r.status === GNTST_okay) handles.push(r.handle);
+    this.d.counters.grant_map_ops += handles.length;
     try {
       const bad = res.findIndex((r) => r.status !== GNTST_okay);
       if (bad >= 0) return `indirect page ${bad} (gref ${grefs[bad]}) does not map: ${res[bad]!.status}`;
@@ -219,7 +221,6 @@ export class DataPath {
   private mapSegments(segs: readonly BlkifSegment[], readOnly: boolean): { buffers: Uint8Array[]; handles: number[] } | string {
     const flags = GNTMAP_host_map | (readOnly ? GNTMAP_readonly : 0);
     const ops: GntMapOp[] = segs.map((s) => ({ dom: this.d.frontDomid, ref: s.gref, flags }));
-    this.d.counters.grant_map_ops += ops.length;
     const res = this.d.xen.grants.map(ops);
     const handles: number[] = [];
     const buffers: Uint8Array[] = new Array(segs.length);
@@ -231,6 +232,7 @@ export class DataPath {
         continue;
       }
       handles.push(r.handle);
+      this.d.counters.grant_map_ops++;
       const s = segs[i]!;
       buffers[i] = r.page!.subarray(s.first_sect << SECTOR_SHIFT, (s.last_sect + 1) << SECTOR_SHIFT);
     }

@@ -252,8 +252,8 @@ export class Blkback {
     if (remotePort === undefined) return this.fatal(`event-channel missing or malformed (${portText})`);
 
     const maps = xen.grants.map(refs.map((ref) => ({ dom: this.frontDomid, ref, flags: GNTMAP_host_map })));
-    this.counters.grant_map_ops += maps.length;
     const ringHandles = maps.filter((m) => m.status === GNTST_okay).map((m) => m.handle);
+    this.counters.grant_map_ops += ringHandles.length;
     if (ringHandles.length !== refs.length) {
       this.unmapRing(ringHandles);
       return this.fatal(`mapping the ring (refs ${refs.join(',')}) failed: ${maps.map((m) => m.status).join(',')}`);

@@ -70,7 +70,7 @@ async function randomIo(disk: GuestDisk, model: Uint8Array, rng: Rng, batches: n
 }
 
 describe('blkfront <-> blkback over real domains and files', () => {
-  const configs: { indirect: number; sector: 512 | 4096; protocol?: string }[] = [
+  const configs: { indirect: number; sector: 512 | 4096; protocol?: string; order?: number }[] = [
     { indirect: 0, sector: 512 },
     { indirect: 32, sector: 512 },
     { indirect: 256, sector: 512 },
@@ -81,17 +81,21 @@ describe('blkfront <-> blkback over real domains and files', () => {
     // A 32-bit guest's ring layout (108-byte entries), same behaviour.
     { indirect: 0, sector: 512, protocol: 'x86_32-abi' },
     { indirect: 256, sector: 512, protocol: 'x86_32-abi' },
+    // Multi-page rings: entries straddle page boundaries from order 1 up.
+    { indirect: 32, sector: 512, order: 1 },
+    { indirect: 0, sector: 512, order: 2, protocol: 'x86_32-abi' },
+    { indirect: 256, sector: 4096, order: 4 },
   ];
   for (const cfg of configs) {
-    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors${cfg.protocol ? `, ${cfg.protocol}` : ''}`, async () => {
+    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors${cfg.protocol ? `, ${cfg.protocol}` : ''}, ring order ${cfg.order ?? 0}`, async () => {
       const base = resources();
-      const path = join(tmp.dir, `img-${cfg.indirect}-${cfg.sector}-${cfg.protocol ?? 'native'}`);
+      const path = join(tmp.dir, `img-${cfg.indirect}-${cfg.sector}-${cfg.protocol ?? 'native'}-${cfg.order ?? 0}`);
       sparseImage(path, IMAGE);
       const disk = await ts.plug({
         guest, backend: back,
         storage: { kind: 'file', path, sectorSize: cfg.sector },
         backendOptions: { maxIndirectSegments: cfg.indirect },
-        frontendOptions: { maxIndirectSegments: 4096, ...(cfg.protocol ? { protocol: cfg.protocol } : {}) },
+        frontendOptions: { maxIndirectSegments: 4096, ringPageOrder: cfg.order ?? 0, ...(cfg.protocol ? { protocol: cfg.protocol } : {}) },
       });
       const model = new Uint8Array(IMAGE);
       const rng = new Rng(0x5eed + cfg.indirect + cfg.sector);
@@ -101,6 +105,8 @@ describe('blkfront <-> blkback over real domains and files', () => {
         assert.equal(disk.info.indirect, cfg.indirect > 0);
         assert.equal(disk.info.maxSegments, cfg.indirect > 0 ? cfg.indirect : 11);
         assert.equal(disk.info.protocol, cfg.protocol ?? 'x86_64-abi');
+        assert.equal(disk.info.ringPageOrder, cfg.order ?? 0);
+        assert.equal(disk.info.ringSize, 32 << (cfg.order ?? 0), '__CONST_RING_SIZE(blkif, 4096 << order)');
         await randomIo(disk, model, rng, 40, cfg.sector);
         // One large request of each kind across the whole maximum.
         const big = rng.bytes(MAX_IO);
