@@ -4,13 +4,30 @@
  * page-cache hit is far cheaper synchronously than through libuv's pool; 'async' suits slow disks.
  */
 import { execFile } from 'node:child_process';
-import { closeSync, constants, fdatasync, fdatasyncSync, fstatSync, ftruncateSync, openSync, readv, readvSync, writev, writevSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  existsSync,
+  fdatasync,
+  fdatasyncSync,
+  fstatSync,
+  ftruncateSync,
+  openSync,
+  readv,
+  readvSync,
+  unlinkSync,
+  writev,
+  writevSync,
+} from 'node:fs';
 import { promisify } from 'node:util';
 import { checkRange, totalLength } from './range.js';
 import { StorageError, type BlockStorage } from './storage.js';
 
 const execFileP = promisify(execFile);
+/** Largest single zero-filling write, and the size of the one zero buffer reused for all of them. */
 const ZERO_CHUNK = 1024 * 1024;
+/** The probe punches this much, past the file's end (so it can never touch the image's bytes). */
+const PROBE_LENGTH = 64 * 1024;
 
 export interface FileStorageOptions {
   readonly readOnly?: boolean;
@@ -18,26 +35,52 @@ export interface FileStorageOptions {
   readonly io?: 'sync' | 'async';
 }
 
+export interface FileCreateOptions {
+  /** Resize an existing file (growing only) instead of refusing it. */
+  readonly force?: boolean;
+}
+
 function errnoCode(e: unknown): StorageError['code'] {
-  const c = (e as NodeJS.ErrnoException).code;
+  const c = typeof e === 'object' && e !== null ? (e as NodeJS.ErrnoException).code : undefined;
   return c === 'ENOENT' || c === 'EROFS' || c === 'ENOSPC' || c === 'EEXIST' || c === 'EINVAL' ? c : 'EIO';
 }
 
+function why(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/** Runs util-linux fallocate (Node has no fallocate(2)); resolves to whether it punched. */
+async function punchHole(target: string, offset: number, length: number): Promise<boolean> {
+  try {
+    await execFileP('fallocate', ['--punch-hole', '--keep-size', '--offset', String(offset), '--length', String(length), target]);
+    return true;
+  } catch {
+    return false; // no fallocate binary, or a filesystem without holes
+  }
+}
+
 export class FileStorage implements BlockStorage {
-  size: number;
   readonly sectorSize: number;
   readonly readOnly: boolean;
-  canDiscard = true;
+  private currentSize: number;
   private fd: number | undefined;
   private readonly async: boolean;
+  private punches = false;
   private zeroes: Uint8Array | undefined;
+  /**
+   * What fallocate is pointed at: our own descriptor through /proc where there is one, so a hole
+   * is punched in the file we have open even if its path was since renamed or replaced.
+   */
+  private readonly punchTarget: string;
 
-  private constructor(readonly path: string, fd: number, opts: FileStorageOptions) {
+  private constructor(readonly path: string, fd: number, sectorSize: 512 | 4096, opts: FileStorageOptions) {
     this.fd = fd;
-    this.sectorSize = opts.sectorSize ?? 512;
+    this.sectorSize = sectorSize;
     this.readOnly = opts.readOnly === true;
     this.async = opts.io === 'async';
-    this.size = this.wholeSectors(fstatSync(fd).size);
+    this.currentSize = this.wholeSectors(fstatSync(fd).size);
+    const viaProc = `/proc/${process.pid}/fd/${fd}`;
+    this.punchTarget = existsSync(viaProc) ? viaProc : path;
   }
 
   /** Opens an existing image; its size is rounded down to whole sectors. */
@@ -48,121 +91,102 @@ export class FileStorage implements BlockStorage {
     try {
       fd = openSync(path, opts.readOnly === true ? constants.O_RDONLY : constants.O_RDWR);
     } catch (e) {
-      throw new StorageError(errnoCode(e), `cannot open image ${path}: ${(e as Error).message}`);
+      throw new StorageError(errnoCode(e), `cannot open image ${path}: ${why(e)}`);
     }
-    if (!fstatSync(fd).isFile()) {
+    try {
+      if (!fstatSync(fd).isFile()) throw new StorageError('EINVAL', `${path} is not a regular file`);
+      const s = new FileStorage(path, fd, ss, opts);
+      // A read-only image refuses discard, so it never frees anything: no need to probe.
+      if (!s.readOnly) s.punches = await s.probePunch();
+      return s;
+    } catch (e) {
       closeSync(fd);
-      throw new StorageError('EINVAL', `${path} is not a regular file`);
+      throw e instanceof StorageError ? e : new StorageError(errnoCode(e), `cannot open image ${path}: ${why(e)}`);
     }
-    return new FileStorage(path, fd, opts);
   }
 
   /** Creates a sparse image of `size` bytes; refuses to overwrite (unless `force`) or to shrink. */
-  static async create(path: string, size: number, opts: { force?: boolean } = {}): Promise<void> {
+  static async create(path: string, size: number, opts: FileCreateOptions = {}): Promise<void> {
     if (!Number.isSafeInteger(size) || size <= 0) throw new StorageError('EINVAL', `image size ${size}: must be a positive integer`);
+    const force = opts.force === true;
     let fd: number;
     try {
-      fd = openSync(path, constants.O_RDWR | constants.O_CREAT | (opts.force === true ? 0 : constants.O_EXCL), 0o644);
+      fd = openSync(path, constants.O_RDWR | constants.O_CREAT | (force ? 0 : constants.O_EXCL), 0o644);
     } catch (e) {
-      throw new StorageError(errnoCode(e), errnoCode(e) === 'EEXIST' ? `${path} exists (use --force to resize it)` : `cannot create ${path}: ${(e as Error).message}`);
+      const code = errnoCode(e);
+      throw new StorageError(code, code === 'EEXIST' ? `${path} exists: refusing to overwrite it without force` : `cannot create ${path}: ${why(e)}`);
     }
+    let failed = true;
     try {
       const old = fstatSync(fd).size;
       if (size < old) throw new StorageError('EINVAL', `${path} holds ${old} bytes: refusing to shrink it to ${size}`);
-      ftruncateSync(fd, size);
+      try {
+        ftruncateSync(fd, size); // extends with a hole: nothing is allocated until written
+      } catch (e) {
+        throw new StorageError(errnoCode(e), `cannot size ${path} to ${size} bytes: ${why(e)}`);
+      }
+      failed = false;
     } finally {
       closeSync(fd);
+      // Without force the file is ours (O_EXCL): do not leave a half-made image behind.
+      if (failed && !force) {
+        try {
+          unlinkSync(path);
+        } catch {
+          // already gone: the error that brought us here is the one to report
+        }
+      }
     }
   }
 
-  private wholeSectors(bytes: number): number {
-    return bytes - (bytes % this.sectorSize);
+  /** Usable bytes: the file's size rounded down to whole sectors (never more). */
+  get size(): number {
+    return this.currentSize;
   }
 
-  private get handle(): number {
-    if (this.fd === undefined) throw new StorageError('EIO', `${this.path} is closed`);
-    return this.fd;
+  /** Whether discard punches holes (probed at open; false once a punch has failed). */
+  get canDiscard(): boolean {
+    return this.punches;
   }
 
   async read(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    checkRange(offset, totalLength(buffers), this.size, this.sectorSize);
+    checkRange(offset, totalLength(buffers), this.currentSize, this.sectorSize);
     await this.transfer(false, offset, buffers);
   }
 
   async write(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
     this.writable();
-    checkRange(offset, totalLength(buffers), this.size, this.sectorSize);
+    checkRange(offset, totalLength(buffers), this.currentSize, this.sectorSize);
     await this.transfer(true, offset, buffers);
   }
 
-  /** Vectored transfer, continuing after short reads/writes until every buffer is done. */
-  private async transfer(write: boolean, offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    let bufs = buffers.filter((b) => b.length > 0);
-    let pos = offset;
-    while (bufs.length > 0) {
-      let n: number;
-      try {
-        n = await this.vector(write, bufs, pos);
-      } catch (e) {
-        throw new StorageError(errnoCode(e), `${write ? 'writing' : 'reading'} ${this.path} at ${pos}: ${(e as Error).message}`);
-      }
-      if (n <= 0) {
-        if (write) throw new StorageError('EIO', `writing ${this.path} at ${pos}: no progress`);
-        // Past the file's end (it shrank under us): what is not there reads as zeroes.
-        for (const b of bufs) b.fill(0);
-        return;
-      }
-      pos += n;
-      const rest: Uint8Array[] = [];
-      for (const b of bufs) {
-        if (n >= b.length) { n -= b.length; continue; }
-        rest.push(n > 0 ? b.subarray(n) : b);
-        n = 0;
-      }
-      bufs = rest;
-    }
-  }
-
-  private vector(write: boolean, bufs: Uint8Array[], pos: number): Promise<number> | number {
-    const fd = this.handle;
-    if (!this.async) return write ? writevSync(fd, bufs, pos) : readvSync(fd, bufs, pos);
-    return new Promise((resolve, reject) => {
-      const cb = (e: NodeJS.ErrnoException | null, n: number) => (e ? reject(e) : resolve(n));
-      if (write) writev(fd, bufs, pos, cb);
-      else readv(fd, bufs, pos, cb);
-    });
-  }
-
   async flush(): Promise<void> {
-    if (this.readOnly) return;
-    const fd = this.handle;
+    if (this.readOnly) return; // nothing of ours to make durable
+    const fd = this.fdOrThrow();
     try {
       if (this.async) await new Promise<void>((res, rej) => fdatasync(fd, (e) => (e ? rej(e) : res())));
       else fdatasyncSync(fd);
     } catch (e) {
-      throw new StorageError(errnoCode(e), `flushing ${this.path}: ${(e as Error).message}`);
+      throw new StorageError(errnoCode(e), `flushing ${this.path}: ${why(e)}`);
     }
   }
 
-  /** Punches a hole (util-linux fallocate: Node has no fallocate); zeroes by writing where that fails. */
+  /** Punches a hole; where that does not work, zeroes the range by writing instead. */
   async discard(offset: number, length: number): Promise<void> {
     this.writable();
-    checkRange(offset, length, this.size, this.sectorSize);
+    checkRange(offset, length, this.currentSize, this.sectorSize);
     if (length === 0) return;
-    if (this.canDiscard) {
-      try {
-        await execFileP('fallocate', ['--punch-hole', '--keep-size', '--offset', String(offset), '--length', String(length), this.path]);
-        return;
-      } catch {
-        this.canDiscard = false; // no fallocate, or a filesystem without holes: write zeroes from now on
-      }
+    this.fdOrThrow(); // fail as closed before spawning anything
+    if (this.punches) {
+      if (await punchHole(this.punchTarget, offset, length)) return;
+      this.punches = false; // remember: do not spawn a doomed fallocate for every later discard
     }
     await this.writeZeroes(offset, length);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.writable();
-    checkRange(offset, length, this.size, this.sectorSize);
+    checkRange(offset, length, this.currentSize, this.sectorSize);
     this.zeroes ??= new Uint8Array(ZERO_CHUNK);
     for (let at = offset; at < offset + length; at += ZERO_CHUNK) {
       const n = Math.min(ZERO_CHUNK, offset + length - at);
@@ -171,15 +195,84 @@ export class FileStorage implements BlockStorage {
   }
 
   async refreshSize(): Promise<number> {
-    this.size = this.wholeSectors(fstatSync(this.handle).size);
-    return this.size;
+    let bytes: number;
+    try {
+      bytes = fstatSync(this.fdOrThrow()).size;
+    } catch (e) {
+      throw e instanceof StorageError ? e : new StorageError(errnoCode(e), `stat ${this.path}: ${why(e)}`);
+    }
+    this.currentSize = this.wholeSectors(bytes);
+    return this.currentSize;
   }
 
   async close(): Promise<void> {
     if (this.fd === undefined) return;
     const fd = this.fd;
-    this.fd = undefined;
-    closeSync(fd);
+    this.fd = undefined; // before closing: a failed close must not be retried on a reused fd number
+    try {
+      closeSync(fd);
+    } catch (e) {
+      throw new StorageError(errnoCode(e), `closing ${this.path}: ${why(e)}`);
+    }
+  }
+
+  /**
+   * Vectored transfer, continuing after short reads/writes until every buffer is done. A read that
+   * hits the end of the file (it shrank under us) fails like the loop driver's: EIO, with the
+   * unread rest zeroed so no stale bytes reach the guest.
+   */
+  private async transfer(write: boolean, offset: number, buffers: readonly Uint8Array[]): Promise<void> {
+    let bufs = buffers.filter((b) => b.length > 0);
+    let pos = offset;
+    while (bufs.length > 0) {
+      let n: number;
+      try {
+        n = await this.vector(write, bufs, pos);
+      } catch (e) {
+        throw e instanceof StorageError ? e : new StorageError(errnoCode(e), `${write ? 'writing' : 'reading'} ${this.path} at ${pos}: ${why(e)}`);
+      }
+      if (n <= 0) {
+        if (!write) for (const b of bufs) b.fill(0);
+        throw new StorageError('EIO', `${write ? 'writing' : 'reading'} ${this.path} at ${pos}: ${write ? 'no progress' : 'end of file'}`);
+      }
+      pos += n;
+      const rest: Uint8Array[] = [];
+      for (const b of bufs) {
+        if (n >= b.length) {
+          n -= b.length;
+          continue;
+        }
+        rest.push(n > 0 ? b.subarray(n) : b);
+        n = 0;
+      }
+      bufs = rest;
+    }
+  }
+
+  private vector(write: boolean, bufs: Uint8Array[], pos: number): Promise<number> | number {
+    const fd = this.fdOrThrow();
+    if (!this.async) return write ? writevSync(fd, bufs, pos) : readvSync(fd, bufs, pos);
+    return new Promise((resolve, reject) => {
+      const cb = (e: NodeJS.ErrnoException | null, n: number): void => (e ? reject(e) : resolve(n));
+      if (write) writev(fd, bufs, pos, cb);
+      else readv(fd, bufs, pos, cb);
+    });
+  }
+
+  /** Punches past the end of the file: tells whether holes work here without touching a byte. */
+  private probePunch(): Promise<boolean> {
+    const end = fstatSync(this.fdOrThrow()).size;
+    const at = Math.ceil(end / PROBE_LENGTH) * PROBE_LENGTH + PROBE_LENGTH;
+    return punchHole(this.punchTarget, at, PROBE_LENGTH);
+  }
+
+  private wholeSectors(bytes: number): number {
+    return bytes - (bytes % this.sectorSize);
+  }
+
+  private fdOrThrow(): number {
+    if (this.fd === undefined) throw new StorageError('EIO', `${this.path} is closed`);
+    return this.fd;
   }
 
   private writable(): void {

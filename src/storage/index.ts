@@ -1,4 +1,3 @@
 export * from './storage.js';
-export * from './range.js';
 export * from './file-storage.js';
 export * from './memory-storage.js';

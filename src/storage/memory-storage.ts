@@ -5,24 +5,43 @@
 import { checkRange, totalLength } from './range.js';
 import { StorageError, type BlockStorage } from './storage.js';
 
+/** Allocation unit: a multiple of 4096, so a sector never straddles two chunks. */
 const CHUNK = 1024 * 1024;
 
+export interface MemoryStorageOptions {
+  readonly sectorSize?: 512 | 4096;
+  readonly readOnly?: boolean;
+}
+
 export class MemoryStorage implements BlockStorage {
-  size: number;
   readonly sectorSize: number;
   readonly readOnly: boolean;
   readonly canDiscard = true;
+  private currentSize = 0;
+  private closed = false;
   private readonly chunks = new Map<number, Uint8Array>();
 
-  constructor(size: number, opts: { sectorSize?: 512 | 4096; readOnly?: boolean } = {}) {
-    this.sectorSize = opts.sectorSize ?? 512;
-    if (!Number.isSafeInteger(size) || size < 0) throw new StorageError('EINVAL', `memory disk size ${size}`);
-    this.size = size - (size % this.sectorSize);
+  constructor(size: number, opts: MemoryStorageOptions = {}) {
+    const ss = opts.sectorSize ?? 512;
+    if (ss !== 512 && ss !== 4096) throw new StorageError('EINVAL', `sector size ${String(ss)}: use 512 or 4096`);
+    this.sectorSize = ss;
     this.readOnly = opts.readOnly === true;
+    this.currentSize = this.wholeSectors(size);
+  }
+
+  /** Usable bytes, whole sectors only. */
+  get size(): number {
+    return this.currentSize;
+  }
+
+  /** Bytes held in memory (chunks written and not since discarded). */
+  get allocated(): number {
+    return this.chunks.size * CHUNK;
   }
 
   async read(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    checkRange(offset, totalLength(buffers), this.size, this.sectorSize);
+    this.open();
+    checkRange(offset, totalLength(buffers), this.currentSize, this.sectorSize);
     let pos = offset;
     for (const b of buffers) {
       this.each(pos, b.length, (chunk, at, n, done) => {
@@ -35,7 +54,7 @@ export class MemoryStorage implements BlockStorage {
 
   async write(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
     this.writable();
-    checkRange(offset, totalLength(buffers), this.size, this.sectorSize);
+    checkRange(offset, totalLength(buffers), this.currentSize, this.sectorSize);
     let pos = offset;
     for (const b of buffers) {
       this.each(pos, b.length, (_c, at, n, done, index) => this.chunk(index).set(b.subarray(done, done + n), at));
@@ -43,41 +62,58 @@ export class MemoryStorage implements BlockStorage {
     }
   }
 
-  async flush(): Promise<void> {}
+  async flush(): Promise<void> {
+    this.open();
+  }
 
+  /** Frees every chunk the range wholly covers (up to the disk's end) and zeroes the rest. */
   async discard(offset: number, length: number): Promise<void> {
     this.writable();
-    checkRange(offset, length, this.size, this.sectorSize);
+    checkRange(offset, length, this.currentSize, this.sectorSize);
     this.each(offset, length, (chunk, at, n, _d, index) => {
       if (chunk === undefined) return;
-      if (n === CHUNK) this.chunks.delete(index);
+      // The last chunk may reach past the end of the disk: covering its in-disk part is enough.
+      const inDisk = Math.min(CHUNK, this.currentSize - index * CHUNK);
+      if (at === 0 && n >= inDisk) this.chunks.delete(index);
       else chunk.fill(0, at, at + n);
     });
   }
 
+  /** In memory, dropping a range leaves nothing behind: the same as discard. */
   writeZeroes(offset: number, length: number): Promise<void> {
     return this.discard(offset, length);
   }
 
   async refreshSize(): Promise<number> {
-    return this.size;
+    this.open();
+    return this.currentSize;
   }
 
-  /** Grows (or shrinks) the disk, for tests of online resize. */
+  /**
+   * Grows or shrinks the disk (rounded down to whole sectors), for tests of online resize. Bytes cut
+   * off are gone: growing again exposes zeroes, as truncating and re-extending a file would.
+   */
   resize(size: number): void {
-    this.size = size - (size % this.sectorSize);
-    for (const k of this.chunks.keys()) if (k * CHUNK >= this.size) this.chunks.delete(k);
+    this.open();
+    this.currentSize = this.wholeSectors(size);
+    for (const [index, chunk] of this.chunks) {
+      const start = index * CHUNK;
+      if (start >= this.currentSize) this.chunks.delete(index);
+      else if (start + CHUNK > this.currentSize) chunk.fill(0, this.currentSize - start);
+    }
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     this.chunks.clear();
   }
 
-  /** Bytes held in memory (chunks written). */
-  get allocated(): number {
-    return this.chunks.size * CHUNK;
+  private wholeSectors(size: number): number {
+    if (!Number.isSafeInteger(size) || size < 0) throw new StorageError('EINVAL', `memory disk size ${size}: must be a non-negative integer`);
+    return size - (size % this.sectorSize);
   }
 
+  /** Calls `fn` once per chunk the range touches: offset `at` in it, `n` bytes, `done` bytes before. */
   private each(offset: number, length: number, fn: (chunk: Uint8Array | undefined, at: number, n: number, done: number, index: number) => void): void {
     let done = 0;
     while (done < length) {
@@ -96,7 +132,12 @@ export class MemoryStorage implements BlockStorage {
     return c;
   }
 
+  private open(): void {
+    if (this.closed) throw new StorageError('EIO', 'memory disk is closed');
+  }
+
   private writable(): void {
+    this.open();
     if (this.readOnly) throw new StorageError('EROFS', 'memory disk is read-only');
   }
 }

@@ -1,0 +1,104 @@
+/** Shared pieces of the storage tests: temp dirs, the drivers under test, vector and data helpers. */
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { FileStorage, MemoryStorage, StorageError, type BlockStorage } from '../../src/storage/index.js';
+
+/** A temp directory removed by `cleanup`. */
+export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** One way of getting a fresh, zeroed disk of `size` bytes. */
+export interface Driver {
+  readonly name: string;
+  make(size: number, sectorSize: 512 | 4096, opts?: { readOnly?: boolean }): Promise<BlockStorage>;
+}
+
+/** The memory disk and the file in both I/O modes; files go under `dir`. */
+export function drivers(dir: string): Driver[] {
+  let n = 0;
+  const file = (io: 'sync' | 'async'): Driver => ({
+    name: `file (${io})`,
+    async make(size, sectorSize, opts = {}) {
+      const path = join(dir, `disk-${n++}.img`);
+      await FileStorage.create(path, size);
+      return FileStorage.open(path, { sectorSize, io, readOnly: opts.readOnly });
+    },
+  });
+  return [
+    { name: 'memory', make: async (size, sectorSize, opts = {}) => new MemoryStorage(size, { sectorSize, readOnly: opts.readOnly }) },
+    file('sync'),
+    file('async'),
+  ];
+}
+
+/** Asserts that `p` rejects with a StorageError of `code`. */
+export async function rejectsWith(p: Promise<unknown>, code: StorageError['code'], message?: RegExp): Promise<void> {
+  await assert.rejects(p, (e: unknown) => {
+    assert.ok(e instanceof StorageError, `expected a StorageError, got ${String(e)}`);
+    assert.equal(e.code, code, e.message);
+    if (message !== undefined) assert.match(e.message, message);
+    return true;
+  });
+}
+
+/** Splits `data` into views of a SharedArrayBuffer at the given cut points (like mapped grant pages). */
+export function sharedViews(data: Uint8Array, cuts: readonly number[]): Uint8Array[] {
+  // A leading gap, so no view starts at byte 0 of its buffer.
+  const sab = new SharedArrayBuffer(data.length + 64);
+  const whole = new Uint8Array(sab, 64, data.length);
+  whole.set(data);
+  return split(whole, cuts);
+}
+
+/** Views of `whole` between consecutive cut points (sorted, deduplicated, clamped). */
+export function split(whole: Uint8Array, cuts: readonly number[]): Uint8Array[] {
+  const at = [...new Set(cuts.map((c) => Math.max(0, Math.min(whole.length, c))))].sort((a, b) => a - b);
+  const out: Uint8Array[] = [];
+  let from = 0;
+  for (const c of [...at, whole.length]) {
+    out.push(whole.subarray(from, c));
+    from = c;
+  }
+  return out;
+}
+
+/** Concatenates views, to compare what a vectored read filled. */
+export function concat(bufs: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(bufs.reduce((n, b) => n + b.length, 0));
+  let at = 0;
+  for (const b of bufs) {
+    out.set(b, at);
+    at += b.length;
+  }
+  return out;
+}
+
+/** Deterministic bytes from a seed (xorshift32): cheap to generate, easy to reproduce. */
+export function pattern(seed: number, n: number): Uint8Array {
+  const b = new Uint8Array(n);
+  let s = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    b[i] = s & 0xff;
+  }
+  return b;
+}
+
+/** Reads `length` bytes at `offset` into one fresh buffer. */
+export async function readBytes(s: BlockStorage, offset: number, length: number): Promise<Uint8Array> {
+  const b = new Uint8Array(length).fill(0xee); // not zero: a read that fills nothing shows
+  await s.read(offset, [b]);
+  return b;
+}
+
+export function isZero(b: Uint8Array): boolean {
+  return b.every((x) => x === 0);
+}
