@@ -1,0 +1,7 @@
+export * from './constants.js';
+export * from './messages.js';
+export { ByteQueue } from './byte-queue.js';
+export * from './parser.js';
+export * from './serializer.js';
+export * from './export.js';
+export * from './server.js';

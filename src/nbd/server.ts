@@ -1,0 +1,803 @@
+/**
+ * An NBD server: fixed newstyle negotiation (NBD_OPT_GO / INFO / EXPORT_NAME / LIST / ABORT /
+ * STRUCTURED_REPLY), then pipelined transmission (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC)
+ * against the named exports' devices. No TLS (NBD_OPT_STARTTLS is refused with
+ * NBD_REP_ERR_UNSUP), no metadata contexts, no extended headers.
+ *
+ * Requests run concurrently and are answered as they complete, each reply written whole. A
+ * connection stops reading while it has `maxInFlight` requests or `maxInFlightBytes` of
+ * payload in progress, or that many reply bytes unsent, so a client cannot make the server
+ * buffer without bound. Device operations are never abandoned: a client that vanishes only
+ * loses its replies.
+ */
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { lstatSync, rmSync } from 'node:fs';
+import {
+  DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_PAYLOAD, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, NBD_ESHUTDOWN, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE,
+  NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_DF, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME,
+  NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE,
+  NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO,
+  NBD_REP_SERVER, commandName, errnoName, optionName, replyName,
+} from './constants.js';
+import { deviceErrno, validateDevice, type NbdExport, type NbdExportDevice } from './export.js';
+import { NbdProtocolError, type InfoReply, type OptionMessage, type RequestMessage } from './messages.js';
+import { ClientParser } from './parser.js';
+import {
+  decodeInfoRequest, decodeUtf8, encodeExportNameReply, encodeGreeting, encodeInfo, encodeOffsetDataHeader,
+  encodeOptionError, encodeOptionReply, encodeServerEntry, encodeSimpleReply, encodeStructuredError,
+  encodeStructuredNone,
+} from './serializer.js';
+
+export type NbdLogLevel = 'debug' | 'info' | 'warn' | 'error';
+
+export interface NbdServerOptions {
+  /** The exports to serve; more can be added with `addExport`. */
+  exports?: readonly NbdExport[];
+  /**
+   * The export a client gets by asking for the empty name: by default the export named '' if
+   * there is one, else the first export.
+   */
+  defaultExport?: string;
+  /** Largest option data accepted; a longer option drops the connection (default 64 KiB). */
+  maxOptionLength?: number;
+  /**
+   * Largest NBD_CMD_READ / NBD_CMD_WRITE length, advertised as the maximum block size
+   * (default 32 MiB). A longer write drops the connection, a longer read gets NBD_EINVAL.
+   */
+  maxPayload?: number;
+  /** Requests one connection may have in progress before the server stops reading it (default 64). */
+  maxInFlight?: number;
+  /** Read and write bytes one connection may have in progress, and unsent reply bytes, before the server stops reading it (default 64 MiB). */
+  maxInFlightBytes?: number;
+  /** Connections accepted at once; more are refused (default: no limit). */
+  maxConnections?: number;
+  /** Drop a client that has not finished negotiating after this many ms (default 0: never). */
+  handshakeTimeoutMs?: number;
+  /** How long `close()` waits for in-flight requests and clients before cutting connections (default 10 s). */
+  closeTimeoutMs?: number;
+  /** Receives the server's diagnostics; by default nothing is logged. */
+  log?: (level: NbdLogLevel, message: string) => void;
+}
+
+export type NbdListenOptions = { host?: string; port: number } | { path: string };
+export type NbdAddress = { host: string; port: number; family: string } | { path: string };
+
+/** Counters for status lines. All counts since the server was created. */
+export interface NbdServerStats {
+  connections: {
+    /** Connections open now (negotiating or transmitting). */
+    active: number;
+    /** Connections ever accepted. */
+    total: number;
+    /** Connections open now that reached the transmission phase. */
+    transmitting: number;
+  };
+  /** Requests received, by command. */
+  requests: { read: number; write: number; flush: number; trim: number; writeZeroes: number; disc: number; other: number };
+  /** Requests answered with an error. */
+  errors: number;
+  /** Connections dropped because the client broke the protocol. */
+  protocolErrors: number;
+  /** Bytes returned by successful reads / accepted by successful writes. */
+  bytesRead: number;
+  bytesWritten: number;
+  /** Device operations in progress now (including those of clients that have gone). */
+  inFlight: number;
+}
+
+/** One open connection, for status displays. */
+export interface NbdConnectionInfo {
+  id: number;
+  remote: string;
+  phase: 'handshake' | 'transmission' | 'closing';
+  export?: string;
+  structuredReplies: boolean;
+  inFlight: number;
+  requests: number;
+}
+
+/** The URI a client such as qemu-img, nbdinfo or nbdcopy uses for `address` and `exportName`. */
+export function nbdUri(address: NbdAddress, exportName = ''): string {
+  const name = encodeURIComponent(exportName);
+  if ('path' in address) return `nbd+unix:///${name}?socket=${encodeURIComponent(address.path)}`;
+  const host = address.host.includes(':') ? `[${address.host}]` : address.host;
+  return `nbd://${host}:${address.port}/${name}`;
+}
+
+interface Listener {
+  server: Server;
+  path?: string;
+}
+
+interface ResolvedExport {
+  name: string;
+  description: string;
+  device: NbdExportDevice;
+}
+
+export class NbdServer {
+  private readonly exportMap = new Map<string, ResolvedExport>();
+  private defaultName: string | undefined;
+  private readonly listeners: Listener[] = [];
+  private readonly conns = new Set<Connection>();
+  private nextId = 1;
+  private closing = false;
+  private closed: Promise<void> | undefined;
+  private idleWaiters: (() => void)[] = [];
+  readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'maxConnections'>> & {
+    maxConnections: number | undefined;
+  };
+  private readonly logFn: ((level: NbdLogLevel, message: string) => void) | undefined;
+  private readonly counters: NbdServerStats = {
+    connections: { active: 0, total: 0, transmitting: 0 },
+    requests: { read: 0, write: 0, flush: 0, trim: 0, writeZeroes: 0, disc: 0, other: 0 },
+    errors: 0,
+    protocolErrors: 0,
+    bytesRead: 0,
+    bytesWritten: 0,
+    inFlight: 0,
+  };
+
+  constructor(options: NbdServerOptions = {}) {
+    const maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    if (!Number.isInteger(maxPayload) || maxPayload < 65536 || maxPayload % 65536 !== 0 || maxPayload > 0x80000000) {
+      throw new RangeError(`maxPayload ${maxPayload} must be a multiple of 64 KiB from 64 KiB to 2 GiB`);
+    }
+    this.options = {
+      maxOptionLength: options.maxOptionLength ?? DEFAULT_MAX_OPTION_LENGTH,
+      maxPayload,
+      maxInFlight: Math.max(1, options.maxInFlight ?? 64),
+      maxInFlightBytes: Math.max(1, options.maxInFlightBytes ?? 64 * 1024 * 1024),
+      maxConnections: options.maxConnections,
+      handshakeTimeoutMs: options.handshakeTimeoutMs ?? 0,
+      closeTimeoutMs: options.closeTimeoutMs ?? 10_000,
+    };
+    this.logFn = options.log;
+    for (const e of options.exports ?? []) this.addExport(e);
+    if (options.defaultExport !== undefined) this.defaultName = options.defaultExport;
+  }
+
+  /** Adds (or replaces) an export. Connections already using a replaced export keep the old device. */
+  addExport(exp: NbdExport): void {
+    validateDevice(exp.name, exp.device);
+    if (exp.device.blockSize > this.options.maxPayload) throw new RangeError(`export "${exp.name}": block size exceeds maxPayload`);
+    this.exportMap.set(exp.name, { name: exp.name, description: exp.description ?? '', device: exp.device });
+  }
+
+  /** Stops offering an export to new clients; connections using it carry on. */
+  removeExport(name: string): boolean {
+    return this.exportMap.delete(name);
+  }
+
+  /** Export names, in the order they were added. */
+  exportNames(): string[] {
+    return [...this.exportMap.keys()];
+  }
+
+  /** Binds a TCP port (port 0: any free one; host defaults to 127.0.0.1) or a Unix socket path. */
+  async listen(where: NbdListenOptions): Promise<NbdAddress> {
+    if (this.closing) throw new Error('NbdServer is closed');
+    const server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
+    if (this.options.maxConnections !== undefined) server.maxConnections = this.options.maxConnections;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      const done = () => {
+        server.off('error', reject);
+        resolve();
+      };
+      if ('path' in where) server.listen(where.path, done);
+      else server.listen(where.port, where.host ?? '127.0.0.1', done);
+    });
+    server.on('error', (err) => this.log('error', `listener: ${err.message}`));
+    const listener: Listener = 'path' in where ? { server, path: where.path } : { server };
+    this.listeners.push(listener);
+    const addr = server.address();
+    if ('path' in where) {
+      this.log('info', `listening on ${where.path}`);
+      return { path: where.path };
+    }
+    const a = addr as AddressInfo;
+    this.log('info', `listening on ${a.address}:${a.port}`);
+    return { host: a.address, port: a.port, family: a.family };
+  }
+
+  /** A snapshot of the counters. */
+  stats(): NbdServerStats {
+    const c = this.counters;
+    let transmitting = 0;
+    for (const conn of this.conns) if (conn.phase !== 'handshake') transmitting++;
+    return {
+      connections: { active: this.conns.size, total: c.connections.total, transmitting },
+      requests: { ...c.requests },
+      errors: c.errors,
+      protocolErrors: c.protocolErrors,
+      bytesRead: c.bytesRead,
+      bytesWritten: c.bytesWritten,
+      inFlight: c.inFlight,
+    };
+  }
+
+  /** The open connections. */
+  connections(): NbdConnectionInfo[] {
+    return [...this.conns].map((c) => c.info());
+  }
+
+  /**
+   * Stops accepting, answers requests that arrive from now on with NBD_ESHUTDOWN (and options
+   * with NBD_REP_ERR_SHUTDOWN), lets in-flight requests finish, closes every connection and
+   * removes Unix socket files. After `closeTimeoutMs` connections are cut regardless (device
+   * operations still running are not abandoned; they finish unobserved).
+   */
+  close(): Promise<void> {
+    this.closed ??= this.shutdown();
+    return this.closed;
+  }
+
+  private async shutdown(): Promise<void> {
+    this.closing = true;
+    const deadline = Date.now() + this.options.closeTimeoutMs;
+    const listenersClosed = this.listeners.map((l) => new Promise<void>((resolve) => l.server.close(() => resolve())));
+    for (const c of this.conns) c.shutdown();
+    const finished = await this.waitUntil(() => this.counters.inFlight === 0 && this.conns.size === 0, deadline);
+    if (!finished) {
+      this.log('warn', `close: ${this.counters.inFlight} requests still in flight, ${this.conns.size} connections open after ${this.options.closeTimeoutMs} ms; cutting connections`);
+      for (const c of this.conns) c.destroy();
+    }
+    await Promise.all(listenersClosed);
+    for (const l of this.listeners) {
+      if (l.path === undefined) continue;
+      try {
+        if (lstatSync(l.path).isSocket()) rmSync(l.path, { force: true });
+      } catch {
+        // already gone
+      }
+    }
+    this.log('info', 'closed');
+  }
+
+  /** Resolves true once `cond()` holds (checked whenever a request or connection ends), false at `deadline`. */
+  private waitUntil(cond: () => boolean, deadline: number): Promise<boolean> {
+    if (cond()) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.idleWaiters = this.idleWaiters.filter((w) => w !== check);
+        resolve(false);
+      }, Math.max(0, deadline - Date.now()));
+      const check = () => {
+        if (!cond()) return;
+        clearTimeout(timer);
+        this.idleWaiters = this.idleWaiters.filter((w) => w !== check);
+        resolve(true);
+      };
+      this.idleWaiters.push(check);
+    });
+  }
+
+  /** @internal */
+  notifyIdle(): void {
+    for (const w of [...this.idleWaiters]) w();
+  }
+
+  private accept(socket: Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    const conn = new Connection(this, socket, this.nextId++);
+    this.conns.add(conn);
+    this.counters.connections.total++;
+    conn.start();
+  }
+
+  // --- Hooks for Connection --------------------------------------------------------------------
+
+  /** @internal */
+  get isClosing(): boolean {
+    return this.closing;
+  }
+
+  /** @internal */
+  resolveExport(name: string): ResolvedExport | undefined {
+    if (name === '') {
+      if (this.defaultName !== undefined) return this.exportMap.get(this.defaultName);
+      return this.exportMap.get('') ?? this.exportMap.values().next().value;
+    }
+    return this.exportMap.get(name);
+  }
+
+  /** @internal */
+  allExports(): ResolvedExport[] {
+    return [...this.exportMap.values()];
+  }
+
+  /** @internal */
+  get stat(): NbdServerStats {
+    return this.counters;
+  }
+
+  /** @internal */
+  connectionClosed(conn: Connection): void {
+    this.conns.delete(conn);
+    this.notifyIdle();
+  }
+
+  /** @internal */
+  log(level: NbdLogLevel, message: string): void {
+    if (!this.logFn) return;
+    try {
+      this.logFn(level, message);
+    } catch {
+      // a logger's failure is not the connection's
+    }
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** Transmission flags for `device`, given whether structured replies were negotiated. */
+function transmissionFlags(device: NbdExportDevice, structured: boolean): number {
+  let f = NBD_FLAG_HAS_FLAGS;
+  if (device.readOnly) f |= NBD_FLAG_READ_ONLY;
+  else {
+    f |= NBD_FLAG_SEND_WRITE_ZEROES;
+    if (device.canTrim) f |= NBD_FLAG_SEND_TRIM;
+  }
+  if (device.canFlush) f |= NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+  if (structured) f |= NBD_FLAG_SEND_DF;
+  if (device.multiConn) f |= NBD_FLAG_CAN_MULTI_CONN;
+  return f;
+}
+
+/** A request refused before it reaches the device. */
+interface Refusal {
+  errno: number;
+  message: string;
+}
+
+class Connection {
+  private readonly parser: ClientParser;
+  phase: 'handshake' | 'transmission' | 'closing' = 'handshake';
+  private exp: ResolvedExport | undefined;
+  private noZeroes = false;
+  private structured = false;
+  /** The client asked for NBD_INFO_BLOCK_SIZE in NBD_OPT_GO, so it promised to honour it. */
+  private blockSizeAgreed = false;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private requestCount = 0;
+  /** NBD_CMD_DISC, end of input, or server shutdown: answer what is in flight, then end. */
+  private draining = false;
+  private shuttingDown = false;
+  private gone = false;
+  private ended = false;
+  /** The client half-closed: no more bytes will arrive. */
+  private inputEnded = false;
+  private pumping = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  private readonly remote: string;
+
+  constructor(
+    private readonly server: NbdServer,
+    private readonly socket: Socket,
+    readonly id: number,
+  ) {
+    this.parser = new ClientParser({ maxOptionLength: server.options.maxOptionLength, maxPayload: server.options.maxPayload });
+    this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+  }
+
+  info(): NbdConnectionInfo {
+    const i: NbdConnectionInfo = {
+      id: this.id,
+      remote: this.remote,
+      phase: this.phase,
+      structuredReplies: this.structured,
+      inFlight: this.inFlight,
+      requests: this.requestCount,
+    };
+    if (this.exp) i.export = this.exp.name;
+    return i;
+  }
+
+  private log(level: NbdLogLevel, message: string): void {
+    this.server.log(level, `nbd[${this.id}] ${message}`);
+  }
+
+  start(): void {
+    const s = this.socket;
+    s.setNoDelay(true);
+    s.on('data', (chunk: Buffer) => {
+      this.parser.push(chunk);
+      this.pump();
+    });
+    s.on('end', () => {
+      // The client will send nothing more: serve what it sent, then close.
+      this.inputEnded = true;
+      this.pump();
+    });
+    s.on('drain', () => this.pump());
+    s.on('error', (err) => this.log('debug', `socket error: ${err.message}`));
+    s.on('close', () => {
+      this.gone = true;
+      this.phase = 'closing';
+      if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+      this.log('info', `closed (${this.requestCount} requests, ${this.inFlight} still in flight)`);
+      this.server.connectionClosed(this);
+    });
+    const t = this.server.options.handshakeTimeoutMs;
+    if (t > 0) {
+      this.handshakeTimer = setTimeout(() => {
+        if (this.phase !== 'handshake') return;
+        this.log('warn', `no export chosen after ${t} ms`);
+        this.destroy();
+      }, t);
+      this.handshakeTimer.unref();
+    }
+    this.log('info', `connected from ${this.remote}`);
+    this.send(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
+  }
+
+  /** Hard disconnect. */
+  destroy(): void {
+    this.phase = 'closing';
+    this.parser.discard();
+    this.socket.destroy();
+  }
+
+  /** Server shutdown: refuse what arrives from now on, finish what is in flight, then close. */
+  shutdown(): void {
+    this.shuttingDown = true;
+    if (this.phase === 'handshake') {
+      // Options already received are answered (NBD_REP_ERR_SHUTDOWN), then the session ends:
+      // nothing is in flight during negotiation.
+      this.pump();
+      this.end();
+      return;
+    }
+    if (this.inFlight === 0) this.end();
+  }
+
+  /** Soft close: stop reading, send what is queued, then close (cut after a grace period). */
+  private end(): void {
+    if (this.gone || this.ended) return;
+    this.ended = true;
+    this.phase = 'closing';
+    this.parser.discard();
+    if (!this.socket.writableEnded) this.socket.end();
+    const t = setTimeout(() => this.socket.destroy(), 2000);
+    t.unref();
+    this.socket.once('close', () => clearTimeout(t));
+  }
+
+  private drain(): void {
+    this.draining = true;
+    this.parser.discard();
+    if (this.inFlight === 0) this.end();
+  }
+
+  private protocolError(err: NbdProtocolError): void {
+    this.server.stat.protocolErrors++;
+    this.log('warn', `protocol error, disconnecting: ${err.message}`);
+    this.destroy();
+  }
+
+  /** Writes one whole message (its parts back to back, never interleaved with another). */
+  private send(...parts: Uint8Array[]): boolean {
+    const s = this.socket;
+    if (this.gone || s.destroyed || s.writableEnded) return false;
+    if (parts.length === 1) {
+      s.write(parts[0]!);
+      return true;
+    }
+    s.cork();
+    for (const p of parts) if (p.length > 0) s.write(p);
+    s.uncork();
+    return true;
+  }
+
+  /** Whether to stop reading: too much in progress, or replies the client is not reading. */
+  private busy(): boolean {
+    const o = this.server.options;
+    if (this.socket.writableLength >= o.maxInFlightBytes) return true;
+    return this.phase === 'transmission' && (this.inFlight >= o.maxInFlight || this.inFlightBytes >= o.maxInFlightBytes);
+  }
+
+  /** Handles every whole message buffered, as far as the in-flight limits allow. */
+  private pump(): void {
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      while (!this.gone && this.phase !== 'closing' && !this.draining) {
+        if (this.busy()) {
+          this.socket.pause();
+          return;
+        }
+        let msg;
+        try {
+          msg = this.parser.next();
+        } catch (e) {
+          if (e instanceof NbdProtocolError) this.protocolError(e);
+          else throw e;
+          return;
+        }
+        if (!msg) {
+          if (this.inputEnded) {
+            if (this.phase === 'handshake') this.destroy();
+            else this.drain();
+          }
+          break;
+        }
+        switch (msg.kind) {
+          case 'clientFlags':
+            this.onClientFlags(msg.flags);
+            break;
+          case 'option':
+            this.onOption(msg);
+            break;
+          case 'request':
+            this.onRequest(msg);
+            break;
+        }
+      }
+      if (!this.gone && !this.draining && this.phase !== 'closing' && this.socket.isPaused()) this.socket.resume();
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  // --- Handshake -------------------------------------------------------------------------------
+
+  private onClientFlags(flags: number): void {
+    const known = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
+    if ((flags & ~known) !== 0) {
+      this.protocolError(new NbdProtocolError(`unknown client flags 0x${flags.toString(16)}`));
+      return;
+    }
+    this.noZeroes = (flags & NBD_FLAG_C_NO_ZEROES) !== 0;
+  }
+
+  private reply(option: number, replyType: number, data?: Uint8Array): void {
+    this.log('debug', `${optionName(option)} → ${replyName(replyType)}`);
+    this.send(encodeOptionReply(option, replyType, data));
+  }
+
+  private replyError(option: number, replyType: number, message: string): void {
+    this.log('debug', `${optionName(option)} → ${replyName(replyType)}: ${message}`);
+    this.send(encodeOptionError(option, replyType, message));
+  }
+
+  private onOption({ option, data }: OptionMessage): void {
+    if (this.server.isClosing && option !== NBD_OPT_ABORT) {
+      if (option === NBD_OPT_EXPORT_NAME) this.destroy();
+      else this.replyError(option, NBD_REP_ERR_SHUTDOWN, 'server shutting down');
+      return;
+    }
+    switch (option) {
+      case NBD_OPT_EXPORT_NAME: {
+        const name = decodeUtf8(data);
+        const exp = name === undefined ? undefined : this.server.resolveExport(name);
+        if (!exp) {
+          // This option cannot fail politely: the spec says to end the session.
+          this.log('info', `NBD_OPT_EXPORT_NAME: no export ${JSON.stringify(name ?? '<invalid UTF-8>')}, disconnecting`);
+          this.destroy();
+          return;
+        }
+        this.send(encodeExportNameReply(BigInt(exp.device.size), transmissionFlags(exp.device, this.structured), this.noZeroes));
+        this.enterTransmission(exp, false);
+        return;
+      }
+      case NBD_OPT_ABORT:
+        this.reply(option, NBD_REP_ACK);
+        this.end();
+        return;
+      case NBD_OPT_LIST:
+        if (data.length !== 0) {
+          this.replyError(option, NBD_REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
+          return;
+        }
+        for (const e of this.server.allExports()) this.reply(option, NBD_REP_SERVER, encodeServerEntry(e));
+        this.reply(option, NBD_REP_ACK);
+        return;
+      case NBD_OPT_STARTTLS:
+        this.replyError(option, NBD_REP_ERR_UNSUP, 'TLS is not supported by this server');
+        return;
+      case NBD_OPT_STRUCTURED_REPLY:
+        if (data.length !== 0) {
+          this.replyError(option, NBD_REP_ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+          return;
+        }
+        this.structured = true;
+        this.reply(option, NBD_REP_ACK);
+        return;
+      case NBD_OPT_INFO:
+      case NBD_OPT_GO: {
+        const req = decodeInfoRequest(data);
+        if (!req) {
+          this.replyError(option, NBD_REP_ERR_INVALID, `malformed ${optionName(option)} data`);
+          return;
+        }
+        const exp = this.server.resolveExport(req.name);
+        if (!exp) {
+          this.replyError(option, NBD_REP_ERR_UNKNOWN, req.name === '' ? 'no default export' : `no export named ${JSON.stringify(req.name)}`);
+          return;
+        }
+        const dev = exp.device;
+        const infos: InfoReply[] = [{ info: NBD_INFO_EXPORT, size: BigInt(dev.size), transmissionFlags: transmissionFlags(dev, this.structured) }];
+        const wants = new Set(req.infos);
+        if (wants.has(NBD_INFO_NAME)) infos.push({ info: NBD_INFO_NAME, name: exp.name });
+        if (wants.has(NBD_INFO_DESCRIPTION) && exp.description !== '') infos.push({ info: NBD_INFO_DESCRIPTION, description: exp.description });
+        if (wants.has(NBD_INFO_BLOCK_SIZE)) {
+          infos.push({
+            info: NBD_INFO_BLOCK_SIZE,
+            minimum: dev.blockSize,
+            preferred: Math.max(4096, dev.blockSize),
+            maximum: this.server.options.maxPayload,
+          });
+        }
+        for (const i of infos) this.reply(option, NBD_REP_INFO, encodeInfo(i));
+        this.reply(option, NBD_REP_ACK);
+        if (option === NBD_OPT_GO) this.enterTransmission(exp, wants.has(NBD_INFO_BLOCK_SIZE));
+        return;
+      }
+      default:
+        this.replyError(option, NBD_REP_ERR_UNSUP, `${optionName(option)} is not supported by this server`);
+    }
+  }
+
+  private enterTransmission(exp: ResolvedExport, blockSizeAgreed: boolean): void {
+    this.exp = exp;
+    this.blockSizeAgreed = blockSizeAgreed;
+    this.phase = 'transmission';
+    this.parser.enterTransmission();
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    const dev = exp.device;
+    this.log('info', `export ${JSON.stringify(exp.name)}: ${dev.size} bytes${dev.readOnly ? ', read-only' : ''}${this.structured ? ', structured replies' : ''}`);
+  }
+
+  // --- Transmission ----------------------------------------------------------------------------
+
+  private countRequest(command: number): void {
+    const r = this.server.stat.requests;
+    this.requestCount++;
+    switch (command) {
+      case NBD_CMD_READ: r.read++; break;
+      case NBD_CMD_WRITE: r.write++; break;
+      case NBD_CMD_FLUSH: r.flush++; break;
+      case NBD_CMD_TRIM: r.trim++; break;
+      case NBD_CMD_WRITE_ZEROES: r.writeZeroes++; break;
+      case NBD_CMD_DISC: r.disc++; break;
+      default: r.other++;
+    }
+  }
+
+  /** Why `req` cannot be served, or undefined. */
+  private refuse(req: RequestMessage): Refusal | undefined {
+    const dev = this.exp!.device;
+    const { command, flags, offset, length } = req;
+    const name = commandName(command);
+    if (this.shuttingDown) return { errno: NBD_ESHUTDOWN, message: 'server shutting down' };
+    const known = command === NBD_CMD_READ || command === NBD_CMD_WRITE || command === NBD_CMD_FLUSH ||
+      command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
+    if (!known) return { errno: NBD_EINVAL, message: `${name} is not supported` };
+    let allowed = NBD_CMD_FLAG_FUA;
+    if (command === NBD_CMD_WRITE_ZEROES) allowed |= NBD_CMD_FLAG_NO_HOLE;
+    if (command === NBD_CMD_READ && this.structured) allowed |= NBD_CMD_FLAG_DF;
+    if ((flags & ~allowed) !== 0) return { errno: NBD_EINVAL, message: `flags 0x${flags.toString(16)} are not valid for ${name}` };
+    const writes = command === NBD_CMD_WRITE || command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
+    if (writes && dev.readOnly) return { errno: NBD_EPERM, message: 'the export is read-only' };
+    if (command === NBD_CMD_FLUSH) {
+      return dev.canFlush ? undefined : { errno: NBD_EINVAL, message: 'the export does not support flush' };
+    }
+    if (command === NBD_CMD_TRIM && !dev.canTrim) return { errno: NBD_EINVAL, message: 'the export does not support trim' };
+    if (command === NBD_CMD_READ && length > this.server.options.maxPayload) {
+      return { errno: NBD_EINVAL, message: `read of ${length} bytes exceeds the maximum of ${this.server.options.maxPayload}` };
+    }
+    if (offset + BigInt(length) > BigInt(dev.size)) {
+      const errno = command === NBD_CMD_WRITE || command === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
+      return { errno, message: `${name} of ${length} bytes at ${offset} is beyond the end of the export (${dev.size} bytes)` };
+    }
+    const bs = dev.blockSize;
+    if (this.blockSizeAgreed && bs > 1 && (offset % BigInt(bs) !== 0n || length % bs !== 0)) {
+      return { errno: NBD_EINVAL, message: `${name} of ${length} bytes at ${offset} is not aligned to the ${bs}-byte block size` };
+    }
+    return undefined;
+  }
+
+  private onRequest(req: RequestMessage): void {
+    this.countRequest(req.command);
+    if (req.command === NBD_CMD_DISC) {
+      this.log('debug', `NBD_CMD_DISC with ${this.inFlight} in flight`);
+      this.drain();
+      return;
+    }
+    const refusal = this.refuse(req);
+    if (refusal) {
+      this.answerError(req, refusal.errno, refusal.message);
+      return;
+    }
+    const bytes = req.command === NBD_CMD_READ || req.command === NBD_CMD_WRITE ? req.length : 0;
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+    this.server.stat.inFlight++;
+    void this.execute(req, this.exp!.device).finally(() => {
+      this.inFlight--;
+      this.inFlightBytes -= bytes;
+      this.server.stat.inFlight--;
+      if ((this.draining || this.shuttingDown) && this.inFlight === 0) this.end();
+      else this.pump();
+      this.server.notifyIdle();
+    });
+  }
+
+  /** Runs one checked request on the device and answers it. Never rejects. */
+  private async execute(req: RequestMessage, dev: NbdExportDevice): Promise<void> {
+    const offset = Number(req.offset);
+    const length = req.length;
+    const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0 && dev.canFlush;
+    const stat = this.server.stat;
+    try {
+      switch (req.command) {
+        case NBD_CMD_READ: {
+          const data = length === 0 ? EMPTY : await dev.read(offset, length);
+          if (!(data instanceof Uint8Array) || data.length !== length) {
+            throw new Error(`device read returned ${data instanceof Uint8Array ? data.length : typeof data} instead of ${length} bytes`);
+          }
+          stat.bytesRead += length;
+          this.answerRead(req, data);
+          return;
+        }
+        case NBD_CMD_WRITE:
+          if (length > 0) {
+            await dev.write(offset, req.data!);
+            if (fua) await dev.flush();
+          }
+          stat.bytesWritten += length;
+          break;
+        case NBD_CMD_FLUSH:
+          await dev.flush();
+          break;
+        case NBD_CMD_TRIM:
+          if (length > 0) {
+            await dev.trim(offset, length);
+            if (fua) await dev.flush();
+          }
+          break;
+        case NBD_CMD_WRITE_ZEROES:
+          // NBD_CMD_FLAG_NO_HOLE only says how: either way the range must read as zeroes.
+          if (length > 0) {
+            await dev.writeZeroes(offset, length);
+            if (fua) await dev.flush();
+          }
+          break;
+      }
+      this.send(encodeSimpleReply(0, req.handle));
+    } catch (e) {
+      const errno = deviceErrno(e);
+      const message = e instanceof Error ? e.message : String(e);
+      this.log('warn', `${commandName(req.command)} of ${length} bytes at ${offset} failed (${errnoName(errno)}): ${message}`);
+      this.answerError(req, errno, message);
+    }
+  }
+
+  private answerRead(req: RequestMessage, data: Uint8Array): void {
+    if (!this.structured) {
+      this.send(encodeSimpleReply(0, req.handle), data);
+    } else if (data.length === 0) {
+      this.send(encodeStructuredNone(req.handle));
+    } else {
+      // One content chunk covering the whole read, marked final: the data is all here, so no
+      // error can follow it (and NBD_CMD_FLAG_DF is satisfied whatever the length).
+      this.send(encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, req.handle, req.offset, data.length), data);
+    }
+  }
+
+  private answerError(req: RequestMessage, errno: number, message: string): void {
+    this.server.stat.errors++;
+    this.log('debug', `${commandName(req.command)} handle ${req.handle} → ${errnoName(errno)}: ${message}`);
+    if (this.structured) this.send(encodeStructuredError(req.handle, { error: errno, message }));
+    else this.send(encodeSimpleReply(errno, req.handle));
+  }
+}
