@@ -43,6 +43,9 @@ export interface DataPathDeps {
   readonly log: (msg: string) => void;
 }
 
+/** Requests consumed before the loop lets their responses out (see consumeLoop). */
+const RESPONSE_BATCH = 8;
+
 export class DataPath {
   private running = false;
   private stopped = false;
@@ -84,6 +87,7 @@ export class DataPath {
   private async consumeLoop(): Promise<void> {
     this.running = true;
     const { ring, abi, counters } = this.d;
+    let batch = 0;
     try {
       do {
         for (;;) {
@@ -118,6 +122,11 @@ export class DataPath {
             continue;
           }
           void this.serve(req);
+          if (++batch % RESPONSE_BATCH === 0) {
+            // Let the answers so far complete and be pushed, so the frontend refills the ring
+            // while we carry on, instead of both ends taking turns over whole rings.
+            await new Promise<void>((resolve) => setImmediate(resolve));
+          }
         }
       } while (!this.stopped && ring.finalCheckForRequests() !== 0);
     } finally {

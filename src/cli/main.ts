@@ -4,12 +4,14 @@ import { Command, CommanderError } from 'commander';
 import { VERSION } from '../index.js';
 import { UsageError } from './errors.js';
 import { ringCommand } from './ring.js';
+import { serveCommand } from './serve.js';
 import { xenstoredCommand } from './xenstored.js';
 
 const program = new Command('blkif')
   .description('the Xen PV block protocol (blkif) on an emulated Xen')
   .version(VERSION)
   .showHelpAfterError('(run with --help for usage)')
+  .addCommand(serveCommand())
   .addCommand(ringCommand())
   .addCommand(xenstoredCommand());
 

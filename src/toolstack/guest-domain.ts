@@ -2,11 +2,24 @@
  * A guest's thread: attaches blkfront to the VBDs the toolstack plugged in and does I/O on them
  * when asked over the control channel (the guest's "applications" in tests and tools).
  */
-import { parentPort } from 'node:worker_threads';
+import { parentPort, type MessagePort } from 'node:worker_threads';
 import { Blkfront, type BlkfrontCounters, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import { attachDomain } from '../xen/index.js';
 import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
-import { serveRpc } from './rpc.js';
+import { NbdServer, nbdUri, type NbdListenOptions } from '../nbd/index.js';
+import { exportDevice, localDisk, remoteDisk, type ExportableDisk } from './disk-export.js';
+import { RpcClient, serveRpc, type RpcHandlers } from './rpc.js';
+import { runWorkload, type WorkloadResult, type WorkloadSpec } from './workload.js';
+
+/** An export the NBD server in this guest offers: a disk attached here, or in another guest. */
+export interface GuestExportSpec {
+  name: string;
+  description: string;
+  frontDir: string;
+  /** The channel to the guest holding the disk, if not this one (see `attach-port`). */
+  remote?: string;
+  info?: DeviceInfo;
+}
 
 const xen = await attachDomain();
 const link = await connectGuestXenstore(xen);
@@ -19,7 +32,10 @@ function disk(frontDir: string): Blkfront {
   return d;
 }
 
-serveRpc(parentPort!, {
+const remotes = new Map<string, RpcClient>();
+let nbd: NbdServer | undefined;
+
+const handlers: RpcHandlers = {
   async attach(frontDir: string, options: Partial<BlkfrontOptions>): Promise<DeviceInfo> {
     if (disks.has(frontDir)) throw new Error(`a disk is already attached at ${frontDir}`);
     const f = await Blkfront.attach({ xen, xs: link.xs, frontDir, options, log });
@@ -36,11 +52,38 @@ serveRpc(parentPort!, {
   flush: (frontDir: string) => disk(frontDir).flush(),
   discard: (frontDir: string, offset: number, length: number, secure: boolean) => disk(frontDir).discard(offset, length, { secure }),
   info: (frontDir: string): DeviceInfo => disk(frontDir).info,
+  workload: (frontDir: string, spec: WorkloadSpec): Promise<WorkloadResult> => runWorkload(disk(frontDir), spec),
   status(frontDir: string): { state: string; inFlight: number; leakedPages: number; counters: BlkfrontCounters } {
     const d = disk(frontDir);
     return { state: xenbusStateName(d.xenbusState), inFlight: d.inFlight, leakedPages: d.leakedPages, counters: { ...d.counters } };
   },
+  /** Starts an NBD server in this guest exporting `exports`; returns the clients' URI. */
+  async serveNbd(exports: GuestExportSpec[], listen: NbdListenOptions): Promise<{ uri: string; address: unknown }> {
+    if (nbd !== undefined) throw new Error('an NBD server already runs in this guest');
+    const server = new NbdServer({ defaultExport: exports[0]?.name, log: (level, msg) => { if (level !== 'debug') log(`nbd ${level}: ${msg}`); } });
+    for (const e of exports) {
+      let d: ExportableDisk;
+      if (e.remote === undefined) d = localDisk(disk(e.frontDir));
+      else {
+        const rpc = remotes.get(e.remote);
+        if (rpc === undefined || e.info === undefined) throw new Error(`no channel "${e.remote}" for export ${e.name}`);
+        d = remoteDisk(rpc, e.frontDir, e.info);
+      }
+      server.addExport({ name: e.name, description: e.description, device: exportDevice(d) });
+    }
+    const address = await server.listen(listen);
+    nbd = server;
+    return { uri: nbdUri(address), address };
+  },
+  /** Stops accepting, lets in-flight requests finish, closes the connections. */
+  async stopNbd() {
+    const s = nbd;
+    nbd = undefined;
+    await s?.close();
+  },
+  nbdStats: () => nbd?.stats(),
   async shutdown() {
+    if (nbd !== undefined) await handlers.stopNbd!();
     for (const [k, d] of [...disks]) {
       disks.delete(k);
       await d.close();
@@ -48,4 +91,13 @@ serveRpc(parentPort!, {
     link.close();
     xen.dispose();
   },
+};
+serveRpc(parentPort!, handlers);
+
+// Channels to other guests: this guest either answers on one (its disks exported elsewhere) or
+// calls through one (exporting another guest's disk).
+parentPort!.on('message', (m: { kind?: string; role?: 'serve' | 'client'; name?: string; port?: MessagePort }) => {
+  if (m?.kind !== 'attach-port' || m.port === undefined) return;
+  if (m.role === 'serve') serveRpc(m.port, handlers);
+  else remotes.set(m.name!, new RpcClient(m.port));
 });

@@ -3,3 +3,7 @@ export * from './storage-spec.js';
 export * from './vbd.js';
 export * from './toolstack.js';
 export type { BackendVbdStatus } from './backend-domain.js';
+export * from './disk-export.js';
+export * from './nbd-export.js';
+export type { GuestExportSpec } from './guest-domain.js';
+export * from './workload.js';

@@ -3,7 +3,11 @@
  * toolstack's private control channel, standing in for the hypercalls and device-model commands
  * a real toolstack uses. The PV protocol itself never travels here, only commands and test I/O.
  */
+import type { EventEmitter } from 'node:events';
 import type { MessagePort, Worker } from 'node:worker_threads';
+
+/** Either end of a control channel: a domain's Worker (from the toolstack) or a MessagePort. */
+export type RpcEndpoint = Worker | MessagePort;
 
 interface Call {
   kind: 'rpc-call';
@@ -33,8 +37,8 @@ export class RemoteError extends Error {
 export type RpcHandlers = Record<string, (...args: never[]) => unknown>;
 
 /** Domain side: answers calls with the handlers; unknown methods are errors. */
-export function serveRpc(port: MessagePort, handlers: RpcHandlers): void {
-  port.on('message', (m: Call) => {
+export function serveRpc(port: RpcEndpoint, handlers: RpcHandlers): void {
+  (port as EventEmitter).on('message', (m: Call) => {
     if (m?.kind !== 'rpc-call') return;
     const h = handlers[m.method] as ((...args: unknown[]) => unknown) | undefined;
     const reply = (r: Omit<Reply, 'kind' | 'seq'>) => port.postMessage({ kind: 'rpc-reply', seq: m.seq, ...r } satisfies Reply);
@@ -57,8 +61,9 @@ export class RpcClient {
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private gone: Error | undefined;
 
-  constructor(private readonly worker: Worker) {
-    worker.on('message', (m: Reply) => {
+  constructor(private readonly worker: RpcEndpoint) {
+    const ee = worker as EventEmitter;
+    ee.on('message', (m: Reply) => {
       if (m?.kind !== 'rpc-reply') return;
       const p = this.pending.get(m.seq);
       if (p === undefined) return;
@@ -66,7 +71,8 @@ export class RpcClient {
       if (m.ok) p.resolve(m.value);
       else p.reject(new RemoteError(m.error!.name, m.error!.message, m.error!.code));
     });
-    worker.once('exit', (code) => this.fail(new Error(`domain thread exited (code ${code})`)));
+    ee.once('exit', (code: number) => this.fail(new Error(`domain thread exited (code ${code})`)));
+    ee.once('close', () => this.fail(new Error('control channel closed')));
   }
 
   call<T>(method: string, ...args: unknown[]): Promise<T> {

@@ -6,6 +6,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { MessageChannel } from 'node:worker_threads';
 import type { BlkbackOptions } from '../blkback/index.js';
 import type { BlkfrontCounters, BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import { Hypervisor, type DomainHandle } from '../xen/index.js';
@@ -14,6 +15,7 @@ import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer } from '../xenstor
 import type { BackendVbdStatus } from './backend-domain.js';
 import { RpcClient } from './rpc.js';
 import type { StorageSpec } from './storage-spec.js';
+import type { WorkloadResult, WorkloadSpec } from './workload.js';
 import { createVbdNodes, removeVbdNodes, type VbdPaths } from './vbd.js';
 
 export interface ToolstackOptions {
@@ -72,6 +74,10 @@ export class GuestDisk {
   }
   discard(offset: number, length: number, secure = false): Promise<void> {
     return this.guest.rpc.call('discard', this.paths.frontDir, offset, length, secure);
+  }
+  /** Runs a synthetic workload inside the guest, against this disk (no control-channel hop per I/O). */
+  workload(spec: WorkloadSpec): Promise<WorkloadResult> {
+    return this.guest.rpc.call('workload', this.paths.frontDir, spec);
   }
   status(): Promise<GuestStatus> {
     return this.guest.rpc.call('status', this.paths.frontDir);
@@ -157,6 +163,16 @@ export class Toolstack {
       await removeVbdNodes(this.xs, paths);
       throw e;
     }
+  }
+
+  /**
+   * A private channel from `exporter` into `holder` under `name`: the exporter can then call the
+   * holder's disks (guest-domain's `attach-port`). Posted before any call that uses it, so ordered.
+   */
+  linkGuests(exporter: DomainProxy, holder: DomainProxy, name: string): void {
+    const { port1, port2 } = new MessageChannel();
+    holder.handle.worker.postMessage({ kind: 'attach-port', role: 'serve', port: port1 }, [port1]);
+    exporter.handle.worker.postMessage({ kind: 'attach-port', role: 'client', name, port: port2 }, [port2]);
   }
 
   /** Asks a domain to close its devices, then destroys it. */

@@ -335,6 +335,7 @@ export class EventChannels {
       signal.addEventListener('abort', onAbort, { once: true });
     }
     try {
+      let yielded = false;
       for (;;) {
         if (signal?.aborted === true) return [];
         // Clear the upcall before scanning, as a guest clears evtchn_upcall_pending, so that a
@@ -342,6 +343,13 @@ export class EventChannels {
         Atomics.store(t.dom, d + D_UPCALL, 0);
         const ports = this.takePending();
         if (ports.length > 0) return ports;
+        if (!yielded) {
+          // Let this thread's own work run first (promise continuations that issue the next
+          // request, socket callbacks): spinning before them would only delay what we wait for.
+          yielded = true;
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          continue;
+        }
         if (pollMicros > 0 && this.poll(pollMicros)) {
           t.count(this.slot, C_POLL_HITS);
           continue;

@@ -1,0 +1,175 @@
+/**
+ * `blkif serve [IMAGE...]`: the emulated Xen, a driver domain serving each image as a VBD, a guest
+ * per VBD whose blkfront connects to it, and an NBD server exporting the guests' disks to
+ * qemu-img, qemu-io, nbdcopy, fio and friends. Every byte goes through blkfront, grants, the ring
+ * and blkback. Ctrl-C or SIGTERM stops in order; a second Ctrl-C forces the exit.
+ */
+import { existsSync, mkdirSync, statSync, truncateSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { pino } from 'pino';
+import { xdgData } from 'xdg-basedir';
+import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS } from '../abi/index.js';
+import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+import { FileStorage } from '../storage/index.js';
+import { DiskExport, type StorageSpec } from '../toolstack/index.js';
+import { UsageError } from './errors.js';
+import { startMetrics } from './metrics.js';
+import { formatSize, parseSize } from './size.js';
+import { RateMeter, formatRates } from './status.js';
+
+export const DEFAULT_IMAGE_SIZE = 1024 ** 3;
+export const DEFAULT_NBD_PORT = 10809;
+
+interface ServeOptions {
+  size?: string;
+  force?: boolean;
+  vbds?: number;
+  maxIndirectSegments: number;
+  sectorSize: number;
+  ringPageOrder: number;
+  readonly?: boolean;
+  port: number;
+  socket?: string;
+  json?: boolean;
+  metrics?: number;
+  dataDir?: string;
+}
+
+const int = (what: string, min: number, max: number) => (v: string): number => {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || n < min || n > max) throw new InvalidArgumentError(`${what} must be an integer ${min}..${max}`);
+  return n;
+};
+
+/** XDG data dir (`$XDG_DATA_HOME/blkif`, else `~/.local/share/blkif`), or ./blkif-data without a home. */
+export function defaultDataDir(): string {
+  return xdgData !== undefined ? join(xdgData, 'blkif') : resolve('blkif-data');
+}
+
+/**
+ * Makes sure `path` is an image of the wanted size: creates it (sparse) if missing and allowed,
+ * reuses it as it is, and changes an existing image's size only with `force`.
+ */
+async function prepareImage(path: string, size: number | undefined, force: boolean, createIfMissing: boolean): Promise<string> {
+  if (!existsSync(path)) {
+    if (!createIfMissing && size === undefined) throw new UsageError(`${path} does not exist (give --size to create it)`);
+    await FileStorage.create(path, size ?? DEFAULT_IMAGE_SIZE);
+    return `created ${path} (${formatSize(size ?? DEFAULT_IMAGE_SIZE)}, sparse)`;
+  }
+  const st = statSync(path);
+  if (!st.isFile()) throw new UsageError(`${path} is not a regular file`);
+  if (size === undefined || size === st.size) return `using ${path} (${formatSize(st.size)})`;
+  if (!force) {
+    throw new UsageError(`${path} holds ${formatSize(st.size)}; refusing to ${size < st.size ? 'shrink' : 'resize'} it to ${formatSize(size)} without --force`);
+  }
+  truncateSync(path, size);
+  return `resized ${path} from ${formatSize(st.size)} to ${formatSize(size)}`;
+}
+
+export function serveCommand(): Command {
+  return new Command('serve')
+    .description('export Xen PV disks over NBD: IMAGE files served by blkback in a driver domain, attached by blkfront in guests')
+    .argument('[image...]', `raw image files, one VBD each (default: ${join(defaultDataDir(), 'vbd0.img')}, created at 1 GiB)`)
+    .option('--size <size>', 'size of a new image (e.g. 1G, 512M); with --force, resize an existing one')
+    .option('--force', 'allow --size to resize an existing image (shrinking loses its end)')
+    .option('--vbds <n>', 'number of VBDs (guests), exported as vbd0, vbd1, ...; default images vbdN.img', int('--vbds', 1, 16))
+    .addOption(new Option('--max-indirect-segments <n>', `segments per indirect request the backend offers (0 = no indirect; max ${BLKIF_MAX_INDIRECT_SEGMENTS})`)
+      .default(DEFAULT_MAX_INDIRECT_SEGMENTS).argParser((v) => {
+        const n = int('--max-indirect-segments', 0, BLKIF_MAX_INDIRECT_SEGMENTS)(v);
+        if (n !== 0 && n <= BLKIF_MAX_SEGMENTS_PER_REQUEST) throw new InvalidArgumentError(`use 0 or more than ${BLKIF_MAX_SEGMENTS_PER_REQUEST}`);
+        return n;
+      }))
+    .addOption(new Option('--sector-size <bytes>', 'logical sector size of the disks').choices(['512', '4096']).default(512).argParser(Number))
+    .addOption(new Option('--ring-page-order <n>', `ring of 2^n pages (0..${MAX_RING_PAGE_ORDER})`).default(0).argParser(int('--ring-page-order', 0, MAX_RING_PAGE_ORDER)))
+    .option('--readonly', 'serve the disks read-only (exports are read-only too)')
+    .addOption(new Option('--port <port>', 'TCP port on 127.0.0.1 (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
+    .option('--socket <path>', 'listen on a Unix socket instead of TCP')
+    .option('--json', 'structured JSON log lines on stderr instead of a live status line')
+    .option('--metrics <port>', 'Prometheus metrics at http://127.0.0.1:PORT/metrics', int('--metrics', 0, 65535))
+    .option('--data-dir <dir>', `where default images live (default ${defaultDataDir()})`)
+    .addHelpText('after', `
+Prints "ready nbd://127.0.0.1:PORT/" (or "ready nbd+unix:///?socket=PATH") once clients may connect, e.g.
+  qemu-img info nbd://127.0.0.1:${DEFAULT_NBD_PORT}/
+  nbdcopy disk.raw nbd://127.0.0.1:${DEFAULT_NBD_PORT}/vbd0
+Ctrl-C or SIGTERM: stop accepting, finish in-flight I/O, flush, close the devices, exit 0.`)
+    .action(async (images: string[], opts: ServeOptions) => serve(images, opts));
+}
+
+async function serve(images: string[], o: ServeOptions): Promise<void> {
+  const json = o.json === true;
+  const jlog = json ? pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime }, pino.destination(2)) : undefined;
+  const info = (msg: string, fields: Record<string, unknown> = {}) => {
+    if (jlog !== undefined) jlog.info(fields, msg);
+    else process.stderr.write(`${clearLine()}blkif: ${msg}\n`);
+  };
+  const tty = !json && process.stderr.isTTY === true;
+  const clearLine = () => (tty ? '\r\x1b[K' : '');
+
+  const size = o.size === undefined ? undefined : parseSize(o.size, '--size');
+  if (images.length > 0 && o.vbds !== undefined && o.vbds !== images.length) {
+    throw new UsageError(`--vbds ${o.vbds} but ${images.length} image(s) given: give one image per VBD, or none`);
+  }
+  let paths: string[];
+  if (images.length > 0) paths = images.map((p) => resolve(p));
+  else {
+    const dir = o.dataDir !== undefined ? resolve(o.dataDir) : defaultDataDir();
+    mkdirSync(dir, { recursive: true });
+    paths = Array.from({ length: o.vbds ?? 1 }, (_, i) => join(dir, `vbd${i}.img`));
+  }
+  for (const p of paths) info(await prepareImage(p, size, o.force === true, images.length === 0), { image: p });
+
+  const storage: StorageSpec[] = paths.map((path) => ({ kind: 'file', path, sectorSize: o.sectorSize as 512 | 4096, readOnly: o.readonly === true }));
+  const listen = o.socket !== undefined ? { path: resolve(o.socket) } : { host: '127.0.0.1', port: o.port };
+  const exp = await DiskExport.start({
+    images: storage,
+    readOnly: o.readonly === true,
+    backendOptions: { maxIndirectSegments: o.maxIndirectSegments },
+    frontendOptions: { maxIndirectSegments: o.maxIndirectSegments, ringPageOrder: o.ringPageOrder },
+    listen,
+    log: (domid, msg) => info(msg, { domid }),
+    progress: (step) => info(step),
+  }).catch((e: Error) => {
+    const busy = /EADDRINUSE/.test(e.message) ? ` (is another server on port ${o.port}? try --port 0)` : '';
+    throw new UsageError(`cannot start: ${e.message}${busy}`);
+  });
+
+  const metrics = o.metrics !== undefined ? await startMetrics(o.metrics, () => exp.status()) : undefined;
+  if (metrics !== undefined) {
+    const a = metrics.address();
+    info(`metrics at http://127.0.0.1:${typeof a === 'object' && a !== null ? a.port : o.metrics}/metrics`);
+  }
+  process.stdout.write(`ready ${exp.uri}\n`);
+  jlog?.info({ uri: exp.uri, exports: exp.disks.map((_, i) => `vbd${i}`) }, 'ready');
+
+  const meter = new RateMeter();
+  let ticks = 0;
+  const timer = setInterval(() => {
+    void exp.status().then((s) => {
+      const r = meter.sample(s);
+      if (tty) process.stderr.write(`${clearLine()}${formatRates(r)}`);
+      else if (json && ++ticks % 5 === 0) jlog!.info({ ...r }, 'status');
+    }, () => undefined);
+  }, 1000);
+
+  await new Promise<void>((done) => {
+    let signals = 0;
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (++signals > 1) {
+        process.stderr.write(`${clearLine()}blkif: ${sig} again: exiting now\n`);
+        process.exit(130);
+      }
+      clearInterval(timer);
+      info(`${sig}: stopping (again to force)`);
+      void exp.stop((step) => info(step)).then(
+        () => done(),
+        (e: Error) => { info(`stopping failed: ${e.message}`); process.exitCode = 1; done(); },
+      );
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+  await new Promise<void>((r) => (metrics === undefined ? r() : metrics.close(() => r())));
+  info('stopped');
+  jlog?.flush();
+}
