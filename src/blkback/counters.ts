@@ -33,6 +33,12 @@ export interface VbdCounters {
   inflight_req: number;
   inflight_bytes: number;
   peak_inflight_bytes: number;
+  /** GNTTABOP_copy operations (grant-copy mode; one per segment). */
+  grant_copy_ops: number;
+  /** Persistent grants mapped now, at most ever, and purged (idle or over the bound). */
+  persistent_grants: number;
+  persistent_grants_peak: number;
+  persistent_purged: number;
   /** Frontends disconnected for breaking the protocol (ring overflow). */
   fatal: number;
 }
@@ -42,6 +48,7 @@ export function newVbdCounters(): VbdCounters {
     oo_req: 0, rd_req: 0, wr_req: 0, f_req: 0, ds_req: 0, rd_sect: 0, wr_sect: 0,
     indirect_req: 0, indirect_segments: 0, segments: 0, errors: 0, eopnotsupp: 0,
     notify_sent: 0, notify_received: 0, grant_map_ops: 0, grant_unmap_ops: 0,
-    inflight_req: 0, inflight_bytes: 0, peak_inflight_bytes: 0, fatal: 0,
+    inflight_req: 0, inflight_bytes: 0, peak_inflight_bytes: 0, grant_copy_ops: 0,
+    persistent_grants: 0, persistent_grants_peak: 0, persistent_purged: 0, fatal: 0,
   };
 }

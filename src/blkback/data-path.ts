@@ -9,21 +9,18 @@ import {
   BLKIF_RSP_EOPNOTSUPP,
   BLKIF_RSP_ERROR,
   BLKIF_RSP_OKAY,
-  BLKIF_SEGS_PER_INDIRECT_FRAME,
-  BLKIF_SEGMENT_SIZE,
   SECTOR_SHIFT,
   SECTOR_SIZE,
   decodeRequest,
-  decodeSegment,
   encodeResponse,
   responseOperation,
   type BlkifAbi,
-  type BlkifSegment,
 } from '../abi/index.js';
 import { RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, type BackRing } from '../ring/index.js';
-import { GNTMAP_host_map, GNTMAP_readonly, GNTST_okay, type GntMapOp, type XenDomain } from '../xen/index.js';
+import type { XenDomain } from '../xen/index.js';
 import type { BlockStorage } from '../storage/storage.js';
 import type { VbdCounters } from './counters.js';
+import type { PageAccess } from './page-access.js';
 import { classifyRequest, dataBytes, dataProblem, isRejection, type BackendRequest, type VbdLimits } from './validate.js';
 
 export interface DataPathDeps {
@@ -34,6 +31,8 @@ export interface DataPathDeps {
   /** Our end of the interdomain event channel. */
   readonly port: number;
   readonly storage: BlockStorage;
+  /** How the frontend's pages are reached: mapped per request, persistently, or by grant copy. */
+  readonly access: PageAccess;
   /** Read on every request, so a resize or feature change applies to the next one. */
   readonly limits: () => VbdLimits;
   readonly maxIndirectSegments: number;
@@ -144,8 +143,16 @@ export class DataPath {
     let why: string | undefined;
     try {
       if (req.indirectGrefs !== undefined) {
-        why = this.readIndirectSegments(req);
-        if (why !== undefined) return;
+        // Copy the segments out once (a frontend may change the page meanwhile: only the copy is
+        // validated), then let the indirect pages go.
+        const segs = this.d.access.readIndirect(req.indirectGrefs, req.nrSegments);
+        if (typeof segs === 'string') {
+          why = segs;
+          return;
+        }
+        req.segs = segs;
+        counters.indirect_req++;
+        counters.indirect_segments += segs.length;
       }
       why = dataProblem(req, this.d.limits());
       if (why !== undefined) return;
@@ -186,76 +193,18 @@ export class DataPath {
     }
     if (bytes === 0) return undefined;
     const toDisk = req.kind !== 'read';
-    const mapped = this.mapSegments(req.segs, toDisk);
-    if (typeof mapped === 'string') return mapped;
+    const pages = await this.d.access.acquire(req.segs, toDisk);
+    if (typeof pages === 'string') return pages;
+    let ok = false;
     try {
-      if (toDisk) await storage.write(offset, mapped.buffers);
-      else await storage.read(offset, mapped.buffers);
+      if (toDisk) await storage.write(offset, pages.buffers);
+      else await storage.read(offset, pages.buffers);
+      ok = true;
     } finally {
-      this.unmap(mapped.handles);
+      const why = this.d.access.release(pages, toDisk, ok);
+      if (why !== undefined && ok) return why;
     }
     return undefined;
-  }
-
-  /**
-   * Maps an indirect request's pages read-only, copies its segments out once (a frontend may
-   * change the page meanwhile: only the copy is validated), unmaps them.
-   */
-  private readIndirectSegments(req: BackendRequest): string | undefined {
-    const grefs = req.indirectGrefs!;
-    const ops: GntMapOp[] = grefs.map((ref) => ({ dom: this.d.frontDomid, ref, flags: GNTMAP_host_map | GNTMAP_readonly }));
-    const res = this.d.xen.grants.map(ops);
-    const handles: number[] = [];
-    for (const r of res) if (r.status === GNTST_okay) handles.push(r.handle);
-    this.d.counters.grant_map_ops += handles.length;
-    try {
-      const bad = res.findIndex((r) => r.status !== GNTST_okay);
-      if (bad >= 0) return `indirect page ${bad} (gref ${grefs[bad]}) does not map: ${res[bad]!.status}`;
-      const segs: BlkifSegment[] = new Array(req.nrSegments);
-      for (let j = 0; j < req.nrSegments; j++) {
-        const page = res[Math.floor(j / BLKIF_SEGS_PER_INDIRECT_FRAME)]!.page!;
-        const view = new DataView(page.buffer, page.byteOffset, page.byteLength);
-        segs[j] = decodeSegment(view, (j % BLKIF_SEGS_PER_INDIRECT_FRAME) * BLKIF_SEGMENT_SIZE);
-      }
-      req.segs = segs;
-      this.d.counters.indirect_req++;
-      this.d.counters.indirect_segments += segs.length;
-      return undefined;
-    } finally {
-      this.unmap(handles);
-    }
-  }
-
-  /** Maps every data page in one batch: writable when storage fills it, read-only when it is written out. */
-  private mapSegments(segs: readonly BlkifSegment[], readOnly: boolean): { buffers: Uint8Array[]; handles: number[] } | string {
-    const flags = GNTMAP_host_map | (readOnly ? GNTMAP_readonly : 0);
-    const ops: GntMapOp[] = segs.map((s) => ({ dom: this.d.frontDomid, ref: s.gref, flags }));
-    const res = this.d.xen.grants.map(ops);
-    const handles: number[] = [];
-    const buffers: Uint8Array[] = new Array(segs.length);
-    let problem: string | undefined;
-    for (let i = 0; i < res.length; i++) {
-      const r = res[i]!;
-      if (r.status !== GNTST_okay) {
-        problem ??= `seg[${i}] gref ${segs[i]!.gref} does not map: ${r.status}`;
-        continue;
-      }
-      handles.push(r.handle);
-      this.d.counters.grant_map_ops++;
-      const s = segs[i]!;
-      buffers[i] = r.page!.subarray(s.first_sect << SECTOR_SHIFT, (s.last_sect + 1) << SECTOR_SHIFT);
-    }
-    if (problem !== undefined) {
-      this.unmap(handles);
-      return problem;
-    }
-    return { buffers, handles };
-  }
-
-  private unmap(handles: number[]): void {
-    if (handles.length === 0) return;
-    this.d.counters.grant_unmap_ops += handles.length;
-    this.d.xen.grants.unmap(handles);
   }
 
   private account(req: BackendRequest, bytes: number): void {

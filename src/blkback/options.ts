@@ -30,6 +30,22 @@ export interface BlkbackOptions {
   /** `info` bits besides VDISK_READONLY. */
   cdrom: boolean;
   removable: boolean;
+  /** `multi-queue-max-queues`: rings a frontend may use (Linux: one per CPU). */
+  maxQueues: number;
+  /** `feature-persistent`: keep the frontend's grants mapped between requests. */
+  persistent: boolean;
+  /** Linux `max_persistent_grants`: mappings kept per queue. */
+  maxPersistentGrants: number;
+  /** Linux `persistent_grant_unused_seconds`, in ms: idle mappings are dropped after this. */
+  persistentIdleMs: number;
+  /** Reach the frontend's pages with GNTTABOP_copy into local pages instead of mapping them (QEMU's way). */
+  grantCopy: boolean;
+  /** Local pages per queue for grant copy (bounds the bytes being copied at once). */
+  grantCopyPages: number;
+  /** Purge and resize checks run this often (ms; 0 = never). */
+  housekeepingMs: number;
+  /** Check the storage's size on every housekeeping tick and resize online when it changes. */
+  watchSize: boolean;
   /** ABI assumed when the frontend writes no `protocol` (spec decision 2: Linux on x86 assumes x86_32). */
   defaultProtocol: string;
 }
@@ -45,6 +61,14 @@ export const DEFAULT_BLKBACK_OPTIONS: Readonly<BlkbackOptions> = {
   cdrom: false,
   removable: false,
   defaultProtocol: XEN_IO_PROTO_ABI_X86_32,
+  maxQueues: 4,
+  persistent: true,
+  maxPersistentGrants: 1056,
+  persistentIdleMs: 60_000,
+  grantCopy: false,
+  grantCopyPages: BLKIF_MAX_INDIRECT_SEGMENTS + 8,
+  housekeepingMs: 1000,
+  watchSize: true,
 };
 
 export class BlkbackConfigError extends Error {
@@ -61,6 +85,11 @@ export function blkbackOptions(given: Partial<BlkbackOptions> = {}): BlkbackOpti
   }
   if (!Number.isInteger(o.maxRingPageOrder) || o.maxRingPageOrder < 0 || o.maxRingPageOrder > MAX_RING_PAGE_ORDER) {
     throw new BlkbackConfigError(`max ring page order ${o.maxRingPageOrder}: use 0..${MAX_RING_PAGE_ORDER}`);
+  }
+  if (!Number.isInteger(o.maxQueues) || o.maxQueues < 1 || o.maxQueues > 64) throw new BlkbackConfigError(`max queues ${o.maxQueues}: use 1..64`);
+  if (!Number.isInteger(o.maxPersistentGrants) || o.maxPersistentGrants < 0) throw new BlkbackConfigError(`max persistent grants ${o.maxPersistentGrants}`);
+  if (!Number.isInteger(o.grantCopyPages) || o.grantCopyPages < BLKIF_MAX_INDIRECT_SEGMENTS + 8) {
+    throw new BlkbackConfigError(`grant copy pages ${o.grantCopyPages}: at least ${BLKIF_MAX_INDIRECT_SEGMENTS + 8} (one largest request)`);
   }
   return o;
 }

@@ -20,7 +20,9 @@ import {
   XS_INFO,
   XS_MAX_RING_PAGE_ORDER,
   XS_MODE,
+  XS_MULTI_QUEUE_MAX_QUEUES,
   XS_MULTI_QUEUE_NUM_QUEUES,
+  XS_FEATURE_PERSISTENT,
   XS_PHYSICAL_SECTOR_SIZE,
   XS_PROTOCOL,
   XS_RING_PAGE_ORDER,
@@ -28,7 +30,9 @@ import {
   XS_SECTORS,
   XS_SECTOR_SIZE,
   abiByName,
+  xsQueueDir,
   xsRingRefN,
+  BLKIF_MAX_SEGMENTS_PER_REQUEST,
 } from '../abi/index.js';
 import { BackRing, SharedRing } from '../ring/index.js';
 import type { BlockStorage } from '../storage/storage.js';
@@ -50,6 +54,7 @@ import {
 import type { XenstoreClient } from '../xenstore/index.js';
 import { newVbdCounters, type VbdCounters } from './counters.js';
 import { DataPath } from './data-path.js';
+import { GrantCopy, MapPerRequest, PersistentMaps, type PageAccess } from './page-access.js';
 import { blkbackOptions, type BlkbackOptions } from './options.js';
 import type { VbdLimits } from './validate.js';
 
@@ -63,11 +68,19 @@ export interface BlkbackDeps {
   readonly log?: (msg: string) => void;
 }
 
-/** A live connection: the frontend's ring mapped and its event channel bound. */
-interface Connection {
+/** One queue of a live connection: its ring mapped, its channel bound, its data path. */
+interface QueueConn {
   readonly dataPath: DataPath;
+  readonly access: PageAccess;
   readonly ringHandles: number[];
   readonly port: number;
+}
+
+/** A live connection to the frontend. */
+interface Connection {
+  readonly queues: QueueConn[];
+  readonly persistent: boolean;
+  readonly copy: boolean;
 }
 
 let watchSeq = 0;
@@ -86,6 +99,8 @@ export class Blkback {
   private closed = false;
   private lastError: string | undefined;
   private readonly stateListeners = new Set<(s: XenbusState) => void>();
+  private timer: NodeJS.Timeout | undefined;
+  private sectorsPublished = 0;
 
   private constructor(
     private readonly d: BlkbackDeps,
@@ -208,6 +223,8 @@ export class Blkback {
       if (o.maxIndirectSegments > 0) await xs.write(`${backDir}/${XS_FEATURE_MAX_INDIRECT_SEGMENTS}`, String(o.maxIndirectSegments), tx);
       else await xs.rm(`${backDir}/${XS_FEATURE_MAX_INDIRECT_SEGMENTS}`, tx).catch(() => undefined);
       await xs.write(`${backDir}/${XS_MAX_RING_PAGE_ORDER}`, String(o.maxRingPageOrder), tx);
+      await xs.write(`${backDir}/${XS_MULTI_QUEUE_MAX_QUEUES}`, String(o.maxQueues), tx);
+      await xs.write(`${backDir}/${XS_FEATURE_PERSISTENT}`, o.persistent && !o.grantCopy ? '1' : '0', tx);
       await this.writeFeatures(tx);
     });
     this.lastError = undefined;
@@ -227,7 +244,7 @@ export class Blkback {
     }
   }
 
-  /** Maps the frontend's ring, binds its channel, publishes the disk and goes Connected (startup step 4). */
+  /** Maps the frontend's rings, binds their channels, publishes the disk and goes Connected (startup step 4). */
   private async connect(): Promise<void> {
     const { xen, xs, backDir, storage } = this.d;
     const f = this.frontDir;
@@ -235,46 +252,70 @@ export class Blkback {
     const protocol = (await opt(XS_PROTOCOL)) ?? this.options.defaultProtocol;
     const abi = abiByName(protocol);
     if (abi === undefined) return this.fatal(`frontend protocol "${protocol}" is not one we speak`);
-    const queues = await opt(XS_MULTI_QUEUE_NUM_QUEUES);
-    if (queues !== undefined && queues !== '1') return this.fatal(`frontend asks for ${queues} queues; this backend offers one`);
+    // Linux connect_ring: 0 or more queues than offered is a "buggy or malicious guest".
+    const queuesText = await opt(XS_MULTI_QUEUE_NUM_QUEUES);
+    const nq = queuesText === undefined ? 1 : parseUint(queuesText);
+    if (nq === undefined || nq < 1 || nq > this.options.maxQueues) return this.fatal(`multi-queue-num-queues "${queuesText}" (offered 1..${this.options.maxQueues})`);
     const orderText = await opt(XS_RING_PAGE_ORDER);
     const order = orderText === undefined ? 0 : parseUint(orderText);
     if (order === undefined || order > this.options.maxRingPageOrder) return this.fatal(`ring-page-order "${orderText}" (max ${this.options.maxRingPageOrder})`);
-    const refs: number[] = [];
-    for (let i = 0; i < 1 << order; i++) {
-      const text = orderText === undefined ? await opt(XS_RING_REF) : await opt(xsRingRefN(i));
-      const ref = text === undefined ? undefined : parseUint(text);
-      if (ref === undefined) return this.fatal(`ring reference ${i} missing or malformed (${text})`);
-      refs.push(ref);
+    const persistent = this.options.persistent && !this.options.grantCopy && (await opt(XS_FEATURE_PERSISTENT)) === '1';
+    // With one queue the nodes are top-level; with more, under queue-N (blkif.h "Multi-queue").
+    const rings: { refs: number[]; remotePort: number }[] = [];
+    for (let q = 0; q < nq; q++) {
+      const dir = nq === 1 ? '' : `${xsQueueDir(q)}/`;
+      const refs: number[] = [];
+      for (let i = 0; i < 1 << order; i++) {
+        const key = orderText === undefined ? `${dir}${XS_RING_REF}` : `${dir}${xsRingRefN(i)}`;
+        const text = await opt(key);
+        const ref = text === undefined ? undefined : parseUint(text);
+        if (ref === undefined) return this.fatal(`${key} missing or malformed (${text})`);
+        refs.push(ref);
+      }
+      const portText = await opt(`${dir}${XS_EVENT_CHANNEL}`);
+      const remotePort = portText === undefined ? undefined : parseUint(portText);
+      if (remotePort === undefined) return this.fatal(`${dir}event-channel missing or malformed (${portText})`);
+      rings.push({ refs, remotePort });
     }
-    const portText = await opt(XS_EVENT_CHANNEL);
-    const remotePort = portText === undefined ? undefined : parseUint(portText);
-    if (remotePort === undefined) return this.fatal(`event-channel missing or malformed (${portText})`);
 
-    const maps = xen.grants.map(refs.map((ref) => ({ dom: this.frontDomid, ref, flags: GNTMAP_host_map })));
-    const ringHandles = maps.filter((m) => m.status === GNTST_okay).map((m) => m.handle);
-    this.counters.grant_map_ops += ringHandles.length;
-    if (ringHandles.length !== refs.length) {
-      this.unmapRing(ringHandles);
-      return this.fatal(`mapping the ring (refs ${refs.join(',')}) failed: ${maps.map((m) => m.status).join(',')}`);
+    const queues: QueueConn[] = [];
+    this.conn = { queues, persistent, copy: this.options.grantCopy };
+    for (const [q, r] of rings.entries()) {
+      const maps = xen.grants.map(r.refs.map((ref) => ({ dom: this.frontDomid, ref, flags: GNTMAP_host_map })));
+      const ringHandles = maps.filter((m) => m.status === GNTST_okay).map((m) => m.handle);
+      this.counters.grant_map_ops += ringHandles.length;
+      if (ringHandles.length !== r.refs.length) {
+        this.unmapRing(ringHandles);
+        return this.fatal(`mapping ring ${q} (refs ${r.refs.join(',')}) failed: ${maps.map((m) => m.status).join(',')}`);
+      }
+      const port = xen.events.bindInterdomain(this.frontDomid, r.remotePort);
+      if (port < 0) {
+        this.unmapRing(ringHandles);
+        return this.fatal(`binding event channel ${r.remotePort} of domain ${this.frontDomid} failed (${port})`);
+      }
+      // Only the frontend initialises the shared ring (spec decision 5): attach at index 0.
+      const ring = new BackRing(new SharedRing(maps.map((m) => m.page!), abi.entrySize));
+      const deps = { xen, frontDomid: this.frontDomid, counters: this.counters };
+      const maxSegs = Math.max(this.options.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
+      // Each queue has its own ring, channel, page access and cache: nothing shared between queues.
+      const access: PageAccess = this.options.grantCopy
+        ? new GrantCopy(deps, Math.min(ring.size * maxSegs, this.options.grantCopyPages))
+        : persistent
+          ? new PersistentMaps(deps, { max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs })
+          : new MapPerRequest(deps);
+      const dataPath = new DataPath({
+        xen, frontDomid: this.frontDomid, ring, abi, port, storage, access,
+        limits: () => this.limits(),
+        maxIndirectSegments: this.options.maxIndirectSegments,
+        counters: this.counters,
+        onFatal: (why) => void this.enqueue(() => this.fatal(why)),
+        log: (m) => this.log(m),
+      });
+      queues.push({ dataPath, access, ringHandles, port });
     }
-    const port = xen.events.bindInterdomain(this.frontDomid, remotePort);
-    if (port < 0) {
-      this.unmapRing(ringHandles);
-      return this.fatal(`binding event channel ${remotePort} of domain ${this.frontDomid} failed (${port})`);
-    }
-    // Only the frontend initialises the shared ring (spec decision 5): attach at index 0.
-    const ring = new BackRing(new SharedRing(maps.map((m) => m.page!), abi.entrySize));
-    const dataPath = new DataPath({
-      xen, frontDomid: this.frontDomid, ring, abi, port, storage,
-      limits: () => this.limits(),
-      maxIndirectSegments: this.options.maxIndirectSegments,
-      counters: this.counters,
-      onFatal: (why) => void this.enqueue(() => this.fatal(why)),
-      log: (m) => this.log(m),
-    });
-    this.conn = { dataPath, ringHandles, port };
+    this.startTimer();
     const l = this.limits();
+    this.sectorsPublished = l.sectors;
     const info = (this.readOnly ? VDISK_READONLY : 0) | (this.options.cdrom ? VDISK_CDROM : 0) | (this.options.removable ? VDISK_REMOVABLE : 0);
     await xs.transaction(async (tx) => {
       await xs.write(`${backDir}/${XS_SECTORS}`, String(l.sectors), tx);
@@ -283,18 +324,62 @@ export class Blkback {
       await xs.write(`${backDir}/${XS_INFO}`, String(info), tx);
       await this.writeFeatures(tx);
     });
-    this.log(`connected: ${abi.protocol}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ${l.sectors} sectors of ${l.sectorSize} bytes${this.readOnly ? ', read-only' : ''}`);
+    this.log(`connected: ${abi.protocol}, ${nq} queue(s), ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
+      `${this.options.grantCopy ? 'grant copy' : persistent ? 'persistent grants' : 'map per request'}, ${l.sectors} sectors of ${l.sectorSize} bytes${this.readOnly ? ', read-only' : ''}`);
     await this.setState(XenbusStateConnected);
   }
 
-  /** Finishes in-flight requests, unmaps the ring and closes the channel. Idempotent. */
+  /** Finishes in-flight requests, lets go of every page, unmaps the rings and closes the channels. Idempotent. */
   private async disconnect(): Promise<void> {
     const c = this.conn;
     if (c === undefined) return;
     this.conn = undefined;
-    await c.dataPath.stop();
-    this.unmapRing(c.ringHandles);
-    this.d.xen.events.close(c.port);
+    this.stopTimer();
+    for (const q of c.queues) {
+      await q.dataPath.stop();
+      q.access.clear();
+      this.unmapRing(q.ringHandles);
+      this.d.xen.events.close(q.port);
+    }
+  }
+
+  /** Housekeeping while connected: purge idle persistent grants, notice a resized image. */
+  private startTimer(): void {
+    this.stopTimer();
+    const every = this.options.housekeepingMs;
+    if (every <= 0) return;
+    this.timer = setInterval(() => {
+      const now = performance.now();
+      for (const q of this.conn?.queues ?? []) q.access.tick(now);
+      if (this.options.watchSize) void this.enqueue(() => this.checkSize());
+    }, every);
+    this.timer.unref();
+  }
+
+  private stopTimer(): void {
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  /**
+   * Online resize (Linux `xen_vbd_resize`): re-reads the storage's size and, if it changed while
+   * connected, rewrites `sectors` and then `state` (same value) so the frontend's watch fires.
+   * Returns the size in 512-byte sectors.
+   */
+  async refreshSize(): Promise<number> {
+    await this.enqueue(() => this.checkSize());
+    return this.limits().sectors;
+  }
+
+  private async checkSize(): Promise<void> {
+    await this.d.storage.refreshSize();
+    const sectors = this.limits().sectors;
+    if (this.conn === undefined || this.state !== XenbusStateConnected || sectors === this.sectorsPublished) return;
+    const { xs, backDir } = this.d;
+    this.log(`resized: ${this.sectorsPublished} -> ${sectors} sectors`);
+    await xs.write(`${backDir}/${XS_SECTORS}`, String(sectors));
+    this.sectorsPublished = sectors;
+    await xs.write(`${backDir}/${XS_STATE}`, String(XenbusStateConnected));
   }
 
   private unmapRing(handles: number[]): void {

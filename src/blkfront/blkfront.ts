@@ -22,6 +22,8 @@ import {
   SECTOR_SHIFT,
   XEN_PAGE_SIZE,
   XS_EVENT_CHANNEL,
+  XS_FEATURE_PERSISTENT,
+  XS_MULTI_QUEUE_NUM_QUEUES,
   XS_PROTOCOL,
   XS_RING_PAGE_ORDER,
   XS_RING_REF,
@@ -30,12 +32,13 @@ import {
   encodeRequest,
   encodeSegment,
   indirectPagesFor,
+  xsQueueDir,
   xsRingRefN,
   type BlkifAbi,
   type BlkifSegment,
   type RwOperation,
 } from '../abi/index.js';
-import { FrontRing, RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, SharedRing } from '../ring/index.js';
+import { FrontRing, MAX_RING_PAGE_ORDER, RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, SharedRing } from '../ring/index.js';
 import type { XenDomain } from '../xen/index.js';
 import {
   XS_BACKEND,
@@ -101,7 +104,11 @@ export interface DeviceInfo extends DiskInfo {
   maxSegments: number;
   indirect: boolean;
   ringPageOrder: number;
+  /** Slots per ring; `queues` rings. */
   ringSize: number;
+  queues: number;
+  /** Persistent grants negotiated. */
+  persistent: boolean;
   protocol: string;
 }
 
@@ -129,21 +136,33 @@ interface Chunk {
   length: number;
 }
 
-/** One connection to a backend: its ring, channel and negotiated limits. */
+/** One ring of a connection, with its own channel and id space (blkif.h "Multi-queue"). */
+interface Queue {
+  readonly index: number;
+  readonly ring: FrontRing;
+  readonly ringFrames: number[];
+  readonly ringRefs: number[];
+  readonly port: number;
+  offEvent: () => void;
+  readonly shadow: ShadowTable<Chunk>;
+  readonly entry: RingEntry;
+}
+
+/** One connection to a backend: its queues and negotiated limits. */
 interface Link {
   backDomid: number;
   backDir: string;
   abi: BlkifAbi;
-  ring: FrontRing;
-  ringFrames: number[];
-  ringRefs: number[];
   ringPageOrder: number;
-  port: number;
-  offEvent: () => void;
   maxSegments: number;
   indirect: boolean;
-  shadow: ShadowTable<Chunk>;
-  entry: RingEntry;
+  /** `feature-persistent` on both ends: pages keep their (writable) grant for the whole link. */
+  persistent: boolean;
+  /** Persistent grants by frame. */
+  readonly pgrants: Map<number, number>;
+  readonly queues: Queue[];
+  /** Round-robin start for spreading requests over the queues. */
+  next: number;
 }
 
 type Phase = 'connecting' | 'connected' | 'closing' | 'closed' | 'broken';
@@ -200,7 +219,9 @@ export class Blkfront {
       maxSegments: link?.maxSegments ?? BLKIF_MAX_SEGMENTS_PER_REQUEST,
       indirect: link?.indirect ?? false,
       ringPageOrder: link?.ringPageOrder ?? 0,
-      ringSize: link?.ring.size ?? 0,
+      ringSize: link?.queues[0]?.ring.size ?? 0,
+      queues: link?.queues.length ?? 0,
+      persistent: link?.persistent ?? false,
       protocol: link?.abi.protocol ?? this.options.protocol,
     };
   }
@@ -211,7 +232,9 @@ export class Blkfront {
 
   /** Requests on the ring now. */
   get inFlight(): number {
-    return this.link?.shadow.inFlight ?? 0;
+    let n = 0;
+    for (const q of this.link?.queues ?? []) n += q.shadow.inFlight;
+    return n;
   }
 
   /** Frames the backend kept mapped after answering (a misbehaving backend): never reused. */
@@ -307,23 +330,35 @@ export class Blkfront {
     return undefined;
   }
 
-  /** Moves queued chunks onto the ring while it has slots and the pool has pages. */
+  /** Moves queued chunks onto the rings (spread round-robin) while they have slots and the pool has pages. */
   private pump(): void {
     const link = this.link;
     if (link === undefined || this.phase !== 'connected') return;
+    const nq = link.queues.length;
     let produced = 0;
-    while (this.queue.length > 0 && !link.ring.full() && link.shadow.available > 0) {
+    const touched = new Set<Queue>();
+    while (this.queue.length > 0) {
       const c = this.queue[0]!;
       if (c.op.failed) {
         this.queue.shift();
         continue;
       }
-      if (!this.issue(link, c)) break;
+      let q: Queue | undefined;
+      for (let k = 0; k < nq && q === undefined; k++) {
+        const cand = link.queues[(link.next + k) % nq]!;
+        if (!cand.ring.full() && cand.shadow.available > 0) q = cand;
+      }
+      if (q === undefined || !this.issue(link, q, c)) break;
+      link.next = (q.index + 1) % nq;
+      touched.add(q);
       produced++;
     }
-    if (produced > 0 && link.ring.pushRequestsAndCheckNotify()) {
-      this.counters.notify_sent++;
-      this.d.xen.events.notify(link.port);
+    if (produced === 0) return;
+    for (const q of touched) {
+      if (q.ring.pushRequestsAndCheckNotify()) {
+        this.counters.notify_sent++;
+        this.d.xen.events.notify(q.port);
+      }
     }
   }
 
@@ -331,7 +366,7 @@ export class Blkfront {
    * Puts the head of `c` on the ring as one request (plain, or indirect when more than 11
    * segments are needed and negotiated). Returns false if the pool lacks pages for it.
    */
-  private issue(link: Link, c: Chunk): boolean {
+  private issue(link: Link, q: Queue, c: Chunk): boolean {
     const op = c.op;
     const disk = this.disk!;
     let operation: number;
@@ -350,8 +385,7 @@ export class Blkfront {
     const indPages = indirect ? indirectPagesFor(nsegs) : 0;
     if (this.pool.available < nsegs + indPages) return false;
 
-    const s = link.shadow.take();
-    const backDomid = link.backDomid;
+    const s = q.shadow.take();
     const toDisk = op.kind === 'write';
     this.pool.take(nsegs, s.frames);
     const segs: BlkifSegment[] = [];
@@ -362,8 +396,8 @@ export class Blkfront {
         const from = c.start + i * XEN_PAGE_SIZE;
         this.pool.page(frame).set(op.buf!.subarray(from, from + len));
       }
-      // The backend only reads a page we write out: grant it read-only.
-      const gref = this.grant(backDomid, frame, toDisk);
+      // The backend only reads a page we write out: grant it read-only (unless persistent).
+      const gref = this.grantFor(link, frame, toDisk);
       s.grefs.push(gref);
       segs.push({ gref, first_sect: 0, last_sect: (len >> SECTOR_SHIFT) - 1 });
     }
@@ -375,25 +409,25 @@ export class Blkfront {
         const frame = s.indirectFrames[Math.floor(j / BLKIF_SEGS_PER_INDIRECT_FRAME)]!;
         encodeSegment(this.pool.view(frame), (j % BLKIF_SEGS_PER_INDIRECT_FRAME) * BLKIF_SEGMENT_SIZE, segs[j]!);
       }
-      for (const frame of s.indirectFrames) s.indirectGrefs.push(this.grant(backDomid, frame, true));
-      encodeRequest(link.entry.view, 0, link.abi, {
+      for (const frame of s.indirectFrames) s.indirectGrefs.push(this.grantFor(link, frame, true));
+      encodeRequest(q.entry.view, 0, link.abi, {
         operation: BLKIF_OP_INDIRECT, indirect_op: operation, nr_segments: nsegs, id, sector_number: sector, handle: this.handle, indirect_grefs: s.indirectGrefs,
       });
       this.counters.indirect_requests++;
     } else if (operation === BLKIF_OP_DISCARD) {
-      encodeRequest(link.entry.view, 0, link.abi, {
+      encodeRequest(q.entry.view, 0, link.abi, {
         operation, flag: op.secure ? BLKIF_DISCARD_SECURE : 0, handle: this.handle, id, sector_number: sector, nr_sectors: BigInt(c.length / 512),
       });
       bytes = c.length;
     } else {
-      encodeRequest(link.entry.view, 0, link.abi, {
+      encodeRequest(q.entry.view, 0, link.abi, {
         operation: operation as RwOperation, nr_segments: nsegs, handle: this.handle, id, sector_number: sector, seg: segs,
       });
     }
     s.expectOp = operation;
     this.counters.requests++;
     this.counters.segments += nsegs;
-    link.ring.produceRequest(link.entry);
+    q.ring.produceRequest(q.entry);
     // The request carries [c.start, c.start + bytes); the rest of the chunk stays queued.
     s.owner = { op, start: c.start, length: bytes };
     if (bytes < c.length) {
@@ -405,30 +439,39 @@ export class Blkfront {
     return true;
   }
 
-  private grant(backDomid: number, frame: number, readOnly: boolean): number {
-    const ref = this.d.xen.grants.grantAccess(backDomid, frame, readOnly);
-    if (ref < 0) throw new BlkfrontError('EIO', `granting page ${frame} to domain ${backDomid} failed (${ref})`);
+  /**
+   * The grant for one page of a request: with persistent grants the page's lasting writable grant
+   * (made on first use, kept until the link ends), else a fresh one ended after the response.
+   */
+  private grantFor(link: Link, frame: number, readOnly: boolean): number {
+    if (link.persistent) {
+      const ref = link.pgrants.get(frame);
+      if (ref !== undefined) return ref;
+    }
+    const ref = this.d.xen.grants.grantAccess(link.backDomid, frame, readOnly && !link.persistent);
+    if (ref < 0) throw new BlkfrontError('EIO', `granting page ${frame} to domain ${link.backDomid} failed (${ref})`);
     this.counters.grants++;
+    if (link.persistent) link.pgrants.set(frame, ref);
     return ref;
   }
 
   // ---- responses ----
 
-  private onEvent(link: Link): void {
+  private onEvent(link: Link, q: Queue): void {
     if (this.link !== link || this.phase === 'broken') return;
     this.counters.notify_received++;
-    const ring = link.ring;
+    const ring = q.ring;
     do {
       for (;;) {
-        const r = ring.consumeResponse(link.entry);
+        const r = ring.consumeResponse(q.entry);
         if (r === RING_PEER_OVERFLOW) return this.broken(`backend published rsp_prod ${ring.sring.rspProd} beyond the ${ring.size} slots after rsp_cons ${ring.rspCons}`);
         if (r !== RING_CONSUMED) break;
-        const rsp = decodeResponse(link.entry.view, 0, link.abi);
-        const s = link.shadow.lookup(rsp.id);
+        const rsp = decodeResponse(q.entry.view, 0, link.abi);
+        const s = q.shadow.lookup(rsp.id);
         if (s === undefined) return this.broken(`response for id ${rsp.id}, which is not pending`);
         if (rsp.operation !== s.expectOp) return this.broken(`response for id ${rsp.id} carries operation ${rsp.operation}, the request was ${s.expectOp}`);
         this.counters.responses++;
-        this.complete(link, s, rsp.status);
+        this.complete(link, q, s, rsp.status);
         if (this.link !== link || (this.phase as Phase) === 'broken') return;
       }
     } while (ring.finalCheckForResponses() !== 0);
@@ -436,10 +479,10 @@ export class Blkfront {
   }
 
   /** One request answered: release its grants and pages, then account it to its I/O. */
-  private complete(link: Link, s: ShadowEntry<Chunk>, status: number): void {
+  private complete(link: Link, q: Queue, s: ShadowEntry<Chunk>, status: number): void {
     const c = s.owner!;
     const op = c.op;
-    if (!this.releaseGrants(link, s)) return;
+    if (!this.releaseGrants(link, q, s)) return;
     if (status === BLKIF_RSP_OKAY && op.kind === 'read' && !op.failed) {
       for (let i = 0; i < s.frames.length; i++) {
         const at = c.start + i * XEN_PAGE_SIZE;
@@ -449,7 +492,7 @@ export class Blkfront {
     }
     for (const f of s.frames) this.pool.give(f);
     for (const f of s.indirectFrames) this.pool.give(f);
-    link.shadow.release(s);
+    q.shadow.release(s);
     if (status !== BLKIF_RSP_OKAY) {
       this.counters.errors++;
       if (status === BLKIF_RSP_EOPNOTSUPP && (op.kind === 'flush' || op.kind === 'discard')) {
@@ -468,7 +511,9 @@ export class Blkfront {
    * Ends access to every page of the request; a grant the backend still maps after answering is
    * a backend bug (Linux `blkif_completion`): its page is never reused and the device stops.
    */
-  private releaseGrants(link: Link, s: ShadowEntry<Chunk>): boolean {
+  private releaseGrants(link: Link, q: Queue, s: ShadowEntry<Chunk>): boolean {
+    // Persistent grants outlive the request: the backend may keep them mapped.
+    if (link.persistent) return true;
     let leaked = 0;
     const end = (refs: number[], frames: number[]) => {
       for (let i = 0; i < refs.length; i++) {
@@ -487,7 +532,7 @@ export class Blkfront {
     keep(s.indirectFrames);
     for (const f of s.frames) this.pool.give(f);
     for (const f of s.indirectFrames) this.pool.give(f);
-    link.shadow.release(s);
+    q.shadow.release(s);
     this.broken(`backend still maps ${leaked} page(s) of a request it answered`);
     return false;
   }
@@ -533,7 +578,7 @@ export class Blkfront {
     const ops = new Set<IoOp>();
     for (const c of this.queue) ops.add(c.op);
     this.queue = [];
-    for (const s of this.link?.shadow.pendingEntries() ?? []) if (s.owner !== undefined) ops.add(s.owner.op);
+    for (const q of this.link?.queues ?? []) for (const s of q.shadow.pendingEntries()) if (s.owner !== undefined) ops.add(s.owner.op);
     for (const op of ops) this.finish(op, err);
     for (const w of this.connectedWaiters.splice(0)) w.reject(err);
     for (const w of this.drainWaiters.splice(0)) w();
@@ -597,39 +642,53 @@ export class Blkfront {
     }
   }
 
-  /** Linux `talk_to_blkback`: set up the ring and channel, publish them, go Initialised. */
+  /** Linux `talk_to_blkback`: set up the rings and channels, publish them, go Initialised. */
   private async talkToBackend(): Promise<void> {
     const { xen, xs, frontDir } = this.d;
     const backDomid = Number(await xs.read(`${frontDir}/${XS_BACKEND_ID}`));
     const t = await readBackendTransport(xs, this.backDir, this.options.maxIndirectSegments);
     const abi = abiByName(this.options.protocol)!;
     const order = Math.min(this.options.ringPageOrder, t.maxRingPageOrder);
-    const ringFrames = xen.memory.alloc(1 << order);
-    const sring = new SharedRing(ringFrames.map((f) => xen.memory.page(f)), abi.entrySize);
-    const ring = FrontRing.init(sring);
-    const ringRefs = grantRing(xen, backDomid, ringFrames);
-    const port = allocEvtchn(xen, backDomid);
+    const nq = Math.max(1, Math.min(this.options.queues, t.maxQueues));
+    const persistent = this.options.persistent && t.persistent;
     // The pool must hold one largest request; fall back to a smaller maximum otherwise.
     let maxSegments = t.maxIndirectSegments > 0 ? t.maxIndirectSegments : BLKIF_MAX_SEGMENTS_PER_REQUEST;
     while (maxSegments > BLKIF_MAX_SEGMENTS_PER_REQUEST && maxSegments + indirectPagesFor(maxSegments) > this.options.bufferPages) maxSegments >>= 1;
     maxSegments = Math.max(maxSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
     const link: Link = {
-      backDomid, backDir: this.backDir, abi, ring, ringFrames, ringRefs, ringPageOrder: order, port, offEvent: () => undefined,
-      maxSegments, indirect: maxSegments > BLKIF_MAX_SEGMENTS_PER_REQUEST, shadow: new ShadowTable(ring.size), entry: new RingEntry(abi.entrySize),
+      backDomid, backDir: this.backDir, abi, ringPageOrder: order, maxSegments,
+      indirect: maxSegments > BLKIF_MAX_SEGMENTS_PER_REQUEST, persistent, pgrants: new Map(), queues: [], next: 0,
     };
-    link.offEvent = xen.events.on(port, () => this.onEvent(link));
     this.link = link;
+    for (let i = 0; i < nq; i++) {
+      const ringFrames = xen.memory.alloc(1 << order);
+      const ring = FrontRing.init(new SharedRing(ringFrames.map((f) => xen.memory.page(f)), abi.entrySize));
+      const ringRefs = grantRing(xen, backDomid, ringFrames);
+      const port = allocEvtchn(xen, backDomid);
+      const q: Queue = {
+        index: i, ring, ringFrames, ringRefs, port, offEvent: () => undefined,
+        shadow: new ShadowTable(ring.size), entry: new RingEntry(abi.entrySize),
+      };
+      q.offEvent = xen.events.on(port, () => this.onEvent(link, q));
+      link.queues.push(q);
+    }
     await xs.transaction(async (tx) => {
-      if (order === 0) {
-        await xs.write(`${frontDir}/${XS_RING_REF}`, String(ringRefs[0]), tx);
-        await xs.rm(`${frontDir}/${XS_RING_PAGE_ORDER}`, tx).catch(() => undefined);
-      } else {
-        await xs.rm(`${frontDir}/${XS_RING_REF}`, tx).catch(() => undefined);
-        await xs.write(`${frontDir}/${XS_RING_PAGE_ORDER}`, String(order), tx);
-        for (let i = 0; i < ringRefs.length; i++) await xs.write(`${frontDir}/${xsRingRefN(i)}`, String(ringRefs[i]), tx);
+      const rm = (key: string) => xs.rm(`${frontDir}/${key}`, tx).catch(() => undefined);
+      // Nodes of an earlier connection with another shape must not linger.
+      for (const key of [XS_RING_REF, XS_EVENT_CHANNEL, XS_RING_PAGE_ORDER, XS_MULTI_QUEUE_NUM_QUEUES]) await rm(key);
+      for (let i = 0; i < 1 << MAX_RING_PAGE_ORDER; i++) await rm(xsRingRefN(i));
+      for (let i = 0; i < 64; i++) await rm(xsQueueDir(i));
+      if (order > 0) await xs.write(`${frontDir}/${XS_RING_PAGE_ORDER}`, String(order), tx);
+      if (nq > 1) await xs.write(`${frontDir}/${XS_MULTI_QUEUE_NUM_QUEUES}`, String(nq), tx);
+      for (const q of link.queues) {
+        // One queue: top-level nodes; several: under queue-N (blkif.h "Multi-queue").
+        const dir = nq === 1 ? frontDir : `${frontDir}/${xsQueueDir(q.index)}`;
+        if (order === 0) await xs.write(`${dir}/${XS_RING_REF}`, String(q.ringRefs[0]), tx);
+        else for (let i = 0; i < q.ringRefs.length; i++) await xs.write(`${dir}/${xsRingRefN(i)}`, String(q.ringRefs[i]), tx);
+        await xs.write(`${dir}/${XS_EVENT_CHANNEL}`, String(q.port), tx);
       }
-      await xs.write(`${frontDir}/${XS_EVENT_CHANNEL}`, String(port), tx);
       await xs.write(`${frontDir}/${XS_PROTOCOL}`, abi.protocol, tx);
+      await xs.write(`${frontDir}/${XS_FEATURE_PERSISTENT}`, this.options.persistent ? '1' : '0', tx);
     });
     await this.setState(XenbusStateInitialised);
   }
@@ -648,7 +707,8 @@ export class Blkfront {
     this.phase = 'connected';
     clearTimeout(this.waitTimer);
     const l = this.link!;
-    this.log(`connected to ${this.backDir}: ${l.abi.protocol}, ring ${l.ring.size} slots, ${l.indirect ? `indirect ${l.maxSegments}` : 'no indirect'} segments, ${disk.sectors} sectors of ${disk.sectorSize}`);
+    this.log(`connected to ${this.backDir}: ${l.abi.protocol}, ${l.queues.length} queue(s) of ${l.queues[0]!.ring.size} slots, ` +
+      `${l.indirect ? `indirect ${l.maxSegments}` : 'no indirect'} segments, ${l.persistent ? 'persistent grants' : 'grant per request'}, ${disk.sectors} sectors of ${disk.sectorSize}`);
     for (const w of this.connectedWaiters.splice(0)) w.resolve();
     this.pump();
   }
@@ -663,25 +723,36 @@ export class Blkfront {
     if (link === undefined) return;
     this.link = undefined;
     if (this.phase === 'connected') this.phase = 'connecting';
-    link.offEvent();
-    this.d.xen.events.close(link.port);
     const again: Chunk[] = [];
-    for (const s of link.shadow.pendingEntries()) {
-      const c = s.owner;
-      if (!this.releaseGrantsQuiet(s)) continue;
-      for (const f of s.frames) this.pool.give(f);
-      for (const f of s.indirectFrames) this.pool.give(f);
-      link.shadow.release(s);
-      if (c !== undefined && !c.op.failed) again.push(c);
+    let ringLeaked = 0;
+    for (const q of link.queues) {
+      q.offEvent();
+      this.d.xen.events.close(q.port);
+      for (const s of q.shadow.pendingEntries()) {
+        const c = s.owner;
+        if (!link.persistent && !this.releaseGrantsQuiet(s)) continue;
+        for (const f of s.frames) this.pool.give(f);
+        for (const f of s.indirectFrames) this.pool.give(f);
+        q.shadow.release(s);
+        if (c !== undefined && !c.op.failed) again.push(c);
+      }
+      let leaked = 0;
+      for (const ref of q.ringRefs) if (!this.d.xen.grants.endAccess(ref)) leaked++;
+      if (leaked === 0) this.d.xen.memory.free(q.ringFrames);
+      ringLeaked += leaked;
     }
+    if (ringLeaked > 0) this.log(`backend still maps the ring: ${ringLeaked} page(s) not reused`);
+    // Persistent grants end with the link; a page the backend still maps is never reused.
+    for (const [frame, ref] of link.pgrants) {
+      if (this.d.xen.grants.endAccess(ref)) continue;
+      this.pool.retire(frame);
+      this.pool.leaked++;
+    }
+    link.pgrants.clear();
     if (again.length > 0) {
       this.counters.reissued += again.length;
       this.queue.unshift(...again);
     }
-    let ringLeaked = 0;
-    for (const ref of link.ringRefs) if (!this.d.xen.grants.endAccess(ref)) ringLeaked++;
-    if (ringLeaked === 0) this.d.xen.memory.free(link.ringFrames);
-    else this.log(`backend still maps the ring: ${ringLeaked} page(s) not reused`);
     if (!this.userClosing) this.armWaitTimer();
   }
 

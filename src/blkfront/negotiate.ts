@@ -18,7 +18,9 @@ import {
   XS_FEATURE_DISCARD,
   XS_FEATURE_FLUSH_CACHE,
   XS_FEATURE_MAX_INDIRECT_SEGMENTS,
+  XS_FEATURE_PERSISTENT,
   XS_INFO,
+  XS_MULTI_QUEUE_MAX_QUEUES,
   XS_MAX_RING_PAGE_ORDER,
   XS_PHYSICAL_SECTOR_SIZE,
   XS_SECTORS,
@@ -32,6 +34,10 @@ export interface BackendTransport {
   /** Segments per indirect request we will use: 0 = plain requests of up to 11 segments only. */
   maxIndirectSegments: number;
   maxRingPageOrder: number;
+  /** `multi-queue-max-queues` (absent: 1). */
+  maxQueues: number;
+  /** `feature-persistent`. */
+  persistent: boolean;
 }
 
 /** The disk as the backend describes it once Connected. */
@@ -77,7 +83,13 @@ export async function readBackendTransport(xs: XenstoreClient, backDir: string, 
   let maxIndirectSegments = Math.min(ind, ourMaxIndirect, BLKIF_MAX_INDIRECT_SEGMENTS);
   if (maxIndirectSegments <= BLKIF_MAX_SEGMENTS_PER_REQUEST) maxIndirectSegments = 0;
   const order = uint(await readOpt(xs, `${backDir}/${XS_MAX_RING_PAGE_ORDER}`)) ?? 0;
-  return { maxIndirectSegments, maxRingPageOrder: Math.min(order, MAX_RING_PAGE_ORDER) };
+  const queues = uint(await readOpt(xs, `${backDir}/${XS_MULTI_QUEUE_MAX_QUEUES}`)) ?? 1;
+  return {
+    maxIndirectSegments,
+    maxRingPageOrder: Math.min(order, MAX_RING_PAGE_ORDER),
+    maxQueues: Math.max(1, Math.min(queues, 64)),
+    persistent: flag(await readOpt(xs, `${backDir}/${XS_FEATURE_PERSISTENT}`)),
+  };
 }
 
 export async function readDiskInfo(xs: XenstoreClient, backDir: string): Promise<DiskInfo> {

@@ -12,6 +12,10 @@ export interface BlkfrontOptions {
   ringPageOrder: number;
   /** ABI of the ring we write in `protocol` (spec decision 2: always written). */
   protocol: string;
+  /** Rings wanted (blkif.h "Multi-queue"); capped by the backend's `multi-queue-max-queues`. */
+  queues: number;
+  /** Offer `feature-persistent`: grant each buffer page once and copy through it. */
+  persistent: boolean;
   /** Guest pages kept for data and indirect pages: bounds the bytes in flight. */
   bufferPages: number;
   /** How long to wait for a backend to connect (or come back) before failing I/O, in ms. */
@@ -22,6 +26,8 @@ export const DEFAULT_BLKFRONT_OPTIONS: Readonly<BlkfrontOptions> = {
   maxIndirectSegments: DEFAULT_MAX_INDIRECT_SEGMENTS,
   ringPageOrder: 0,
   protocol: XEN_IO_PROTO_ABI_X86_64,
+  queues: 1,
+  persistent: true,
   bufferPages: 8192,
   connectTimeoutMs: 30_000,
 };
@@ -38,6 +44,7 @@ export function blkfrontOptions(given: Partial<BlkfrontOptions> = {}): BlkfrontO
   if (!Number.isInteger(o.ringPageOrder) || o.ringPageOrder < 0 || o.ringPageOrder > MAX_RING_PAGE_ORDER) {
     throw new BlkfrontConfigError(`ring page order ${o.ringPageOrder}: use 0..${MAX_RING_PAGE_ORDER}`);
   }
+  if (!Number.isInteger(o.queues) || o.queues < 1 || o.queues > 16) throw new BlkfrontConfigError(`queues ${o.queues}: use 1..16`);
   if (!Number.isInteger(o.bufferPages) || o.bufferPages < 16) throw new BlkfrontConfigError(`buffer pages ${o.bufferPages}: at least 16`);
   return o;
 }

@@ -36,6 +36,12 @@ export class PagePool {
     this.free.push(frame);
   }
 
+  /** Takes a frame out of use for good (the backend kept it mapped). */
+  retire(frame: number): void {
+    const i = this.free.lastIndexOf(frame);
+    if (i >= 0) this.free.splice(i, 1);
+  }
+
   page(frame: number): Uint8Array {
     return this.views.get(frame)!;
   }

@@ -28,6 +28,9 @@ interface ServeOptions {
   maxIndirectSegments: number;
   sectorSize: number;
   ringPageOrder: number;
+  queues: number;
+  persistent: boolean;
+  grantCopy?: boolean;
   readonly?: boolean;
   port: number;
   socket?: string;
@@ -82,6 +85,9 @@ export function serveCommand(): Command {
       }))
     .addOption(new Option('--sector-size <bytes>', 'logical sector size of the disks').choices(['512', '4096']).default(512).argParser(Number))
     .addOption(new Option('--ring-page-order <n>', `ring of 2^n pages (0..${MAX_RING_PAGE_ORDER})`).default(0).argParser(int('--ring-page-order', 0, MAX_RING_PAGE_ORDER)))
+    .addOption(new Option('--queues <n>', 'rings per disk (multi-queue); the backend offers up to 4').default(1).argParser(int('--queues', 1, 4)))
+    .option('--no-persistent', 'no persistent grants: grant and map every page per request')
+    .option('--grant-copy', 'backend copies with GNTTABOP_copy instead of mapping grants (as QEMU does)')
     .option('--readonly', 'serve the disks read-only (exports are read-only too)')
     .addOption(new Option('--port <port>', 'TCP port on 127.0.0.1 (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
     .option('--socket <path>', 'listen on a Unix socket instead of TCP')
@@ -92,6 +98,8 @@ export function serveCommand(): Command {
 Prints "ready nbd://127.0.0.1:PORT/" (or "ready nbd+unix:///?socket=PATH") once clients may connect, e.g.
   qemu-img info nbd://127.0.0.1:${DEFAULT_NBD_PORT}/
   nbdcopy disk.raw nbd://127.0.0.1:${DEFAULT_NBD_PORT}/vbd0
+Growing an image while serving (e.g. truncate -s +1G IMAGE) resizes the disk online: the
+backend rewrites "sectors" and the guest picks it up (NBD clients see the new size on reconnect).
 Ctrl-C or SIGTERM: stop accepting, finish in-flight I/O, flush, close the devices, exit 0.`)
     .action(async (images: string[], opts: ServeOptions) => serve(images, opts));
 }
@@ -124,8 +132,8 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   const exp = await DiskExport.start({
     images: storage,
     readOnly: o.readonly === true,
-    backendOptions: { maxIndirectSegments: o.maxIndirectSegments },
-    frontendOptions: { maxIndirectSegments: o.maxIndirectSegments, ringPageOrder: o.ringPageOrder },
+    backendOptions: { maxIndirectSegments: o.maxIndirectSegments, persistent: o.persistent, grantCopy: o.grantCopy === true },
+    frontendOptions: { maxIndirectSegments: o.maxIndirectSegments, ringPageOrder: o.ringPageOrder, queues: o.queues, persistent: o.persistent },
     listen,
     log: (domid, msg) => info(msg, { domid }),
     progress: (step) => info(step),

@@ -120,9 +120,9 @@ export class Toolstack {
     return new Toolstack(hv, daemon, server, xs, socketPath, dir, opts);
   }
 
-  /** A driver domain running blkback. */
-  createBackendDomain(name = 'driver-domain'): Promise<DomainProxy> {
-    return this.createDomain(new URL('./backend-domain.js', import.meta.url), 'backend', name, undefined);
+  /** A driver domain running blkback; its memory holds grant-copy bounce pages. */
+  createBackendDomain(name = 'driver-domain', memoryPages = 16384): Promise<DomainProxy> {
+    return this.createDomain(new URL('./backend-domain.js', import.meta.url), 'backend', name, memoryPages);
   }
 
   /** A guest running blkfront; `memoryPages` must hold blkfront's buffer pages and rings. */

@@ -70,7 +70,7 @@ async function randomIo(disk: GuestDisk, model: Uint8Array, rng: Rng, batches: n
 }
 
 describe('blkfront <-> blkback over real domains and files', () => {
-  const configs: { indirect: number; sector: 512 | 4096; protocol?: string; order?: number }[] = [
+  const configs: { indirect: number; sector: 512 | 4096; protocol?: string; order?: number; persistent?: boolean; copy?: boolean; queues?: number }[] = [
     { indirect: 0, sector: 512 },
     { indirect: 32, sector: 512 },
     { indirect: 256, sector: 512 },
@@ -85,17 +85,29 @@ describe('blkfront <-> blkback over real domains and files', () => {
     { indirect: 32, sector: 512, order: 1 },
     { indirect: 0, sector: 512, order: 2, protocol: 'x86_32-abi' },
     { indirect: 256, sector: 4096, order: 4 },
+    // Grant handling: persistent grants (the default) off, and grant copy instead of mapping.
+    { indirect: 256, sector: 512, persistent: false },
+    { indirect: 0, sector: 4096, persistent: false, order: 1 },
+    { indirect: 256, sector: 512, copy: true },
+    { indirect: 4096, sector: 4096, copy: true, queues: 2 },
+    // Two queues, each its own ring and channel.
+    { indirect: 256, sector: 512, queues: 2 },
+    { indirect: 32, sector: 512, queues: 2, order: 2, persistent: false },
   ];
   for (const cfg of configs) {
-    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors${cfg.protocol ? `, ${cfg.protocol}` : ''}, ring order ${cfg.order ?? 0}`, async () => {
+    const grants = cfg.copy === true ? 'grant copy' : cfg.persistent === false ? 'map per request' : 'persistent grants';
+    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors${cfg.protocol ? `, ${cfg.protocol}` : ''}, ring order ${cfg.order ?? 0}, ${cfg.queues ?? 1} queue(s), ${grants}`, async () => {
       const base = resources();
-      const path = join(tmp.dir, `img-${cfg.indirect}-${cfg.sector}-${cfg.protocol ?? 'native'}-${cfg.order ?? 0}`);
+      const path = join(tmp.dir, `img-${configs.indexOf(cfg)}`);
       sparseImage(path, IMAGE);
       const disk = await ts.plug({
         guest, backend: back,
         storage: { kind: 'file', path, sectorSize: cfg.sector },
-        backendOptions: { maxIndirectSegments: cfg.indirect },
-        frontendOptions: { maxIndirectSegments: 4096, ringPageOrder: cfg.order ?? 0, ...(cfg.protocol ? { protocol: cfg.protocol } : {}) },
+        backendOptions: { maxIndirectSegments: cfg.indirect, grantCopy: cfg.copy === true },
+        frontendOptions: {
+          maxIndirectSegments: 4096, ringPageOrder: cfg.order ?? 0, persistent: cfg.persistent ?? true, queues: cfg.queues ?? 1,
+          ...(cfg.protocol ? { protocol: cfg.protocol } : {}),
+        },
       });
       const model = new Uint8Array(IMAGE);
       const rng = new Rng(0x5eed + cfg.indirect + cfg.sector);
@@ -107,6 +119,8 @@ describe('blkfront <-> blkback over real domains and files', () => {
         assert.equal(disk.info.protocol, cfg.protocol ?? 'x86_64-abi');
         assert.equal(disk.info.ringPageOrder, cfg.order ?? 0);
         assert.equal(disk.info.ringSize, 32 << (cfg.order ?? 0), '__CONST_RING_SIZE(blkif, 4096 << order)');
+        assert.equal(disk.info.queues, cfg.queues ?? 1);
+        assert.equal(disk.info.persistent, cfg.copy !== true && cfg.persistent !== false);
         await randomIo(disk, model, rng, 40, cfg.sector);
         // One large request of each kind across the whole maximum.
         const big = rng.bytes(MAX_IO);
@@ -124,7 +138,17 @@ describe('blkfront <-> blkback over real domains and files', () => {
         if (cfg.indirect > 0) assert.ok(bs.counters.indirect_req > 0, 'large I/O used indirect requests');
         else assert.equal(bs.counters.indirect_req, 0);
         assert.ok(bs.counters.peak_inflight_bytes > 0);
-        assert.equal(bs.counters.grant_map_ops - bs.counters.grant_unmap_ops, 1 << disk.info.ringPageOrder, 'every data and indirect map undone; only the ring stays mapped');
+        const rings = (1 << disk.info.ringPageOrder) * disk.info.queues;
+        assert.equal(bs.counters.grant_map_ops - bs.counters.grant_unmap_ops, rings + bs.counters.persistent_grants,
+          'every data and indirect map undone but the rings and the persistent-grant cache');
+        if (disk.info.persistent) {
+          assert.ok(bs.counters.persistent_grants > 0, 'persistent grants were cached');
+          assert.ok(bs.counters.persistent_grants_peak <= 1056 * disk.info.queues, 'the cache never exceeds its bound');
+        } else assert.equal(bs.counters.persistent_grants_peak, 0);
+        if (cfg.copy === true) {
+          assert.ok(bs.counters.grant_copy_ops > 0);
+          assert.equal(bs.counters.grant_map_ops, rings, 'grant copy maps nothing but the rings');
+        }
         // Notification suppression: far fewer kicks than requests when the queue is deep.
         assert.ok(fs.counters.notify_sent < fs.counters.requests, `${fs.counters.notify_sent} kicks for ${fs.counters.requests} requests`);
       } finally {

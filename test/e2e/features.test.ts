@@ -1,0 +1,105 @@
+/**
+ * Features Linux grew after 3.11, end to end: the persistent-grant cache stays within its bound,
+ * purges what sits idle and ends empty after a disconnect; an image that grows while the guest
+ * does verified I/O is picked up online (`sectors` rewritten, then `state`), nothing dropped.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { truncateSync } from 'node:fs';
+import { join } from 'node:path';
+import type { DeviceInfo } from '../../src/blkfront/index.js';
+import { Toolstack, type DomainProxy } from '../../src/toolstack/index.js';
+import { XenbusStateClosed, waitForState } from '../../src/xenbus/index.js';
+import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
+
+let ts: Toolstack;
+let back: DomainProxy;
+let guest: DomainProxy;
+const tmp = tempDir('blkif-features-');
+
+before(async () => {
+  ts = await Toolstack.start();
+  back = await ts.createBackendDomain();
+  guest = await ts.createGuest('guest', 4096);
+});
+after(async () => {
+  await ts.shutdown();
+  tmp.cleanup();
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+test('the persistent-grant cache keeps to its bound, purges idle grants and ends empty', async () => {
+  const disk = await ts.plug({
+    guest, backend: back, storage: { kind: 'memory', size: 32 * 1024 * 1024 },
+    backendOptions: { maxPersistentGrants: 64, persistentIdleMs: 300, housekeepingMs: 50, maxIndirectSegments: 256 },
+    frontendOptions: { bufferPages: 2048 },
+  });
+  assert.equal(disk.info.persistent, true);
+  const rng = new Rng(11);
+  // Deep, wide I/O: far more distinct pages than the cache may hold.
+  await Promise.all(Array.from({ length: 32 }, async (_, i) => {
+    const data = rng.bytes(512 * 1024);
+    await disk.write(i * 512 * 1024, data);
+    assert.equal(firstDifference(await disk.read(i * 512 * 1024, data.length), data), -1);
+  }));
+  let bs = await disk.backendStatus();
+  assert.ok(bs.counters.persistent_grants_peak > 0 && bs.counters.persistent_grants_peak <= 64, `peak ${bs.counters.persistent_grants_peak}`);
+  assert.ok(bs.counters.grant_map_ops > 64, 'grants past the bound were mapped per request');
+  await sleep(800);
+  bs = await disk.backendStatus();
+  assert.equal(bs.counters.persistent_grants, 0, 'idle grants purged');
+  assert.ok(bs.counters.persistent_purged > 0);
+  // Used again, then a disconnect: the cache is emptied before the backend says Closed.
+  await disk.write(0, rng.bytes(64 * 1024));
+  assert.ok((await disk.backendStatus()).counters.persistent_grants > 0);
+  await guest.rpc.call('detach', disk.paths.frontDir);
+  await waitForState(ts.xs, disk.paths.backDir, (s) => s === XenbusStateClosed, 5000);
+  bs = await disk.backendStatus();
+  assert.equal(bs.counters.persistent_grants, 0, 'nothing left mapped after disconnect');
+  assert.equal(bs.counters.grant_map_ops, bs.counters.grant_unmap_ops);
+  await back.rpc.call('removeVbd', disk.paths.backDir);
+});
+
+test('an image that grows during verified I/O is picked up online', async () => {
+  const path = join(tmp.dir, 'grow.img');
+  const small = 8 * 1024 * 1024;
+  sparseImage(path, small);
+  const disk = await ts.plug({
+    guest, backend: back, storage: { kind: 'file', path },
+    backendOptions: { housekeepingMs: 50 },
+    frontendOptions: { bufferPages: 2048 },
+  });
+  const model = new Uint8Array(4 * small);
+  const rng = new Rng(5);
+  let running = true;
+  let ios = 0;
+  const load = (async () => {
+    while (running) {
+      const off = rng.int(0, small / 4096 - 16) * 4096;
+      const data = rng.bytes(16 * 4096);
+      await disk.write(off, data);
+      model.set(data, off);
+      assert.equal(firstDifference(await disk.read(off, data.length), data), -1);
+      ios++;
+    }
+  })();
+  await sleep(100);
+  truncateSync(path, 4 * small);
+  let info = await guest.rpc.call<DeviceInfo>('info', disk.paths.frontDir);
+  for (let i = 0; i < 100 && info.size !== 4 * small; i++) {
+    await sleep(50);
+    info = await guest.rpc.call<DeviceInfo>('info', disk.paths.frontDir);
+  }
+  assert.equal(info.size, 4 * small, 'the frontend sees the new size');
+  const tail = rng.bytes(1024 * 1024);
+  await disk.write(3 * small, tail);
+  model.set(tail, 3 * small);
+  running = false;
+  await load;
+  assert.ok(ios > 0);
+  assert.equal(firstDifference(await disk.read(0, 4 * small), model), -1, 'every byte as written, old end and new');
+  const bs = await disk.backendStatus();
+  assert.equal(bs.counters.errors, 0);
+  await disk.unplug();
+});
