@@ -40,7 +40,7 @@ export interface BlkbackOptions {
   persistentIdleMs: number;
   /** Reach the frontend's pages with GNTTABOP_copy into local pages instead of mapping them (QEMU's way). */
   grantCopy: boolean;
-  /** Local pages per queue for grant copy (bounds the bytes being copied at once). */
+  /** Local pages per VBD for grant copy (bounds the bytes being copied at once; at least one largest request). */
   grantCopyPages: number;
   /** Purge and resize checks run this often (ms; 0 = never). */
   housekeepingMs: number;

@@ -237,7 +237,7 @@ export class PersistentMaps implements PageAccess {
 }
 
 /** Local pages for grant copy, taken per request and given back; waiters queue in order. */
-class BouncePool {
+export class BouncePool {
   private readonly free: number[];
   private waiters: { n: number; resolve: (frames: number[]) => void }[] = [];
   constructor(private readonly xen: XenDomain, readonly frames: number[]) {
@@ -264,11 +264,8 @@ class BouncePool {
 }
 
 export class GrantCopy implements PageAccess {
-  private readonly pool: BouncePool;
-
-  constructor(private readonly d: Deps, pages: number) {
-    this.pool = new BouncePool(d.xen, d.xen.memory.alloc(pages));
-  }
+  /** The VBD's bounce pages, shared by its queues (one pool bounds the bytes being copied). */
+  constructor(private readonly d: Deps, private readonly pool: BouncePool) {}
 
   async acquire(segs: readonly BlkifSegment[], toDisk: boolean): Promise<Acquired | string> {
     const frames = await this.pool.take(segs.length);
@@ -310,9 +307,8 @@ export class GrantCopy implements PageAccess {
 
   tick(): void {}
 
-  clear(): void {
-    this.pool.dispose();
-  }
+  /** The pool belongs to the connection, which disposes of it. */
+  clear(): void {}
 
   /** GNTTABOP_copy of each segment's bytes; `fromFront`: frontend grant -> local page, else back. */
   private copy(segs: readonly BlkifSegment[], frames: readonly number[], fromFront: boolean): string | undefined {

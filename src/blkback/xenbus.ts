@@ -34,9 +34,9 @@ import {
   xsRingRefN,
   BLKIF_MAX_SEGMENTS_PER_REQUEST,
 } from '../abi/index.js';
-import { BackRing, SharedRing } from '../ring/index.js';
+import { BackRing, SharedRing, ringSizeFor } from '../ring/index.js';
 import type { BlockStorage } from '../storage/storage.js';
-import { GNTMAP_host_map, GNTST_okay, type XenDomain } from '../xen/index.js';
+import { GNTMAP_host_map, GNTST_okay, XEN_PAGE_SIZE, type XenDomain } from '../xen/index.js';
 import {
   XS_FRONTEND,
   XS_FRONTEND_ID,
@@ -54,7 +54,7 @@ import {
 import type { XenstoreClient } from '../xenstore/index.js';
 import { newVbdCounters, type VbdCounters } from './counters.js';
 import { DataPath } from './data-path.js';
-import { GrantCopy, MapPerRequest, PersistentMaps, type PageAccess } from './page-access.js';
+import { BouncePool, GrantCopy, MapPerRequest, PersistentMaps, type PageAccess } from './page-access.js';
 import { blkbackOptions, type BlkbackOptions } from './options.js';
 import type { VbdLimits } from './validate.js';
 
@@ -81,6 +81,7 @@ interface Connection {
   readonly queues: QueueConn[];
   readonly persistent: boolean;
   readonly copy: boolean;
+  readonly bounce: BouncePool | undefined;
 }
 
 let watchSeq = 0;
@@ -279,7 +280,17 @@ export class Blkback {
     }
 
     const queues: QueueConn[] = [];
-    this.conn = { queues, persistent, copy: this.options.grantCopy };
+    const maxSegs = Math.max(this.options.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
+    let bounce: BouncePool | undefined;
+    if (this.options.grantCopy) {
+      const want = Math.min(ringSizeFor(XEN_PAGE_SIZE << order, abi.entrySize) * nq * (maxSegs + 8), this.options.grantCopyPages);
+      try {
+        bounce = new BouncePool(xen, xen.memory.alloc(want));
+      } catch (e) {
+        return this.fatal(`no memory for ${want} grant-copy pages: ${(e as Error).message}`);
+      }
+    }
+    this.conn = { queues, persistent, copy: this.options.grantCopy, bounce };
     for (const [q, r] of rings.entries()) {
       const maps = xen.grants.map(r.refs.map((ref) => ({ dom: this.frontDomid, ref, flags: GNTMAP_host_map })));
       const ringHandles = maps.filter((m) => m.status === GNTST_okay).map((m) => m.handle);
@@ -296,10 +307,10 @@ export class Blkback {
       // Only the frontend initialises the shared ring (spec decision 5): attach at index 0.
       const ring = new BackRing(new SharedRing(maps.map((m) => m.page!), abi.entrySize));
       const deps = { xen, frontDomid: this.frontDomid, counters: this.counters };
-      const maxSegs = Math.max(this.options.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
-      // Each queue has its own ring, channel, page access and cache: nothing shared between queues.
-      const access: PageAccess = this.options.grantCopy
-        ? new GrantCopy(deps, Math.min(ring.size * maxSegs, this.options.grantCopyPages))
+      // Each queue has its own ring, channel, page access and cache (only grant copy's bounce
+      // pages are one pool per VBD).
+      const access: PageAccess = bounce !== undefined
+        ? new GrantCopy(deps, bounce)
         : persistent
           ? new PersistentMaps(deps, { max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs })
           : new MapPerRequest(deps);
@@ -341,6 +352,7 @@ export class Blkback {
       this.unmapRing(q.ringHandles);
       this.d.xen.events.close(q.port);
     }
+    c.bounce?.dispose();
   }
 
   /** Housekeeping while connected: purge idle persistent grants, notice a resized image. */

@@ -284,6 +284,7 @@ export class Blkfront {
     this.userClosing = true;
     if (this.phase === 'connected') await this.drained();
     await this.d.xs.unwatch(`${this.backDir}/${XS_STATE}`, this.token).catch(() => undefined);
+    await this.d.xs.unwatch(`${this.d.frontDir}/${XS_BACKEND}`, `${this.token}-path`).catch(() => undefined);
     await this.enqueue(async () => {
       if (this.link !== undefined && this.phase !== 'broken') {
         await this.setState(XenbusStateClosing).catch(() => undefined);
@@ -598,6 +599,25 @@ export class Blkfront {
     this.state = (await readState(xs, frontDir)) ?? XenbusStateInitialising;
     this.armWaitTimer();
     await xs.watch(`${this.backDir}/${XS_STATE}`, this.token, () => void this.enqueue(() => this.backendChanged()));
+    // The toolstack rewrites `backend` when the disk moves to another driver domain (migration,
+    // a backend restarted elsewhere): follow it.
+    await xs.watch(`${frontDir}/${XS_BACKEND}`, `${this.token}-path`, () => void this.enqueue(() => this.backendMoved()));
+  }
+
+  /** Our `backend` node changed: let go of the old backend's ring and follow the new one. */
+  private async backendMoved(): Promise<void> {
+    if (this.phase === 'closed' || this.userClosing) return;
+    const { xs, frontDir } = this.d;
+    const dir = await xs.read(`${frontDir}/${XS_BACKEND}`).catch(() => undefined);
+    if (dir === undefined || dir === this.backDir) return;
+    this.log(`backend moved: ${this.backDir} -> ${dir}`);
+    await xs.unwatch(`${this.backDir}/${XS_STATE}`, this.token).catch(() => undefined);
+    // Requests the old backend never answered are kept and go to the new one.
+    this.teardown();
+    if (this.state !== XenbusStateClosed && this.state !== XenbusStateInitialising) await this.setState(XenbusStateClosed);
+    if (this.state === XenbusStateClosed) await this.setState(XenbusStateInitialising);
+    this.backDir = dir;
+    await xs.watch(`${dir}/${XS_STATE}`, this.token, () => void this.enqueue(() => this.backendChanged()));
   }
 
   /** Linux `blkback_changed`: follow the backend's state. */

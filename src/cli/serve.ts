@@ -37,6 +37,7 @@ interface ServeOptions {
   json?: boolean;
   metrics?: number;
   dataDir?: string;
+  migrateEvery?: number;
 }
 
 const int = (what: string, min: number, max: number) => (v: string): number => {
@@ -93,6 +94,11 @@ export function serveCommand(): Command {
     .option('--socket <path>', 'listen on a Unix socket instead of TCP')
     .option('--json', 'structured JSON log lines on stderr instead of a live status line')
     .option('--metrics <port>', 'Prometheus metrics at http://127.0.0.1:PORT/metrics', int('--metrics', 0, 65535))
+    .option('--migrate-every <seconds>', 'move the disks to a fresh driver domain with random features this often (SIGUSR2: move now)', (v) => {
+      const n = Number(v);
+      if (!(n > 0)) throw new InvalidArgumentError('--migrate-every takes a positive number of seconds');
+      return n;
+    })
     .option('--data-dir <dir>', `where default images live (default ${defaultDataDir()})`)
     .addHelpText('after', `
 Prints "ready nbd://127.0.0.1:PORT/" (or "ready nbd+unix:///?socket=PATH") once clients may connect, e.g.
@@ -150,6 +156,16 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   process.stdout.write(`ready ${exp.uri}\n`);
   jlog?.info({ uri: exp.uri, exports: exp.disks.map((_, i) => `vbd${i}`) }, 'ready');
 
+  // Migration on a timer or on SIGUSR2: clients keep working; each move is logged with what changed.
+  const migrate = () => {
+    void exp.migrate().then(
+      (lines) => { for (const l of lines) info(`migrated ${l}`); },
+      (e: Error) => info(`migration failed: ${e.message}`),
+    );
+  };
+  process.on('SIGUSR2', migrate);
+  const mover = o.migrateEvery !== undefined ? setInterval(migrate, o.migrateEvery * 1000) : undefined;
+
   const meter = new RateMeter();
   let ticks = 0;
   const timer = setInterval(() => {
@@ -168,6 +184,8 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
         process.exit(130);
       }
       clearInterval(timer);
+      clearInterval(mover);
+      process.off('SIGUSR2', migrate);
       info(`${sig}: stopping (again to force)`);
       void exp.stop((step) => info(step)).then(
         () => done(),

@@ -10,7 +10,7 @@ import type { NbdListenOptions, NbdServerStats } from '../nbd/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import type { GuestExportSpec } from './guest-domain.js';
 import type { StorageSpec } from './storage-spec.js';
-import { Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
+import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
 
 export interface DiskExportOptions {
   readonly images: readonly StorageSpec[];
@@ -33,22 +33,90 @@ export interface DiskExportStatus {
   nbd: NbdServerStats | undefined;
 }
 
+/** Memory for a driver domain serving `vbds` VBDs with `features` (grant copy needs bounce pages). */
+export function backendMemory(features: Partial<BlkbackOptions>, vbds: number): number {
+  return BACKEND_BASE_PAGES + (features.grantCopy === true ? vbds * BACKEND_COPY_PAGES : 0);
+}
+
+/** Backend features a migration may pick (`randomBackendFeatures`). */
+export function randomBackendFeatures(rand: () => number = Math.random): Partial<BlkbackOptions> {
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
+  const grantCopy = rand() < 0.2;
+  return {
+    maxIndirectSegments: pick([0, 32, 256, 4096]),
+    maxRingPageOrder: pick([0, 1, 2, 4]),
+    maxQueues: pick([1, 2, 4]),
+    persistent: !grantCopy && rand() < 0.5,
+    grantCopy,
+  };
+}
+
+function describeChange(a: DeviceInfo, b: DeviceInfo): string {
+  const parts: string[] = [];
+  const seg = (i: DeviceInfo) => (i.indirect ? String(i.maxSegments) : 'off');
+  if (seg(a) !== seg(b)) parts.push(`indirect ${seg(a)} -> ${seg(b)}`);
+  if (a.ringPageOrder !== b.ringPageOrder) parts.push(`ring order ${a.ringPageOrder} -> ${b.ringPageOrder}`);
+  if (a.queues !== b.queues) parts.push(`queues ${a.queues} -> ${b.queues}`);
+  if (a.persistent !== b.persistent) parts.push(`persistent grants ${a.persistent ? 'on' : 'off'} -> ${b.persistent ? 'on' : 'off'}`);
+  if (a.flush !== b.flush) parts.push(`flush ${a.flush ? 'on' : 'off'} -> ${b.flush ? 'on' : 'off'}`);
+  return parts.length > 0 ? parts.join(', ') : 'same features';
+}
+
 export class DiskExport {
   private stopping: Promise<void> | undefined;
+  private moving: Promise<string[]> = Promise.resolve([]);
+  private disksNow: GuestDisk[];
+  private backendNow: DomainProxy;
 
   private constructor(
     readonly ts: Toolstack,
-    readonly backend: DomainProxy,
+    backend: DomainProxy,
     readonly guests: readonly DomainProxy[],
-    readonly disks: readonly GuestDisk[],
+    disks: GuestDisk[],
     readonly uri: string,
-  ) {}
+  ) {
+    this.disksNow = disks;
+    this.backendNow = backend;
+  }
+
+  get disks(): readonly GuestDisk[] {
+    return this.disksNow;
+  }
+
+  get backend(): DomainProxy {
+    return this.backendNow;
+  }
+
+  /**
+   * Moves every disk to a freshly started driver domain with `features` (random by default)
+   * while clients keep working, then retires the old one. Returns one line per disk saying what
+   * changed. Moves are serialized.
+   */
+  migrate(features: Partial<BlkbackOptions> = randomBackendFeatures()): Promise<string[]> {
+    const run = this.moving.then(async () => {
+      if (this.stopping !== undefined) return [];
+      const old = this.backendNow;
+      const next = await this.ts.createBackendDomain(`driver-${Date.now() % 100000}`, backendMemory(features, this.disksNow.length));
+      const lines: string[] = [];
+      for (const [i, d] of this.disksNow.entries()) {
+        const before = await d.currentInfo();
+        const moved = await this.ts.migrate(d, next, features);
+        this.disksNow[i] = moved;
+        lines.push(`vbd${i}: driver domain ${old.domid} -> ${next.domid}: ${describeChange(before, await moved.currentInfo())}`);
+      }
+      this.backendNow = next;
+      await this.ts.destroy(old);
+      return lines;
+    });
+    this.moving = run.catch(() => []);
+    return run;
+  }
 
   static async start(o: DiskExportOptions): Promise<DiskExport> {
     if (o.images.length === 0) throw new Error('nothing to serve: no image');
     const ts = await Toolstack.start({ log: o.log });
     try {
-      const backend = await ts.createBackendDomain();
+      const backend = await ts.createBackendDomain('driver-domain', backendMemory(o.backendOptions ?? {}, o.images.length));
       o.progress?.(`driver domain ${backend.domid} started`);
       const guests: DomainProxy[] = [];
       const disks: GuestDisk[] = [];
@@ -86,6 +154,7 @@ export class DiskExport {
   /** Drain NBD, flush, unplug every VBD, stop the domains. Idempotent. */
   stop(progress?: (step: string) => void): Promise<void> {
     this.stopping ??= (async () => {
+      await this.moving;
       await this.guests[0]!.rpc.call('stopNbd').catch(() => undefined);
       progress?.('NBD server stopped; in-flight requests finished');
       for (const [i, d] of this.disks.entries()) {

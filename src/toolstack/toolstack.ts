@@ -10,7 +10,7 @@ import { MessageChannel } from 'node:worker_threads';
 import type { BlkbackOptions } from '../blkback/index.js';
 import type { BlkfrontCounters, BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import { Hypervisor, type DomainHandle } from '../xen/index.js';
-import { acceptGuestXenstore, xvdVirtualDevice } from '../xenbus/index.js';
+import { XenbusStateConnected, acceptGuestXenstore, waitForState, xvdVirtualDevice } from '../xenbus/index.js';
 import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer } from '../xenstore/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import { RpcClient } from './rpc.js';
@@ -62,7 +62,13 @@ export class GuestDisk {
     readonly backend: DomainProxy,
     readonly paths: VbdPaths,
     readonly info: DeviceInfo,
+    readonly storage: StorageSpec,
+    readonly readOnly: boolean,
   ) {}
+  /** The device as the guest sees it now (after a resize or a move to another backend). */
+  currentInfo(): Promise<DeviceInfo> {
+    return this.guest.rpc.call('info', this.paths.frontDir);
+  }
   read(offset: number, length: number): Promise<Uint8Array> {
     return this.guest.rpc.call('read', this.paths.frontDir, offset, length);
   }
@@ -93,6 +99,10 @@ export class GuestDisk {
   }
 }
 
+/** A driver domain's memory without grant copy, and what each grant-copy VBD adds. */
+export const BACKEND_BASE_PAGES = 2048;
+export const BACKEND_COPY_PAGES = 4200;
+
 export class Toolstack {
   /** Recent log lines of every domain (when no `log` option is given). */
   readonly logs: string[] = [];
@@ -120,8 +130,11 @@ export class Toolstack {
     return new Toolstack(hv, daemon, server, xs, socketPath, dir, opts);
   }
 
-  /** A driver domain running blkback; its memory holds grant-copy bounce pages. */
-  createBackendDomain(name = 'driver-domain', memoryPages = 16384): Promise<DomainProxy> {
+  /**
+   * A driver domain running blkback. Its memory holds grant-copy bounce pages: about 4200 pages
+   * per VBD served that way (BACKEND_COPY_PAGES); map-based VBDs need none.
+   */
+  createBackendDomain(name = 'driver-domain', memoryPages = BACKEND_BASE_PAGES): Promise<DomainProxy> {
     return this.createDomain(new URL('./backend-domain.js', import.meta.url), 'backend', name, memoryPages);
   }
 
@@ -157,12 +170,34 @@ export class Toolstack {
     try {
       await o.backend.rpc.call('addVbd', paths.backDir, o.storage, o.backendOptions ?? {});
       const info = await o.guest.rpc.call<DeviceInfo>('attach', paths.frontDir, o.frontendOptions ?? {});
-      return new GuestDisk(this, o.guest, o.backend, paths, info);
+      return new GuestDisk(this, o.guest, o.backend, paths, info, o.storage, readOnly);
     } catch (e) {
       await o.backend.rpc.call('removeVbd', paths.backDir).catch(() => undefined);
       await removeVbdNodes(this.xs, paths);
       throw e;
     }
+  }
+
+  /**
+   * Moves a disk to another driver domain while the guest keeps using it (what a migration or a
+   * backend restart does): the old backend finishes what it consumed and closes (the frontend
+   * keeps everything unanswered), the toolstack points the frontend at a new backend directory,
+   * the new backend — possibly with other features — serves it, and the frontend reconnects and
+   * re-issues what waited, re-split under the new limits. Resolves once the guest is Connected.
+   * An old backend that is already dead (its domain destroyed) is simply skipped.
+   */
+  async migrate(disk: GuestDisk, to: DomainProxy, backendOptions: Partial<BlkbackOptions> = {}, timeoutMs = 30_000): Promise<GuestDisk> {
+    const frontDomid = disk.guest.domid;
+    const devid = Number(disk.paths.frontDir.slice(disk.paths.frontDir.lastIndexOf('/') + 1));
+    if (this.hv.domain(disk.backend.domid) !== undefined) {
+      await disk.backend.rpc.call('removeVbd', disk.paths.backDir).catch(() => undefined);
+    }
+    await this.xs.rm(disk.paths.backDir).catch(() => undefined);
+    const paths = await createVbdNodes(this.xs, { frontDomid, backDomid: to.domid, devid }, disk.storage, disk.readOnly, { relink: true });
+    await to.rpc.call('addVbd', paths.backDir, disk.storage, backendOptions);
+    await waitForState(this.xs, paths.frontDir, (s) => s === XenbusStateConnected, timeoutMs);
+    const info = await disk.guest.rpc.call<DeviceInfo>('info', paths.frontDir);
+    return new GuestDisk(this, disk.guest, to, paths, info, disk.storage, disk.readOnly);
   }
 
   /**

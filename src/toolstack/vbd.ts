@@ -27,28 +27,46 @@ export function vbdPaths(p: VbdPlacement): VbdPaths {
   return { frontDir: frontendPath(p.frontDomid, p.devid), backDir: backendPath(p.backDomid, p.frontDomid, p.devid) };
 }
 
-export async function createVbdNodes(xs: XenstoreClient, p: VbdPlacement, storage: StorageSpec, readOnly: boolean): Promise<VbdPaths> {
+/**
+ * With `relink`, the frontend directory exists already (a disk moving to another backend): only
+ * its `backend`/`backend-id` links are rewritten, which the frontend watches.
+ */
+export async function createVbdNodes(xs: XenstoreClient, p: VbdPlacement, storage: StorageSpec, readOnly: boolean, opts: { relink?: boolean } = {}): Promise<VbdPaths> {
   const paths = vbdPaths(p);
   const { frontDir, backDir } = paths;
   await xs.transaction(async (tx) => {
-    await xs.mkdir(frontDir, tx);
-    await xs.setPerms(frontDir, [{ domid: p.frontDomid, perm: 'n' }, { domid: p.backDomid, perm: 'r' }], tx);
+    if (opts.relink !== true) await createFrontend(tx);
+    else {
+      // Only the new backend may read the guest's nodes now; a node keeps the permissions it was
+      // created with, so every existing one is changed, not just the directory.
+      const perms = [{ domid: p.frontDomid, perm: 'n' as const }, { domid: p.backDomid, perm: 'r' as const }];
+      const walk = async (dir: string): Promise<void> => {
+        await xs.setPerms(dir, perms, tx);
+        for (const child of await xs.directory(dir, tx)) await walk(`${dir}/${child}`);
+      };
+      await walk(frontDir);
+    }
     await xs.mkdir(backDir, tx);
     await xs.setPerms(backDir, [{ domid: p.backDomid, perm: 'n' }, { domid: p.frontDomid, perm: 'r' }], tx);
     await xs.write(`${frontDir}/${XS_BACKEND}`, backDir, tx);
     await xs.write(`${frontDir}/${XS_BACKEND_ID}`, String(p.backDomid), tx);
-    await xs.write(`${frontDir}/${XS_VIRTUAL_DEVICE}`, String(p.devid), tx);
-    await xs.write(`${frontDir}/${XS_DEVICE_TYPE}`, 'disk', tx);
     await xs.write(`${backDir}/${XS_FRONTEND}`, frontDir, tx);
     await xs.write(`${backDir}/${XS_FRONTEND_ID}`, String(p.frontDomid), tx);
     await xs.write(`${backDir}/${XS_MODE}`, readOnly ? 'r' : 'w', tx);
     await xs.write(`${backDir}/${XS_TYPE}`, storage.kind, tx);
     await xs.write(`${backDir}/${XS_PARAMS}`, describeStorage(storage), tx);
     await xs.write(`${backDir}/${XS_ONLINE}`, '1', tx);
-    await xs.write(`${frontDir}/${XS_STATE}`, String(XenbusStateInitialising), tx);
     await xs.write(`${backDir}/${XS_STATE}`, String(XenbusStateInitialising), tx);
   });
   return paths;
+
+  async function createFrontend(tx: number): Promise<void> {
+    await xs.mkdir(frontDir, tx);
+    await xs.setPerms(frontDir, [{ domid: p.frontDomid, perm: 'n' }, { domid: p.backDomid, perm: 'r' }], tx);
+    await xs.write(`${frontDir}/${XS_VIRTUAL_DEVICE}`, String(p.devid), tx);
+    await xs.write(`${frontDir}/${XS_DEVICE_TYPE}`, 'disk', tx);
+    await xs.write(`${frontDir}/${XS_STATE}`, String(XenbusStateInitialising), tx);
+  }
 }
 
 /** Removes both directories (after both ends closed). */

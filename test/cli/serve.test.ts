@@ -194,3 +194,34 @@ test('protocol knobs: 2 queues, ring order 2, grant copy, no persistent grants, 
   }
   assert.equal(readFileSync(image)[4 * MiB - 1], 9);
 });
+
+test('--migrate-every: the disk moves between driver domains while fio verifies its data', async () => {
+  const image = join(tmp.dir, 'moving.img');
+  sparseImage(image, 64 * MiB);
+  const s = await serve([image, '--port', '0', '--migrate-every', '1']);
+  try {
+    const { stdout } = await execFileP('fio', [
+      '--name=moving', '--ioengine=nbd', `--uri=${s.uri}`, '--rw=randwrite', '--bs=16k', '--iodepth=16',
+      '--size=16m', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json', '--loops=2',
+    ], { maxBuffer: 16 << 20, cwd: tmp.dir });
+    const job = JSON.parse(stdout.slice(stdout.indexOf('{'))).jobs[0];
+    assert.equal(job.error, 0);
+    process.kill(s.proc.pid!, 'SIGUSR2');
+    for (let i = 0; i < 100 && (s.stderr().match(/migrated vbd0/g) ?? []).length < 2; i++) await new Promise((r) => setTimeout(r, 100));
+    assert.ok((s.stderr().match(/migrated vbd0/g) ?? []).length >= 2, s.stderr());
+    assert.match(s.stderr(), /migrated vbd0: driver domain \d+ -> \d+: /);
+  } finally {
+    assert.equal(await s.stop(), 0, s.stderr());
+  }
+});
+
+test('durability: data flushed before a SIGKILL of the whole server is in the image', async () => {
+  const image = join(tmp.dir, 'durable.img');
+  sparseImage(image, 8 * MiB);
+  const s = await serve([image, '--port', '0']);
+  // qemu-io flushes before it reports success and exits.
+  await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 1M 2M', '-c', 'flush', s.uri]);
+  assert.equal(await s.stop('SIGKILL'), null);
+  const img = readFileSync(image);
+  assert.ok(img.subarray(MiB, 3 * MiB).every((b) => b === 0x42), 'the flushed write survived');
+});

@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Toolstack, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
+import { Toolstack, backendMemory, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
 import type { XenCounters } from '../../src/xen/index.js';
 import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
 
@@ -24,7 +24,7 @@ const tmp = tempDir('blkif-e2e-');
 
 before(async () => {
   ts = await Toolstack.start();
-  back = await ts.createBackendDomain();
+  back = await ts.createBackendDomain('driver-domain', backendMemory({ grantCopy: true }, 1));
   guest = await ts.createGuest();
 });
 
