@@ -213,7 +213,11 @@ export class Blkfront {
     const disk = this.disk;
     const link = this.link;
     if (disk === undefined) throw new BlkfrontError('ESHUTDOWN', 'not connected');
-    return {
+    // Read on every request by exporters: built once per change (connect, resize, feature
+    // dropped, link lost), not per call.
+    if (this.infoCache !== undefined && this.infoCacheLink === link) return this.infoCache;
+    this.infoCacheLink = link;
+    return (this.infoCache = {
       ...disk,
       size: disk.sectors * 512,
       maxSegments: link?.maxSegments ?? BLKIF_MAX_SEGMENTS_PER_REQUEST,
@@ -223,8 +227,11 @@ export class Blkfront {
       queues: link?.queues.length ?? 0,
       persistent: link?.persistent ?? false,
       protocol: link?.abi.protocol ?? this.options.protocol,
-    };
+    });
   }
+
+  private infoCache: DeviceInfo | undefined;
+  private infoCacheLink: Link | undefined;
 
   get xenbusState(): XenbusState {
     return this.state;
@@ -544,6 +551,7 @@ export class Blkfront {
     if (f === 'flush') disk.flush = false;
     else if (f === 'barrier') disk.barrier = false;
     else disk.discard = false;
+    this.infoCache = undefined;
     this.log(`backend refused ${f}: not using it any more`);
   }
 
@@ -720,9 +728,11 @@ export class Blkfront {
     if (!fresh && this.disk !== undefined) {
       if (disk.sectors !== this.disk.sectors) this.log(`resized: ${this.disk.sectors} -> ${disk.sectors} sectors`);
       this.disk.sectors = disk.sectors;
+      this.infoCache = undefined;
       return;
     }
     this.disk = disk;
+    this.infoCache = undefined;
     await this.setState(XenbusStateConnected);
     this.phase = 'connected';
     clearTimeout(this.waitTimer);
