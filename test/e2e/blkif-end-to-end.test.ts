@@ -84,6 +84,7 @@ describe('blkfront <-> blkback over real domains and files', () => {
     // Multi-page rings: entries straddle page boundaries from order 1 up.
     { indirect: 32, sector: 512, order: 1 },
     { indirect: 0, sector: 512, order: 2, protocol: 'x86_32-abi' },
+    { indirect: 4096, sector: 512, order: 3 },
     { indirect: 256, sector: 4096, order: 4 },
     // Grant handling: persistent grants (the default) off, and grant copy instead of mapping.
     { indirect: 256, sector: 512, persistent: false },
