@@ -5,3 +5,4 @@ export * from './parser.js';
 export * from './serializer.js';
 export * from './export.js';
 export * from './server.js';
+export * from './uri.js';

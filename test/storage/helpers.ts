@@ -3,7 +3,9 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FileStorage, MemoryStorage, StorageError, type BlockStorage } from '../../src/storage/index.js';
+import { NbdServer, nbdUri } from '../../src/nbd/index.js';
+import { FileStorage, MemoryStorage, NbdStorage, StorageError, type BlockStorage } from '../../src/storage/index.js';
+import { MemoryDevice } from '../nbd/support.js';
 
 /** A temp directory removed by `cleanup`. */
 export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
@@ -17,7 +19,28 @@ export interface Driver {
   make(size: number, sectorSize: 512 | 4096, opts?: { readOnly?: boolean }): Promise<BlockStorage>;
 }
 
-/** The memory disk and the file in both I/O modes; files go under `dir`. */
+/**
+ * A remote disk: NbdStorage over TCP to an in-process NbdServer serving a fresh memory device
+ * (block size = sector size; read-only on the server's side). Closing the storage stops the server.
+ */
+const nbd: Driver = {
+  name: 'nbd',
+  async make(size, sectorSize, opts = {}) {
+    const device = new MemoryDevice(size, { blockSize: sectorSize, readOnly: opts.readOnly === true });
+    const server = new NbdServer({ exports: [{ name: 'disk', device }] });
+    try {
+      const s = await NbdStorage.connect(nbdUri(await server.listen({ host: '127.0.0.1', port: 0 }), 'disk'), { sectorSize });
+      const close = s.close.bind(s);
+      Object.defineProperty(s, 'close', { value: async () => { await close(); await server.close(); } });
+      return s;
+    } catch (e) {
+      await server.close();
+      throw e;
+    }
+  },
+};
+
+/** The memory disk, the file in both I/O modes (files go under `dir`), and an NBD export. */
 export function drivers(dir: string): Driver[] {
   let n = 0;
   const file = (io: 'sync' | 'async'): Driver => ({
@@ -32,6 +55,7 @@ export function drivers(dir: string): Driver[] {
     { name: 'memory', make: async (size, sectorSize, opts = {}) => new MemoryStorage(size, { sectorSize, readOnly: opts.readOnly }) },
     file('sync'),
     file('async'),
+    nbd,
   ];
 }
 
