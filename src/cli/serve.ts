@@ -38,6 +38,7 @@ interface ServeOptions {
   metrics?: number;
   dataDir?: string;
   migrateEvery?: number;
+  connections: number;
 }
 
 const int = (what: string, min: number, max: number) => (v: string): number => {
@@ -74,7 +75,7 @@ async function prepareImage(path: string, size: number | undefined, force: boole
 export function serveCommand(): Command {
   return new Command('serve')
     .description('export Xen PV disks over NBD: IMAGE files served by blkback in a driver domain, attached by blkfront in guests')
-    .argument('[image...]', `raw image files, one VBD each (default: ${join(defaultDataDir(), 'vbd0.img')}, created at 1 GiB)`)
+    .argument('[image...]', `raw image files or remote NBD exports (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), one VBD each (default: ${join(defaultDataDir(), 'vbd0.img')}, created at 1 GiB)`)
     .option('--size <size>', 'size of a new image (e.g. 1G, 512M); with --force, resize an existing one')
     .option('--force', 'allow --size to resize an existing image (shrinking loses its end)')
     .option('--vbds <n>', 'number of VBDs (guests), exported as vbd0, vbd1, ...; default images vbdN.img', int('--vbds', 1, 16))
@@ -90,6 +91,7 @@ export function serveCommand(): Command {
     .option('--no-persistent', 'no persistent grants: grant and map every page per request')
     .option('--grant-copy', 'backend copies with GNTTABOP_copy instead of mapping grants (as QEMU does)')
     .option('--readonly', 'serve the disks read-only (exports are read-only too)')
+    .addOption(new Option('--connections <n>', 'connections to a remote NBD export (used when its server allows multi-conn)').default(1).argParser(int('--connections', 1, 8)))
     .addOption(new Option('--port <port>', 'TCP port on 127.0.0.1 (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
     .option('--socket <path>', 'listen on a Unix socket instead of TCP')
     .option('--json', 'structured JSON log lines on stderr instead of a live status line')
@@ -125,15 +127,24 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
     throw new UsageError(`--vbds ${o.vbds} but ${images.length} image(s) given: give one image per VBD, or none`);
   }
   let paths: string[];
-  if (images.length > 0) paths = images.map((p) => resolve(p));
+  const isUri = (p: string) => /^nbd(\+unix)?:\/\//.test(p);
+  if (images.length > 0) paths = images.map((p) => (isUri(p) ? p : resolve(p)));
   else {
     const dir = o.dataDir !== undefined ? resolve(o.dataDir) : defaultDataDir();
     mkdirSync(dir, { recursive: true });
     paths = Array.from({ length: o.vbds ?? 1 }, (_, i) => join(dir, `vbd${i}.img`));
   }
-  for (const p of paths) info(await prepareImage(p, size, o.force === true, images.length === 0), { image: p });
+  for (const p of paths) {
+    if (isUri(p)) {
+      if (size !== undefined) throw new UsageError(`--size does not apply to a remote export (${p})`);
+      info(`using remote export ${p}`, { image: p });
+    } else info(await prepareImage(p, size, o.force === true, images.length === 0), { image: p });
+  }
 
-  const storage: StorageSpec[] = paths.map((path) => ({ kind: 'file', path, sectorSize: o.sectorSize as 512 | 4096, readOnly: o.readonly === true }));
+  const sectorSize = o.sectorSize as 512 | 4096;
+  const storage: StorageSpec[] = paths.map((path) => (isUri(path)
+    ? { kind: 'nbd', uri: path, sectorSize, readOnly: o.readonly === true, connections: o.connections }
+    : { kind: 'file', path, sectorSize, readOnly: o.readonly === true }));
   const listen = o.socket !== undefined ? { path: resolve(o.socket) } : { host: '127.0.0.1', port: o.port };
   const exp = await DiskExport.start({
     images: storage,

@@ -33,7 +33,7 @@ function vbd(backDir: string) {
 serveRpc(parentPort!, {
   async addVbd(backDir: string, spec: StorageSpec, options: Partial<BlkbackOptions>) {
     if (vbds.has(backDir)) throw new Error(`a VBD is already served at ${backDir}`);
-    const storage = await openStorage(spec);
+    const storage = await openStorage(spec, (m) => log(`${backDir}: ${m}`));
     try {
       const be = await Blkback.start({ xen, xs: link.xs, backDir, storage, options, log });
       vbds.set(backDir, { be, storage });

@@ -16,8 +16,8 @@ export function describeStorage(s: StorageSpec): string {
   return `memory:${s.size}`;
 }
 
-export async function openStorage(s: StorageSpec): Promise<BlockStorage> {
+export async function openStorage(s: StorageSpec, log?: (msg: string) => void): Promise<BlockStorage> {
   if (s.kind === 'file') return FileStorage.open(s.path, { readOnly: s.readOnly, sectorSize: s.sectorSize, io: s.io });
-  if (s.kind === 'nbd') return NbdStorage.connect(s.uri, { readOnly: s.readOnly, sectorSize: s.sectorSize, connections: s.connections });
+  if (s.kind === 'nbd') return NbdStorage.connect(s.uri, { readOnly: s.readOnly, sectorSize: s.sectorSize, connections: s.connections, log });
   return new MemoryStorage(s.size, { sectorSize: s.sectorSize, readOnly: s.readOnly });
 }

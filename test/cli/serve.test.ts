@@ -7,6 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { sparseImage, tempDir } from '../e2e/helpers.js';
 import { execFileP, serve, MAIN } from './serve-support.js';
@@ -224,4 +225,35 @@ test('durability: data flushed before a SIGKILL of the whole server is in the im
   assert.equal(await s.stop('SIGKILL'), null);
   const img = readFileSync(image);
   assert.ok(img.subarray(MiB, 3 * MiB).every((b) => b === 0x42), 'the flushed write survived');
+});
+
+test('remote storage: serve a qcow2 image behind qemu-nbd and an nbdkit memory disk, one VBD each', async () => {
+  const qcow = join(tmp.dir, 'remote.qcow2');
+  await execFileP('qemu-img', ['create', '-f', 'qcow2', qcow, '32M']);
+  const sock = join(tmp.dir, 'qemu-nbd.sock');
+  const qemu = spawn('qemu-nbd', ['-f', 'qcow2', '-k', sock, '-t', '-x', 'disk', qcow], { stdio: 'ignore' });
+  const kitSock = join(tmp.dir, 'nbdkit.sock');
+  const kit = spawn('nbdkit', ['-f', '-U', kitSock, 'memory', '16M'], { stdio: 'ignore' });
+  try {
+    for (let i = 0; i < 100 && !(existsSync(sock) && existsSync(kitSock)); i++) await new Promise((r) => setTimeout(r, 50));
+    const s = await serve([`nbd+unix:///disk?socket=${sock}`, `nbd+unix:///?socket=${kitSock}`, '--port', '0']);
+    try {
+      const base = s.uri.replace(/\/$/, '');
+      const ni = JSON.parse((await execFileP('nbdinfo', ['--json', `${base}/vbd0`])).stdout);
+      assert.equal(ni.exports[0]['export-size'], 32 * MiB);
+      await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 0x31 1M 2M', `${base}/vbd0`]);
+      await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 0x32 0 1M', `${base}/vbd1`]);
+      const r0 = await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 0x31 1M 2M', `${base}/vbd0`]);
+      const r1 = await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 0x32 0 1M', `${base}/vbd1`]);
+      assert.doesNotMatch(r0.stdout + r1.stdout, /fail/i);
+    } finally {
+      assert.equal(await s.stop(), 0, s.stderr());
+    }
+    // Straight from the remote server: the data went all the way through.
+    const direct = await execFileP('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x31 1M 2M', `nbd+unix:///disk?socket=${sock}`]);
+    assert.doesNotMatch(direct.stdout, /fail/i);
+  } finally {
+    qemu.kill('SIGKILL');
+    kit.kill('SIGKILL');
+  }
 });
