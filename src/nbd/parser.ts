@@ -32,16 +32,45 @@ export type ClientPhase = 'clientFlags' | 'options' | 'transmission';
  * calls `enterTransmission`) requests with their write payloads. The server sends the greeting
  * itself; the client flags are the first thing to parse.
  */
-export class ClientParser {
+/**
+ * What both directions' parsers share: a byte queue fed by `push`, and `next` returning whole
+ * messages from the subclass's `step` — once a message breaks the protocol the parser stays
+ * failed (the stream can no longer be framed) and drops what it holds.
+ */
+abstract class StreamParser<M> {
+  protected readonly queue = new ByteQueue();
+  protected failure: NbdProtocolError | undefined;
+
+  push(chunk: Uint8Array): void {
+    if (!this.failure) this.queue.push(chunk);
+  }
+
+  /** The next whole message, or undefined until more bytes arrive. Throws NbdProtocolError. */
+  next(): M | undefined {
+    if (this.failure) throw this.failure;
+    try {
+      return this.step();
+    } catch (e) {
+      if (e instanceof NbdProtocolError) {
+        this.failure = e;
+        this.queue.clear();
+      }
+      throw e;
+    }
+  }
+
+  protected abstract step(): M | undefined;
+}
+
+export class ClientParser extends StreamParser<ClientMessage> {
   readonly maxOptionLength: number;
   readonly maxPayload: number;
-  private queue = new ByteQueue();
   private _phase: ClientPhase = 'clientFlags';
   private pendingOption: { option: number; length: number } | undefined;
   private pendingWrite: { flags: number; command: number; handle: bigint; offset: bigint; length: number } | undefined;
-  private failure: NbdProtocolError | undefined;
 
   constructor(options: ClientParserOptions = {}) {
+    super();
     this.maxOptionLength = options.maxOptionLength ?? DEFAULT_MAX_OPTION_LENGTH;
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
   }
@@ -53,10 +82,6 @@ export class ClientParser {
   /** Bytes received but not yet returned as messages. */
   get buffered(): number {
     return this.queue.length;
-  }
-
-  push(chunk: Uint8Array): void {
-    if (!this.failure) this.queue.push(chunk);
   }
 
   /** Switches to requests: call once NBD_OPT_GO succeeded or NBD_OPT_EXPORT_NAME was answered. */
@@ -71,21 +96,7 @@ export class ClientParser {
     this.failure ??= new NbdProtocolError('parser discarded');
   }
 
-  /** The next whole message, or undefined until more bytes arrive. Throws NbdProtocolError. */
-  next(): ClientMessage | undefined {
-    if (this.failure) throw this.failure;
-    try {
-      return this.step();
-    } catch (e) {
-      if (e instanceof NbdProtocolError) {
-        this.failure = e;
-        this.queue.clear();
-      }
-      throw e;
-    }
-  }
-
-  private step(): ClientMessage | undefined {
+  protected step(): ClientMessage | undefined {
     const q = this.queue;
     switch (this._phase) {
       case 'clientFlags': {
@@ -160,8 +171,7 @@ export type ServerPhase = 'greeting' | 'options' | 'exportName' | 'transmission'
  * `expectExportNameReply`), then simple replies and structured chunks (after
  * `enterTransmission`). Used by the tests, and by any NBD client built on this module.
  */
-export class ServerParser {
-  private queue = new ByteQueue();
+export class ServerParser extends StreamParser<ServerMessage> {
   private _phase: ServerPhase = 'greeting';
   private noZeroes = false;
   private pending:
@@ -169,21 +179,17 @@ export class ServerParser {
     | { kind: 'simpleReply'; error: number; handle: bigint; length: number }
     | { kind: 'structuredChunk'; flags: number; type: number; handle: bigint; length: number }
     | undefined;
-  private failure: NbdProtocolError | undefined;
   private readonly readDataLength: (handle: bigint) => number | undefined;
   private readonly maxPayload: number;
 
   constructor(options: ServerParserOptions = {}) {
+    super();
     this.readDataLength = options.readDataLength ?? (() => undefined);
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD + 64 * 1024;
   }
 
   get phase(): ServerPhase {
     return this._phase;
-  }
-
-  push(chunk: Uint8Array): void {
-    if (!this.failure) this.queue.push(chunk);
   }
 
   /** The client sent NBD_OPT_EXPORT_NAME: the next bytes are size, flags (and maybe zeroes). */
@@ -197,24 +203,11 @@ export class ServerParser {
     this._phase = 'transmission';
   }
 
-  next(): ServerMessage | undefined {
-    if (this.failure) throw this.failure;
-    try {
-      return this.step();
-    } catch (e) {
-      if (e instanceof NbdProtocolError) {
-        this.failure = e;
-        this.queue.clear();
-      }
-      throw e;
-    }
-  }
-
   private checkLength(length: number): void {
     if (length > this.maxPayload) throw new NbdProtocolError(`server announced ${length} bytes, more than ${this.maxPayload}`);
   }
 
-  private step(): ServerMessage | undefined {
+  protected step(): ServerMessage | undefined {
     const q = this.queue;
     if (this.pending) {
       const p = this.pending;
