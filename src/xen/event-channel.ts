@@ -120,6 +120,9 @@ export interface WaitOptions {
   readonly signal?: AbortSignal;
 }
 
+/** Longest stretch a poll blocks its thread before letting other work run (µs). */
+const POLL_SLICE_MICROS = 10;
+
 /** A domain's event-channel interface. Calls return Xen's values: >= 0, or -errno. */
 export class EventChannels {
   /** Adaptive polling budget before sleeping, in microseconds (0 = never poll). */
@@ -350,7 +353,7 @@ export class EventChannels {
           await new Promise<void>((resolve) => setImmediate(resolve));
           continue;
         }
-        if (pollMicros > 0 && this.poll(pollMicros)) {
+        if (pollMicros > 0 && (await this.pollYielding(pollMicros, signal))) {
           t.count(this.slot, C_POLL_HITS);
           continue;
         }
@@ -366,6 +369,21 @@ export class EventChannels {
       }
     } finally {
       if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /**
+   * Polls for at most `micros` in short slices, letting the thread's other work (sockets, timers)
+   * run between them: a spin that blocked the event loop would delay exactly the I/O that
+   * produces the next request. True if an event came meanwhile.
+   */
+  private async pollYielding(micros: number, signal: AbortSignal | undefined): Promise<boolean> {
+    const deadline = performance.now() + micros / 1000;
+    for (;;) {
+      const left = (deadline - performance.now()) * 1000;
+      if (left <= 0 || signal?.aborted === true) return false;
+      if (this.poll(Math.min(POLL_SLICE_MICROS, left))) return true;
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
   }
 
