@@ -1,0 +1,175 @@
+/**
+ * What the fuzz suites share: how many cases to run (`BLKIF_FUZZ_RUNS`), a seed that is always
+ * printed (so any run, green or red, can be replayed with `BLKIF_FUZZ_SEED`), and fast-check
+ * parameters that keep a failing CI run short (no shrinking unless `BLKIF_FUZZ_SHRINK=1`: each
+ * case boots domains, so shrinking could take minutes; the seed and path reproduce it).
+ *
+ *   BLKIF_FUZZ_RUNS=500 npm run fuzz                 # more cases
+ *   BLKIF_FUZZ_SEED=123 BLKIF_FUZZ_PATH=7 BLKIF_FUZZ_SHRINK=1 node --test dist/test/fuzz/x.fuzz.test.js
+ *
+ * BLKIF_FUZZ_DEBUG=1 makes the hostile-frontend suite trace every round and explain a failed data check.
+ */
+import type { TestContext } from 'node:test';
+import { writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import fc from 'fast-check';
+
+/** Cases per property: `BLKIF_FUZZ_RUNS` if set, scaled by `weight` (rounded up, at least 1). */
+export function fuzzRuns(defaultRuns: number, weight = 1): number {
+  const v = process.env.BLKIF_FUZZ_RUNS;
+  if (v === undefined || v.trim() === '') return defaultRuns;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`BLKIF_FUZZ_RUNS=${v}: a positive integer, please`);
+  return Math.max(1, Math.ceil(n * weight));
+}
+
+/** The seed of this run: `BLKIF_FUZZ_SEED`, else a fresh one. */
+export function fuzzSeed(): number {
+  const v = process.env.BLKIF_FUZZ_SEED;
+  if (v !== undefined && v.trim() !== '') {
+    const n = Number(v);
+    if (!Number.isInteger(n)) throw new Error(`BLKIF_FUZZ_SEED=${v}: an integer, please`);
+    return n | 0;
+  }
+  return (Date.now() ^ Math.floor(Math.random() * 0x7fffffff)) | 0;
+}
+
+/** fast-check parameters for an async property run of `runs` cases. */
+export function fuzzParams<T>(runs: number, seed: number): fc.Parameters<T> {
+  const shrink = process.env.BLKIF_FUZZ_SHRINK === '1';
+  const path = process.env.BLKIF_FUZZ_PATH;
+  return {
+    numRuns: runs,
+    seed,
+    ...(path !== undefined && path !== '' ? { path } : {}),
+    endOnFailure: !shrink,
+  };
+}
+
+/** Counts the cases a property tried and reports them (and the seed) as one diagnostic line. */
+export class CaseCounter {
+  tried = 0;
+  private readonly started = performance.now();
+  constructor(readonly what: string, readonly seed: number) {}
+  tick(): number {
+    return ++this.tried;
+  }
+  report(t: TestContext, extra = ''): void {
+    const ms = Math.round(performance.now() - this.started);
+    t.diagnostic(`${this.what}: ${this.tried} cases in ${ms} ms (seed ${this.seed}${extra ? `; ${extra}` : ''})`);
+  }
+}
+
+/** Runs a fast-check async property with the suite's parameters, reporting cases even when it fails. */
+export async function runProperty<T>(
+  t: TestContext,
+  what: string,
+  arb: fc.Arbitrary<T>,
+  body: (v: T, n: number) => Promise<void>,
+  runs: number,
+  extra?: () => string,
+): Promise<void> {
+  const seed = fuzzSeed();
+  const counter = new CaseCounter(what, seed);
+  try {
+    await fc.assert(
+      fc.asyncProperty(arb, async (v) => {
+        await body(v, counter.tick());
+      }),
+      fuzzParams<[T]>(runs, seed),
+    );
+  } catch (e) {
+    throw shortened(e, what, seed);
+  } finally {
+    counter.report(t, extra?.());
+  }
+}
+
+/**
+ * fast-check's report holds the whole counterexample, which for these cases runs to pages: keep
+ * the head and the cause in the error, and the full report in a file named in the message.
+ */
+function shortened(e: unknown, what: string, seed: number): unknown {
+  if (!(e instanceof Error) || e.message.length < 6000) return e;
+  const file = join(tmpdir(), `blkif-fuzz-${what.replace(/\W+/g, '-')}-${seed}.txt`);
+  writeFileSync(file, `${e.message}\n\ncause: ${String((e as { cause?: unknown }).cause)}\n${(e as { cause?: Error }).cause?.stack ?? ''}\n`);
+  const head = e.message.slice(0, e.message.indexOf('Counterexample') >= 0 ? e.message.indexOf('Counterexample') : 1500);
+  const cause = (e as { cause?: unknown }).cause;
+  const out = new Error(`${head.trim()}\n(counterexample too long to print: full report in ${file})\ncause: ${cause instanceof Error ? cause.message : String(cause)}`);
+  if (cause instanceof Error) out.stack = `${out.message}\n${cause.stack ?? ''}`;
+  return out;
+}
+
+/** Rejects naming `what` if `p` has not settled within `ms`. */
+export function within<T>(p: Promise<T>, what: string, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** Polls `cond` every `every` ms until it holds; rejects after `ms` naming `what`. */
+export async function eventually(cond: () => Promise<boolean> | boolean, what: string, ms: number, every = 5): Promise<void> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await cond()) return;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms: ${what}`);
+    await sleep(every);
+  }
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** xorshift32 for choices made while a case runs (seeded from the case, so runs replay). */
+export class Prng {
+  private s: number;
+  constructor(seed: number) {
+    this.s = seed >>> 0 || 0x9e3779b9;
+  }
+  next(): number {
+    let x = this.s;
+    x ^= x << 13; x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5; x >>>= 0;
+    this.s = x;
+    return x;
+  }
+  /** Integer in [min, max]. */
+  int(min: number, max: number): number {
+    return min + (this.next() % (max - min + 1));
+  }
+  chance(p: number): boolean {
+    return this.next() / 0x100000000 < p;
+  }
+  pick<T>(xs: readonly T[]): T {
+    return xs[this.next() % xs.length]!;
+  }
+  bytes(n: number): Uint8Array {
+    const b = new Uint8Array(n);
+    for (let i = 0; i < n; i += 4) {
+      const w = this.next();
+      b[i] = w & 0xff;
+      if (i + 1 < n) b[i + 1] = (w >>> 8) & 0xff;
+      if (i + 2 < n) b[i + 2] = (w >>> 16) & 0xff;
+      if (i + 3 < n) b[i + 3] = w >>> 24;
+    }
+    return b;
+  }
+  u64(): bigint {
+    return (BigInt(this.next()) << 32n) | BigInt(this.next());
+  }
+}
+
+/** First differing byte of two arrays, or -1. */
+export function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
+}
+
+/** A 512-byte sector as a string key (latin1: one char per byte). */
+export function sectorKey(bytes: Uint8Array, at = 0): string {
+  return Buffer.from(bytes.buffer, bytes.byteOffset + at, 512).toString('latin1');
+}
