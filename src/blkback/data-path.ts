@@ -51,6 +51,7 @@ export class DataPath {
   private inflight = 0;
   private drainWaiters: (() => void)[] = [];
   private pushQueued = false;
+  private loop: Promise<void> = Promise.resolve();
   /** One entry for the request copy, one for responses: nothing allocated per ring slot. */
   private readonly entry: RingEntry;
   private readonly out: RingEntry;
@@ -69,7 +70,7 @@ export class DataPath {
 
   /** Starts the consume loop unless it is already running. */
   kick(): void {
-    if (!this.running && !this.stopped) void this.consumeLoop();
+    if (!this.running && !this.stopped) this.loop = this.consumeLoop();
   }
 
   /**
@@ -78,6 +79,8 @@ export class DataPath {
    */
   async stop(): Promise<void> {
     this.stopped = true;
+    // The consume loop may be waiting to run a barrier: let it see `stopped` and answer first.
+    await this.loop;
     await this.drain();
     this.push();
     this.offEvent();
@@ -117,6 +120,11 @@ export class DataPath {
             // blkif.h: earlier writes complete before a barrier, later ones start after it.
             if (this.inflight > 0) counters.oo_req++;
             await this.drain();
+            if (this.stopped) {
+              // Disconnecting meanwhile: answer the barrier we consumed, touch nothing more.
+              this.respond(req.id, req.operation, BLKIF_RSP_ERROR, 'backend disconnecting');
+              return;
+            }
             await this.serve(req);
             continue;
           }

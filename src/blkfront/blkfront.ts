@@ -270,7 +270,7 @@ export class Blkfront {
    */
   flush(): Promise<void> {
     const disk = this.disk;
-    if (disk !== undefined && !disk.flush && !disk.barrier) return Promise.resolve();
+    if (disk !== undefined && !disk.flush && !disk.barrier && this.checkIo('flush', 0, 0) === undefined) return Promise.resolve();
     return this.submit('flush', 0, 0, undefined, false);
   }
 
@@ -294,8 +294,10 @@ export class Blkfront {
     await this.d.xs.unwatch(`${this.backDir}/${XS_STATE}`, this.token).catch(() => undefined);
     await this.d.xs.unwatch(`${this.d.frontDir}/${XS_BACKEND}`, `${this.token}-path`).catch(() => undefined);
     await this.enqueue(async () => {
-      if (this.link !== undefined && this.phase !== 'broken') {
-        await this.setState(XenbusStateClosing).catch(() => undefined);
+      // Also when the device stopped on a protocol violation: a correct backend still maps the
+      // ring until it sees Closing and closes; tearing down first would leak those grants.
+      if (this.link !== undefined) {
+        if (this.state !== XenbusStateClosing) await this.setState(XenbusStateClosing).catch(() => undefined);
         await this.waitBackend((s) => s === XenbusStateClosed || s === undefined, this.options.connectTimeoutMs).catch(() => undefined);
       }
       this.teardown();
@@ -316,6 +318,8 @@ export class Blkfront {
       if (length === 0 && kind !== 'flush') return resolve();
       const op: IoOp = { kind, offset, length, buf, secure, doneBytes: 0, failed: false, resolve, reject };
       this.queue.push({ op, start: 0, length });
+      // Waiting for a backend is bounded for every I/O, also those queued after a timer fired.
+      if (this.phase !== 'connected' && this.waitTimer === undefined) this.armWaitTimer();
       this.pump();
     });
   }
@@ -491,7 +495,11 @@ export class Blkfront {
   private complete(link: Link, q: Queue, s: ShadowEntry<Chunk>, status: number): void {
     const c = s.owner!;
     const op = c.op;
-    if (!this.releaseGrants(link, q, s)) return;
+    if (!this.releaseGrants(link, q, s)) {
+      // The device stopped; this request's I/O fails with everything else.
+      this.finish(op, new BlkfrontError('EIO', `backend misbehaved: ${this.brokenReason}`));
+      return;
+    }
     if (status === BLKIF_RSP_OKAY && op.kind === 'read' && !op.failed) {
       for (let i = 0; i < s.frames.length; i++) {
         const at = c.start + i * XEN_PAGE_SIZE;
@@ -737,6 +745,7 @@ export class Blkfront {
     await this.setState(XenbusStateConnected);
     this.phase = 'connected';
     clearTimeout(this.waitTimer);
+    this.waitTimer = undefined;
     const l = this.link!;
     this.log(`connected to ${this.backDir}: ${l.abi.protocol}, ${l.queues.length} queue(s) of ${l.queues[0]!.ring.size} slots, ` +
       `${l.indirect ? `indirect ${l.maxSegments}` : 'no indirect'} segments, ${l.persistent ? 'persistent grants' : 'grant per request'}, ${disk.sectors} sectors of ${disk.sectorSize}`);
@@ -761,9 +770,14 @@ export class Blkfront {
       this.d.xen.events.close(q.port);
       for (const s of q.shadow.pendingEntries()) {
         const c = s.owner;
-        if (!link.persistent && !this.releaseGrantsQuiet(s)) continue;
-        for (const f of s.frames) this.pool.give(f);
-        for (const f of s.indirectFrames) this.pool.give(f);
+        // Pages a backend still maps are never reused; the I/O itself is kept either way.
+        if (link.persistent || this.releaseGrantsQuiet(s)) {
+          for (const f of s.frames) this.pool.give(f);
+          for (const f of s.indirectFrames) this.pool.give(f);
+        } else {
+          for (const f of s.frames) this.pool.retire(f);
+          for (const f of s.indirectFrames) this.pool.retire(f);
+        }
         q.shadow.release(s);
         if (c !== undefined && !c.op.failed) again.push(c);
       }
@@ -784,7 +798,9 @@ export class Blkfront {
       this.counters.reissued += again.length;
       this.queue.unshift(...again);
     }
-    if (!this.userClosing) this.armWaitTimer();
+    // Closing: no backend will come for them.
+    if (this.userClosing) this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed while its backend went away'));
+    else this.armWaitTimer();
   }
 
   private releaseGrantsQuiet(s: ShadowEntry<Chunk>): boolean {
@@ -799,6 +815,7 @@ export class Blkfront {
   private armWaitTimer(): void {
     clearTimeout(this.waitTimer);
     this.waitTimer = setTimeout(() => {
+      this.waitTimer = undefined;
       if (this.phase === 'connected' || this.phase === 'closed') return;
       const err = new BlkfrontError('ETIMEDOUT', `no backend connected at ${this.backDir} within ${this.options.connectTimeoutMs} ms (backend ${this.backDir} state ${xenbusStateName(this.state)})`);
       this.failAll(err);

@@ -284,7 +284,12 @@ export class XenstoreDaemon {
         if (c.closed || c.watches.length === 0 || !e.visibleTo(c.subject)) continue;
         for (const w of c.watches) {
           const hit = e.match === 'exact' ? w.path === e.path : isWatched(e.path, w.path);
-          if (hit) c.send({ type: XS_WATCH_EVENT, reqId: 0, txId: 0, payload: joinStrings([e.path.slice(w.prefixLen), w.token]) });
+          if (!hit) continue;
+          const payload = joinStrings([e.path.slice(w.prefixLen), w.token]);
+          // A long token on a deep path cannot be sent in one message: that watcher misses this
+          // event (its own doing); nobody else does, and the change itself stands.
+          if (payload.length > XENSTORE_PAYLOAD_MAX) continue;
+          c.send({ type: XS_WATCH_EVENT, reqId: 0, txId: 0, payload });
         }
       }
     }

@@ -64,10 +64,10 @@ import {
   type RwOperation,
 } from '../../src/abi/index.js';
 import { DataPath, newVbdCounters } from '../../src/blkback/index.js';
-import { GrantCopy, MapPerRequest, PersistentMaps, type PageAccess } from '../../src/blkback/page-access.js';
+import { BouncePool, GrantCopy, MapPerRequest, PersistentMaps, type PageAccess } from '../../src/blkback/page-access.js';
 import { BackRing, FrontRing, RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, SharedRing } from '../../src/ring/index.js';
 import { MemoryStorage, type BlockStorage } from '../../src/storage/index.js';
-import { Toolstack, createVbdNodes, removeVbdNodes, type BackendVbdStatus, type DomainProxy, type StorageSpec, type VbdPaths } from '../../src/toolstack/index.js';
+import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, createVbdNodes, removeVbdNodes, type BackendVbdStatus, type DomainProxy, type StorageSpec, type VbdPaths } from '../../src/toolstack/index.js';
 import { GNTMAP_host_map, type XenDomain } from '../../src/xen/index.js';
 import { XS_STATE, XenbusStateClosed, XenbusStateConnected, XenbusStateInitWait, waitForState } from '../../src/xenbus/index.js';
 import { Rng, tempDir } from '../e2e/helpers.js';
@@ -266,7 +266,7 @@ function resources(domid: number): number[] {
 
 before(async () => {
   ts = await Toolstack.start();
-  back = await ts.createBackendDomain();
+  back = await ts.createBackendDomain('driver-domain', BACKEND_BASE_PAGES + 4 * BACKEND_COPY_PAGES);
   L = ts.hv.createLocalDomain({ memoryPages: 4096, pollMicros: 0 });
   backBase = resources(back.domid);
   lBase = resources(L.domid);
@@ -1311,7 +1311,7 @@ test('DataPath.stop() at a random moment answers everything consumed before reso
       const counters = newVbdCounters();
       storage = new SlowStorage(new MemoryStorage(1 << 20), spec.reqs.map((r) => r.ticks));
       const deps = { xen: B, frontDomid: F.domid, counters };
-      const access: PageAccess = spec.mode === 'copy' ? new GrantCopy(deps, 64)
+      const access: PageAccess = spec.mode === 'copy' ? new GrantCopy(deps, new BouncePool(B, B.memory.alloc(64)))
         : spec.mode === 'persistent' ? new PersistentMaps(deps, { max: 1056, idleMs: 60_000 }) : new MapPerRequest(deps);
       dp = new DataPath({
         xen: B, frontDomid: F.domid, ring: br, abi, port: bport, storage, access,
