@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { builtInSvg } from '../../src/cli/bench/charts.js';
 import { Cleanup } from '../../src/cli/bench/cleanup.js';
-import { GRANT_POOL_CAP, poolPagesFor } from '../../src/cli/bench/guest.js';
+import { GRANT_POOL_CAP, poolPagesFor, reachableInflight } from '../../src/cli/bench/guest.js';
 import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs } from '../../src/cli/bench/matrix.js';
 import { computeTargets, linkBaselines, renderText, writeReport } from '../../src/cli/bench/report.js';
 import { MiB, perfOf, type BenchDocument, type BenchResults, type Row } from '../../src/cli/bench/types.js';
@@ -33,6 +33,9 @@ test('frontend pools fill the ring but stay within the grant table', () => {
   assert.equal(poolPagesFor(11, 32, 4 * MiB, 32), 32 * 11 + 64);
   assert.equal(poolPagesFor(256, 32, 4 * MiB, 32), 32 * 257 + 64);
   assert.equal(poolPagesFor(4096, 32, 16 * MiB, 32), GRANT_POOL_CAP);
+  assert.equal(reachableInflight(11, 32, 4 * MiB, 32, 416), 11 * 32 * 4096);
+  assert.equal(reachableInflight(4096, 32, 16 * MiB, 32, GRANT_POOL_CAP), 7 * 16 * MiB, 'seven 16 MiB requests fit the grant table');
+  assert.equal(reachableInflight(4096, 32, 4 * MiB, 32, GRANT_POOL_CAP), 31 * 4 * MiB);
 });
 
 test('cleanup steps run newest first, once, and survive failures', async () => {
@@ -66,7 +69,7 @@ function synthetic(): BenchDocument {
       row('m2', 1000, { storage: 'file', config: configLabel(256, 0), workload: w1m8 }),
     ],
     baselines: [row('base/file/read-1m-qd1', 1000, { workload: w1m }), row('base/file/randread-4k-qd32', 100, { workload: r4k })],
-    inflight: [{ config: configLabel(0, 0), indirect: 0, ringPageOrder: 0, segments: 11, slots: 32, limitBytes: 11 * 32 * 4096, limitAtBlockBytes: 11 * 32 * 4096, blockSize: 4 * MiB, depth: 32, bufferPages: 416, grantCapped: false, measured: { async: { peakBytes: 11 * 32 * 4096, mibps: 500, ops: 64 } } }],
+    inflight: [{ config: configLabel(0, 0), indirect: 0, ringPageOrder: 0, segments: 11, slots: 32, limitBytes: 11 * 32 * 4096, limitAtBlockBytes: 11 * 32 * 4096, reachableBytes: 11 * 32 * 4096, blockSize: 4 * MiB, depth: 32, bufferPages: 416, grantCapped: false, measured: { async: { peakBytes: 11 * 32 * 4096, mibps: 500, ops: 64 } } }],
     nbd: [row('nbd/a/fio-randread-4k-qd32', 30, { config: 'blkif serve', label: 'fio randread 4 KiB QD32' }), row('nbd/q/fio-randread-4k-qd32', 20, { config: 'qemu-nbd', label: 'fio randread 4 KiB QD32' })],
     scaling: [{ vbds: 1, guests: 1, iops: 1000, mibps: 4, p50us: 1, p99us: 2, ratio: 1 }, { vbds: 16, guests: 8, iops: 2000, mibps: 8, p50us: 1, p99us: 2, ratio: 2 }],
     skipped: [],

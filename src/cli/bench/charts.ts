@@ -108,7 +108,7 @@ export function builtInSvg(c: BarChart): string {
   const finite = c.values.flat().filter((v): v is number => v !== undefined && Number.isFinite(v));
   const max = niceCeil(Math.max(0, ...finite));
   const left = 64, right = 16, top = 56, bottom = 44;
-  const groupW = Math.max(60, c.series.length * 22 + 20);
+  const groupW = Math.max(60, c.series.length * 22 + 20, ...c.groups.map((g) => g.length * 6.4 + 14));
   const plotW = groupW * Math.max(1, c.groups.length);
   const plotH = 260;
   const legendW = c.series.reduce((w, s) => w + 24 + s.length * 6.2, 0);

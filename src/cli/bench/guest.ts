@@ -130,3 +130,11 @@ export function poolPagesFor(maxSegments: number, slots: number, blockSize: numb
   const pages = Math.min(slots, depth * reqsPerIo) * perReq;
   return Math.min(GRANT_POOL_CAP, Math.max(pages + 64, maxSegments + indirectPagesFor(Math.max(maxSegments, 12)) + 16));
 }
+
+/** Bytes the ring, the pool and the queue allow in flight together for I/Os of `blockSize`. */
+export function reachableInflight(maxSegments: number, slots: number, blockSize: number, depth: number, poolPages: number): number {
+  const segs = Math.min(maxSegments, blockSize / PAGE);
+  const perReq = segs + (segs > 11 ? indirectPagesFor(segs) : 0);
+  const requests = Math.min(slots, Math.floor(poolPages / perReq), depth * Math.ceil(blockSize / PAGE / segs));
+  return requests * segs * PAGE;
+}

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import type { GuestDisk, StorageSpec } from '../../toolstack/index.js';
 import { directBaseline, MemoryCopy, memcpyBaseline, memcpyId } from './baselines.js';
 import { Cleanup, createImage, imageParent, tempDir } from './cleanup.js';
-import { GRANT_POOL_CAP, GuestBench, poolPagesFor } from './guest.js';
+import { GRANT_POOL_CAP, GuestBench, poolPagesFor, reachableInflight } from './guest.js';
 import {
   apiWorkloads, configLabel, DEFAULT_CONFIG_LABEL, INFLIGHT_BLOCK, INFLIGHT_DEPTH, matrixConfigs, matrixWorkloads, SCALING_COUNTS,
   SCALING_DISK_BYTES, SCALING_MAX_GUESTS, SCALING_WORKLOAD, type MatrixConfig,
@@ -44,11 +44,11 @@ export function parameters(quick: boolean) {
   return {
     imageBytes: 256 * MiB,
     memoryDiskBytes: 64 * MiB,
-    apiMs: quick ? 100 : 1000,
-    matrixMs: quick ? 100 : 500,
-    baselineMs: quick ? 150 : 700,
+    apiMs: quick ? 80 : 1000,
+    matrixMs: quick ? 80 : 500,
+    baselineMs: quick ? 100 : 700,
     inflightRounds: quick ? 2 : 4,
-    scalingMs: quick ? 300 : 2000,
+    scalingMs: quick ? 250 : 2000,
     fioSeconds: quick ? 1 : 3,
     matrixStorages: (quick ? ['file'] : ['file', 'memory']) as StorageKind[],
     inflightModes: (quick ? ['async'] : ['sync', 'async']) as ('sync' | 'async')[],
@@ -70,6 +70,10 @@ interface Step {
 /** No step should take more than this; one that does is abandoned (and reported). */
 const STEP_TIMEOUT_MS = 120_000;
 const MAIN_GUEST = 'bench-guest';
+const scaleGuest = (i: number) => `bench-scale-${i}`;
+/** Scaling VBDs need few pages (4 KiB at QD8): 1 MiB of pool each, 8 per guest. */
+const SCALE_BUFFER_PAGES = 256;
+const SCALE_GUEST_PAGES = Math.ceil(Math.max(...SCALING_COUNTS) / SCALING_MAX_GUESTS) * (SCALE_BUFFER_PAGES + 64) + 1024;
 
 class StepTimeout extends Error {}
 
@@ -144,11 +148,13 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   });
 
   inToolstack = true;
-  add('start the toolstack: xenstored, a driver domain, a guest', async () => {
+  add(`start the toolstack: xenstored, a driver domain, ${SCALING_MAX_GUESTS + 1} guests`, async () => {
     gb = await GuestBench.start(cleanup);
     // Room for the largest page pool of the bytes-in-flight probes, which reuse this guest.
     await gb.guest(MAIN_GUEST, GRANT_POOL_CAP + 2048);
-    return undefined;
+    // The scaling guests too, now: creating domains gets slower once the stack has been busy.
+    await Promise.all(Array.from({ length: SCALING_MAX_GUESTS }, (_, i) => gb!.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
+    return `${SCALING_MAX_GUESTS + 1} guests`;
   });
 
   // ---- 1. the blkfront API, default protocol ----
@@ -229,6 +235,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
       const row: InflightRow = {
         config: c.label, indirect: c.indirect, ringPageOrder: c.ringPageOrder, segments: segs0, slots: slots0,
         limitBytes: segs0 * slots0 * 4096, limitAtBlockBytes: Math.min(segs0, block / 4096) * slots0 * 4096,
+        reachableBytes: reachableInflight(segs0, slots0, block, INFLIGHT_DEPTH, bufferPages),
         blockSize: block, depth: INFLIGHT_DEPTH, bufferPages, grantCapped: bufferPages >= GRANT_POOL_CAP, measured: {},
       };
       try {
@@ -239,6 +246,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
             row.slots = disk.info.ringSize;
             row.limitBytes = row.segments * row.slots * 4096;
             row.limitAtBlockBytes = Math.min(row.segments, block / 4096) * row.slots * 4096;
+            row.reachableBytes = reachableInflight(row.segments, row.slots, block, INFLIGHT_DEPTH, bufferPages);
             // A fixed number of I/Os (rounds of the whole queue), not a time: the peak is what counts.
             const m = await g.run(disk, { pattern: 'read', blockSize: block, depth: INFLIGHT_DEPTH }, 60_000, P.imageBytes, INFLIGHT_DEPTH * P.inflightRounds);
             row.measured[io] = { peakBytes: m.peakInflightBytes, mibps: m.perf.mibps, ops: m.perf.ops };
@@ -264,17 +272,16 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
     const q = g.ts.daemon.quotas;
     q.nodesPerDomain = Math.max(q.nodesPerDomain, 4096);
     q.watchesPerDomain = Math.max(q.watchesPerDomain, 1024);
-    const perGuest = Math.ceil(maxVbds / SCALING_MAX_GUESTS);
-    const bufferPages = 256;
-    const guests = await Promise.all(Array.from({ length: SCALING_MAX_GUESTS }, (_, i) => g.guest(`bench-scale-${i}`, perGuest * (bufferPages + 64) + 1024)));
-    // VBD i lives in guest i mod 8: the first k VBDs are spread over min(k, 8) guests. Plugged
-    // one per guest at a time, the guests in parallel.
-    for (let base = 0; base < maxVbds; base += guests.length) {
-      const batch = guests.slice(0, Math.min(guests.length, maxVbds - base)).map((guest) =>
-        g.plug(guest, { kind: 'memory', size: SCALING_DISK_BYTES, sectorSize: 512 }, { maxIndirectSegments: 256 }, { maxIndirectSegments: 256, bufferPages }, { prefill: false }));
-      scaleDisks.push(...await Promise.all(batch));
+    const t0 = performance.now();
+    const guests = await Promise.all(Array.from({ length: SCALING_MAX_GUESTS }, (_, i) => g.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
+    const t1 = performance.now();
+    // VBD i lives in guest i mod 8: the first k VBDs are spread over min(k, 8) guests. One plug
+    // at a time: concurrent plugs conflict in xenstore transactions and end up slower.
+    for (let i = 0; i < maxVbds; i++) {
+      scaleDisks.push(await g.plug(guests[i % guests.length]!, { kind: 'memory', size: SCALING_DISK_BYTES, sectorSize: 512 },
+        { maxIndirectSegments: 256 }, { maxIndirectSegments: 256, bufferPages: SCALE_BUFFER_PAGES }, { prefill: false }));
     }
-    return `${scaleDisks.length} VBDs`;
+    return `${guests.length} guests in ${((t1 - t0) / 1000).toFixed(1)} s, ${scaleDisks.length} VBDs in ${((performance.now() - t1) / 1000).toFixed(1)} s`;
   });
   for (const n of SCALING_COUNTS) {
     add(`scaling: ${n} VBD${n > 1 ? 's' : ''} at once, ${workloadLabel(SCALING_WORKLOAD)} each`, async () => {

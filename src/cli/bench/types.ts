@@ -83,6 +83,8 @@ export interface InflightRow {
   limitBytes: number;
   /** The same, for requests no larger than the load's I/O size. */
   limitAtBlockBytes: number;
+  /** What can be in flight here: also bounded by the page pool (itself by the grant table) and by depth x I/O size. */
+  reachableBytes: number;
   blockSize: number;
   depth: number;
   /** Frontend buffer pages (the pool bounds bytes in flight too). */
