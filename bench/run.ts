@@ -1,34 +1,41 @@
 /**
- * `npm run bench`: every benchmark of the project, printed as a table (`--json` for machines,
- * `--quick` for a short run). Benchmarks assert nothing about speed; they report.
+ * `npm run bench` (`--quick` for a short run, `--json` for one JSON document, `--out DIR`): the
+ * harness of `blkif bench` (src/cli/bench/) plus this repository's micro-benchmarks (wire format
+ * and ring, the emulated Xen, xenstore). Reports go to bench/results/<timestamp>/ and the latest
+ * is copied to bench/REPORT.md (charts in bench/report/). Benchmarks assert nothing about speed.
  */
-import { cpus } from 'node:os';
+import { resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { runBench } from '../src/cli/bench.js';
 import { benchRing } from './ring.js';
 import { benchXen } from './xen.js';
 import { benchXenstore } from './xenstore.js';
-import type { Figure } from './measure.js';
 
-const args = new Set(process.argv.slice(2));
-const quick = args.has('--quick');
-const suites: [string, (quick: boolean) => Promise<Figure[]>][] = [
-  ['wire format and ring', benchRing],
-  ['emulated Xen: event channels and grants', () => benchXen()],
-  ['xenstore', () => benchXenstore()],
-];
+// dist/bench/run.js -> the repository's bench/ folder.
+const benchDir = resolve(fileURLToPath(new URL('.', import.meta.url)), '../../bench');
 
-const results: { suite: string; figures: Figure[] }[] = [];
-for (const [suite, run] of suites) {
-  if (!args.has('--json')) process.stderr.write(`running: ${suite}...\n`);
-  results.push({ suite, figures: await run(quick) });
-}
-
-if (args.has('--json')) {
-  process.stdout.write(JSON.stringify({ machine: { cpus: cpus().length, model: cpus()[0]?.model, node: process.version }, results }, null, 2) + '\n');
-} else {
-  const fmt = (v: number) => (v >= 100 ? Math.round(v).toLocaleString('en-US') : v.toPrecision(3));
-  for (const { suite, figures } of results) {
-    process.stdout.write(`\n${suite}\n`);
-    const w = Math.max(...figures.map((f) => f.name.length));
-    for (const f of figures) process.stdout.write(`  ${f.name.padEnd(w)}  ${fmt(f.value).padStart(14)} ${f.unit}\n`);
+const argv = process.argv.slice(2);
+let out = resolve(benchDir, 'results');
+const flags = new Set<string>();
+for (let i = 0; i < argv.length; i++) {
+  const a = argv[i]!;
+  if (a === '--out' && argv[i + 1] !== undefined) out = resolve(argv[++i]!);
+  else if (a === '--quick' || a === '--json') flags.add(a);
+  else {
+    process.stderr.write(`bench: unknown argument ${a} (use --quick, --json, --out DIR)\n`);
+    process.exit(2);
   }
 }
+
+await runBench({
+  quick: flags.has('--quick'),
+  json: flags.has('--json'),
+  outDir: out,
+  latestDir: benchDir,
+  command: `npm run bench${argv.length > 0 ? ` -- ${argv.join(' ')}` : ''}`,
+  extraSuites: [
+    { name: 'wire format and ring', run: (quick) => benchRing(quick) },
+    { name: 'emulated Xen: event channels and grants', run: (quick) => benchXen(quick) },
+    { name: 'xenstore', run: (quick) => benchXenstore(quick) },
+  ],
+});

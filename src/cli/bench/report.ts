@@ -1,0 +1,424 @@
+/**
+ * From results to what people read: every figure beside its baseline as a ratio, the targets
+ * with their measured values, terminal tables, and a Markdown report with SVG charts.
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { memcpyId } from './baselines.js';
+import { renderChart, type BarChart, type ChartRenderer } from './charts.js';
+import { configLabel, DEFAULT_CONFIG_LABEL, INDIRECT_SEGMENTS, MATRIX_SEQ_DEPTH, matrixWorkloads } from './matrix.js';
+import {
+  KiB, MiB, sizeLabel, workloadId, workloadLabel, type BenchDocument, type BenchResults, type InflightRow, type Row, type StorageKind,
+  type Target, type Workload,
+} from './types.js';
+
+// ---------------------------------------------------------------------------------------------
+// Baselines and targets
+// ---------------------------------------------------------------------------------------------
+
+const matrixKey = (storage: StorageKind | undefined, config: string, w: Workload) => `${storage}|${config}|${workloadId(w)}`;
+
+/** Sets every row's `baseline` (and ratio): direct I/O or memory copy, classic, qemu-nbd. */
+export function linkBaselines(r: BenchResults): void {
+  const byId = new Map(r.baselines.map((b) => [b.id, b]));
+  const ref = (row: Row, base: Row | undefined) => {
+    if (base === undefined) return;
+    row.baseline = { id: base.id, label: base.label, mibps: base.perf.mibps, iops: base.perf.iops, ratio: row.perf.mibps / base.perf.mibps };
+  };
+  for (const row of r.api) {
+    const w = row.workload!;
+    ref(row, byId.get(row.storage === 'file' ? `base/file/${workloadId(w)}` : memcpyId(w)));
+  }
+  const matrix = new Map(r.matrix.map((m) => [matrixKey(m.storage, m.config!, m.workload!), m]));
+  for (const row of r.matrix) {
+    const order = /ring order (\d+)/.exec(row.config!)?.[1] ?? '0';
+    const classic = configLabel(0, Number(order));
+    if (row.config !== classic) ref(row, matrix.get(matrixKey(row.storage, classic, row.workload!)));
+  }
+  for (const row of r.nbd) {
+    if (row.config === 'qemu-nbd') continue;
+    ref(row, r.nbd.find((q) => q.config === 'qemu-nbd' && q.label === row.label));
+  }
+}
+
+export function computeTargets(r: BenchResults): Target[] {
+  const api = (id: string) => r.api.find((x) => x.id === id);
+  const ratioTarget = (name: string, goal: string, threshold: number, row: Row | undefined, what: string): Target => {
+    const value = row?.baseline?.ratio;
+    const ok = value !== undefined && Number.isFinite(value);
+    return {
+      name, goal, value: ok ? value : undefined, threshold, kind: '>=', met: ok ? value >= threshold : undefined,
+      detail: row === undefined ? `${what}: not measured` : row.baseline === undefined ? `${what}: baseline not measured`
+        : `${what}: ${fmtMiBps(row.perf.mibps)} MiB/s vs ${row.baseline.label} ${fmtMiBps(row.baseline.mibps)} MiB/s`,
+    };
+  };
+  const seq1m = api('api/file/read-1m-qd1');
+  const rand32 = api('api/file/randread-4k-qd32');
+  const ind1m = r.matrix.find((m) => m.storage === 'file' && m.config === DEFAULT_CONFIG_LABEL && m.workload?.pattern === 'read' && m.workload.blockSize === MiB);
+  const nbdRand = r.nbd.find((n) => n.config === 'blkif serve' && n.id.endsWith('fio-randread-4k-qd32'));
+  const nbdSeq = r.nbd.find((n) => n.config === 'blkif serve' && n.id.endsWith('fio-read-1m-qd8'));
+  const s1 = r.scaling.find((s) => s.vbds === 1);
+  const s16 = r.scaling.find((s) => s.vbds === 16);
+  const notif = rand32?.cost?.notificationsPerReq;
+  return [
+    ratioTarget('1 MiB sequential read through blkfront vs direct pread', '>= 0.8x', 0.8, seq1m, 'image file, QD1'),
+    ratioTarget('4 KiB random read QD32 through blkfront vs direct', '>= 0.5x', 0.5, rand32, 'image file, fs.read x32 on the libuv pool'),
+    ratioTarget('indirect vs classic at 1 MiB', '>= 2x', 2, ind1m, `image file, 1 MiB seq read QD${MATRIX_SEQ_DEPTH}, indirect 256 vs classic, ring order 0`),
+    {
+      name: 'notifications per request at QD32', goal: '<= 0.05', value: notif, threshold: 0.05, kind: '<=',
+      met: notif !== undefined && Number.isFinite(notif) ? notif <= 0.05 : undefined,
+      detail: rand32?.cost === undefined ? 'not measured'
+        : `4 KiB random read QD32, image file: ${fmtPer(rand32.cost.feSentPerReq)} frontend->backend + ${fmtPer(rand32.cost.beSentPerReq)} backend->frontend kicks per request`,
+    },
+    ratioTarget('NBD export vs qemu-nbd, 4 KiB random read QD32', '>= 1.2x', 1.2, nbdRand, 'fio nbd engine'),
+    ratioTarget('NBD export vs qemu-nbd, 1 MiB sequential read', '>= 1.0x', 1.0, nbdSeq, 'fio nbd engine, QD8'),
+    {
+      name: '16 VBDs aggregate vs one VBD', goal: '>= 1.5x', value: s16 !== undefined && s1 !== undefined ? s16.ratio : undefined, threshold: 1.5, kind: '>=',
+      met: s16 !== undefined && s1 !== undefined ? s16.ratio >= 1.5 : undefined,
+      detail: s16 === undefined || s1 === undefined ? 'not measured' : `4 KiB random read QD8 per VBD, memory disks: ${fmtInt(s16.iops)} vs ${fmtInt(s1.iops)} IOPS`,
+    },
+  ];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Formatting
+// ---------------------------------------------------------------------------------------------
+
+const DASH = '–';
+const fin = (v: number | undefined): v is number => v !== undefined && Number.isFinite(v);
+export const fmtInt = (v: number | undefined) => (fin(v) ? Math.round(v).toLocaleString('en-US') : DASH);
+export const fmtMiBps = (v: number | undefined) => (!fin(v) ? DASH : v >= 100 ? fmtInt(v) : v.toPrecision(3));
+const fmtUs = (v: number | undefined) => (!fin(v) ? DASH : v >= 100 ? fmtInt(v) : v.toFixed(1));
+export const fmtRatio = (v: number | undefined) => (fin(v) ? `${v >= 10 ? v.toFixed(1) : v.toFixed(2)}x` : DASH);
+const fmtPer = (v: number | undefined) => (!fin(v) ? DASH : v === 0 ? '0' : v >= 10 ? v.toFixed(1) : v >= 0.01 ? v.toFixed(3) : v.toExponential(1));
+export function fmtBytes(n: number | undefined): string {
+  if (!fin(n)) return DASH;
+  if (n >= MiB) return `${+(n / MiB).toFixed(n >= 10 * MiB ? 1 : 2)} MiB`;
+  if (n >= KiB) return `${+(n / KiB).toFixed(1)} KiB`;
+  return `${n} B`;
+}
+const small = (w: Workload | undefined) => w !== undefined && w.blockSize < 64 * KiB;
+
+interface Table {
+  headers: string[];
+  rows: string[][];
+  /** Columns aligned left (the others right). */
+  left?: number[];
+}
+
+function mdTable(t: Table): string {
+  const left = new Set(t.left ?? [0]);
+  const esc = (s: string) => s.replace(/\|/g, '\\|');
+  return [
+    `| ${t.headers.map(esc).join(' | ')} |`,
+    `|${t.headers.map((_, i) => (left.has(i) ? ':---' : '---:')).join('|')}|`,
+    ...t.rows.map((r) => `| ${r.map(esc).join(' | ')} |`),
+  ].join('\n') + '\n';
+}
+
+function textTable(t: Table, indent = '  '): string {
+  const left = new Set(t.left ?? [0]);
+  const w = t.headers.map((h, i) => Math.max(h.length, ...t.rows.map((r) => (r[i] ?? '').length)));
+  const line = (r: string[]) => indent + r.map((c, i) => (left.has(i) ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join('  ').trimEnd();
+  return [line(t.headers), indent + w.map((n) => '-'.repeat(n)).join('  '), ...t.rows.map(line)].join('\n') + '\n';
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------------------------
+
+function targetsTable(ts: Target[]): Table {
+  return {
+    headers: ['target', 'goal', 'measured', 'result', 'what was compared'],
+    rows: ts.map((t) => [t.name, t.goal, t.kind === '<=' ? fmtPer(t.value) : fmtRatio(t.value), t.met === undefined ? 'not measured' : t.met ? 'met' : 'not met', t.detail]),
+    left: [0, 1, 3, 4],
+  };
+}
+
+function perfTable(rows: Row[], baselineHeader: string): Table {
+  return {
+    headers: ['workload', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs', baselineHeader, 'baseline IOPS', 'baseline MiB/s', 'ratio'],
+    rows: rows.map((r) => [
+      r.label, fmtInt(r.perf.iops), fmtMiBps(r.perf.mibps), fmtUs(r.perf.p50us), fmtUs(r.perf.p99us),
+      r.baseline?.label ?? DASH, fmtInt(r.baseline?.iops), fmtMiBps(r.baseline?.mibps), fmtRatio(r.baseline?.ratio),
+    ]),
+    left: [0, 5],
+  };
+}
+
+function matrixTable(rows: Row[], storage: StorageKind): Table | undefined {
+  const mine = rows.filter((r) => r.storage === storage);
+  if (mine.length === 0) return undefined;
+  const ws = matrixWorkloads();
+  const configs = [...new Set(mine.map((r) => r.config!))];
+  const cell = (c: string, w: Workload) => {
+    const r = mine.find((x) => x.config === c && workloadId(x.workload!) === workloadId(w));
+    if (r === undefined) return DASH;
+    const v = small(w) ? fmtInt(r.perf.iops) : fmtMiBps(r.perf.mibps);
+    return r.baseline === undefined ? v : `${v} (${fmtRatio(r.baseline.ratio)})`;
+  };
+  return {
+    headers: ['configuration', ...ws.map((w) => `${workloadLabel(w)} ${small(w) ? 'IOPS' : 'MiB/s'}`)],
+    rows: configs.map((c) => [c, ...ws.map((w) => cell(c, w))]),
+  };
+}
+
+function costTable(rows: Row[], withConfig: boolean): Table {
+  return {
+    headers: [...(withConfig ? ['configuration'] : []), 'workload', 'requests/I/O', 'fe->be kicks/req sent / recv', 'be->fe kicks/req sent / recv', 'notifications/req', 'grant maps/req', 'segments/req', 'indirect', 'requests/MiB'],
+    rows: rows.filter((r) => r.cost !== undefined).map((r) => {
+      const c = r.cost!;
+      return [
+        ...(withConfig ? [r.config ?? DASH] : []), r.label, fmtPer(c.requestsPerIo), `${fmtPer(c.feSentPerReq)} / ${fmtPer(c.beReceivedPerReq)}`,
+        `${fmtPer(c.beSentPerReq)} / ${fmtPer(c.feReceivedPerReq)}`, fmtPer(c.notificationsPerReq), fmtPer(c.grantMapsPerReq), fmtPer(c.segmentsPerReq),
+        fin(c.indirectShare) ? `${Math.round(c.indirectShare * 100)}%` : DASH, fmtPer(c.requestsPerMiB),
+      ];
+    }),
+    left: withConfig ? [0, 1] : [0],
+  };
+}
+
+/** The seed's in-flight arithmetic, for the configurations it names. */
+function seedClaim(r: InflightRow): string {
+  if (r.indirect === 0 && r.ringPageOrder === 0) return '11 x 32 = 1.4 MiB';
+  if (r.indirect === 256 && r.ringPageOrder === 0) return '256 x 32 = 32 MiB';
+  if (r.indirect === 4096 && r.ringPageOrder === 0) return '8 x 512 x 32 = 512 MiB';
+  return '';
+}
+
+function inflightTable(rows: InflightRow[]): Table {
+  const modes = (['sync', 'async'] as const).filter((m) => rows.some((r) => r.measured[m] !== undefined));
+  return {
+    headers: ['configuration', 'I/O size', 'segments x slots', 'limit (x 4 KiB)', "seed's figure", 'at this I/O size', 'pool pages', 'reachable here',
+      ...modes.flatMap((m) => [`peak, ${m} file I/O`, 'vs reachable', `MiB/s (${m})`])],
+    rows: rows.map((r) => [
+      r.config, sizeLabel(r.blockSize), `${r.segments} x ${r.slots}`, fmtBytes(r.limitBytes), seedClaim(r), fmtBytes(r.limitAtBlockBytes),
+      `${fmtInt(r.bufferPages)}${r.grantCapped ? ' (grant table cap)' : ''}`, fmtBytes(r.reachableBytes),
+      ...modes.flatMap((m) => {
+        const v = r.measured[m];
+        return v === undefined ? [DASH, DASH, DASH] : [fmtBytes(v.peakBytes), fmtRatio(v.peakBytes / r.reachableBytes), fmtMiBps(v.mibps)];
+      }),
+    ]),
+    left: [0, 4],
+  };
+}
+
+function baselinesTable(rows: Row[]): Table {
+  return {
+    headers: ['baseline', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'],
+    rows: rows.map((r) => [r.label, fmtInt(r.perf.iops), fmtMiBps(r.perf.mibps), fmtUs(r.perf.p50us), fmtUs(r.perf.p99us)]),
+  };
+}
+
+function nbdTable(rows: Row[]): Table {
+  return {
+    headers: ['client', 'server', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs', 'seconds', 'vs qemu-nbd'],
+    rows: [...rows].sort((a, b) => a.label.localeCompare(b.label)).map((r) => [
+      r.label, r.config ?? DASH, r.label.startsWith('nbdcopy') ? DASH : fmtInt(r.perf.iops), fmtMiBps(r.perf.mibps), fmtUs(r.perf.p50us), fmtUs(r.perf.p99us),
+      r.perf.seconds.toFixed(2), r.config === 'qemu-nbd' ? '1.00x (baseline)' : fmtRatio(r.baseline?.ratio),
+    ]),
+    left: [0, 1],
+  };
+}
+
+function scalingTable(doc: BenchDocument): Table {
+  return {
+    headers: ['VBDs', 'guests', 'aggregate IOPS', 'MiB/s', 'mean p50 µs', 'worst p99 µs', 'vs 1 VBD'],
+    rows: doc.results.scaling.map((s) => [String(s.vbds), String(s.guests), fmtInt(s.iops), fmtMiBps(s.mibps), fmtUs(s.p50us), fmtUs(s.p99us), fmtRatio(s.ratio)]),
+  };
+}
+
+function microTables(doc: BenchDocument): { title: string; table: Table }[] {
+  const fmt = (v: number) => (v >= 100 ? fmtInt(v) : v.toPrecision(3));
+  return doc.results.micro.map((m) => ({
+    title: m.suite,
+    table: { headers: ['figure', 'value', 'unit'], rows: m.figures.map((f) => [f.name, fmt(f.value), f.unit]), left: [0, 2] },
+  }));
+}
+
+function machineLines(doc: BenchDocument): string[] {
+  const m = doc.machine;
+  return [
+    `CPU: ${m.cpuModel} x ${m.cpus}`,
+    `memory: ${(m.totalMemoryBytes / 1024 ** 3).toFixed(1)} GiB`,
+    `OS: ${m.os} ${m.kernel} (${m.arch}), Node ${m.node}`,
+    `load average at start: ${m.loadAverageAtStart.join(', ')}`,
+    `tools: ${Object.entries(m.tools).map(([k, v]) => `${k}: ${v}`).join('; ')}`,
+  ];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Terminal
+// ---------------------------------------------------------------------------------------------
+
+export function renderText(doc: BenchDocument): string {
+  const r = doc.results;
+  const out: string[] = [];
+  const section = (title: string, t: Table | undefined) => {
+    if (t === undefined || t.rows.length === 0) return;
+    out.push(`\n${title}\n${textTable(t)}`);
+  };
+  out.push(`\nblkif bench (${doc.quick ? 'quick' : 'full'} run, ${doc.seconds.toFixed(0)} s) on ${doc.machine.cpuModel} x ${doc.machine.cpus}, Node ${doc.machine.node}`);
+  section('targets', targetsTable(doc.targets));
+  for (const s of ['file', 'memory'] as const) section(`blkfront API, ${DEFAULT_CONFIG_LABEL}, ${storageName(s)}`, perfTable(r.api.filter((x) => x.storage === s), 'baseline'));
+  for (const s of ['file', 'memory'] as const) section(`protocol matrix, ${storageName(s)} (ratio vs classic at the same ring order)`, matrixTable(r.matrix, s));
+  section('protocol cost per request, default configuration, image file', costTable(r.api.filter((x) => x.storage === 'file'), false));
+  section('protocol cost per request, matrix, image file', costTable(r.matrix.filter((x) => x.storage === 'file'), true));
+  section(`bytes in flight`, inflightTable(r.inflight));
+  section('baselines', baselinesTable(r.baselines));
+  section('NBD export vs qemu-nbd (same clients)', nbdTable(r.nbd));
+  section('scaling (one driver domain)', scalingTable(doc));
+  for (const m of microTables(doc)) section(m.title, m.table);
+  if (r.skipped.length > 0) out.push(`\nskipped:\n${r.skipped.map((s) => `  ${s.what}: ${s.why}`).join('\n')}\n`);
+  if (doc.report !== undefined) out.push(`\nreport: ${doc.report}\n`);
+  return out.join('');
+}
+
+const storageName = (s: StorageKind) => (s === 'file' ? 'image file (warm in the page cache)' : 'memory disk');
+
+// ---------------------------------------------------------------------------------------------
+// Markdown report and charts
+// ---------------------------------------------------------------------------------------------
+
+interface ChartFile { file: string; title: string; chart: BarChart }
+
+function charts(doc: BenchDocument): ChartFile[] {
+  const r = doc.results;
+  const out: ChartFile[] = [];
+  // Throughput vs request size, classic vs indirect (ring order 0, image file).
+  const sizes = [...new Set(matrixWorkloads().filter((w) => w.pattern === 'read').map((w) => w.blockSize))];
+  const series = INDIRECT_SEGMENTS.map((n) => configLabel(n, 0)).filter((c) => r.matrix.some((m) => m.config === c && m.storage === 'file'));
+  if (series.length > 0) {
+    out.push({
+      file: 'throughput-vs-request-size.svg',
+      title: 'Throughput vs request size, classic vs indirect',
+      chart: {
+        title: `Sequential read QD${MATRIX_SEQ_DEPTH} through blkfront, image file, ring order 0`, unit: 'MiB/s', xTitle: 'request size',
+        groups: sizes.map(sizeLabel), series: series.map((s) => s.replace(', ring order 0', '')),
+        values: sizes.map((bs) => series.map((c) => r.matrix.find((m) => m.storage === 'file' && m.config === c && m.workload?.pattern === 'read' && m.workload.blockSize === bs)?.perf.mibps)),
+      },
+    });
+  }
+  const servers = [...new Set(r.nbd.map((n) => n.config!))];
+  const tests = [...new Set(r.nbd.map((n) => n.label))];
+  if (servers.length > 0) {
+    out.push({
+      file: 'nbd-vs-qemu-nbd.svg',
+      title: 'NBD export vs qemu-nbd',
+      chart: {
+        title: 'NBD export (blkif serve) vs qemu-nbd, same clients', unit: 'MiB/s',
+        groups: tests, series: servers,
+        values: tests.map((t) => servers.map((s) => r.nbd.find((n) => n.label === t && n.config === s)?.perf.mibps)),
+      },
+    });
+  }
+  if (r.scaling.length > 0) {
+    out.push({
+      file: 'scaling.svg',
+      title: 'Scaling by VBD count',
+      chart: {
+        title: 'Aggregate 4 KiB random read (QD8 per VBD), one driver domain', unit: 'IOPS', xTitle: 'VBDs',
+        groups: r.scaling.map((s) => String(s.vbds)), series: ['aggregate IOPS'], values: r.scaling.map((s) => [s.iops]),
+      },
+    });
+  }
+  return out;
+}
+
+function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, ChartRenderer>): string {
+  const r = doc.results;
+  const L: string[] = [];
+  const img = (file: string, alt: string) => (rendered.has(file) ? `![${alt}](${chartDir}${file})\n` : '');
+  const chartsByFile = new Map(charts(doc).map((c) => [c.file, c]));
+  const chartImg = (file: string) => { const c = chartsByFile.get(file); return c === undefined ? '' : img(file, c.title); };
+  L.push('# blkif benchmarks: what indirect descriptors buy', '');
+  L.push(`Generated by \`${doc.command}\` on ${doc.startedAt}, ${doc.quick ? 'quick' : 'full'} run, ${doc.seconds.toFixed(0)} s.`,
+    'Benchmarks assert nothing about speed: every figure stands beside its baseline as a ratio (figure / baseline, on throughput).', '');
+  L.push('## Machine', '', ...machineLines(doc).map((l) => `- ${l}`), '');
+  L.push('## Targets', '', mdTable(targetsTable(doc.targets)));
+
+  L.push(`## 1. Through the blkfront API (${DEFAULT_CONFIG_LABEL})`, '',
+    'The workload runs inside the guest\'s thread against its blkfront (no NBD, no control-channel hop per I/O); blkback in the driver domain serves it.',
+    'Baselines: on the image file, the same I/O issued directly by this process (pread/pwrite on one thread at QD1, fs.read/fs.write on the libuv pool at higher depths);',
+    'on the memory disk, Buffer.copy of the same blocks (the memory disk\'s ceiling).', '');
+  for (const s of ['file', 'memory'] as const) {
+    const rows = r.api.filter((x) => x.storage === s);
+    if (rows.length > 0) L.push(`### ${storageName(s)}`, '', mdTable(perfTable(rows, 'baseline')));
+  }
+
+  L.push('## 2. Protocol matrix', '',
+    `Backend \`maxIndirectSegments\` 0 (classic: 11 segments per request), 32, 256, 4096 with the frontend's cap set equal; ring page order 0 (32 slots) and 4 (512 slots). Cells: throughput (ratio vs classic at the same ring order). Sequential workloads at QD${MATRIX_SEQ_DEPTH}.`, '');
+  for (const s of ['file', 'memory'] as const) {
+    const t = matrixTable(r.matrix, s);
+    if (t !== undefined) L.push(`### ${storageName(s)}`, '', mdTable(t));
+  }
+  L.push(chartImg('throughput-vs-request-size.svg'));
+  const skippedMatrix = r.skipped.filter((x) => x.what.startsWith('matrix: '));
+  if (skippedMatrix.length > 0) L.push(`Declared in the matrix but skipped until blkback and blkfront have the options: ${skippedMatrix.map((x) => x.what.replace(/^matrix: /, '')).join('; ')} (see "Skipped").`, '');
+
+  L.push('## 3. Protocol cost per request', '',
+    'From the counters of both ends, before and after each run: event-channel kicks each way (sent by one end / received by the other), grant map operations by the backend (data pages and indirect pages), segments, and ring slots (requests) per MiB moved.', '');
+  L.push('### Default configuration, image file', '', mdTable(costTable(r.api.filter((x) => x.storage === 'file'), false)));
+  const mf = r.matrix.filter((x) => x.storage === 'file');
+  if (mf.length > 0) L.push('### Matrix, image file', '', mdTable(costTable(mf, true)));
+  if (r.inflight.length > 0) {
+    L.push('### Bytes in flight', '',
+      'peak_inflight_bytes of blkback under a deep sequential read load (QD32) on a fresh VBD per configuration, with the frontend\'s page pool sized so that only the protocol limits it.',
+      '"sync" is the file storage\'s default (preadv on the driver domain\'s thread: blkback lets answers out every 8 requests, so at most about 8 are in flight); "async" runs preadv on the libuv pool, so the ring itself is the limit.',
+      'The limit at this I/O size counts requests no larger than the I/O: a 4 MiB read is 1024 segments, so 4096-segment requests need 16 MiB I/Os to reach the seed\'s 8 x 512 x 32.',
+      '"Reachable here" also counts the frontend\'s page pool (sized to fill the ring, but never beyond the 32768-entry grant table: 127 MiB) and the 32 I/Os of the load; the peak is compared with it.', '',
+      mdTable(inflightTable(r.inflight)));
+  }
+
+  L.push('## 4. Baselines', '', mdTable(baselinesTable(r.baselines)));
+  L.push('### NBD export vs qemu-nbd', '',
+    '`blkif serve IMAGE --port 0` and `qemu-nbd -f raw -t -p PORT -b 127.0.0.1 IMAGE` on the same image, one after the other, driven by the same clients: fio\'s nbd engine (time based) and nbdcopy of the whole image to null: (it opens 4 connections to a server that offers multi-conn, as blkif serve does, and 1 to qemu-nbd, which with its default --shared=1 does not).', '',
+    mdTable(nbdTable(r.nbd)), chartImg('nbd-vs-qemu-nbd.svg'));
+
+  L.push('## 5. Scaling by VBD count', '',
+    `One driver domain serving every VBD; VBD i is plugged into guest i mod 8 (at most 8 guest threads), each a ${sizeLabel(16 * MiB)} memory disk running 4 KiB random reads at QD8 for the same time, all at once.`, '',
+    mdTable(scalingTable(doc)), chartImg('scaling.svg'));
+
+  const micro = microTables(doc);
+  if (micro.length > 0) {
+    L.push('## Micro-benchmarks', '');
+    for (const m of micro) L.push(`### ${m.title}`, '', mdTable(m.table));
+  }
+  if (r.skipped.length > 0) L.push('## Skipped', '', ...r.skipped.map((s) => `- ${s.what}: ${s.why}`), '');
+  L.push('## Method', '',
+    `- Run parameters: ${Object.entries(doc.parameters).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ')}.`,
+    '- The image is written with random data (no holes) and read once before any measurement, so it is warm in the page cache; writes land in the page cache too.',
+    '- Latencies are per I/O as the caller saw them (p50/p99, µs); memory-copy baselines are timed in batches (no per-copy latency); nbdcopy is timed from spawn to exit.',
+    `- The image lives in ${String(doc.parameters['imageDir'])}${doc.parameters['imageOnTmpfs'] === true ? ' (tmpfs: page cache only, so writes never start writeback to a disk mid-run)' : ''}.`,
+    '- A guest can have at most NR_GRANT_ENTRIES (32768, Xen\'s default 64 grant frames) pages granted at once, and blkfront grants every page in flight: 128 MiB per guest, whatever the ring could carry. The seed\'s 8 x 512 x 32 = 512 MiB is therefore out of reach; the bytes-in-flight probes size the pool up to that cap.',
+    '- 64 VBDs on one driver domain exceed cxenstored\'s default quotas (1000 nodes, 128 watches per domain); the scaling run raises them as `xenstored -E 4096 -W 1024` would. Its memory disks are not written first (never-written chunks read as zeroes).',
+    `- Load average at start ${doc.machine.loadAverageAtStart.join(', ')}, at the end ${(doc.machine.loadAverageAtEnd ?? []).join(', ')}: other work on this machine shows up in every figure.`,
+    `- Charts drawn by: ${[...new Set(rendered.values())].join(', ') || 'none'}.`, '');
+  return L.join('\n');
+}
+
+/** Writes `<outDir>/<timestamp>/report.md` (+ charts, results.json); copies it to `<latestDir>/REPORT.md`. */
+export async function writeReport(doc: BenchDocument, outDir: string, latestDir: string | undefined): Promise<string> {
+  const stamp = doc.startedAt.replace(/[:]/g, '-').replace(/\.\d+Z$/, 'Z');
+  const dir = resolve(outDir, stamp);
+  mkdirSync(dir, { recursive: true });
+  const rendered = new Map<string, ChartRenderer>();
+  const svgs = new Map<string, string>();
+  for (const c of charts(doc)) {
+    const { svg, renderer } = await renderChart(c.chart);
+    rendered.set(c.file, renderer);
+    svgs.set(c.file, svg);
+    writeFileSync(join(dir, c.file), svg);
+  }
+  const path = join(dir, 'report.md');
+  doc.report = path;
+  writeFileSync(path, markdown(doc, './', rendered));
+  writeFileSync(join(dir, 'results.json'), JSON.stringify(doc, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v), 2) + '\n');
+  if (latestDir !== undefined) {
+    const chartDir = join(latestDir, 'report');
+    mkdirSync(chartDir, { recursive: true });
+    for (const [file, svg] of svgs) writeFileSync(join(chartDir, file), svg);
+    writeFileSync(join(latestDir, 'REPORT.md'), markdown(doc, 'report/', rendered));
+  }
+  return path;
+}

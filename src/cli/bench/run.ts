@@ -1,0 +1,427 @@
+/**
+ * The benchmark harness behind `blkif bench` and `npm run bench`: a plan of steps (baselines, the
+ * blkfront API, the protocol matrix, bytes in flight, scaling, the NBD export against qemu-nbd,
+ * and any extra suites), run one after the other with progress on stderr; then one document of
+ * results, a Markdown report with SVG charts, and either tables or JSON on stdout. It asserts
+ * nothing about speed: every figure is reported beside its baseline as a ratio. Whatever happens,
+ * child processes are stopped, temporary images removed and the toolstack shut down.
+ */
+import { arch, cpus, loadavg, release, totalmem, type as osType } from 'node:os';
+import { join } from 'node:path';
+import type { GuestDisk, StorageSpec } from '../../toolstack/index.js';
+import { directBaseline, MemoryCopy, memcpyBaseline, memcpyId } from './baselines.js';
+import { Cleanup, createImage, imageParent, tempDir } from './cleanup.js';
+import { GRANT_POOL_CAP, GuestBench, poolPagesFor, reachableInflight } from './guest.js';
+import {
+  apiWorkloads, configLabel, DEFAULT_CONFIG_LABEL, INFLIGHT_BLOCK, INFLIGHT_DEPTH, matrixConfigs, matrixWorkloads, SCALING_COUNTS,
+  SCALING_DISK_BYTES, SCALING_MAX_GUESTS, SCALING_WORKLOAD, type MatrixConfig,
+} from './matrix.js';
+import { blkifServe, fioTest, nbdcopyTest, qemuNbd, toolVersion, type NbdServerSpec, type NbdTest } from './nbd.js';
+import { makeProgress } from './progress.js';
+import { linkBaselines, computeTargets, renderText, writeReport } from './report.js';
+import {
+  KiB, MiB, sizeLabel, workloadId, workloadLabel, type BenchDocument, type BenchResults, type ExtraSuite, type InflightRow,
+  type MachineInfo, type Row, type StorageKind, type Workload,
+} from './types.js';
+
+export interface BenchOptions {
+  readonly quick: boolean;
+  readonly json: boolean;
+  /** Reports go to `<outDir>/<timestamp>/report.md` (with their charts). */
+  readonly outDir: string;
+  /** Where the latest report is copied as REPORT.md (charts in `report/` beside it). */
+  readonly latestDir?: string;
+  /** Suites contributed from outside src (bench/'s micro-benchmarks), run last. */
+  readonly extraSuites?: readonly ExtraSuite[];
+  /** The command line that started the run, for the report (default: `blkif bench` and the flags). */
+  readonly command?: string;
+  /** Where the tables (or the JSON document) go; stdout by default. */
+  readonly out?: NodeJS.WritableStream;
+}
+
+/** Durations and sizes of a run; `--quick` shrinks them to stay under a minute in all. */
+export function parameters(quick: boolean) {
+  return {
+    imageBytes: 256 * MiB,
+    memoryDiskBytes: 64 * MiB,
+    apiMs: quick ? 80 : 1000,
+    matrixMs: quick ? 80 : 500,
+    baselineMs: quick ? 100 : 700,
+    inflightRounds: quick ? 2 : 4,
+    scalingMs: quick ? 250 : 2000,
+    fioSeconds: quick ? 1 : 3,
+    matrixStorages: (quick ? ['file'] : ['file', 'memory']) as StorageKind[],
+    inflightModes: (quick ? ['async'] : ['sync', 'async']) as ('sync' | 'async')[],
+    inflightOrders: quick ? [0] : [0, 4],
+    /** The seed's 8 x 512 x 32 needs 16 MiB requests and a 512 MiB pool: full runs only. */
+    inflight16MiB: !quick,
+    /** blkif serve with indirect 4096 and a 16-page ring besides the defaults: full runs only. */
+    nbdTunedServer: !quick,
+  };
+}
+
+interface Step {
+  readonly name: string;
+  readonly run: () => Promise<string | undefined>;
+  /** Runs in the toolstack: a step that hangs there takes the toolstack down with it. */
+  readonly toolstack: boolean;
+}
+
+/** No step should take more than this; one that does is abandoned (and reported). */
+const STEP_TIMEOUT_MS = 120_000;
+const MAIN_GUEST = 'bench-guest';
+const scaleGuest = (i: number) => `bench-scale-${i}`;
+/** Scaling VBDs need few pages (4 KiB at QD8): 1 MiB of pool each, 8 per guest. */
+const SCALE_BUFFER_PAGES = 256;
+const SCALE_GUEST_PAGES = Math.ceil(Math.max(...SCALING_COUNTS) / SCALING_MAX_GUESTS) * (SCALE_BUFFER_PAGES + 64) + 1024;
+
+class StepTimeout extends Error {}
+
+const fmtRate = (r: Row) => (r.workload !== undefined && r.workload.blockSize < 64 * KiB ? `${Math.round(r.perf.iops).toLocaleString('en-US')} IOPS` : `${r.perf.mibps.toFixed(0)} MiB/s`);
+
+export async function runBench(o: BenchOptions): Promise<BenchDocument> {
+  const started = new Date();
+  const t0 = performance.now();
+  const P = parameters(o.quick);
+  const results: BenchResults = { api: [], matrix: [], baselines: [], inflight: [], nbd: [], scaling: [], skipped: [], micro: [] };
+  const cleanup = new Cleanup();
+  const progress = await makeProgress();
+  const offSignals = cleanup.onSignals((m) => progress.note(m));
+  const skip = (what: string, why: string) => {
+    results.skipped.push({ what, why });
+    progress.note(`skipped: ${what}: ${why}`);
+  };
+
+  const tools = {
+    'qemu-nbd': await toolVersion('qemu-nbd'),
+    fio: await toolVersion('fio'),
+    nbdcopy: await toolVersion('nbdcopy'),
+  };
+  const machine: MachineInfo = {
+    cpuModel: cpus()[0]?.model ?? 'unknown', cpus: cpus().length, totalMemoryBytes: totalmem(), node: process.version,
+    os: osType(), kernel: release(), arch: arch(), loadAverageAtStart: loadavg().map((l) => Math.round(l * 100) / 100),
+    tools: Object.fromEntries(Object.entries(tools).map(([k, v]) => [k, v ?? 'not installed'])),
+  };
+
+  // Shared state the steps build up.
+  let dir = '';
+  let image = '';
+  let mem: MemoryCopy | undefined;
+  let gb: GuestBench | undefined;
+  const fileSpec = (io?: 'sync' | 'async'): StorageSpec => ({ kind: 'file', path: image, sectorSize: 512, ...(io !== undefined ? { io } : {}) });
+  const memSpec = (): StorageSpec => ({ kind: 'memory', size: P.memoryDiskBytes, sectorSize: 512 });
+  const specFor = (s: StorageKind) => (s === 'file' ? fileSpec() : memSpec());
+  const spanFor = (s: StorageKind) => (s === 'file' ? P.imageBytes : P.memoryDiskBytes);
+  const needGuests = () => {
+    if (gb === undefined) throw new Error('the toolstack did not start');
+    return gb;
+  };
+
+  const steps: Step[] = [];
+  let inToolstack = false;
+  const add = (name: string, run: () => Promise<string | undefined>) => steps.push({ name, run, toolstack: inToolstack });
+
+  const where = imageParent(P.imageBytes);
+  add(`create a ${sizeLabel(P.imageBytes)} image and warm it in the page cache`, async () => {
+    dir = tempDir(cleanup, 'blkif-bench-', where.dir);
+    image = join(dir, 'bench.img');
+    createImage(image, P.imageBytes);
+    mem = new MemoryCopy(P.imageBytes);
+    return image;
+  });
+
+  // ---- 4. baselines first: the machine before the stack runs on it ----
+  const api = apiWorkloads(o.quick);
+  const baseWorkloads = uniqueWorkloads([...api, ...matrixWorkloads()]);
+  for (const w of baseWorkloads) {
+    add(`baseline: direct ${workloadLabel(w)} on the image`, async () => {
+      const r = await directBaseline(image, w, P.imageBytes, P.baselineMs);
+      results.baselines.push(r);
+      return fmtRate(r);
+    });
+  }
+  const memcpyWorkloads = uniqueBy(baseWorkloads.map((w) => ({ ...w, depth: 1 })), memcpyId);
+  add(`baseline: memory copy (Buffer.copy) at ${memcpyWorkloads.length} block sizes and patterns`, async () => {
+    for (const w of memcpyWorkloads) results.baselines.push(memcpyBaseline(mem!, w, Math.max(100, P.baselineMs / 2)));
+    const big = results.baselines.find((r) => r.id === memcpyId({ pattern: 'read', blockSize: 4 * MiB, depth: 1 }));
+    return big !== undefined ? `4 MiB blocks: ${big.perf.mibps.toFixed(0)} MiB/s` : undefined;
+  });
+
+  inToolstack = true;
+  add(`start the toolstack: xenstored, a driver domain, ${SCALING_MAX_GUESTS + 1} guests`, async () => {
+    gb = await GuestBench.start(cleanup);
+    // Room for the largest page pool of the bytes-in-flight probes, which reuse this guest.
+    await gb.guest(MAIN_GUEST, GRANT_POOL_CAP + 2048);
+    // The scaling guests too, now: creating domains gets slower once the stack has been busy.
+    await Promise.all(Array.from({ length: SCALING_MAX_GUESTS }, (_, i) => gb!.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
+    return `${SCALING_MAX_GUESTS + 1} guests`;
+  });
+
+  // ---- 1. the blkfront API, default protocol ----
+  for (const storage of ['file', 'memory'] as const) {
+    let disk: GuestDisk | undefined;
+    add(`blkfront API (${storage}): plug a VBD, ${DEFAULT_CONFIG_LABEL}`, async () => {
+      const g = needGuests();
+      disk = await g.plug(await g.guest(MAIN_GUEST), specFor(storage), { maxIndirectSegments: 256 }, { maxIndirectSegments: 256, ringPageOrder: 0 });
+      return `${disk.info.maxSegments} segments, ${disk.info.ringSize} slots`;
+    });
+    for (const w of api) {
+      add(`blkfront API (${storage}): ${workloadLabel(w)}`, async () => {
+        if (disk === undefined) throw new Error('no VBD');
+        const m = await needGuests().run(disk, w, P.apiMs, spanFor(storage));
+        const row: Row = { id: `api/${storage}/${workloadId(w)}`, label: workloadLabel(w), storage, config: DEFAULT_CONFIG_LABEL, workload: w, perf: m.perf, cost: m.cost };
+        results.api.push(row);
+        return fmtRate(row);
+      });
+    }
+    add(`blkfront API (${storage}): unplug`, async () => {
+      await disk?.unplug();
+      disk = undefined;
+      return undefined;
+    });
+  }
+
+  // ---- 2 + 3. the protocol matrix, and what each configuration costs per request ----
+  const configs = matrixConfigs();
+  // Configurations waiting for options: one line per missing set, not one per configuration.
+  const waiting = new Map<string, MatrixConfig[]>();
+  for (const c of configs.filter((c) => c.missing !== undefined)) waiting.set(c.missing!, [...(waiting.get(c.missing!) ?? []), c]);
+  for (const [why, cs] of waiting) {
+    const extra = cs[0]!.label.split(', ').slice(2).join(', ');
+    results.skipped.push({ what: `matrix: ${cs.length} configurations with ${extra}`, why });
+  }
+  const runnable = configs.filter((c) => c.missing === undefined);
+  for (const storage of P.matrixStorages) {
+    for (const c of runnable) {
+      add(`matrix (${storage}): ${c.label}: ${matrixWorkloads().length} workloads`, async () => {
+        const g = needGuests();
+        const disk = await g.plug(await g.guest(MAIN_GUEST), specFor(storage), c.backendOptions, c.frontendOptions);
+        try {
+          const got: string[] = [];
+          for (const w of matrixWorkloads()) {
+            const m = await g.run(disk, w, P.matrixMs, spanFor(storage));
+            const row: Row = { id: matrixId(storage, c.label, w), label: workloadLabel(w), storage, config: c.label, workload: w, perf: m.perf, cost: m.cost };
+            results.matrix.push(row);
+            got.push(fmtRate(row));
+          }
+          return got.join(', ');
+        } finally {
+          await disk.unplug();
+        }
+      });
+    }
+  }
+
+  // ---- 3. peak bytes in flight under a deep 4 MiB sequential load ----
+  const inflightProbes: { c: MatrixConfig; block: number }[] = runnable
+    .filter((c) => P.inflightOrders.includes(c.ringPageOrder))
+    .map((c) => ({ c, block: INFLIGHT_BLOCK }));
+  if (P.inflight16MiB) {
+    const big = runnable.find((c) => c.indirect === 4096 && c.ringPageOrder === 0);
+    if (big !== undefined) inflightProbes.push({ c: big, block: 16 * MiB });
+  }
+  // The main guest has room for any pool the grant table allows; the 16 MiB probe gets a guest
+  // of its own (its 512 MiB of I/O buffers), destroyed once it is done.
+  const poolFor = (c: MatrixConfig, block: number) => poolPagesFor(c.indirect === 0 ? 11 : c.indirect, 32 << c.ringPageOrder, block, INFLIGHT_DEPTH);
+  for (const { c, block } of inflightProbes) {
+    add(`bytes in flight: ${c.label}, ${sizeLabel(block)} sequential reads QD${INFLIGHT_DEPTH}`, async () => {
+      const g = needGuests();
+      const bufferPages = poolFor(c, block);
+      const own = block !== INFLIGHT_BLOCK;
+      const name = own ? `bench-inflight-${sizeLabel(block).replace(' ', '')}` : MAIN_GUEST;
+      const guest = await g.guest(name, bufferPages + 2048);
+      const segs0 = c.indirect === 0 ? 11 : c.indirect;
+      const slots0 = 32 << c.ringPageOrder;
+      const row: InflightRow = {
+        config: c.label, indirect: c.indirect, ringPageOrder: c.ringPageOrder, segments: segs0, slots: slots0,
+        limitBytes: segs0 * slots0 * 4096, limitAtBlockBytes: Math.min(segs0, block / 4096) * slots0 * 4096,
+        reachableBytes: reachableInflight(segs0, slots0, block, INFLIGHT_DEPTH, bufferPages),
+        blockSize: block, depth: INFLIGHT_DEPTH, bufferPages, grantCapped: bufferPages >= GRANT_POOL_CAP, measured: {},
+      };
+      try {
+        for (const io of P.inflightModes) {
+          const disk = await g.plug(guest, fileSpec(io), c.backendOptions, { ...c.frontendOptions, bufferPages });
+          try {
+            row.segments = disk.info.maxSegments;
+            row.slots = disk.info.ringSize;
+            row.limitBytes = row.segments * row.slots * 4096;
+            row.limitAtBlockBytes = Math.min(row.segments, block / 4096) * row.slots * 4096;
+            row.reachableBytes = reachableInflight(row.segments, row.slots, block, INFLIGHT_DEPTH, bufferPages);
+            // A fixed number of I/Os (rounds of the whole queue), not a time: the peak is what counts.
+            const m = await g.run(disk, { pattern: 'read', blockSize: block, depth: INFLIGHT_DEPTH }, 60_000, P.imageBytes, INFLIGHT_DEPTH * P.inflightRounds);
+            row.measured[io] = { peakBytes: m.peakInflightBytes, mibps: m.perf.mibps, ops: m.perf.ops };
+          } finally {
+            await disk.unplug();
+          }
+        }
+      } finally {
+        if (own) await g.dropGuest(name);
+      }
+      results.inflight.push(row);
+      return Object.entries(row.measured).map(([io, v]) => `${io}: peak ${(v.peakBytes / MiB).toFixed(1)} MiB (${v.ops} I/Os, ${v.mibps.toFixed(0)} MiB/s)`).join(', ');
+    });
+  }
+
+  // ---- 5. scaling: aggregate 4 KiB random reads of 1..64 VBDs on one driver domain ----
+  const maxVbds = Math.max(...SCALING_COUNTS);
+  const scaleDisks: GuestDisk[] = [];
+  add(`scaling: plug ${maxVbds} memory VBDs into ${SCALING_MAX_GUESTS} guests`, async () => {
+    const g = needGuests();
+    // One driver domain owns ~17 xenstore nodes and a watch per VBD: 64 VBDs pass cxenstored's
+    // default quotas (1000 nodes, 128 watches per domain). Raise them, as \`xenstored -E 4096 -W 1024\` would.
+    const q = g.ts.daemon.quotas;
+    q.nodesPerDomain = Math.max(q.nodesPerDomain, 4096);
+    q.watchesPerDomain = Math.max(q.watchesPerDomain, 1024);
+    const t0 = performance.now();
+    const guests = await Promise.all(Array.from({ length: SCALING_MAX_GUESTS }, (_, i) => g.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
+    const t1 = performance.now();
+    // VBD i lives in guest i mod 8: the first k VBDs are spread over min(k, 8) guests. One plug
+    // at a time: concurrent plugs conflict in xenstore transactions and end up slower.
+    for (let i = 0; i < maxVbds; i++) {
+      scaleDisks.push(await g.plug(guests[i % guests.length]!, { kind: 'memory', size: SCALING_DISK_BYTES, sectorSize: 512 },
+        { maxIndirectSegments: 256 }, { maxIndirectSegments: 256, bufferPages: SCALE_BUFFER_PAGES }, { prefill: false }));
+    }
+    return `${guests.length} guests in ${((t1 - t0) / 1000).toFixed(1)} s, ${scaleDisks.length} VBDs in ${((performance.now() - t1) / 1000).toFixed(1)} s`;
+  });
+  for (const n of SCALING_COUNTS) {
+    add(`scaling: ${n} VBD${n > 1 ? 's' : ''} at once, ${workloadLabel(SCALING_WORKLOAD)} each`, async () => {
+      const g = needGuests();
+      const disks = scaleDisks.slice(0, n);
+      if (disks.length < n) throw new Error('VBDs missing');
+      const ms = await Promise.all(disks.map((d) => g.run(d, SCALING_WORKLOAD, P.scalingMs, SCALING_DISK_BYTES)));
+      const iops = ms.reduce((s, m) => s + m.perf.iops, 0);
+      const one = results.scaling.find((r) => r.vbds === 1);
+      results.scaling.push({
+        vbds: n, guests: Math.min(n, SCALING_MAX_GUESTS), iops, mibps: ms.reduce((s, m) => s + m.perf.mibps, 0),
+        p50us: ms.reduce((s, m) => s + m.perf.p50us, 0) / ms.length, p99us: Math.max(...ms.map((m) => m.perf.p99us)),
+        ratio: one !== undefined ? iops / one.iops : 1,
+      });
+      return `${Math.round(iops).toLocaleString('en-US')} IOPS aggregate`;
+    });
+  }
+  add('stop the toolstack', async () => {
+    for (const d of scaleDisks.splice(0)) await d.unplug().catch(() => undefined);
+    await gb?.shutdown();
+    gb = undefined;
+    return undefined;
+  });
+
+  inToolstack = false;
+
+  // ---- 4. the NBD export against qemu-nbd, same clients ----
+  const servers: NbdServerSpec[] = [{ name: 'blkif serve', start: blkifServe() }, { name: 'qemu-nbd', start: qemuNbd }];
+  if (P.nbdTunedServer) servers.push({ name: 'blkif serve (indirect 4096, ring order 4)', start: blkifServe(['--max-indirect-segments', '4096', '--ring-page-order', '4']) });
+  const tests: NbdTest[] = [
+    fioTest({ pattern: 'randread', blockSize: 4 * KiB, depth: 32 }, P.fioSeconds),
+    fioTest({ pattern: 'read', blockSize: MiB, depth: 8 }, P.fioSeconds),
+    nbdcopyTest(P.imageBytes),
+  ];
+  for (const s of servers) {
+    add(`NBD: ${s.name}: ${tests.map((t) => t.label).join(', ')}`, async () => {
+      if (s.name === 'qemu-nbd' && tools['qemu-nbd'] === undefined) throw new Error('qemu-nbd is not installed');
+      const missing = (['fio', 'nbdcopy'] as const).filter((t) => tools[t] === undefined);
+      const { uri, child } = await s.start(cleanup, image);
+      const got: string[] = [];
+      try {
+        for (const t of tests) {
+          const tool = t.id.startsWith('fio') ? 'fio' : 'nbdcopy';
+          if ((missing as readonly string[]).includes(tool)) { skip(`NBD ${s.name}: ${t.label}`, `${tool} is not installed`); continue; }
+          try {
+            const perf = await t.run(uri);
+            const row: Row = { id: `nbd/${slug(s.name)}/${t.id}`, label: t.label, config: s.name, perf, ...(t.workload !== undefined ? { workload: t.workload } : {}) };
+            results.nbd.push(row);
+            got.push(t.id === 'nbdcopy' ? `nbdcopy ${perf.seconds.toFixed(2)} s` : fmtRate(row));
+          } catch (e) {
+            skip(`NBD ${s.name}: ${t.label}`, (e as Error).message.split('\n')[0]!);
+          }
+        }
+      } finally {
+        const code = await child.stop();
+        if (code !== 0 && s.name.startsWith('blkif')) progress.note(`${s.name} exited ${code}: ${child.stderr().slice(-500)}`);
+      }
+      return got.join(', ');
+    });
+  }
+
+  for (const suite of o.extraSuites ?? []) {
+    add(`micro-benchmarks: ${suite.name}`, async () => {
+      results.micro.push({ suite: suite.name, figures: await suite.run(o.quick) });
+      return undefined;
+    });
+  }
+
+  // ---- run the plan ----
+  try {
+    for (const [i, s] of steps.entries()) {
+      progress.start(i + 1, steps.length, s.name);
+      const ts = performance.now();
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        const timeout = new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new StepTimeout(`no result after ${STEP_TIMEOUT_MS / 1000} s`)), STEP_TIMEOUT_MS);
+        });
+        const summary = await Promise.race([s.run(), timeout]);
+        progress.end(summary, (performance.now() - ts) / 1000);
+      } catch (e) {
+        progress.end('failed', (performance.now() - ts) / 1000);
+        skip(s.name, (e as Error).message.split('\n')[0]!);
+        if (e instanceof StepTimeout && s.toolstack && gb !== undefined) {
+          // Something in the stack hangs: stop it (domains are destroyed after a grace period),
+          // so that the later toolstack steps fail fast and the rest of the run goes on.
+          progress.note('stopping the toolstack after a hang; the remaining toolstack steps are skipped');
+          const g = gb;
+          gb = undefined;
+          scaleDisks.length = 0;
+          await g.shutdown().catch(() => undefined);
+        }
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+  } finally {
+    await cleanup.run((m) => progress.note(m));
+    offSignals();
+    progress.stop();
+  }
+
+  machine.loadAverageAtEnd = loadavg().map((l) => Math.round(l * 100) / 100);
+  linkBaselines(results);
+  const targets = computeTargets(results);
+  const doc: BenchDocument = {
+    tool: 'blkif bench', startedAt: started.toISOString(), seconds: (performance.now() - t0) / 1000, quick: o.quick, machine,
+    command: o.command ?? `blkif bench${o.quick ? ' --quick' : ''}${o.json ? ' --json' : ''}`,
+    parameters: { ...P, imageDir: where.dir, imageOnTmpfs: where.tmpfs, defaultConfig: DEFAULT_CONFIG_LABEL, classicConfig: configLabel(0, 0), inflightBlock: INFLIGHT_BLOCK, inflightDepth: INFLIGHT_DEPTH, scalingWorkload: SCALING_WORKLOAD, scalingCounts: SCALING_COUNTS },
+    results, targets, report: undefined,
+  };
+  try {
+    doc.report = await writeReport(doc, o.outDir, o.latestDir);
+  } catch (e) {
+    process.stderr.write(`blkif bench: could not write the report: ${(e as Error).message}\n`);
+  }
+  const out = o.out ?? process.stdout;
+  if (o.json) out.write(JSON.stringify(doc, jsonNumbers, 2) + '\n');
+  else out.write(renderText(doc));
+  return doc;
+}
+
+export function matrixId(storage: StorageKind, config: string, w: Workload): string {
+  return `matrix/${storage}/${slug(config)}/${workloadId(w)}`;
+}
+
+export function slug(s: string): string {
+  return s.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '');
+}
+
+function uniqueBy<T>(xs: readonly T[], key: (x: T) => string): T[] {
+  const seen = new Set<string>();
+  return xs.filter((x) => (seen.has(key(x)) ? false : (seen.add(key(x)), true)));
+}
+function uniqueWorkloads(ws: readonly Workload[]): Workload[] {
+  return uniqueBy(ws, workloadId);
+}
+
+/** NaN and infinities are not JSON: null. */
+function jsonNumbers(_k: string, v: unknown): unknown {
+  return typeof v === 'number' && !Number.isFinite(v) ? null : v;
+}
+

@@ -1,0 +1,123 @@
+/**
+ * The benchmark harness's own logic, without running benchmarks: the protocol matrix (future
+ * options skipped, not failed), pool sizing within the grant table, baselines and targets from
+ * given results, the built-in SVG charts, and a report written from a synthetic document.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { builtInSvg } from '../../src/cli/bench/charts.js';
+import { Cleanup } from '../../src/cli/bench/cleanup.js';
+import { GRANT_POOL_CAP, poolPagesFor, reachableInflight } from '../../src/cli/bench/guest.js';
+import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs } from '../../src/cli/bench/matrix.js';
+import { computeTargets, linkBaselines, renderText, writeReport } from '../../src/cli/bench/report.js';
+import { MiB, perfOf, type BenchDocument, type BenchResults, type Row } from '../../src/cli/bench/types.js';
+
+let dir: string;
+before(() => (dir = mkdtempSync(join(tmpdir(), 'blkif-bench-test-'))));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+test('the matrix runs indirect x ring order and skips what blkback/blkfront lack', () => {
+  const cs = matrixConfigs();
+  const runnable = cs.filter((c) => c.missing === undefined);
+  assert.equal(runnable.length, 8);
+  assert.deepEqual(runnable.map((c) => c.label).sort(), [0, 32, 256, 4096].flatMap((n) => [0, 4].map((o) => configLabel(n, o))).sort());
+  for (const c of runnable) assert.equal(c.backendOptions.maxIndirectSegments, c.frontendOptions.maxIndirectSegments);
+  assert.ok(cs.some((c) => c.missing?.includes('persistentGrants')));
+  assert.ok(runnable.some((c) => c.label === DEFAULT_CONFIG_LABEL));
+});
+
+test('frontend pools fill the ring but stay within the grant table', () => {
+  assert.equal(poolPagesFor(11, 32, 4 * MiB, 32), 32 * 11 + 64);
+  assert.equal(poolPagesFor(256, 32, 4 * MiB, 32), 32 * 257 + 64);
+  assert.equal(poolPagesFor(4096, 32, 16 * MiB, 32), GRANT_POOL_CAP);
+  assert.equal(reachableInflight(11, 32, 4 * MiB, 32, 416), 11 * 32 * 4096);
+  assert.equal(reachableInflight(4096, 32, 16 * MiB, 32, GRANT_POOL_CAP), 7 * 16 * MiB, 'seven 16 MiB requests fit the grant table');
+  assert.equal(reachableInflight(4096, 32, 4 * MiB, 32, GRANT_POOL_CAP), 31 * 4 * MiB);
+});
+
+test('cleanup steps run newest first, once, and survive failures', async () => {
+  const c = new Cleanup();
+  const order: string[] = [];
+  c.add('a', () => order.push('a'));
+  const runB = c.add('b', () => order.push('b'));
+  c.add('boom', () => { throw new Error('boom'); });
+  c.add('c', () => order.push('c'));
+  await runB();
+  const errors: string[] = [];
+  await c.run((m) => errors.push(m));
+  await c.run();
+  assert.deepEqual(order, ['b', 'c', 'a']);
+  assert.equal(errors.length, 1);
+});
+
+function synthetic(): BenchDocument {
+  const row = (id: string, mibps: number, extra: Partial<Row> = {}): Row => ({ id, label: id, perf: perfOf(mibps, mibps * MiB, 1, 10, 20), ...extra });
+  const w1m = { pattern: 'read' as const, blockSize: MiB, depth: 1 };
+  const w1m8 = { pattern: 'read' as const, blockSize: MiB, depth: 8 };
+  const r4k = { pattern: 'randread' as const, blockSize: 4096, depth: 32 };
+  const cost = { requests: 100, requestsPerIo: 1, feSentPerReq: 0.01, beReceivedPerReq: 0.01, beSentPerReq: 0.02, feReceivedPerReq: 0.02, notificationsPerReq: 0.03, grantMapsPerReq: 1, segmentsPerReq: 1, indirectShare: 0, requestsPerMiB: 256 };
+  const results: BenchResults = {
+    api: [
+      row('api/file/read-1m-qd1', 900, { storage: 'file', workload: w1m }),
+      row('api/file/randread-4k-qd32', 60, { storage: 'file', workload: r4k, cost }),
+    ],
+    matrix: [
+      row('m1', 400, { storage: 'file', config: configLabel(0, 0), workload: w1m8 }),
+      row('m2', 1000, { storage: 'file', config: configLabel(256, 0), workload: w1m8 }),
+    ],
+    baselines: [row('base/file/read-1m-qd1', 1000, { workload: w1m }), row('base/file/randread-4k-qd32', 100, { workload: r4k })],
+    inflight: [{ config: configLabel(0, 0), indirect: 0, ringPageOrder: 0, segments: 11, slots: 32, limitBytes: 11 * 32 * 4096, limitAtBlockBytes: 11 * 32 * 4096, reachableBytes: 11 * 32 * 4096, blockSize: 4 * MiB, depth: 32, bufferPages: 416, grantCapped: false, measured: { async: { peakBytes: 11 * 32 * 4096, mibps: 500, ops: 64 } } }],
+    nbd: [row('nbd/a/fio-randread-4k-qd32', 30, { config: 'blkif serve', label: 'fio randread 4 KiB QD32' }), row('nbd/q/fio-randread-4k-qd32', 20, { config: 'qemu-nbd', label: 'fio randread 4 KiB QD32' })],
+    scaling: [{ vbds: 1, guests: 1, iops: 1000, mibps: 4, p50us: 1, p99us: 2, ratio: 1 }, { vbds: 16, guests: 8, iops: 2000, mibps: 8, p50us: 1, p99us: 2, ratio: 2 }],
+    skipped: [],
+    micro: [],
+  };
+  linkBaselines(results);
+  return {
+    tool: 'blkif bench', startedAt: '2026-01-01T00:00:00.000Z', seconds: 1, quick: true, command: 'blkif bench --quick',
+    machine: { cpuModel: 'cpu', cpus: 2, totalMemoryBytes: 1 << 30, node: 'v20', os: 'Linux', kernel: '6', arch: 'x64', loadAverageAtStart: [0, 0, 0], tools: {} },
+    parameters: { imageDir: '/dev/shm', imageOnTmpfs: true }, results, targets: computeTargets(results), report: undefined,
+  };
+}
+
+test('figures get their baselines as ratios, and the targets follow from them', () => {
+  const doc = synthetic();
+  const r = doc.results;
+  assert.equal(r.api[0]!.baseline?.ratio, 0.9);
+  assert.equal(r.matrix[1]!.baseline?.ratio, 2.5);
+  assert.equal(r.matrix[0]!.baseline, undefined, 'classic is the baseline itself');
+  assert.equal(r.nbd[0]!.baseline?.ratio, 1.5);
+  const t = new Map(doc.targets.map((x) => [x.name, x]));
+  assert.equal(t.get('1 MiB sequential read through blkfront vs direct pread')?.met, true);
+  assert.equal(t.get('4 KiB random read QD32 through blkfront vs direct')?.met, true);
+  assert.equal(t.get('indirect vs classic at 1 MiB')?.met, true);
+  assert.equal(t.get('notifications per request at QD32')?.met, true);
+  assert.equal(t.get('NBD export vs qemu-nbd, 4 KiB random read QD32')?.met, true);
+  assert.equal(t.get('NBD export vs qemu-nbd, 1 MiB sequential read')?.met, undefined, 'not measured');
+  assert.equal(t.get('16 VBDs aggregate vs one VBD')?.met, true);
+});
+
+test('the built-in chart is a well-formed SVG with a bar per value', () => {
+  const svg = builtInSvg({ title: 't <&>', unit: 'MiB/s', groups: ['a', 'b'], series: ['x', 'y'], values: [[1, 2], [3, undefined]] });
+  assert.match(svg, /^<svg [^>]*xmlns="http:\/\/www.w3.org\/2000\/svg"/);
+  assert.match(svg, /t &lt;&amp;&gt;/);
+  assert.equal((svg.match(/<rect x=[^>]*><title>/g) ?? []).length, 3);
+  assert.match(svg, /<\/svg>\n$/);
+});
+
+test('a report is written with its charts, and the latest copy links them', async () => {
+  const doc = synthetic();
+  const path = await writeReport(doc, join(dir, 'results'), join(dir, 'latest'));
+  const md = readFileSync(path, 'utf8');
+  assert.match(md, /## Targets/);
+  assert.match(md, /!\[Scaling by VBD count\]\(\.\/scaling\.svg\)/);
+  assert.ok(existsSync(join(path, '..', 'scaling.svg')));
+  assert.ok(existsSync(join(path, '..', 'results.json')));
+  const latest = readFileSync(join(dir, 'latest', 'REPORT.md'), 'utf8');
+  assert.match(latest, /\(report\/scaling\.svg\)/);
+  assert.ok(existsSync(join(dir, 'latest', 'report', 'nbd-vs-qemu-nbd.svg')));
+  assert.match(renderText(doc), /targets/);
+});
