@@ -401,28 +401,43 @@ export class Blkfront {
     const s = q.shadow.take();
     const toDisk = op.kind === 'write';
     this.pool.take(nsegs, s.frames);
+    if (indirect) this.pool.take(indPages, s.indirectFrames);
     const segs: BlkifSegment[] = [];
-    for (let i = 0; i < nsegs; i++) {
-      const frame = s.frames[i]!;
-      const len = Math.min(XEN_PAGE_SIZE, bytes - i * XEN_PAGE_SIZE);
-      if (toDisk) {
-        const from = c.start + i * XEN_PAGE_SIZE;
-        this.pool.page(frame).set(op.buf!.subarray(from, from + len));
+    try {
+      for (let i = 0; i < nsegs; i++) {
+        const frame = s.frames[i]!;
+        const len = Math.min(XEN_PAGE_SIZE, bytes - i * XEN_PAGE_SIZE);
+        if (toDisk) {
+          const from = c.start + i * XEN_PAGE_SIZE;
+          this.pool.page(frame).set(op.buf!.subarray(from, from + len));
+        }
+        // The backend only reads a page we write out: grant it read-only (unless persistent).
+        const gref = this.grantFor(link, frame, toDisk);
+        s.grefs.push(gref);
+        segs.push({ gref, first_sect: 0, last_sect: (len >> SECTOR_SHIFT) - 1 });
       }
-      // The backend only reads a page we write out: grant it read-only (unless persistent).
-      const gref = this.grantFor(link, frame, toDisk);
-      s.grefs.push(gref);
-      segs.push({ gref, first_sect: 0, last_sect: (len >> SECTOR_SHIFT) - 1 });
+      for (const frame of s.indirectFrames) s.indirectGrefs.push(this.grantFor(link, frame, true));
+    } catch (e) {
+      // Out of grant entries: undo, and wait for completions to free some (Linux
+      // gnttab_request_free_callback); with nothing in flight to free any, fail this I/O.
+      if (!link.persistent) for (const r of [...s.grefs, ...s.indirectGrefs]) this.d.xen.grants.endAccess(r);
+      for (const f of s.frames) this.pool.give(f);
+      for (const f of s.indirectFrames) this.pool.give(f);
+      q.shadow.release(s);
+      if (this.inFlight === 0) {
+        this.queue.shift();
+        this.finish(op, e as Error);
+        return true;
+      }
+      return false;
     }
     const sector = BigInt((op.offset + c.start) / 512);
     const id = BigInt(s.index);
     if (indirect) {
-      this.pool.take(indPages, s.indirectFrames);
       for (let j = 0; j < nsegs; j++) {
         const frame = s.indirectFrames[Math.floor(j / BLKIF_SEGS_PER_INDIRECT_FRAME)]!;
         encodeSegment(this.pool.view(frame), (j % BLKIF_SEGS_PER_INDIRECT_FRAME) * BLKIF_SEGMENT_SIZE, segs[j]!);
       }
-      for (const frame of s.indirectFrames) s.indirectGrefs.push(this.grantFor(link, frame, true));
       encodeRequest(q.entry.view, 0, link.abi, {
         operation: BLKIF_OP_INDIRECT, indirect_op: operation, nr_segments: nsegs, id, sector_number: sector, handle: this.handle, indirect_grefs: s.indirectGrefs,
       });

@@ -3,6 +3,7 @@
 import { Command, CommanderError } from 'commander';
 import { VERSION } from '../index.js';
 import { UsageError } from './errors.js';
+import { benchCommand } from './bench.js';
 import { ringCommand } from './ring.js';
 import { serveCommand } from './serve.js';
 import { xenstoredCommand } from './xenstored.js';
@@ -12,6 +13,7 @@ const program = new Command('blkif')
   .version(VERSION)
   .showHelpAfterError('(run with --help for usage)')
   .addCommand(serveCommand())
+  .addCommand(benchCommand())
   .addCommand(ringCommand())
   .addCommand(xenstoredCommand());
 

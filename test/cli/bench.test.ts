@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { builtInSvg } from '../../src/cli/bench/charts.js';
 import { Cleanup } from '../../src/cli/bench/cleanup.js';
 import { GRANT_POOL_CAP, poolPagesFor, reachableInflight } from '../../src/cli/bench/guest.js';
-import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs } from '../../src/cli/bench/matrix.js';
+import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs, PROTOCOL_MATRIX } from '../../src/cli/bench/matrix.js';
 import { computeTargets, linkBaselines, renderText, writeReport } from '../../src/cli/bench/report.js';
 import { MiB, perfOf, type BenchDocument, type BenchResults, type Row } from '../../src/cli/bench/types.js';
 
@@ -19,14 +19,18 @@ let dir: string;
 before(() => (dir = mkdtempSync(join(tmpdir(), 'blkif-bench-test-'))));
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-test('the matrix runs indirect x ring order and skips what blkback/blkfront lack', () => {
+test('the matrix runs indirect x ring order x persistent grants x queues, and skips options blkback/blkfront lack', () => {
   const cs = matrixConfigs();
   const runnable = cs.filter((c) => c.missing === undefined);
-  assert.equal(runnable.length, 8);
-  assert.deepEqual(runnable.map((c) => c.label).sort(), [0, 32, 256, 4096].flatMap((n) => [0, 4].map((o) => configLabel(n, o))).sort());
+  assert.equal(runnable.length, 32);
   for (const c of runnable) assert.equal(c.backendOptions.maxIndirectSegments, c.frontendOptions.maxIndirectSegments);
-  assert.ok(cs.some((c) => c.missing?.includes('persistentGrants')));
   assert.ok(runnable.some((c) => c.label === DEFAULT_CONFIG_LABEL));
+  assert.ok(runnable.some((c) => c.frontendOptions.persistent === false && c.frontendOptions.queues === 2));
+  // An axis naming an option that does not exist is skipped with a note, not run.
+  const future = matrixConfigs([{ name: 'future', values: [{ tag: 'x', backend: { notAnOption: 1 } }] }]);
+  assert.match(future[0]!.missing ?? '', /blkback option notAnOption/);
+  // The plane the quick run keeps.
+  assert.deepEqual(matrixConfigs(PROTOCOL_MATRIX.slice(0, 2)).map((c) => c.label).sort(), [0, 32, 256, 4096].flatMap((n) => [0, 4].map((o) => configLabel(n, o))).sort());
 });
 
 test('frontend pools fill the ring but stay within the grant table', () => {

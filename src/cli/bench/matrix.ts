@@ -46,17 +46,12 @@ export const PROTOCOL_MATRIX: readonly MatrixAxis[] = [
     name: 'ring page order',
     values: RING_PAGE_ORDERS.map((o) => ({ tag: `ring order ${o}`, backend: { maxRingPageOrder: 4 }, frontend: { ringPageOrder: o } })),
   },
-  // ======================================================================================
-  // LATER: persistent grants and multi-queue. Neither blkback nor blkfront has these options
-  // yet; the "on"/"2" values are declared so that their configurations appear in the report as
-  // skipped, and start being measured as soon as the options exist under these names (rename
-  // the keys here if the implementation picks other ones). Today's behaviour is the first value.
-  // ======================================================================================
   {
+    // Persistent grants are on by default at both ends; off, every page is granted and mapped per request.
     name: 'persistent grants',
     values: [
       { tag: '' },
-      { tag: 'persistent grants', backend: { persistentGrants: true }, frontend: { persistentGrants: true } },
+      { tag: 'no persistent grants', backend: { persistent: false }, frontend: { persistent: false } },
     ],
   },
   {

@@ -13,7 +13,7 @@ import { directBaseline, MemoryCopy, memcpyBaseline, memcpyId } from './baseline
 import { Cleanup, createImage, imageParent, tempDir } from './cleanup.js';
 import { GRANT_POOL_CAP, GuestBench, poolPagesFor, reachableInflight } from './guest.js';
 import {
-  apiWorkloads, configLabel, DEFAULT_CONFIG_LABEL, INFLIGHT_BLOCK, INFLIGHT_DEPTH, matrixConfigs, matrixWorkloads, SCALING_COUNTS,
+  apiWorkloads, configLabel, DEFAULT_CONFIG_LABEL, INFLIGHT_BLOCK, INFLIGHT_DEPTH, matrixConfigs, matrixWorkloads, PROTOCOL_MATRIX, SCALING_COUNTS,
   SCALING_DISK_BYTES, SCALING_MAX_GUESTS, SCALING_WORKLOAD, type MatrixConfig,
 } from './matrix.js';
 import { blkifServe, fioTest, nbdcopyTest, qemuNbd, toolVersion, type NbdServerSpec, type NbdTest } from './nbd.js';
@@ -182,7 +182,8 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   }
 
   // ---- 2 + 3. the protocol matrix, and what each configuration costs per request ----
-  const configs = matrixConfigs();
+  // A quick run keeps to the indirect x ring-order plane (the defaults for the other axes).
+  const configs = matrixConfigs(o.quick ? PROTOCOL_MATRIX.slice(0, 2) : PROTOCOL_MATRIX);
   // Configurations waiting for options: one line per missing set, not one per configuration.
   const waiting = new Map<string, MatrixConfig[]>();
   for (const c of configs.filter((c) => c.missing !== undefined)) waiting.set(c.missing!, [...(waiting.get(c.missing!) ?? []), c]);
