@@ -9,6 +9,7 @@
  *
  * BLKIF_FUZZ_DEBUG=1 makes the hostile-frontend suite trace every round and explain a failed data check.
  */
+import { Rng } from '../e2e/helpers.js';
 import type { TestContext } from 'node:test';
 import { writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -123,51 +124,19 @@ export async function eventually(cond: () => Promise<boolean> | boolean, what: s
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** xorshift32 for choices made while a case runs (seeded from the case, so runs replay). */
-export class Prng {
-  private s: number;
-  constructor(seed: number) {
-    this.s = seed >>> 0 || 0x9e3779b9;
-  }
-  next(): number {
-    let x = this.s;
-    x ^= x << 13; x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
-    this.s = x;
-    return x;
-  }
-  /** Integer in [min, max]. */
-  int(min: number, max: number): number {
-    return min + (this.next() % (max - min + 1));
-  }
+export class Prng extends Rng {
   chance(p: number): boolean {
     return this.next() / 0x100000000 < p;
   }
   pick<T>(xs: readonly T[]): T {
     return xs[this.next() % xs.length]!;
   }
-  bytes(n: number): Uint8Array {
-    const b = new Uint8Array(n);
-    for (let i = 0; i < n; i += 4) {
-      const w = this.next();
-      b[i] = w & 0xff;
-      if (i + 1 < n) b[i + 1] = (w >>> 8) & 0xff;
-      if (i + 2 < n) b[i + 2] = (w >>> 16) & 0xff;
-      if (i + 3 < n) b[i + 3] = w >>> 24;
-    }
-    return b;
-  }
   u64(): bigint {
     return (BigInt(this.next()) << 32n) | BigInt(this.next());
   }
 }
 
-/** First differing byte of two arrays, or -1. */
-export function firstDifference(a: Uint8Array, b: Uint8Array): number {
-  const n = Math.min(a.length, b.length);
-  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
-  return a.length === b.length ? -1 : n;
-}
+export { firstDifference } from '../e2e/helpers.js';
 
 /** A 512-byte sector as a string key (latin1: one char per byte). */
 export function sectorKey(bytes: Uint8Array, at = 0): string {
