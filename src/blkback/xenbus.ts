@@ -99,7 +99,6 @@ export class Blkback {
   private readonly token = `blkback-${++watchSeq}`;
   private closed = false;
   private lastError: string | undefined;
-  private readonly stateListeners = new Set<(s: XenbusState) => void>();
   private timer: NodeJS.Timeout | undefined;
   private sectorsPublished = 0;
 
@@ -153,19 +152,6 @@ export class Blkback {
       discard: o.discard && !ro,
       discardSecure: o.discard && o.discardSecure && !ro,
     };
-  }
-
-  /** Resolves once the backend's state satisfies `want` (checked at once and on every change). */
-  whenState(want: (s: XenbusState) => boolean): Promise<XenbusState> {
-    if (want(this.state)) return Promise.resolve(this.state);
-    return new Promise((resolve) => {
-      const f = (s: XenbusState) => {
-        if (!want(s)) return;
-        this.stateListeners.delete(f);
-        resolve(s);
-      };
-      this.stateListeners.add(f);
-    });
   }
 
   /**
@@ -376,13 +362,7 @@ export class Blkback {
   /**
    * Online resize (Linux `xen_vbd_resize`): re-reads the storage's size and, if it changed while
    * connected, rewrites `sectors` and then `state` (same value) so the frontend's watch fires.
-   * Returns the size in 512-byte sectors.
    */
-  async refreshSize(): Promise<number> {
-    await this.enqueue(() => this.checkSize());
-    return this.limits().sectors;
-  }
-
   private async checkSize(): Promise<void> {
     await this.d.storage.refreshSize();
     const sectors = this.limits().sectors;
@@ -416,7 +396,6 @@ export class Blkback {
   private async setState(s: XenbusState): Promise<void> {
     await switchState(this.d.xs, this.d.backDir, 'backend', s);
     this.state = s;
-    for (const f of [...this.stateListeners]) f(s);
   }
 
   private log(msg: string): void {
