@@ -141,10 +141,13 @@ export class Blkback {
 
   /** The limits requests are checked against, from the storage and the options. */
   limits(): VbdLimits {
+    // Read twice per request by the data path: built again only when the storage's size changes.
+    const size = this.d.storage.size;
+    if (this.limitsCache?.size === size) return this.limitsCache.limits;
     const o = this.options;
     const ro = this.readOnly;
-    return {
-      sectors: Math.floor(this.d.storage.size / this.d.storage.sectorSize) * (this.d.storage.sectorSize >> SECTOR_SHIFT),
+    const limits: VbdLimits = {
+      sectors: Math.floor(size / this.d.storage.sectorSize) * (this.d.storage.sectorSize >> SECTOR_SHIFT),
       sectorSize: this.d.storage.sectorSize,
       readOnly: ro,
       flush: o.flush && !ro,
@@ -152,7 +155,11 @@ export class Blkback {
       discard: o.discard && !ro,
       discardSecure: o.discard && o.discardSecure && !ro,
     };
+    this.limitsCache = { size, limits };
+    return limits;
   }
+
+  private limitsCache: { size: number; limits: VbdLimits } | undefined;
 
   /**
    * Unplug: stop following the frontend, finish what is in flight, unmap and close. The frontend

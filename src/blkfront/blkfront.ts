@@ -298,7 +298,7 @@ export class Blkfront {
       // ring until it sees Closing and closes; tearing down first would leak those grants.
       if (this.link !== undefined) {
         if (this.state !== XenbusStateClosing) await this.setState(XenbusStateClosing).catch(() => undefined);
-        await this.waitBackend((s) => s === XenbusStateClosed || s === undefined, this.options.connectTimeoutMs).catch(() => undefined);
+        await waitForState(this.d.xs, this.backDir, (s) => s === XenbusStateClosed || s === undefined, this.options.connectTimeoutMs).catch(() => undefined);
       }
       this.teardown();
       await this.setState(XenbusStateClosed).catch(() => undefined);
@@ -420,9 +420,8 @@ export class Blkfront {
     } catch (e) {
       // Out of grant entries: undo, and wait for completions to free some (Linux
       // gnttab_request_free_callback); with nothing in flight to free any, fail this I/O.
-      if (!link.persistent) for (const r of [...s.grefs, ...s.indirectGrefs]) this.d.xen.grants.endAccess(r);
-      for (const f of s.frames) this.pool.give(f);
-      for (const f of s.indirectFrames) this.pool.give(f);
+      this.endGrants(link, s);
+      this.givePages(s);
       q.shadow.release(s);
       if (this.inFlight === 0) {
         this.queue.shift();
@@ -510,8 +509,13 @@ export class Blkfront {
   private complete(link: Link, q: Queue, s: ShadowEntry<Chunk>, status: number): void {
     const c = s.owner!;
     const op = c.op;
-    if (!this.releaseGrants(link, q, s)) {
-      // The device stopped; this request's I/O fails with everything else.
+    const leaked = this.endGrants(link, s);
+    if (leaked > 0) {
+      // Linux `blkif_completion`: a grant the backend still maps after answering is a backend
+      // bug. Those pages are never reused, the device stops, and this I/O fails with the rest.
+      this.givePages(s);
+      q.shadow.release(s);
+      this.broken(`backend still maps ${leaked} page(s) of a request it answered`);
       this.finish(op, new BlkfrontError('EIO', `backend misbehaved: ${this.brokenReason}`));
       return;
     }
@@ -522,8 +526,7 @@ export class Blkfront {
         op.buf!.set(this.pool.page(s.frames[i]!).subarray(0, len), at);
       }
     }
-    for (const f of s.frames) this.pool.give(f);
-    for (const f of s.indirectFrames) this.pool.give(f);
+    this.givePages(s);
     q.shadow.release(s);
     if (status !== BLKIF_RSP_OKAY) {
       this.counters.errors++;
@@ -540,33 +543,30 @@ export class Blkfront {
   }
 
   /**
-   * Ends access to every page of the request; a grant the backend still maps after answering is
-   * a backend bug (Linux `blkif_completion`): its page is never reused and the device stops.
+   * Ends access to the request's pages (persistent grants outlive it: nothing to end). A page
+   * whose grant the backend still maps is marked -1 in its frame list, so `givePages` never
+   * returns it to the pool, and counted as leaked. Returns how many there were.
    */
-  private releaseGrants(link: Link, q: Queue, s: ShadowEntry<Chunk>): boolean {
-    // Persistent grants outlive the request: the backend may keep them mapped.
-    if (link.persistent) return true;
+  private endGrants(link: Link, s: ShadowEntry<Chunk>): number {
+    if (link.persistent) return 0;
     let leaked = 0;
     const end = (refs: number[], frames: number[]) => {
       for (let i = 0; i < refs.length; i++) {
-        if (!this.d.xen.grants.endAccess(refs[i]!)) {
-          leaked++;
-          frames[i] = -1;
-        }
+        if (this.d.xen.grants.endAccess(refs[i]!)) continue;
+        frames[i] = -1;
+        leaked++;
       }
     };
     end(s.grefs, s.frames);
     end(s.indirectGrefs, s.indirectFrames);
-    if (leaked === 0) return true;
     this.pool.leaked += leaked;
-    const keep = (a: number[]) => { const k = a.filter((f) => f >= 0); a.length = 0; a.push(...k); };
-    keep(s.frames);
-    keep(s.indirectFrames);
-    for (const f of s.frames) this.pool.give(f);
-    for (const f of s.indirectFrames) this.pool.give(f);
-    q.shadow.release(s);
-    this.broken(`backend still maps ${leaked} page(s) of a request it answered`);
-    return false;
+    return leaked;
+  }
+
+  /** Returns the request's pages to the pool, but for those `endGrants` found still mapped. */
+  private givePages(s: ShadowEntry<Chunk>): void {
+    for (const f of s.frames) if (f >= 0) this.pool.give(f);
+    for (const f of s.indirectFrames) if (f >= 0) this.pool.give(f);
   }
 
   private dropFeature(f: 'flush' | 'barrier' | 'discard'): void {
@@ -786,13 +786,8 @@ export class Blkfront {
       for (const s of q.shadow.pendingEntries()) {
         const c = s.owner;
         // Pages a backend still maps are never reused; the I/O itself is kept either way.
-        if (link.persistent || this.releaseGrantsQuiet(s)) {
-          for (const f of s.frames) this.pool.give(f);
-          for (const f of s.indirectFrames) this.pool.give(f);
-        } else {
-          for (const f of s.frames) this.pool.retire(f);
-          for (const f of s.indirectFrames) this.pool.retire(f);
-        }
+        this.endGrants(link, s);
+        this.givePages(s);
         q.shadow.release(s);
         if (c !== undefined && !c.op.failed) again.push(c);
       }
@@ -818,14 +813,6 @@ export class Blkfront {
     else this.armWaitTimer();
   }
 
-  private releaseGrantsQuiet(s: ShadowEntry<Chunk>): boolean {
-    let ok = true;
-    for (const r of s.grefs) ok = this.d.xen.grants.endAccess(r) && ok;
-    for (const r of s.indirectGrefs) ok = this.d.xen.grants.endAccess(r) && ok;
-    if (!ok) this.pool.leaked += s.frames.length + s.indirectFrames.length;
-    return ok;
-  }
-
   /** Queued I/O may wait for a backend only so long. */
   private armWaitTimer(): void {
     clearTimeout(this.waitTimer);
@@ -841,10 +828,6 @@ export class Blkfront {
   private whenConnected(): Promise<void> {
     if (this.phase === 'connected') return Promise.resolve();
     return new Promise((resolve, reject) => this.connectedWaiters.push({ resolve, reject }));
-  }
-
-  private async waitBackend(want: (s: XenbusState | undefined) => boolean, timeoutMs: number): Promise<void> {
-    await waitForState(this.d.xs, this.backDir, want, timeoutMs);
   }
 
   private async setState(s: XenbusState): Promise<void> {
