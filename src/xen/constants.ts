@@ -90,6 +90,7 @@ export const ESRCH = 3;
 export const EBUSY = 16;
 export const EINVAL = 22;
 export const ENOSPC = 28;
+export const ENOENT = 2;
 
 // ---- Emulator sizing (ours, not Xen ABI) ----
 /** Domain slots in the shared tables (live domains plus zombies whose grants are still mapped). */
@@ -98,6 +99,8 @@ export const MAX_DOMAINS = 32;
 export const NR_GRANT_ENTRIES = 32768;
 /** Mapping handles per domain (maptrack). */
 export const NR_MAPTRACK = 32768;
+/** vCPUs per domain: vCPU 0 is the domain's own thread, the others are threads it starts (startVcpu). */
+export const MAX_VCPUS = 8;
 /** Event-channel ports per domain; port 0 is never handed out, as on Xen. */
 export const NR_EVTCHN_PORTS = 1024;
 /** Default memory of a domain, in pages (4 MiB). */

@@ -1,26 +1,139 @@
 // A domain's hypercall interface: its memory, grant table and event channels, bound to the
-// shared hypervisor tables. The same class serves dom0 (main thread) and guests (workers).
-import { workerData as rawWorkerData, isMainThread, type MessagePort } from 'node:worker_threads';
+// shared hypervisor tables. The same class serves dom0 (main thread), guests (workers) and the
+// extra vCPU threads a domain starts.
+import { workerData as rawWorkerData, isMainThread, type MessagePort, type Transferable } from 'node:worker_threads';
 import { DEFAULT_POLL_MICROS } from './constants.js';
 import { EventChannels } from './event-channel.js';
 import { GrantTable } from './grant-table.js';
 import { DomainMemory, MemoryRegistry, type Pages } from './memory.js';
 import { GLOBAL_ROW, readCounters, SharedTables, SLOT_DYING, type SharedTablesInit, type XenCounters } from './shared-tables.js';
 
-/** What the hypervisor hands a domain's thread (inside workerData.xen). Internal. */
+/** What the hypervisor hands a domain's thread, or one of its vCPU threads (inside workerData.xen). Internal. */
 export interface DomainBootstrap {
   readonly tables: SharedTablesInit;
   readonly domid: number;
   readonly slot: number;
+  /** 0 for the domain's own thread; 1.. for a thread started with startVcpu. */
+  readonly vcpu: number;
   readonly memories: readonly (readonly [number, Pages])[];
   readonly control: MessagePort;
+  /** Requests to the hypervisor that need the main thread (vCPU up/down). */
+  readonly hypercall: MessagePort;
   readonly pollMicros: number;
+  /** A vCPU thread's frames to allocate from (lent by the thread that started it). */
+  readonly frames?: readonly number[];
 }
 
 /** workerData of a domain thread: the hypervisor's part and the application's part. */
 export interface DomainWorkerData {
   readonly xen: DomainBootstrap;
   readonly app: unknown;
+}
+
+/** What startVcpu runs, and with what. */
+export interface StartVcpuOptions {
+  /** The compiled ESM script of the vCPU's thread; it calls attachDomain(). */
+  readonly script: URL;
+  /** Application data, seen as `xen.workerData` in the vCPU's thread. */
+  readonly workerData?: unknown;
+  /** Transferables inside workerData (e.g. a MessagePort to talk to the vCPU). */
+  readonly transferList?: readonly Transferable[];
+  /**
+   * Frames of this domain's memory the vCPU allocates from. The caller allocated them and keeps
+   * them (neither uses nor frees them) until the vCPU has exited.
+   */
+  readonly frames?: readonly number[];
+  /** Polling budget of the vCPU's waits, in microseconds (default: the domain's). */
+  readonly pollMicros?: number;
+  readonly name?: string;
+}
+
+/** How a vCPU thread ended. */
+export interface VcpuExit {
+  readonly vcpu: number;
+  readonly exitCode: number;
+  /** The uncaught error that ended the thread, as text. */
+  readonly error?: string;
+  /** True if stopVcpu (or the domain's destruction) ended it. */
+  readonly stopped: boolean;
+}
+
+/** A running vCPU thread of this domain. */
+export interface VcpuHandle {
+  readonly vcpu: number;
+  /** Settles when the thread is gone; its ports then notify vCPU 0. */
+  readonly exited: Promise<VcpuExit>;
+}
+
+/** @internal How a domain's code reaches the hypervisor's vCPU operations. */
+export interface VcpuService {
+  up(opts: StartVcpuOptions): Promise<VcpuHandle>;
+  down(vcpu: number): Promise<VcpuExit>;
+}
+
+type HypercallReply =
+  | { readonly t: 'up'; readonly id: number; readonly vcpu?: number; readonly error?: string }
+  | { readonly t: 'down'; readonly id: number; readonly exit?: VcpuExit; readonly error?: string }
+  | { readonly t: 'exit'; readonly exit: VcpuExit };
+
+/** @internal A hypercall request from a domain thread to the main thread. */
+export type HypercallRequest =
+  | { readonly t: 'up'; readonly id: number; readonly script: string; readonly workerData: unknown;
+      readonly transferList: readonly Transferable[]; readonly frames: readonly number[] | undefined;
+      readonly pollMicros: number | undefined; readonly name: string | undefined }
+  | { readonly t: 'down'; readonly id: number; readonly vcpu: number };
+
+/** vCPU operations of a worker domain: messages to the hypervisor over the hypercall port. */
+class PortVcpuService implements VcpuService {
+  private nextId = 1;
+  private readonly pending = new Map<number, { resolve: (r: HypercallReply) => void }>();
+  private readonly exits = new Map<number, (e: VcpuExit) => void>();
+  private listening = false;
+
+  constructor(private readonly port: MessagePort) {}
+
+  private request(build: (id: number) => HypercallRequest, transfer: readonly Transferable[]): Promise<HypercallReply> {
+    if (!this.listening) {
+      this.listening = true;
+      this.port.on('message', (m: HypercallReply) => this.onReply(m));
+    }
+    const id = this.nextId++;
+    const reply = new Promise<HypercallReply>((resolve) => { this.pending.set(id, { resolve }); });
+    this.port.ref(); // a reply is due: keep the thread alive for it
+    this.port.postMessage(build(id), transfer as Transferable[]);
+    return reply;
+  }
+
+  private onReply(m: HypercallReply): void {
+    if (m.t === 'exit') {
+      this.exits.get(m.exit.vcpu)?.(m.exit);
+      this.exits.delete(m.exit.vcpu);
+      return;
+    }
+    const p = this.pending.get(m.id);
+    this.pending.delete(m.id);
+    if (this.pending.size === 0) this.port.unref();
+    p?.resolve(m);
+  }
+
+  async up(opts: StartVcpuOptions): Promise<VcpuHandle> {
+    const transferList = opts.transferList ?? [];
+    const r = await this.request((id) => ({
+      t: 'up', id, script: opts.script.href, workerData: opts.workerData, transferList,
+      frames: opts.frames, pollMicros: opts.pollMicros, name: opts.name,
+    }), transferList);
+    if (r.t !== 'up' || r.vcpu === undefined) throw new Error(`startVcpu: ${r.t === 'up' || r.t === 'down' ? r.error : 'bad reply'}`);
+    const vcpu = r.vcpu;
+    // The exit message comes on the same port after this reply, never before it.
+    const exited = new Promise<VcpuExit>((resolve) => { this.exits.set(vcpu, resolve); });
+    return { vcpu, exited };
+  }
+
+  async down(vcpu: number): Promise<VcpuExit> {
+    const r = await this.request((id) => ({ t: 'down', id, vcpu }), []);
+    if (r.t !== 'down' || r.exit === undefined) throw new Error(`stopVcpu(${vcpu}): ${r.t === 'up' || r.t === 'down' ? r.error : 'bad reply'}`);
+    return r.exit;
+  }
 }
 
 /** Read-only counter access for domain code. */
@@ -36,30 +149,52 @@ export class CounterView {
   }
 }
 
-/** The hypercall interface of one domain. */
+/** The hypercall interface of one domain, as one of its threads (vCPUs) sees it. */
 export class XenDomain {
   readonly domid: number;
-  /** The domain's own pages: alloc/free/page(frame). */
+  /** The vCPU this thread is: 0 for the domain's own thread, 1.. for threads from startVcpu. */
+  readonly vcpu: number;
+  /** The domain's own pages: alloc/free/page(frame) (a vCPU thread: only the frames lent to it). */
   readonly memory: DomainMemory;
-  /** Grant table: grantAccess/endAccess (guest side) and map/unmap/copy (GNTTABOP_*). */
+  /** Grant table: grantAccess/endAccess (guest side, vCPU 0) and map/unmap/copy (GNTTABOP_*). */
   readonly grants: GrantTable;
-  /** Event channels: allocUnbound/bindInterdomain/notify/close/mask/unmask/status/wait/on. */
+  /** Event channels: allocUnbound/bindInterdomain/bindVcpu/notify/close/mask/unmask/status/wait/on. */
   readonly events: EventChannels;
   readonly counters: CounterView;
   /** The application's workerData given to createDomain (undefined for dom0). */
   readonly workerData: unknown;
+  private readonly vcpus: VcpuService | undefined;
 
   /** @internal */
   constructor(t: SharedTables, domid: number, slot: number, registry: MemoryRegistry, pages: Pages,
-              pollMicros: number, workerData: unknown) {
+              pollMicros: number, workerData: unknown,
+              opts: { vcpu?: number; frames?: readonly number[]; vcpus?: VcpuService } = {}) {
     this.domid = domid;
-    this.memory = new DomainMemory(pages);
-    this.grants = new GrantTable(t, domid, slot, this.memory, registry);
+    this.vcpu = opts.vcpu ?? 0;
+    this.memory = new DomainMemory(pages, this.vcpu === 0 ? undefined : opts.frames ?? []);
+    this.grants = new GrantTable(t, domid, slot, this.memory, registry, this.vcpu === 0);
     // Idle time is when the thread applies the toolstack's memory news (e.g. drops the pages
     // of destroyed domains), off the data path.
-    this.events = new EventChannels(t, domid, slot, pollMicros, () => registry.drain());
+    this.events = new EventChannels(t, domid, slot, pollMicros, () => registry.drain(), this.vcpu);
     this.counters = new CounterView(t);
     this.workerData = workerData;
+    this.vcpus = opts.vcpus;
+  }
+
+  /**
+   * Brings up another vCPU of this domain: a thread running `script` with the same domid, grant
+   * table (mapping side), event channels and memory view (VCPUOP_up, with the thread as the
+   * vCPU). Ports it opens notify it. Resolves once the thread runs.
+   */
+  startVcpu(opts: StartVcpuOptions): Promise<VcpuHandle> {
+    if (this.vcpus === undefined) return Promise.reject(new Error('startVcpu: this domain cannot start vCPUs'));
+    return this.vcpus.up(opts);
+  }
+
+  /** Takes a vCPU down (terminates its thread); resolves with its exit once it is gone. */
+  stopVcpu(vcpu: number): Promise<VcpuExit> {
+    if (this.vcpus === undefined) return Promise.reject(new Error('stopVcpu: this domain has no vCPUs to stop'));
+    return this.vcpus.down(vcpu);
   }
 
   /** Releases thread-local resources (timers); the hypervisor releases the shared ones. */
@@ -69,7 +204,7 @@ export class XenDomain {
 let attached: XenDomain | undefined;
 
 /**
- * Inside a domain's worker thread: the domain's hypercall interface, built from workerData.
+ * Inside a domain's worker thread (or a vCPU thread): the domain's hypercall interface, built from workerData.
  * Calling it again returns the same interface.
  */
 export async function attachDomain(): Promise<XenDomain> {
@@ -84,7 +219,8 @@ export async function attachDomain(): Promise<XenDomain> {
   const registry = new MemoryRegistry(b.memories, b.control);
   const own = b.memories.find(([d]) => d === b.domid)?.[1];
   if (own === undefined) throw new Error(`attachDomain(): no memory for domain ${b.domid}`);
-  attached = new XenDomain(t, b.domid, b.slot, registry, own, b.pollMicros ?? DEFAULT_POLL_MICROS, wd.app);
+  attached = new XenDomain(t, b.domid, b.slot, registry, own, b.pollMicros ?? DEFAULT_POLL_MICROS, wd.app,
+    { vcpu: b.vcpu, frames: b.frames, vcpus: new PortVcpuService(b.hypercall) });
   // The bootstrap holds every domain's pages: take it out of the domain code's reach.
   delete (wd as { xen?: DomainBootstrap }).xen;
   return attached;

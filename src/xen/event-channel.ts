@@ -1,30 +1,50 @@
 // Event channels (event_channel.h), 2-level ABI flavour: per-port pending and mask bits in
-// shared bitmaps, and one per-domain evtchn_upcall_pending word that a sleeping domain waits on.
+// shared bitmaps, and one evtchn_upcall_pending word per vCPU that a sleeping vCPU waits on.
+// Each port notifies one vCPU (notify_vcpu_id): the one that opened it, or the one
+// EVTCHNOP_bind_vcpu named; a vCPU's scan takes only its own ports.
 // A send sets the remote pending bit; only a 0 -> 1 transition of an unmasked port raises the
 // upcall, and only a raised upcall of a sleeping domain costs an Atomics.notify, so repeated
 // sends before the peer runs coalesce into one wake-up as on Xen.
 import { performance } from 'node:perf_hooks';
 import {
-  DEFAULT_POLL_MICROS, DOMID_SELF, EINVAL, ENOSPC, ESRCH, EVTCHNSTAT_closed, EVTCHNSTAT_interdomain,
-  EVTCHNSTAT_unbound, NR_EVTCHN_PORTS,
+  DEFAULT_POLL_MICROS, DOMID_SELF, EINVAL, ENOENT, ENOSPC, ESRCH, EVTCHNSTAT_closed, EVTCHNSTAT_interdomain,
+  EVTCHNSTAT_unbound, MAX_VCPUS, NR_EVTCHN_PORTS,
 } from './constants.js';
 import {
   C_CHANNELS_BOUND, C_NOTIFY_COALESCED, C_NOTIFY_DROPPED, C_NOTIFY_RECEIVED, C_NOTIFY_SENT, C_POLL_HITS,
-  C_PORTS_OPEN, C_SLEEPS, C_WAKES, D_POLLING, D_SLEEPING, D_STRIDE, D_UPCALL, P_REMOTE_DOMID, P_REMOTE_PORT,
-  P_REMOTE_SLOT, P_STATE, P_STRIDE, PC_RECEIVED, PC_SENT, PC_STRIDE, PORT_WORDS, PS_BINDING, PS_CLOSING,
-  PS_RESERVED, type SharedTables,
+  C_PORTS_OPEN, C_SLEEPS, C_WAKES, P_REMOTE_DOMID, P_REMOTE_PORT, P_REMOTE_SLOT, P_STATE, P_STRIDE, P_VCPU,
+  PC_RECEIVED, PC_SENT, PC_STRIDE, PORT_WORDS, PS_BINDING, PS_CLOSING, PS_RESERVED, V_ONLINE, V_POLLING,
+  V_SLEEPING, V_UPCALL, vcpuWord, type SharedTables,
 } from './shared-tables.js';
 
 
 const pidx = (slot: number, port: number) => (slot * NR_EVTCHN_PORTS + port) * P_STRIDE;
 const validPort = (port: number) => Number.isInteger(port) && port > 0 && port < NR_EVTCHN_PORTS;
 
-/** Raises the domain's upcall; wakes it only if it sleeps (see file comment). */
-export function raiseUpcall(t: SharedTables, slot: number): void {
-  const d = slot * D_STRIDE;
-  if (Atomics.compareExchange(t.dom, d + D_UPCALL, 0, 1) !== 0) return;
+/** Raises a vCPU's upcall; wakes it only if it sleeps (see file comment). */
+export function raiseUpcall(t: SharedTables, slot: number, vcpu: number): void {
+  const u = vcpuWord(slot, vcpu, V_UPCALL);
+  if (Atomics.compareExchange(t.dom, u, 0, 1) !== 0) return;
   t.count(slot, C_WAKES);
-  if (Atomics.load(t.dom, d + D_SLEEPING) !== 0) Atomics.notify(t.dom, d + D_UPCALL);
+  if (Atomics.load(t.dom, vcpuWord(slot, vcpu, V_SLEEPING)) !== 0) Atomics.notify(t.dom, u);
+}
+
+/** The vCPU a port of `slot` notifies. */
+const notifyVcpu = (t: SharedTables, slot: number, port: number): number => Atomics.load(t.port, pidx(slot, port) + P_VCPU);
+
+/**
+ * A vCPU went down: its ports notify vCPU 0 from now on (as Linux moves the IRQs of a CPU going
+ * offline), and vCPU 0 is woken for any of them already pending.
+ */
+export function moveVcpuPorts(t: SharedTables, slot: number, vcpu: number): void {
+  let pending = false;
+  for (let p = 1; p < NR_EVTCHN_PORTS; p++) {
+    const i = pidx(slot, p);
+    if (Atomics.load(t.port, i + P_VCPU) !== vcpu) continue;
+    Atomics.store(t.port, i + P_VCPU, 0);
+    if ((Atomics.load(t.pending, slot * PORT_WORDS + (p >>> 5)) & (1 << (p & 31))) !== 0) pending = true;
+  }
+  if (pending) raiseUpcall(t, slot, 0);
 }
 
 /** evtchn_port_set_pending: sets the pending bit; a masked port stays pending until unmask. */
@@ -35,7 +55,7 @@ export function setPending(t: SharedTables, slot: number, port: number): boolean
     t.count(slot, C_NOTIFY_COALESCED);
     return false;
   }
-  if ((Atomics.load(t.mask, w) & bit) === 0) raiseUpcall(t, slot);
+  if ((Atomics.load(t.mask, w) & bit) === 0) raiseUpcall(t, slot, notifyVcpu(t, slot, port));
   return true;
 }
 
@@ -83,6 +103,7 @@ export function closePort(t: SharedTables, slot: number, port: number): number {
   Atomics.store(t.port, i + P_REMOTE_DOMID, 0);
   Atomics.store(t.port, i + P_REMOTE_PORT, 0);
   Atomics.store(t.port, i + P_REMOTE_SLOT, 0);
+  Atomics.store(t.port, i + P_VCPU, 0);
   Atomics.store(t.port, i + P_STATE, EVTCHNSTAT_closed);
   t.count(slot, C_PORTS_OPEN, -1n);
   return 0;
@@ -123,7 +144,7 @@ export interface WaitOptions {
 /** Longest stretch a poll blocks its thread before letting other work run (µs). */
 const POLL_SLICE_MICROS = 10;
 
-/** A domain's event-channel interface. Calls return Xen's values: >= 0, or -errno. */
+/** One vCPU's event-channel interface. Calls return Xen's values: >= 0, or -errno. */
 export class EventChannels {
   /** Adaptive polling budget before sleeping, in microseconds (0 = never poll). */
   pollMicros: number;
@@ -140,6 +161,8 @@ export class EventChannels {
     private readonly slot: number,
     pollMicros: number = DEFAULT_POLL_MICROS,
     private readonly beforeSleep: () => void = () => undefined,
+    /** The vCPU this interface runs on (its thread). */
+    readonly vcpu: number = 0,
   ) {
     this.pollMicros = pollMicros;
     this.keepAlive = setInterval(() => undefined, 1 << 30);
@@ -153,6 +176,9 @@ export class EventChannels {
       const p = ((this.hint - 1 + k) % (NR_EVTCHN_PORTS - 1)) + 1;
       if (Atomics.compareExchange(this.t.port, pidx(this.slot, p) + P_STATE, EVTCHNSTAT_closed, PS_RESERVED) === EVTCHNSTAT_closed) {
         this.hint = p + 1;
+        // A new port notifies the vCPU that opened it (Linux binds a new port's IRQ to the CPU
+        // setting it up); EVTCHNOP_bind_vcpu can move it.
+        Atomics.store(this.t.port, pidx(this.slot, p) + P_VCPU, this.vcpu);
         const w = this.slot * PORT_WORDS + (p >>> 5);
         Atomics.and(this.t.pending, w, ~(1 << (p & 31)));
         Atomics.and(this.t.mask, w, ~(1 << (p & 31)));
@@ -255,8 +281,25 @@ export class EventChannels {
     const w = this.slot * PORT_WORDS + (port >>> 5);
     const bit = 1 << (port & 31);
     Atomics.and(this.t.mask, w, ~bit);
-    if ((Atomics.load(this.t.pending, w) & bit) !== 0) raiseUpcall(this.t, this.slot);
+    if ((Atomics.load(this.t.pending, w) & bit) !== 0) raiseUpcall(this.t, this.slot, notifyVcpu(this.t, this.slot, port));
     return 0;
+  }
+
+  /**
+   * EVTCHNOP_bind_vcpu: sends to `port` raise `vcpu`'s upcall from now on; an event already
+   * pending is delivered there. Returns 0, -EINVAL (port not open) or -ENOENT (no such vCPU up).
+   */
+  bindVcpu(port: number, vcpu: number): number {
+    if (!this.isOpen(port)) return -EINVAL;
+    if (!Number.isInteger(vcpu) || vcpu < 0 || vcpu >= MAX_VCPUS || Atomics.load(this.t.dom, vcpuWord(this.slot, vcpu, V_ONLINE)) === 0) return -ENOENT;
+    Atomics.store(this.t.port, pidx(this.slot, port) + P_VCPU, vcpu);
+    if (this.isPending(port) && !this.isMasked(port)) raiseUpcall(this.t, this.slot, vcpu);
+    return 0;
+  }
+
+  /** The vCPU a port notifies. */
+  vcpuOf(port: number): number {
+    return validPort(port) ? notifyVcpu(this.t, this.slot, port) : -1;
   }
 
   isPending(port: number): boolean {
@@ -293,7 +336,10 @@ export class EventChannels {
     return st === EVTCHNSTAT_unbound || st === EVTCHNSTAT_interdomain || st === PS_BINDING;
   }
 
-  /** Takes (clears) the pending, unmasked ports, as an upcall handler scans the 2-level bitmaps. */
+  /**
+   * Takes (clears) this vCPU's pending, unmasked ports, as an upcall handler scans the 2-level
+   * bitmaps (Linux also skips ports bound to other CPUs).
+   */
   takePending(): number[] {
     const t = this.t;
     const out: number[] = [];
@@ -301,13 +347,16 @@ export class EventChannels {
     for (let w = 0; w < PORT_WORDS; w++) {
       const ready = Atomics.load(t.pending, base + w) & ~Atomics.load(t.mask, base + w);
       if (ready === 0) continue;
-      Atomics.and(t.pending, base + w, ~ready);
+      let mine = 0;
       for (let b = 0; b < 32; b++) {
         if ((ready & (1 << b)) === 0) continue;
         const port = w * 32 + b;
+        if (notifyVcpu(t, this.slot, port) !== this.vcpu) continue;
+        mine |= 1 << b;
         out.push(port);
         Atomics.add(t.pctr, (this.slot * NR_EVTCHN_PORTS + port) * PC_STRIDE + PC_RECEIVED, 1n);
       }
+      if (mine !== 0) Atomics.and(t.pending, base + w, ~mine);
     }
     if (out.length > 0) t.count(this.slot, C_NOTIFY_RECEIVED, BigInt(out.length));
     return out;
@@ -316,7 +365,7 @@ export class EventChannels {
   /**
    * Waits for events and returns the pending ports (their pending bits cleared). Polls the
    * upcall word for up to `pollMicros` (busy, bounded) before sleeping in Atomics.waitAsync,
-   * which leaves the event loop running. One waiter at a time per domain.
+   * which leaves the event loop running. One waiter at a time per vCPU.
    */
   async wait(opts: WaitOptions = {}): Promise<number[]> {
     if (this.waiting) throw new Error('events.wait(): another wait is in progress in this domain');
@@ -330,11 +379,12 @@ export class EventChannels {
 
   private async waitLoop(pollMicros: number, signal: AbortSignal | undefined): Promise<number[]> {
     const t = this.t;
-    const d = this.slot * D_STRIDE;
+    const upcall = vcpuWord(this.slot, this.vcpu, V_UPCALL);
+    const sleeping = vcpuWord(this.slot, this.vcpu, V_SLEEPING);
     let onAbort: (() => void) | undefined;
     if (signal !== undefined) {
       // Abort pokes our own upcall word so that a sleeping wait returns.
-      onAbort = () => { Atomics.store(t.dom, d + D_UPCALL, 1); Atomics.notify(t.dom, d + D_UPCALL); };
+      onAbort = () => { Atomics.store(t.dom, upcall, 1); Atomics.notify(t.dom, upcall); };
       signal.addEventListener('abort', onAbort, { once: true });
     }
     try {
@@ -343,7 +393,7 @@ export class EventChannels {
         if (signal?.aborted === true) return [];
         // Clear the upcall before scanning, as a guest clears evtchn_upcall_pending, so that a
         // send racing the scan re-raises it.
-        Atomics.store(t.dom, d + D_UPCALL, 0);
+        Atomics.store(t.dom, upcall, 0);
         const ports = this.takePending();
         if (ports.length > 0) return ports;
         if (!yielded) {
@@ -358,14 +408,14 @@ export class EventChannels {
           continue;
         }
         this.beforeSleep();
-        Atomics.store(t.dom, d + D_SLEEPING, 1);
-        const r = Atomics.waitAsync(t.dom, d + D_UPCALL, 0);
+        Atomics.store(t.dom, sleeping, 1);
+        const r = Atomics.waitAsync(t.dom, upcall, 0);
         if (r.async) {
           t.count(this.slot, C_SLEEPS);
           this.keepAlive.ref();
           try { await r.value; } finally { this.keepAlive.unref(); }
         }
-        Atomics.store(t.dom, d + D_SLEEPING, 0);
+        Atomics.store(t.dom, sleeping, 0);
       }
     } finally {
       if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort);
@@ -390,8 +440,9 @@ export class EventChannels {
   /** Spins on the upcall word for at most `micros`; true if it was raised meanwhile. */
   private poll(micros: number): boolean {
     const t = this.t;
-    const u = this.slot * D_STRIDE + D_UPCALL;
-    Atomics.store(t.dom, this.slot * D_STRIDE + D_POLLING, 1);
+    const u = vcpuWord(this.slot, this.vcpu, V_UPCALL);
+    const polling = vcpuWord(this.slot, this.vcpu, V_POLLING);
+    Atomics.store(t.dom, polling, 1);
     try {
       const deadline = performance.now() + micros / 1000;
       for (;;) {
@@ -399,7 +450,7 @@ export class EventChannels {
         if (performance.now() >= deadline) return false;
       }
     } finally {
-      Atomics.store(t.dom, this.slot * D_STRIDE + D_POLLING, 0);
+      Atomics.store(t.dom, polling, 0);
     }
   }
 

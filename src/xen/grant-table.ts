@@ -19,7 +19,7 @@ import {
 import type { DomainMemory, MemoryRegistry } from './memory.js';
 import {
   C_COPY_BYTES, C_COPY_OPS, C_GRANTS_ACTIVE, C_MAPS_ACTIVE, C_MAP_OPS, C_UNMAP_OPS, G_DOMID,
-  G_FLAGS, G_FLAGS_MASK, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF, M_SLOT, M_STRIDE,
+  G_FLAGS, G_FLAGS_MASK, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF, M_RESERVED, M_SLOT, M_STRIDE,
   PIN_R, PIN_R_MASK, PIN_W, PIN_W_MASK, type SharedTables,
 } from './shared-tables.js';
 
@@ -101,8 +101,11 @@ export function releaseMapping(t: SharedTables, slot: number, handle: number): n
   const m = (slot * NR_MAPTRACK + handle) * M_STRIDE;
   const flags = Atomics.load(t.mt, m + M_FLAGS);
   if ((flags & M_IN_USE) === 0) return GNTST_bad_handle;
-  unpinGrant(t, Atomics.load(t.mt, m + M_SLOT), Atomics.load(t.mt, m + M_REF), (flags & GNTMAP_readonly) !== 0);
-  Atomics.store(t.mt, m + M_FLAGS, 0);
+  const rslot = Atomics.load(t.mt, m + M_SLOT);
+  const ref = Atomics.load(t.mt, m + M_REF);
+  // Two of the domain's threads may unmap one handle at once: only one wins it.
+  if (Atomics.compareExchange(t.mt, m + M_FLAGS, flags, 0) !== flags) return GNTST_bad_handle;
+  unpinGrant(t, rslot, ref, (flags & GNTMAP_readonly) !== 0);
   t.count(slot, C_MAPS_ACTIVE, -1n);
   t.count(slot, C_UNMAP_OPS);
   return GNTST_okay;
@@ -154,14 +157,25 @@ export function resetGrantSlot(t: SharedTables, slot: number): void {
   t.mt.fill(0, slot * NR_MAPTRACK * M_STRIDE, (slot + 1) * NR_MAPTRACK * M_STRIDE);
 }
 
+/** Maptrack handles a thread claims at once, and keeps at most, on its own free list. */
+const HANDLE_BATCH = 64;
+const HANDLE_KEEP = 1024;
+
 /**
- * A domain's grant-table interface: the guest side (grant/end access, as Linux's gnttab_*
- * helpers) and the hypercalls (GNTTABOP_map_grant_ref, unmap_grant_ref, copy).
+ * A domain's grant-table interface, as one of its threads (vCPUs) sees it: the guest side
+ * (grant/end access, as Linux's gnttab_* helpers) and the hypercalls (GNTTABOP_map_grant_ref,
+ * unmap_grant_ref, copy).
+ *
+ * Maptrack handles are the domain's, claimed in batches onto a per-thread free list with a
+ * compare-exchange (Xen keeps a maptrack free list per vCPU), so any of the domain's threads can
+ * map and unmap without a lock. Grant references stay with vCPU 0: its free list is thread-local,
+ * and another vCPU's table has no references to hand out (it maps and copies only).
  */
 export class GrantTable {
   private readonly freeRefs: number[] = [];
   private readonly refFrame = new Int32Array(NR_GRANT_ENTRIES).fill(-1);
   private readonly freeHandles: number[] = [];
+  private handleHint = 0;
 
   constructor(
     private readonly t: SharedTables,
@@ -169,10 +183,27 @@ export class GrantTable {
     private readonly slot: number,
     private readonly memory: DomainMemory,
     private readonly registry: MemoryRegistry,
+    ownsRefs = true,
   ) {
     // Refs below GNTTAB_NR_RESERVED_ENTRIES belong to the toolstack (grant_table.h).
-    for (let r = NR_GRANT_ENTRIES - 1; r >= GNTTAB_NR_RESERVED_ENTRIES; r--) this.freeRefs.push(r);
-    for (let h = NR_MAPTRACK - 1; h >= 0; h--) this.freeHandles.push(h);
+    if (ownsRefs) for (let r = NR_GRANT_ENTRIES - 1; r >= GNTTAB_NR_RESERVED_ENTRIES; r--) this.freeRefs.push(r);
+  }
+
+  /** Claims up to HANDLE_BATCH free maptrack entries for this thread; false if none is free. */
+  private claimHandles(): boolean {
+    const base = this.slot * NR_MAPTRACK;
+    for (let k = 0; k < NR_MAPTRACK && this.freeHandles.length < HANDLE_BATCH; k++) {
+      const h = (this.handleHint + k) % NR_MAPTRACK;
+      if (Atomics.compareExchange(this.t.mt, (base + h) * M_STRIDE + M_FLAGS, 0, M_RESERVED) === 0) this.freeHandles.push(h);
+    }
+    this.handleHint = ((this.freeHandles.at(-1) ?? this.handleHint) + 1) % NR_MAPTRACK;
+    return this.freeHandles.length > 0;
+  }
+
+  /** Keeps a released handle on this thread's list, up to HANDLE_KEEP; beyond that it stays free for any thread. */
+  private keepHandle(h: number): void {
+    if (this.freeHandles.length >= HANDLE_KEEP) return;
+    if (Atomics.compareExchange(this.t.mt, (this.slot * NR_MAPTRACK + h) * M_STRIDE + M_FLAGS, 0, M_RESERVED) === 0) this.freeHandles.push(h);
   }
 
   /** Number of grant entries of a table (GNTTABOP_query_size, in entries). */
@@ -240,7 +271,7 @@ export class GrantTable {
     if ((op.flags & (GNTMAP_host_map | GNTMAP_device_map)) === 0) return failed(GNTST_bad_gntref);
     const rslot = t.slotOf(op.dom);
     if (rslot < 0) return failed(GNTST_bad_domain);
-    if (this.freeHandles.length === 0) return failed(GNTST_no_space);
+    if (this.freeHandles.length === 0 && !this.claimHandles()) return failed(GNTST_no_space);
     if (!Number.isInteger(op.ref) || op.ref < 0 || op.ref >= NR_GRANT_ENTRIES) return failed(GNTST_bad_gntref);
     const readonly = (op.flags & GNTMAP_readonly) !== 0;
     const frame = pinGrant(t, rslot, op.ref, this.domid, readonly);
@@ -267,7 +298,7 @@ export class GrantTable {
 
   unmapGrant(handle: number): number {
     const st = releaseMapping(this.t, this.slot, handle);
-    if (st === GNTST_okay) this.freeHandles.push(handle);
+    if (st === GNTST_okay) this.keepHandle(handle);
     return st;
   }
 

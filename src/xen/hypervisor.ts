@@ -4,15 +4,17 @@
 // domain's thread against the shared tables.
 import { EventEmitter } from 'node:events';
 import { MessageChannel, Worker, type MessagePort, type Transferable } from 'node:worker_threads';
-import { DEFAULT_MEMORY_PAGES, DEFAULT_POLL_MICROS, MAX_DOMAINS } from './constants.js';
-import type { DomainBootstrap, DomainWorkerData } from './domain.js';
+import { DEFAULT_MEMORY_PAGES, DEFAULT_POLL_MICROS, MAX_DOMAINS, MAX_VCPUS } from './constants.js';
+import type {
+  DomainBootstrap, DomainWorkerData, HypercallRequest, StartVcpuOptions, VcpuExit, VcpuHandle, VcpuService,
+} from './domain.js';
 import { XenDomain } from './domain.js';
-import { closeAllPorts, resetEventSlot } from './event-channel.js';
+import { closeAllPorts, moveVcpuPorts, resetEventSlot } from './event-channel.js';
 import { hasPinnedGrants, releaseAllMappings, resetGrantSlot, revokeAllGrants } from './grant-table.js';
 import { createPages, MemoryRegistry, type ControlMessage, type Pages } from './memory.js';
 import {
   C_STRIDE, D_DOMID, D_STATE, D_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE,
-  SLOT_RUNNING, type XenCounters,
+  SLOT_RUNNING, V_ONLINE, V_STRIDE, vcpuWord, type XenCounters,
 } from './shared-tables.js';
 
 export interface HypervisorOptions {
@@ -55,13 +57,36 @@ export interface DomainHandle {
   readonly exited: Promise<DomainExit>;
 }
 
-interface Guest {
+/** A vCPU thread beyond a domain's own (startVcpu). */
+interface VcpuThread {
+  readonly vcpu: number;
+  readonly worker: Worker;
+  readonly control: MessagePort;
+  readonly hypercall: MessagePort;
+  readonly exited: Promise<VcpuExit>;
+  error?: unknown;
+  stopping: boolean;
+}
+
+/** What the hypervisor keeps of a running domain's threads. */
+interface Threads {
+  readonly slot: number;
+  readonly vcpus: Map<number, VcpuThread>;
+  /** Set once destruction began: no vCPU comes up any more. */
+  dying: boolean;
+}
+
+interface Guest extends Threads {
   handle: DomainHandle;
-  slot: number;
   control: MessagePort;
+  hypercall: MessagePort;
   error?: unknown;
   destroying: boolean;
   resolveExit: (e: DomainExit) => void;
+}
+
+interface Local extends Threads {
+  readonly dom: XenDomain;
 }
 
 export class Hypervisor {
@@ -71,7 +96,7 @@ export class Hypervisor {
   private readonly registry: MemoryRegistry;
   private readonly memories = new Map<number, Pages>();
   private readonly guests = new Map<number, Guest>();
-  private readonly locals = new Map<number, { slot: number; dom: XenDomain }>();
+  private readonly locals = new Map<number, Local>();
   private readonly emitter = new EventEmitter();
   private nextDomid = 1;
 
@@ -120,43 +145,141 @@ export class Hypervisor {
   async createDomain(opts: CreateDomainOptions): Promise<DomainHandle> {
     const { domid, slot } = this.newDomain(opts.memoryPages);
     const { port1, port2 } = new MessageChannel();
+    const hc = new MessageChannel();
     const xen: DomainBootstrap = {
-      tables: this.t.init, domid, slot, memories: [...this.memories.entries()], control: port2,
-      pollMicros: opts.pollMicros ?? DEFAULT_POLL_MICROS,
+      tables: this.t.init, domid, slot, vcpu: 0, memories: [...this.memories.entries()], control: port2,
+      hypercall: hc.port2, pollMicros: opts.pollMicros ?? DEFAULT_POLL_MICROS,
     };
     const wd: DomainWorkerData = { xen, app: opts.workerData };
     const worker = new Worker(opts.script, {
       workerData: wd,
-      transferList: [port2, ...(opts.transferList ?? [])],
+      transferList: [port2, hc.port2, ...(opts.transferList ?? [])],
       name: opts.name ?? `dom${domid}`,
     });
     let resolveExit!: (e: DomainExit) => void;
     const exited = new Promise<DomainExit>((r) => { resolveExit = r; });
     const g: Guest = {
       handle: { domid, name: opts.name ?? `dom${domid}`, worker, exited },
-      slot, control: port1, destroying: false, resolveExit,
+      slot, control: port1, hypercall: hc.port1, destroying: false, resolveExit, vcpus: new Map(), dying: false,
     };
     this.guests.set(domid, g);
+    this.serveHypercalls(domid, g, hc.port1, opts.name ?? `dom${domid}`, opts.pollMicros);
     worker.on('error', (err) => { g.error = err; });
-    worker.once('exit', (code) => this.reap(g, code));
-    await new Promise<void>((resolve, reject) => {
-      const onOnline = () => { worker.off('exit', onExit); resolve(); };
-      const onExit = () => { worker.off('online', onOnline); reject(new Error(`domain ${domid} exited during start: ${String(g.error)}`)); };
-      worker.once('online', onOnline);
-      worker.once('exit', onExit);
-    });
+    worker.once('exit', (code) => void this.reap(g, code));
+    await online(worker, () => new Error(`domain ${domid} exited during start: ${String(g.error)}`));
     return g.handle;
   }
 
   /**
    * Creates a domain whose code runs in the calling (main) thread, like dom0: for tests,
    * benchmarks and single-threaded setups. Same rules as a worker domain; destroyDomain() ends it.
+   * It can start vCPU threads like any domain.
    */
   createLocalDomain(opts: { memoryPages?: number; pollMicros?: number } = {}): XenDomain {
     const { domid, slot, pages } = this.newDomain(opts.memoryPages);
-    const dom = new XenDomain(this.t, domid, slot, this.registry, pages, opts.pollMicros ?? DEFAULT_POLL_MICROS, undefined);
-    this.locals.set(domid, { slot, dom });
+    const pollMicros = opts.pollMicros ?? DEFAULT_POLL_MICROS;
+    let rec: Local | undefined;
+    const vcpus: VcpuService = {
+      up: (o) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.startVcpu(domid, rec, o, `dom${domid}`, pollMicros)),
+      down: (v) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.stopVcpu(rec, v)),
+    };
+    const dom = new XenDomain(this.t, domid, slot, this.registry, pages, pollMicros, undefined, { vcpus });
+    rec = { slot, dom, vcpus: new Map(), dying: false };
+    this.locals.set(domid, rec);
     return dom;
+  }
+
+  /** Running vCPU threads of a domain (besides its own thread). */
+  vcpusOf(domid: number): number[] {
+    const rec = this.guests.get(domid) ?? this.locals.get(domid);
+    return rec === undefined ? [] : [...rec.vcpus.keys()];
+  }
+
+  /** Answers a domain thread's vCPU requests (its hypercall port). */
+  private serveHypercalls(domid: number, rec: Threads, port: MessagePort, name: string, pollMicros: number | undefined): void {
+    port.on('message', (m: HypercallRequest) => {
+      if (m.t === 'up') {
+        const opts: StartVcpuOptions = {
+          script: new URL(m.script), workerData: m.workerData, transferList: m.transferList,
+          ...(m.frames === undefined ? {} : { frames: m.frames }),
+          ...(m.pollMicros === undefined ? {} : { pollMicros: m.pollMicros }),
+          ...(m.name === undefined ? {} : { name: m.name }),
+        };
+        this.startVcpu(domid, rec, opts, name, pollMicros).then(
+          (h) => {
+            port.postMessage({ t: 'up', id: m.id, vcpu: h.vcpu });
+            void h.exited.then((exit) => { try { port.postMessage({ t: 'exit', exit }); } catch { /* domain gone */ } });
+          },
+          (e: unknown) => port.postMessage({ t: 'up', id: m.id, error: (e as Error).message }),
+        );
+      } else if (m.t === 'down') {
+        this.stopVcpu(rec, m.vcpu).then(
+          (exit) => port.postMessage({ t: 'down', id: m.id, exit }),
+          (e: unknown) => port.postMessage({ t: 'down', id: m.id, error: (e as Error).message }),
+        );
+      }
+    });
+    port.unref(); // the domain's thread, not this port, keeps things alive
+  }
+
+  /** VCPUOP_up with a thread as the vCPU: same domain, its own upcall word and event loop. */
+  private async startVcpu(domid: number, rec: Threads, opts: StartVcpuOptions, domName: string,
+                          domainPoll: number | undefined): Promise<VcpuHandle> {
+    if (rec.dying) throw new Error(`domain ${domid} is being destroyed`);
+    let vcpu = 1;
+    while (vcpu < MAX_VCPUS && rec.vcpus.has(vcpu)) vcpu++;
+    if (vcpu >= MAX_VCPUS) throw new Error(`domain ${domid} has no free vCPU (MAX_VCPUS = ${MAX_VCPUS})`);
+    const { slot } = rec;
+    for (let k = 0; k < V_STRIDE; k++) Atomics.store(this.t.dom, vcpuWord(slot, vcpu, k), 0);
+    Atomics.store(this.t.dom, vcpuWord(slot, vcpu, V_ONLINE), 1);
+    const { port1, port2 } = new MessageChannel();
+    const hc = new MessageChannel();
+    const pollMicros = opts.pollMicros ?? domainPoll ?? DEFAULT_POLL_MICROS;
+    const xen: DomainBootstrap = {
+      tables: this.t.init, domid, slot, vcpu, memories: [...this.memories.entries()], control: port2,
+      hypercall: hc.port2, pollMicros, frames: [...(opts.frames ?? [])],
+    };
+    const worker = new Worker(opts.script, {
+      workerData: { xen, app: opts.workerData } satisfies DomainWorkerData,
+      transferList: [port2, hc.port2, ...(opts.transferList ?? [])],
+      name: opts.name ?? `${domName}.vcpu${vcpu}`,
+    });
+    let resolveExit!: (e: VcpuExit) => void;
+    const exited = new Promise<VcpuExit>((r) => { resolveExit = r; });
+    const v: VcpuThread = { vcpu, worker, control: port1, hypercall: hc.port1, exited, stopping: false };
+    rec.vcpus.set(vcpu, v);
+    this.serveHypercalls(domid, rec, hc.port1, domName, pollMicros);
+    worker.on('error', (err) => { v.error = err; });
+    worker.once('exit', (exitCode) => {
+      rec.vcpus.delete(vcpu);
+      port1.close();
+      hc.port1.close();
+      // Its ports notify vCPU 0 from now on, unless the whole domain is going.
+      if (!rec.dying) {
+        Atomics.store(this.t.dom, vcpuWord(slot, vcpu, V_ONLINE), 0);
+        moveVcpuPorts(this.t, slot, vcpu);
+      }
+      const exit: VcpuExit = v.error === undefined
+        ? { vcpu, exitCode, stopped: v.stopping }
+        : { vcpu, exitCode, stopped: v.stopping, error: String((v.error as Error).stack ?? v.error) };
+      resolveExit(exit);
+    });
+    await online(worker, () => new Error(`vCPU ${vcpu} of domain ${domid} exited during start: ${String(v.error)}`));
+    return { vcpu, exited };
+  }
+
+  private async stopVcpu(rec: Threads, vcpu: number): Promise<VcpuExit> {
+    const v = rec.vcpus.get(vcpu);
+    if (v === undefined) throw new Error(`no vCPU ${vcpu}`);
+    v.stopping = true;
+    await v.worker.terminate();
+    return v.exited;
+  }
+
+  /** Ends every vCPU thread of a domain being destroyed (before its tables are released). */
+  private async stopAllVcpus(rec: Threads): Promise<void> {
+    rec.dying = true;
+    await Promise.all([...rec.vcpus.keys()].map((v) => this.stopVcpu(rec, v).catch(() => undefined)));
   }
 
   /** Destroys a guest: stops its thread and releases everything it held. */
@@ -164,6 +287,7 @@ export class Hypervisor {
     const local = this.locals.get(domid);
     if (local !== undefined) {
       this.locals.delete(domid);
+      await this.stopAllVcpus(local);
       local.dom.dispose();
       const exit: DomainExit = { domid, exitCode: 0, destroyed: true };
       this.release(domid, local.slot);
@@ -183,12 +307,14 @@ export class Hypervisor {
     this.dom0.dispose();
   }
 
-  /** Teardown after the domain's thread is gone (it cannot race its own tables any more). */
-  private reap(g: Guest, exitCode: number): void {
+  /** Teardown after the domain's threads are gone (they cannot race its tables any more). */
+  private async reap(g: Guest, exitCode: number): Promise<void> {
     const { domid } = g.handle;
-    if (!this.guests.has(domid)) return;
+    if (!this.guests.has(domid) || g.dying) return;
+    await this.stopAllVcpus(g);
     this.guests.delete(domid);
     g.control.close();
+    g.hypercall.close();
     this.release(domid, g.slot);
     const exit: DomainExit = g.error === undefined
       ? { domid, exitCode, destroyed: g.destroying }
@@ -211,7 +337,11 @@ export class Hypervisor {
   }
 
   private broadcast(msg: ControlMessage): void {
-    for (const g of this.guests.values()) g.control.postMessage(msg);
+    for (const g of this.guests.values()) {
+      g.control.postMessage(msg);
+      for (const v of g.vcpus.values()) v.control.postMessage(msg);
+    }
+    for (const l of this.locals.values()) for (const v of l.vcpus.values()) v.control.postMessage(msg);
   }
 
   /** Finds a free slot (reclaiming zombies nobody maps any more) and marks it running. */
@@ -227,6 +357,7 @@ export class Hypervisor {
       t.ctr.fill(0n, s * C_STRIDE, (s + 1) * C_STRIDE);
       Atomics.store(t.dom, s * D_STRIDE + D_DOMID, domid);
       for (let k = 2; k < D_STRIDE; k++) Atomics.store(t.dom, s * D_STRIDE + k, 0);
+      Atomics.store(t.dom, vcpuWord(s, 0, V_ONLINE), 1);
       Atomics.store(t.dom, s * D_STRIDE + D_STATE, SLOT_RUNNING);
       return s;
     }
@@ -236,4 +367,14 @@ export class Hypervisor {
   private freeSlot(s: number): void {
     Atomics.store(this.t.dom, s * D_STRIDE + D_STATE, SLOT_FREE);
   }
+}
+
+/** Resolves once a new worker runs; rejects if it exits first. */
+function online(worker: Worker, failure: () => Error): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onOnline = () => { worker.off('exit', onExit); resolve(); };
+    const onExit = () => { worker.off('online', onOnline); reject(failure()); };
+    worker.once('online', onOnline);
+    worker.once('exit', onExit);
+  });
 }

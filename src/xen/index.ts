@@ -2,6 +2,7 @@
 export * from './constants.js';
 export { Hypervisor } from './hypervisor.js';
 export type { HypervisorOptions, CreateDomainOptions, DomainHandle, DomainExit } from './hypervisor.js';
+export type { StartVcpuOptions, VcpuExit, VcpuHandle } from './domain.js';
 export { attachDomain, XenDomain, CounterView } from './domain.js';
 export { DomainMemory } from './memory.js';
 export { GrantTable } from './grant-table.js';

@@ -55,9 +55,16 @@ export class MemoryRegistry {
   }
 }
 
+/** `used` values: free, allocated here, or not this thread's to allocate (a vCPU's view). */
+const FREE = 0;
+const ALLOCATED = 1;
+const ELSEWHERE = 2;
+
 /**
- * A domain's page allocator over its own frames (0 .. memoryPages-1). Only the domain's own
- * thread uses it. Frames are addressed by number; `page(frame)` is a 4096-byte view.
+ * A domain's page allocator over its own frames (0 .. memoryPages-1), thread-local. The
+ * domain's own thread (vCPU 0) allocates from all of them; a vCPU thread it starts allocates
+ * only from the frames it was lent (startVcpu `frames`), which vCPU 0 keeps allocated meanwhile.
+ * Frames are addressed by number; `page(frame)` is a 4096-byte view.
  */
 export class DomainMemory {
   readonly pageSize = XEN_PAGE_SIZE;
@@ -67,17 +74,24 @@ export class DomainMemory {
   private readonly grantCount: Uint16Array;
   private hint = 0;
   private inUse = 0;
+  private readonly usable: number;
 
-  constructor(pages: Pages) {
+  constructor(pages: Pages, lent?: readonly number[]) {
     this.pages = pages;
     this.used = new Uint8Array(pages.length);
     this.grantCount = new Uint16Array(pages.length);
+    this.usable = pages.length;
+    if (lent !== undefined) {
+      this.used.fill(ELSEWHERE);
+      for (const f of lent) if (Number.isInteger(f) && f >= 0 && f < pages.length) this.used[f] = FREE;
+      this.usable = this.used.reduce((n, u) => n + (u === FREE ? 1 : 0), 0);
+    }
   }
 
-  /** Total frames of the domain. */
-  get totalPages(): number { return this.pages.length; }
+  /** Frames this allocator manages (the domain's, or those lent to this vCPU). */
+  get totalPages(): number { return this.usable; }
   /** Frames not allocated. */
-  get freePages(): number { return this.pages.length - this.inUse; }
+  get freePages(): number { return this.usable - this.inUse; }
 
   /**
    * Allocates `count` frames. With `contiguous`, the frames are consecutive numbers
@@ -91,7 +105,7 @@ export class DomainMemory {
     if (opts.contiguous === true) {
       let run = 0;
       for (let f = 0; f < n; f++) {
-        run = this.used[f] === 0 ? run + 1 : 0;
+        run = this.used[f] === FREE ? run + 1 : 0;
         if (run === count) {
           for (let g = f - count + 1; g <= f; g++) out.push(g);
           break;
@@ -100,11 +114,11 @@ export class DomainMemory {
       if (out.length === 0) throw new Error(`no ${count} contiguous free pages`);
     } else {
       for (let i = 0, f = this.hint; out.length < count && i < n; i++, f = (f + 1) % n) {
-        if (this.used[f] === 0) out.push(f);
+        if (this.used[f] === FREE) out.push(f);
       }
     }
     for (const f of out) {
-      this.used[f] = 1;
+      this.used[f] = ALLOCATED;
       new Uint8Array(this.pages[f]!).fill(0); // fresh pages are zeroed, as Xen scrubs them
     }
     this.inUse += out.length;
@@ -119,13 +133,13 @@ export class DomainMemory {
       if (this.grantCount[f]! > 0) throw new Error(`frame ${f} is still granted`);
     }
     for (const f of frames) {
-      this.used[f] = 0;
+      this.used[f] = FREE;
       this.inUse--;
     }
   }
 
   owns(frame: number): boolean {
-    return Number.isInteger(frame) && frame >= 0 && frame < this.pages.length && this.used[frame] === 1;
+    return Number.isInteger(frame) && frame >= 0 && frame < this.pages.length && this.used[frame] === ALLOCATED;
   }
 
   /** The 4096-byte view of one of the domain's own allocated frames. */

@@ -2,7 +2,7 @@
 // hypervisor code runs the data path (grant map/unmap/copy, event send) synchronously, with
 // Atomics, and no message to the main thread. Layout is ours; the semantics are Xen's.
 import {
-  MAX_DOMAINS, NR_EVTCHN_PORTS, NR_GRANT_ENTRIES, NR_MAPTRACK,
+  MAX_DOMAINS, MAX_VCPUS, NR_EVTCHN_PORTS, NR_GRANT_ENTRIES, NR_MAPTRACK,
 } from './constants.js';
 
 /** The buffers behind the tables; structured-cloneable, handed to every domain thread. */
@@ -17,16 +17,23 @@ export interface SharedTablesInit {
   readonly mask: SharedArrayBuffer;
 }
 
-// ---- Domain record (Int32, per slot) ----
+// ---- Domain record (Int32, per slot): state and domid, then one block per vCPU ----
 export const D_STATE = 0;
 export const D_DOMID = 1;
-/** evtchn_upcall_pending (xen.h, struct vcpu_info): the word a sleeping domain waits on. */
-export const D_UPCALL = 2;
-/** 1 while the domain sleeps in Atomics.waitAsync: senders skip Atomics.notify otherwise. */
-export const D_SLEEPING = 3;
-/** 1 while the domain spins in its polling budget (observability, tests). */
-export const D_POLLING = 4;
-export const D_STRIDE = 8;
+/** Offset of vCPU 0's block; vCPU v's block is at D_VCPUS + v * V_STRIDE. */
+export const D_VCPUS = 4;
+/** evtchn_upcall_pending (xen.h, struct vcpu_info): the word a sleeping vCPU waits on. */
+export const V_UPCALL = 0;
+/** 1 while the vCPU sleeps in Atomics.waitAsync: senders skip Atomics.notify otherwise. */
+export const V_SLEEPING = 1;
+/** 1 while the vCPU spins in its polling budget (observability, tests). */
+export const V_POLLING = 2;
+/** 1 while the vCPU is up (vCPU 0 from domain creation; others from startVcpu to their exit). */
+export const V_ONLINE = 3;
+export const V_STRIDE = 4;
+export const D_STRIDE = D_VCPUS + MAX_VCPUS * V_STRIDE;
+/** Index in `dom` of one word of a vCPU's block. */
+export const vcpuWord = (slot: number, vcpu: number, field: number): number => slot * D_STRIDE + D_VCPUS + vcpu * V_STRIDE + field;
 
 export const SLOT_FREE = 0;
 export const SLOT_RUNNING = 1;
@@ -67,19 +74,23 @@ export const PIN_W = 1 << 24;
 export const PIN_W_MASK = 0x7f << 24;
 
 // ---- Maptrack entry (Int32 x 4, per mapping slot per handle) ----
-export const M_FLAGS = 0; // 0 = free; else M_IN_USE | GNTMAP_* flags
+export const M_FLAGS = 0; // 0 = free; M_RESERVED = on one thread's free list; else M_IN_USE | GNTMAP_* flags
 export const M_SLOT = 1;
 export const M_REF = 2;
 export const M_DOMID = 3;
 export const M_STRIDE = 4;
 export const M_IN_USE = 1 << 30;
+/** Claimed by one thread of the domain for its free list (Xen keeps a maptrack free list per vCPU). */
+export const M_RESERVED = 1 << 29;
 
 // ---- Event-channel port (Int32 x 4, per slot per port) ----
 export const P_STATE = 0;
 export const P_REMOTE_DOMID = 1;
 export const P_REMOTE_PORT = 2;
 export const P_REMOTE_SLOT = 3;
-export const P_STRIDE = 4;
+/** The vCPU whose upcall a send raises (Xen's notify_vcpu_id; EVTCHNOP_bind_vcpu moves it). */
+export const P_VCPU = 4;
+export const P_STRIDE = 8;
 // Transient states (ours) on top of EVTCHNSTAT_closed/unbound/interdomain.
 export const PS_RESERVED = 16;
 export const PS_BINDING = 17;
