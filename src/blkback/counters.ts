@@ -52,3 +52,27 @@ export function newVbdCounters(): VbdCounters {
     persistent_grants: 0, persistent_grants_peak: 0, persistent_purged: 0, fatal: 0,
   };
 }
+
+/** The counters' names, in one fixed order (the layout of shared counters). */
+export const VBD_COUNTER_NAMES: readonly (keyof VbdCounters)[] = Object.keys(newVbdCounters()) as (keyof VbdCounters)[];
+
+/**
+ * Counters kept in a SharedArrayBuffer: written by the one thread serving a queue, read live by
+ * the VBD's control path in another. Each field is one aligned float64, so a reader sees a
+ * whole value (never torn), possibly one update behind.
+ */
+export function sharedVbdCounters(buffer: SharedArrayBuffer = new SharedArrayBuffer(VBD_COUNTER_NAMES.length * 8)): { counters: VbdCounters; buffer: SharedArrayBuffer } {
+  const f = new Float64Array(buffer);
+  const counters = {} as VbdCounters;
+  VBD_COUNTER_NAMES.forEach((name, i) => {
+    Object.defineProperty(counters, name, { get: () => f[i]!, set: (v: number) => { f[i] = v; }, enumerable: true });
+  });
+  return { counters, buffer };
+}
+
+/** A VBD's counters from its parts (control path and queue threads). Peaks add up: an upper bound. */
+export function sumVbdCounters(parts: readonly VbdCounters[]): VbdCounters {
+  const sum = newVbdCounters();
+  for (const p of parts) for (const name of VBD_COUNTER_NAMES) sum[name] += p[name];
+  return sum;
+}

@@ -3,3 +3,5 @@ export * from './counters.js';
 export * from './validate.js';
 export * from './data-path.js';
 export * from './xenbus.js';
+export * from './queue.js';
+export { QueueThread, type StorageSource } from './queue-thread.js';

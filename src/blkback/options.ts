@@ -46,6 +46,11 @@ export interface BlkbackOptions {
   housekeepingMs: number;
   /** Check the storage's size on every housekeeping tick and resize online when it changes. */
   watchSize: boolean;
+  /**
+   * Serve each queue in a thread of its own (a vCPU of the driver domain), as Linux blkback runs
+   * a kthread per ring; needs a storage that can be opened again (`BlkbackDeps.storageSource`).
+   */
+  queueThreads: boolean;
   /** ABI assumed when the frontend writes no `protocol` (spec decision 2: Linux on x86 assumes x86_32). */
   defaultProtocol: string;
 }
@@ -69,6 +74,7 @@ export const DEFAULT_BLKBACK_OPTIONS: Readonly<BlkbackOptions> = {
   grantCopyPages: BLKIF_MAX_INDIRECT_SEGMENTS + 8,
   housekeepingMs: 1000,
   watchSize: true,
+  queueThreads: false,
 };
 
 export class BlkbackConfigError extends Error {

@@ -33,10 +33,11 @@ import {
   xsQueueDir,
   xsRingRefN,
   BLKIF_MAX_SEGMENTS_PER_REQUEST,
+  BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
 } from '../abi/index.js';
-import { BackRing, SharedRing, ringSizeFor } from '../ring/index.js';
+import { ringSizeFor } from '../ring/index.js';
 import type { BlockStorage } from '../storage/storage.js';
-import { GNTMAP_host_map, GNTST_okay, XEN_PAGE_SIZE, type XenDomain } from '../xen/index.js';
+import { XEN_PAGE_SIZE, type XenDomain } from '../xen/index.js';
 import {
   XS_FRONTEND,
   XS_FRONTEND_ID,
@@ -52,10 +53,11 @@ import {
   type XenbusState,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
-import { newVbdCounters, type VbdCounters } from './counters.js';
-import { DataPath } from './data-path.js';
-import { BouncePool, GrantCopy, MapPerRequest, PersistentMaps, type PageAccess } from './page-access.js';
+import { newVbdCounters, sumVbdCounters, type VbdCounters } from './counters.js';
+import { BouncePool } from './page-access.js';
 import { blkbackOptions, type BlkbackOptions } from './options.js';
+import { Queue, type QueueAccess, type QueueRing } from './queue.js';
+import { QueueThread, type StorageSource } from './queue-thread.js';
 import type { VbdLimits } from './validate.js';
 
 export interface BlkbackDeps {
@@ -65,22 +67,18 @@ export interface BlkbackDeps {
   readonly backDir: string;
   readonly storage: BlockStorage;
   readonly options?: Partial<BlkbackOptions>;
+  /**
+   * How a queue thread opens its own handle on `storage` (option `queueThreads`); without it,
+   * or on storage that is not `shareable`, every queue is served in this thread.
+   */
+  readonly storageSource?: StorageSource;
   readonly log?: (msg: string) => void;
 }
 
-/** One queue of a live connection: its ring mapped, its channel bound, its data path. */
-interface QueueConn {
-  readonly dataPath: DataPath;
-  readonly access: PageAccess;
-  readonly ringHandles: number[];
-  readonly port: number;
-}
-
-/** A live connection to the frontend. */
+/** A live connection to the frontend: its queues, here or in threads of their own. */
 interface Connection {
-  readonly queues: QueueConn[];
-  readonly persistent: boolean;
-  readonly copy: boolean;
+  readonly local: Queue[];
+  readonly threads: QueueThread[];
   readonly bounce: BouncePool | undefined;
 }
 
@@ -88,7 +86,8 @@ let watchSeq = 0;
 
 /** The backend of one virtual block device. */
 export class Blkback {
-  readonly counters: VbdCounters = newVbdCounters();
+  /** What this thread counts (control path and queues served here). */
+  private readonly own: VbdCounters = newVbdCounters();
   readonly options: BlkbackOptions;
   readonly frontDir: string;
   readonly frontDomid: number;
@@ -132,6 +131,17 @@ export class Blkback {
 
   get connected(): boolean {
     return this.conn !== undefined;
+  }
+
+  /** The VBD's counters: this thread's, plus its queue threads' (read live) while connected. */
+  get counters(): VbdCounters {
+    const threads = this.conn?.threads ?? [];
+    return threads.length === 0 ? this.own : sumVbdCounters([this.own, ...threads.map((t) => t.counters)]);
+  }
+
+  /** The driver domain's vCPUs serving this VBD's queues in threads of their own (empty: all here). */
+  get queueVcpus(): number[] {
+    return (this.conn?.threads ?? []).map((t) => t.vcpu);
   }
 
   /** Why the backend last gave up on its frontend, if it did. */
@@ -255,7 +265,7 @@ export class Blkback {
     if (order === undefined || order > this.options.maxRingPageOrder) return this.fatal(`ring-page-order "${orderText}" (max ${this.options.maxRingPageOrder})`);
     const persistent = this.options.persistent && !this.options.grantCopy && (await opt(XS_FEATURE_PERSISTENT)) === '1';
     // With one queue the nodes are top-level; with more, under queue-N (blkif.h "Multi-queue").
-    const rings: { refs: number[]; remotePort: number }[] = [];
+    const rings: QueueRing[] = [];
     for (let q = 0; q < nq; q++) {
       const dir = nq === 1 ? '' : `${xsQueueDir(q)}/`;
       const refs: number[] = [];
@@ -272,50 +282,52 @@ export class Blkback {
       rings.push({ refs, remotePort });
     }
 
-    const queues: QueueConn[] = [];
+    const threaded = this.threadsWanted();
     const maxSegs = Math.max(this.options.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
+    // Grant copy's bounce pages: one pool per VBD, or a share of it lent to each queue thread
+    // (at least one largest request each).
     let bounce: BouncePool | undefined;
+    let lend: number[][] = rings.map(() => []);
     if (this.options.grantCopy) {
       const want = Math.min(ringSizeFor(XEN_PAGE_SIZE << order, abi.entrySize) * nq * (maxSegs + 8), this.options.grantCopyPages);
+      const each = Math.max(maxSegs + 8, Math.floor(want / nq));
       try {
-        bounce = new BouncePool(xen, xen.memory.alloc(want));
+        if (threaded) lend = rings.map(() => xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
+        else bounce = new BouncePool(xen, xen.memory.alloc(want));
       } catch (e) {
-        return this.fatal(`no memory for ${want} grant-copy pages: ${(e as Error).message}`);
+        for (const f of lend) if (f.length > 0) xen.memory.free(f);
+        return this.fatal(`no memory for ${threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}`);
       }
     }
-    this.conn = { queues, persistent, copy: this.options.grantCopy, bounce };
+    const conn: Connection = { local: [], threads: [], bounce };
+    this.conn = conn;
+    const access: QueueAccess = bounce !== undefined
+      ? { kind: 'copy', pool: bounce }
+      : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' };
+    const onFatal = (why: string) => void this.enqueue(() => this.fatal(why));
     for (const [q, r] of rings.entries()) {
-      const maps = xen.grants.map(r.refs.map((ref) => ({ dom: this.frontDomid, ref, flags: GNTMAP_host_map })));
-      const ringHandles = maps.filter((m) => m.status === GNTST_okay).map((m) => m.handle);
-      this.counters.grant_map_ops += ringHandles.length;
-      if (ringHandles.length !== r.refs.length) {
-        this.unmapRing(ringHandles);
-        return this.fatal(`mapping ring ${q} (refs ${r.refs.join(',')}) failed: ${maps.map((m) => m.status).join(',')}`);
+      // Each queue has its own ring, channel, page access and cache: nothing shared to lock.
+      if (threaded) {
+        const t = await QueueThread.start({
+          xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
+          limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments,
+          access: this.options.grantCopy ? { kind: 'copy' } : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' },
+          frames: lend[q]!, housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
+        });
+        if (typeof t === 'string') {
+          if (lend[q]!.length > 0) xen.memory.free(lend[q]!);
+          for (const f of lend.slice(q + 1)) if (f.length > 0) xen.memory.free(f);
+          return this.fatal(t);
+        }
+        conn.threads.push(t);
+        continue;
       }
-      const port = xen.events.bindInterdomain(this.frontDomid, r.remotePort);
-      if (port < 0) {
-        this.unmapRing(ringHandles);
-        return this.fatal(`binding event channel ${r.remotePort} of domain ${this.frontDomid} failed (${port})`);
-      }
-      // Only the frontend initialises the shared ring (spec decision 5): attach at index 0.
-      const ring = new BackRing(new SharedRing(maps.map((m) => m.page!), abi.entrySize));
-      const deps = { xen, frontDomid: this.frontDomid, counters: this.counters };
-      // Each queue has its own ring, channel, page access and cache (only grant copy's bounce
-      // pages are one pool per VBD).
-      const access: PageAccess = bounce !== undefined
-        ? new GrantCopy(deps, bounce)
-        : persistent
-          ? new PersistentMaps(deps, { max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs })
-          : new MapPerRequest(deps);
-      const dataPath = new DataPath({
-        xen, frontDomid: this.frontDomid, ring, abi, port, storage, access,
-        limits: () => this.limits(),
-        maxIndirectSegments: this.options.maxIndirectSegments,
-        counters: this.counters,
-        onFatal: (why) => void this.enqueue(() => this.fatal(why)),
-        log: (m) => this.log(m),
-      });
-      queues.push({ dataPath, access, ringHandles, port });
+      const queue = Queue.open({
+        xen, frontDomid: this.frontDomid, abi, storage, access, limits: () => this.limits(),
+        maxIndirectSegments: this.options.maxIndirectSegments, counters: this.own, onFatal, log: (m) => this.log(m),
+      }, r, q);
+      if (typeof queue === 'string') return this.fatal(queue);
+      conn.local.push(queue);
     }
     this.startTimer();
     const l = this.limits();
@@ -328,7 +340,7 @@ export class Blkback {
       await xs.write(`${backDir}/${XS_INFO}`, String(info), tx);
       await this.writeFeatures(tx);
     });
-    this.log(`connected: ${abi.protocol}, ${nq} queue(s), ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
+    this.log(`connected: ${abi.protocol}, ${nq} queue(s)${threaded ? ' in threads of their own' : ''}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
       `${this.options.grantCopy ? 'grant copy' : persistent ? 'persistent grants' : 'map per request'}, ${l.sectors} sectors of ${l.sectorSize} bytes${this.readOnly ? ', read-only' : ''}`);
     await this.setState(XenbusStateConnected);
   }
@@ -337,16 +349,27 @@ export class Blkback {
   private async disconnect(): Promise<void> {
     const c = this.conn;
     if (c === undefined) return;
-    this.conn = undefined;
     this.stopTimer();
-    for (const q of c.queues) {
-      await q.dataPath.stop();
-      q.access.clear();
-      this.unmapRing(q.ringHandles);
-      this.d.xen.events.close(q.port);
-    }
+    // The threads' last counts are folded into ours before they go.
+    await Promise.all(c.threads.map((t) => t.stop()));
+    for (const t of c.threads) addInto(this.own, t.counters);
+    this.conn = undefined;
+    for (const q of c.local) await q.stop();
     c.bounce?.dispose();
   }
+
+  /** Whether this connection's queues get threads of their own, and if not, why (logged once). */
+  private threadsWanted(): boolean {
+    if (!this.options.queueThreads) return false;
+    const why = this.d.storageSource === undefined ? 'no storage source to open it again'
+      : this.d.storage.shareable !== true ? 'the storage cannot be shared between threads' : undefined;
+    if (why === undefined) return true;
+    if (!this.threadsRefusedLogged) this.log(`queue threads: ${why}; serving every queue in this thread`);
+    this.threadsRefusedLogged = true;
+    return false;
+  }
+
+  private threadsRefusedLogged = false;
 
   /** Housekeeping while connected: purge idle persistent grants, notice a resized image. */
   private startTimer(): void {
@@ -355,7 +378,7 @@ export class Blkback {
     if (every <= 0) return;
     this.timer = setInterval(() => {
       const now = performance.now();
-      for (const q of this.conn?.queues ?? []) q.access.tick(now);
+      for (const q of this.conn?.local ?? []) q.tick(now);
       if (this.options.watchSize) void this.enqueue(() => this.checkSize());
     }, every);
     this.timer.unref();
@@ -376,15 +399,11 @@ export class Blkback {
     if (this.conn === undefined || this.state !== XenbusStateConnected || sectors === this.sectorsPublished) return;
     const { xs, backDir } = this.d;
     this.log(`resized: ${this.sectorsPublished} -> ${sectors} sectors`);
+    // Queue threads take the new size before the frontend can learn of it.
+    await Promise.all(this.conn.threads.map((t) => t.setLimits(this.limits())));
     await xs.write(`${backDir}/${XS_SECTORS}`, String(sectors));
     this.sectorsPublished = sectors;
     await xs.write(`${backDir}/${XS_STATE}`, String(XenbusStateConnected));
-  }
-
-  private unmapRing(handles: number[]): void {
-    if (handles.length === 0) return;
-    this.counters.grant_unmap_ops += handles.length;
-    this.d.xen.grants.unmap(handles);
   }
 
   /**
@@ -408,6 +427,12 @@ export class Blkback {
   private log(msg: string): void {
     this.d.log?.(`blkback ${this.d.backDir}: ${msg}`);
   }
+}
+
+/** Adds `from` into `to`, counter by counter. */
+function addInto(to: VbdCounters, from: VbdCounters): void {
+  const sum = sumVbdCounters([to, from]);
+  Object.assign(to, sum);
 }
 
 /** A decimal u32 as xenstore holds it, or undefined. */

@@ -144,6 +144,9 @@ export class FileStorage implements BlockStorage {
     return this.currentSize;
   }
 
+  /** Another open of the same file shares its page cache and its fdatasync. */
+  readonly shareable = true;
+
   /** Whether discard punches holes (probed at open; false once a punch has failed). */
   get canDiscard(): boolean {
     return this.punches;

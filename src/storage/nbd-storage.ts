@@ -813,6 +813,8 @@ export class NbdStorage implements BlockStorage {
   readonly readOnly: boolean;
   /** Whether discard lets the server free space (it can both trim and write zeroes). */
   readonly canDiscard: boolean;
+  /** Several connections see one another's writes and flushes (NBD_FLAG_CAN_MULTI_CONN). */
+  readonly shareable: boolean;
   /** The server and export, as a canonical URI (what logs and errors name). */
   readonly where: string;
   /** What the server said about the export when it was first connected. */
@@ -832,6 +834,7 @@ export class NbdStorage implements BlockStorage {
     const f = info.transmissionFlags;
     this.readOnly = opts.readOnly === true || (f & NBD_FLAG_READ_ONLY) !== 0;
     this.canDiscard = (f & NBD_FLAG_SEND_TRIM) !== 0 && (f & NBD_FLAG_SEND_WRITE_ZEROES) !== 0;
+    this.shareable = (f & NBD_FLAG_CAN_MULTI_CONN) !== 0;
     this.currentSize = info.exportSize - (info.exportSize % sectorSize);
     this.pool = new Pool({
       target,

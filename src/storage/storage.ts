@@ -12,6 +12,13 @@ export interface BlockStorage {
   readonly readOnly: boolean;
   /** Whether `discard` frees space (else it still zeroes the range, by writing). */
   readonly canDiscard: boolean;
+  /**
+   * Whether a second handle opened on the same store (by another thread) sees every write this
+   * one completed, and a flush through either covers both: true for a file, and for an NBD
+   * export that allows several connections (NBD_FLAG_CAN_MULTI_CONN). blkback serves queues in
+   * their own threads only on such storage.
+   */
+  readonly shareable?: boolean;
   /** Reads consecutive bytes from `offset` into `buffers`, one after another. */
   read(offset: number, buffers: readonly Uint8Array[]): Promise<void>;
   /** Writes `buffers`, one after another, to consecutive bytes from `offset`. */

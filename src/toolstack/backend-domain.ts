@@ -17,6 +17,8 @@ export interface BackendVbdStatus {
   error: string | undefined;
   readOnly: boolean;
   counters: VbdCounters;
+  /** vCPUs of the driver domain serving the VBD's queues in threads of their own (empty: its main thread). */
+  queueVcpus: number[];
 }
 
 const xen = await attachDomain();
@@ -35,7 +37,9 @@ serveRpc(parentPort!, {
     if (vbds.has(backDir)) throw new Error(`a VBD is already served at ${backDir}`);
     const storage = await openStorage(spec, (m) => log(`${backDir}: ${m}`));
     try {
-      const be = await Blkback.start({ xen, xs: link.xs, backDir, storage, options, log });
+      // Queue threads open the same storage again through this module (when it can be shared).
+      const storageSource = { module: new URL('./storage-spec.js', import.meta.url).href, spec };
+      const be = await Blkback.start({ xen, xs: link.xs, backDir, storage, storageSource, options, log });
       vbds.set(backDir, { be, storage });
       return { readOnly: be.readOnly, size: storage.size };
     } catch (e) {
@@ -51,7 +55,7 @@ serveRpc(parentPort!, {
   },
   status(backDir: string): BackendVbdStatus {
     const { be } = vbd(backDir);
-    return { state: xenbusStateName(be.xenbusState), connected: be.connected, error: be.error, readOnly: be.readOnly, counters: { ...be.counters } };
+    return { state: xenbusStateName(be.xenbusState), connected: be.connected, error: be.error, readOnly: be.readOnly, counters: { ...be.counters }, queueVcpus: be.queueVcpus };
   },
   async shutdown() {
     for (const backDir of [...vbds.keys()]) {

@@ -70,7 +70,7 @@ async function randomIo(disk: GuestDisk, model: Uint8Array, rng: Rng, batches: n
 }
 
 describe('blkfront <-> blkback over real domains and files', () => {
-  const configs: { indirect: number; sector: 512 | 4096; protocol?: string; order?: number; persistent?: boolean; copy?: boolean; queues?: number }[] = [
+  const configs: { indirect: number; sector: 512 | 4096; protocol?: string; order?: number; persistent?: boolean; copy?: boolean; queues?: number; threads?: boolean }[] = [
     { indirect: 0, sector: 512 },
     { indirect: 32, sector: 512 },
     { indirect: 256, sector: 512 },
@@ -94,17 +94,22 @@ describe('blkfront <-> blkback over real domains and files', () => {
     // Two queues, each its own ring and channel.
     { indirect: 256, sector: 512, queues: 2 },
     { indirect: 32, sector: 512, queues: 2, order: 2, persistent: false },
+    // Queues in threads of their own (vCPUs of the driver domain), each with its own storage handle.
+    { indirect: 256, sector: 512, queues: 2, threads: true },
+    { indirect: 32, sector: 4096, queues: 4, order: 2, persistent: false, threads: true },
+    { indirect: 256, sector: 512, queues: 2, copy: true, threads: true },
+    { indirect: 0, sector: 512, protocol: 'x86_32-abi', threads: true },
   ];
   for (const cfg of configs) {
     const grants = cfg.copy === true ? 'grant copy' : cfg.persistent === false ? 'map per request' : 'persistent grants';
-    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors${cfg.protocol ? `, ${cfg.protocol}` : ''}, ring order ${cfg.order ?? 0}, ${cfg.queues ?? 1} queue(s), ${grants}`, async () => {
+    test(`indirect ${cfg.indirect || 'off'}, ${cfg.sector}-byte sectors${cfg.protocol ? `, ${cfg.protocol}` : ''}, ring order ${cfg.order ?? 0}, ${cfg.queues ?? 1} queue(s)${cfg.threads === true ? ' in threads' : ''}, ${grants}`, async () => {
       const base = resources();
       const path = join(tmp.dir, `img-${configs.indexOf(cfg)}`);
       sparseImage(path, IMAGE);
       const disk = await ts.plug({
         guest, backend: back,
         storage: { kind: 'file', path, sectorSize: cfg.sector },
-        backendOptions: { maxIndirectSegments: cfg.indirect, grantCopy: cfg.copy === true },
+        backendOptions: { maxIndirectSegments: cfg.indirect, grantCopy: cfg.copy === true, queueThreads: cfg.threads === true },
         frontendOptions: {
           maxIndirectSegments: 4096, ringPageOrder: cfg.order ?? 0, persistent: cfg.persistent ?? true, queues: cfg.queues ?? 1,
           ...(cfg.protocol ? { protocol: cfg.protocol } : {}),
@@ -133,6 +138,10 @@ describe('blkfront <-> blkback over real domains and files', () => {
         const fs = await disk.status();
         const bs = await disk.backendStatus();
         assert.equal(bs.state, 'Connected');
+        if (cfg.threads === true) {
+          assert.equal(new Set(bs.queueVcpus).size, cfg.queues ?? 1, 'one driver-domain vCPU per queue');
+          assert.ok(bs.queueVcpus.every((v) => v > 0), 'none of them the domain\'s own thread');
+        } else assert.deepEqual(bs.queueVcpus, []);
         assert.equal(bs.counters.errors, 0);
         assert.equal(fs.counters.errors, 0);
         assert.equal(bs.counters.rd_req + bs.counters.wr_req + bs.counters.f_req, fs.counters.requests);

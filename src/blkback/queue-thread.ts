@@ -1,0 +1,168 @@
+/**
+ * A queue served in a thread of its own: a vCPU of the driver domain (xen.startVcpu) running
+ * queue-thread-main.ts, as Linux blkback gives each ring its own kthread. The thread maps the
+ * ring, binds the channel (so its events wake that vCPU only), opens its own handle on the
+ * storage and runs the data path; the control path keeps xenstore and talks to it over a
+ * MessagePort. Counters are a SharedArrayBuffer the control path reads live.
+ */
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import type { XenDomain } from '../xen/index.js';
+import { sharedVbdCounters, type VbdCounters } from './counters.js';
+import type { QueueRing } from './queue.js';
+import type { VbdLimits } from './validate.js';
+
+/** How a queue thread opens its own handle on the VBD's storage: a module exporting `openStorage(spec)`. */
+export interface StorageSource {
+  /** URL (href) of an ES module exporting `openStorage(spec: unknown): Promise<BlockStorage>`. */
+  readonly module: string;
+  /** Structured-cloneable description of the storage, passed to `openStorage`. */
+  readonly spec: unknown;
+}
+
+/** workerData (app part) of a queue thread. */
+export interface QueueThreadData {
+  readonly port: MessagePort;
+  readonly index: number;
+  readonly frontDomid: number;
+  readonly protocol: string;
+  readonly ring: QueueRing;
+  readonly storage: StorageSource;
+  readonly limits: VbdLimits;
+  readonly maxIndirectSegments: number;
+  /** 'map' | 'persistent' (with max and idleMs) | 'copy' (bounce pages from the lent frames). */
+  readonly access: { readonly kind: 'map' } | { readonly kind: 'persistent'; readonly max: number; readonly idleMs: number } | { readonly kind: 'copy' };
+  readonly housekeepingMs: number;
+  readonly counters: SharedArrayBuffer;
+}
+
+/** Control path -> queue thread. */
+export type ToQueueThread =
+  | { readonly t: 'limits'; readonly seq: number; readonly limits: VbdLimits }
+  | { readonly t: 'stop' };
+
+/** Queue thread -> control path. */
+export type FromQueueThread =
+  | { readonly t: 'ready' }
+  | { readonly t: 'error'; readonly why: string }
+  | { readonly t: 'fatal'; readonly why: string }
+  | { readonly t: 'limits'; readonly seq: number }
+  | { readonly t: 'stopped' }
+  | { readonly t: 'log'; readonly msg: string };
+
+const SCRIPT = new URL('./queue-thread-main.js', import.meta.url);
+
+export interface QueueThreadOptions {
+  readonly xen: XenDomain;
+  readonly index: number;
+  readonly frontDomid: number;
+  readonly protocol: string;
+  readonly ring: QueueRing;
+  readonly storage: StorageSource;
+  readonly limits: VbdLimits;
+  readonly maxIndirectSegments: number;
+  readonly access: QueueThreadData['access'];
+  /** Frames lent to the thread (grant copy's bounce pages); freed here once it has exited. */
+  readonly frames: readonly number[];
+  readonly housekeepingMs: number;
+  /** The thread found the frontend breaking the protocol, or died: disconnect the VBD. */
+  readonly onFatal: (why: string) => void;
+  readonly log: (msg: string) => void;
+}
+
+/** The control path's handle on one queue thread. */
+export class QueueThread {
+  readonly counters: VbdCounters;
+  private seq = 0;
+  private readonly waiters = new Map<number, () => void>();
+  private stopping: Promise<void> | undefined;
+  private onStopped: (() => void) | undefined;
+  private gone = false;
+
+  private constructor(
+    private readonly o: QueueThreadOptions,
+    private readonly port: MessagePort,
+    readonly vcpu: number,
+    private readonly exited: Promise<unknown>,
+    counters: VbdCounters,
+  ) {
+    this.counters = counters;
+  }
+
+  /** Starts the thread and waits until its queue is connected; a string says why it is not (nothing held). */
+  static async start(o: QueueThreadOptions): Promise<QueueThread | string> {
+    const { port1, port2 } = new MessageChannel();
+    const shared = sharedVbdCounters();
+    const data: QueueThreadData = {
+      port: port2, index: o.index, frontDomid: o.frontDomid, protocol: o.protocol, ring: o.ring,
+      storage: o.storage, limits: o.limits, maxIndirectSegments: o.maxIndirectSegments, access: o.access,
+      housekeepingMs: o.housekeepingMs, counters: shared.buffer,
+    };
+    let handle;
+    try {
+      handle = await o.xen.startVcpu({ script: SCRIPT, workerData: data, transferList: [port2], frames: o.frames, name: `blkback-q${o.index}` });
+    } catch (e) {
+      port1.close();
+      return `starting a thread for queue ${o.index}: ${(e as Error).message}`;
+    }
+    const first = await new Promise<FromQueueThread | undefined>((resolve) => {
+      port1.once('message', resolve);
+      void handle.exited.then(() => resolve(undefined));
+    });
+    if (first?.t !== 'ready') {
+      await o.xen.stopVcpu(handle.vcpu).catch(() => undefined);
+      port1.close();
+      return first?.t === 'error' ? first.why : `queue ${o.index}'s thread exited while starting`;
+    }
+    const qt = new QueueThread(o, port1, handle.vcpu, handle.exited, shared.counters);
+    port1.on('message', (m: FromQueueThread) => qt.onMessage(m));
+    port1.unref();
+    void handle.exited.then((exit) => qt.onExit(exit));
+    return qt;
+  }
+
+  private onMessage(m: FromQueueThread): void {
+    switch (m.t) {
+      case 'fatal': this.o.onFatal(m.why); break;
+      case 'log': this.o.log(m.msg); break;
+      case 'limits': this.waiters.get(m.seq)?.(); this.waiters.delete(m.seq); break;
+      case 'stopped': this.onStopped?.(); break;
+      default: break;
+    }
+  }
+
+  private onExit(exit: { error?: string }): void {
+    this.gone = true;
+    for (const w of this.waiters.values()) w();
+    this.waiters.clear();
+    this.onStopped?.();
+    if (this.stopping === undefined) this.o.onFatal(`queue ${this.o.index}'s thread died${exit.error === undefined ? '' : `: ${exit.error}`}`);
+  }
+
+  /** A resize: the thread re-reads its storage's size and takes the new limits; resolves once it has. */
+  setLimits(limits: VbdLimits): Promise<void> {
+    if (this.gone || this.stopping !== undefined) return Promise.resolve();
+    const seq = ++this.seq;
+    const done = new Promise<void>((resolve) => { this.waiters.set(seq, resolve); });
+    this.port.ref();
+    this.port.postMessage({ t: 'limits', seq, limits } satisfies ToQueueThread);
+    return done.finally(() => { if (this.waiters.size === 0) this.port.unref(); });
+  }
+
+  /** Answers what is in flight, releases the ring and the channel, ends the thread. Idempotent. */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      if (!this.gone) {
+        const stopped = new Promise<void>((resolve) => { this.onStopped = resolve; });
+        this.port.ref();
+        this.port.postMessage({ t: 'stop' } satisfies ToQueueThread);
+        await stopped;
+      }
+      // Everything is released: ending the thread now loses nothing.
+      if (!this.gone) await this.o.xen.stopVcpu(this.vcpu).catch(() => undefined);
+      await this.exited;
+      this.port.close();
+      if (this.o.frames.length > 0) this.o.xen.memory.free(this.o.frames);
+    })();
+    return this.stopping;
+  }
+}
