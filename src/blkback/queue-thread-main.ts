@@ -78,5 +78,5 @@ if (typeof opened === 'string') {
       })();
     }
   });
-  send({ t: 'ready' });
+  send({ t: 'ready', port: queue.port });
 }

@@ -6,7 +6,7 @@
  * MessagePort. Counters are a SharedArrayBuffer the control path reads live.
  */
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
-import type { XenDomain } from '../xen/index.js';
+import { EVTCHNSTAT_interdomain, type XenDomain } from '../xen/index.js';
 import { sharedVbdCounters, type VbdCounters } from './counters.js';
 import type { QueueRing } from './queue.js';
 import type { VbdLimits } from './validate.js';
@@ -42,7 +42,7 @@ export type ToQueueThread =
 
 /** Queue thread -> control path. */
 export type FromQueueThread =
-  | { readonly t: 'ready' }
+  | { readonly t: 'ready'; readonly port: number }
   | { readonly t: 'error'; readonly why: string }
   | { readonly t: 'fatal'; readonly why: string }
   | { readonly t: 'limits'; readonly seq: number }
@@ -82,6 +82,7 @@ export class QueueThread {
     private readonly o: QueueThreadOptions,
     private readonly port: MessagePort,
     readonly vcpu: number,
+    private readonly evtchn: number,
     private readonly exited: Promise<unknown>,
     counters: VbdCounters,
   ) {
@@ -113,7 +114,7 @@ export class QueueThread {
       port1.close();
       return first?.t === 'error' ? first.why : `queue ${o.index}'s thread exited while starting`;
     }
-    const qt = new QueueThread(o, port1, handle.vcpu, handle.exited, shared.counters);
+    const qt = new QueueThread(o, port1, handle.vcpu, first.port, handle.exited, shared.counters);
     port1.on('message', (m: FromQueueThread) => qt.onMessage(m));
     port1.unref();
     void handle.exited.then((exit) => qt.onExit(exit));
@@ -158,8 +159,14 @@ export class QueueThread {
         await stopped;
       }
       // Everything is released: ending the thread now loses nothing.
+      const died = this.gone;
       if (!this.gone) await this.o.xen.stopVcpu(this.vcpu).catch(() => undefined);
       await this.exited;
+      // A thread that died left its channel open (its mappings ended with it): close it here.
+      if (died) {
+        const st = this.o.xen.events.status(this.evtchn);
+        if (st.status === EVTCHNSTAT_interdomain && st.remoteDomid === this.o.frontDomid && st.remotePort === this.o.ring.remotePort) this.o.xen.events.close(this.evtchn);
+      }
       this.port.close();
       if (this.o.frames.length > 0) this.o.xen.memory.free(this.o.frames);
     })();

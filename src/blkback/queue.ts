@@ -45,7 +45,8 @@ export class Queue {
     private readonly dataPath: DataPath,
     private readonly access: PageAccess,
     private readonly ringHandles: readonly number[],
-    private readonly port: number,
+    /** Our end of the queue's event channel. */
+    readonly port: number,
   ) {}
 
   /** Maps the ring and binds the channel; a string says why it could not (nothing is left held). */

@@ -31,6 +31,7 @@ interface ServeOptions {
   queues: number;
   persistent: boolean;
   grantCopy?: boolean;
+  queueThreads?: boolean;
   readonly?: boolean;
   port: number;
   socket?: string;
@@ -90,6 +91,7 @@ export function serveCommand(): Command {
     .addOption(new Option('--queues <n>', 'rings per disk (multi-queue); the backend offers up to 4').default(1).argParser(int('--queues', 1, 4)))
     .option('--no-persistent', 'no persistent grants: grant and map every page per request')
     .option('--grant-copy', 'backend copies with GNTTABOP_copy instead of mapping grants (as QEMU does)')
+    .option('--queue-threads', 'serve each queue in a driver-domain thread of its own (a vCPU, as Linux runs a kthread per ring); use with --queues')
     .option('--readonly', 'serve the disks read-only (exports are read-only too)')
     .addOption(new Option('--connections <n>', 'connections to a remote NBD export (used when its server allows multi-conn)').default(1).argParser(int('--connections', 1, 8)))
     .addOption(new Option('--port <port>', 'TCP port on 127.0.0.1 (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
@@ -149,7 +151,7 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   const exp = await DiskExport.start({
     images: storage,
     readOnly: o.readonly === true,
-    backendOptions: { maxIndirectSegments: o.maxIndirectSegments, persistent: o.persistent, grantCopy: o.grantCopy === true },
+    backendOptions: { maxIndirectSegments: o.maxIndirectSegments, persistent: o.persistent, grantCopy: o.grantCopy === true, queueThreads: o.queueThreads === true },
     frontendOptions: { maxIndirectSegments: o.maxIndirectSegments, ringPageOrder: o.ringPageOrder, queues: o.queues, persistent: o.persistent },
     listen,
     log: (domid, msg) => info(msg, { domid }),

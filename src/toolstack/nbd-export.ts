@@ -4,7 +4,8 @@
  * `vbd0`, `vbd1`, ... (the first is also the default export). Stops in order: the NBD server
  * drains, each disk flushes, frontends close, backends close, domains go.
  */
-import type { BlkbackOptions } from '../blkback/index.js';
+import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../blkback/index.js';
+import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST } from '../abi/index.js';
 import type { BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import type { NbdListenOptions, NbdServerStats } from '../nbd/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
@@ -33,9 +34,15 @@ export interface DiskExportStatus {
   nbd: NbdServerStats | undefined;
 }
 
-/** Memory for a driver domain serving `vbds` VBDs with `features` (grant copy needs bounce pages). */
+/**
+ * Memory for a driver domain serving `vbds` VBDs with `features`: grant copy needs bounce pages,
+ * and with queue threads each queue's share holds at least one largest request.
+ */
 export function backendMemory(features: Partial<BlkbackOptions>, vbds: number): number {
-  return BACKEND_BASE_PAGES + (features.grantCopy === true ? vbds * BACKEND_COPY_PAGES : 0);
+  if (features.grantCopy !== true) return BACKEND_BASE_PAGES;
+  const o = { ...DEFAULT_BLKBACK_OPTIONS, ...features };
+  const perQueue = Math.max(o.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST) + 8 + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST;
+  return BACKEND_BASE_PAGES + vbds * (BACKEND_COPY_PAGES + (o.queueThreads ? o.maxQueues * perQueue : 0));
 }
 
 /** Backend features a migration may pick (`randomBackendFeatures`). */
@@ -48,6 +55,7 @@ export function randomBackendFeatures(rand: () => number = Math.random): Partial
     maxQueues: pick([1, 2, 4]),
     persistent: !grantCopy && rand() < 0.5,
     grantCopy,
+    queueThreads: rand() < 0.5,
   };
 }
 

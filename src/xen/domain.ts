@@ -172,7 +172,7 @@ export class XenDomain {
     this.domid = domid;
     this.vcpu = opts.vcpu ?? 0;
     this.memory = new DomainMemory(pages, this.vcpu === 0 ? undefined : opts.frames ?? []);
-    this.grants = new GrantTable(t, domid, slot, this.memory, registry, this.vcpu === 0);
+    this.grants = new GrantTable(t, domid, slot, this.memory, registry, this.vcpu === 0, this.vcpu);
     // Idle time is when the thread applies the toolstack's memory news (e.g. drops the pages
     // of destroyed domains), off the data path.
     this.events = new EventChannels(t, domid, slot, pollMicros, () => registry.drain(), this.vcpu);

@@ -19,7 +19,7 @@ import {
 import type { DomainMemory, MemoryRegistry } from './memory.js';
 import {
   C_COPY_BYTES, C_COPY_OPS, C_GRANTS_ACTIVE, C_MAPS_ACTIVE, C_MAP_OPS, C_UNMAP_OPS, G_DOMID,
-  G_FLAGS, G_FLAGS_MASK, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF, M_RESERVED, M_SLOT, M_STRIDE,
+  G_FLAGS, G_FLAGS_MASK, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF, M_RESERVED, M_SLOT, M_STRIDE, M_VCPU_MASK, M_VCPU_SHIFT,
   PIN_R, PIN_R_MASK, PIN_W, PIN_W_MASK, type SharedTables,
 } from './shared-tables.js';
 
@@ -111,6 +111,26 @@ export function releaseMapping(t: SharedTables, slot: number, handle: number): n
   return GNTST_okay;
 }
 
+/**
+ * A vCPU thread ended: drops the mappings it made and frees the handles it had reserved. Its
+ * views died with it (the emulator's rule: a mapping lives in the thread that made it).
+ */
+export function releaseVcpuMappings(t: SharedTables, slot: number, vcpu: number): number {
+  let n = 0;
+  const mine = vcpu << M_VCPU_SHIFT;
+  for (let h = 0; h < NR_MAPTRACK; h++) {
+    const m = (slot * NR_MAPTRACK + h) * M_STRIDE + M_FLAGS;
+    const flags = Atomics.load(t.mt, m);
+    if ((flags & M_VCPU_MASK) !== mine) continue;
+    if ((flags & M_IN_USE) !== 0) {
+      if (releaseMapping(t, slot, h) === GNTST_okay) n++;
+    } else if ((flags & M_RESERVED) !== 0) {
+      Atomics.compareExchange(t.mt, m, flags, 0);
+    }
+  }
+  return n;
+}
+
 /** Domain teardown: drops every mapping the (dead) domain in `slot` held. */
 export function releaseAllMappings(t: SharedTables, slot: number): number {
   let n = 0;
@@ -184,6 +204,8 @@ export class GrantTable {
     private readonly memory: DomainMemory,
     private readonly registry: MemoryRegistry,
     ownsRefs = true,
+    /** The vCPU (thread) this interface runs on: recorded in the maptrack entries it takes. */
+    private readonly vcpu = 0,
   ) {
     // Refs below GNTTAB_NR_RESERVED_ENTRIES belong to the toolstack (grant_table.h).
     if (ownsRefs) for (let r = NR_GRANT_ENTRIES - 1; r >= GNTTAB_NR_RESERVED_ENTRIES; r--) this.freeRefs.push(r);
@@ -194,7 +216,7 @@ export class GrantTable {
     const base = this.slot * NR_MAPTRACK;
     for (let k = 0; k < NR_MAPTRACK && this.freeHandles.length < HANDLE_BATCH; k++) {
       const h = (this.handleHint + k) % NR_MAPTRACK;
-      if (Atomics.compareExchange(this.t.mt, (base + h) * M_STRIDE + M_FLAGS, 0, M_RESERVED) === 0) this.freeHandles.push(h);
+      if (Atomics.compareExchange(this.t.mt, (base + h) * M_STRIDE + M_FLAGS, 0, this.reserved()) === 0) this.freeHandles.push(h);
     }
     this.handleHint = ((this.freeHandles.at(-1) ?? this.handleHint) + 1) % NR_MAPTRACK;
     return this.freeHandles.length > 0;
@@ -203,8 +225,10 @@ export class GrantTable {
   /** Keeps a released handle on this thread's list, up to HANDLE_KEEP; beyond that it stays free for any thread. */
   private keepHandle(h: number): void {
     if (this.freeHandles.length >= HANDLE_KEEP) return;
-    if (Atomics.compareExchange(this.t.mt, (this.slot * NR_MAPTRACK + h) * M_STRIDE + M_FLAGS, 0, M_RESERVED) === 0) this.freeHandles.push(h);
+    if (Atomics.compareExchange(this.t.mt, (this.slot * NR_MAPTRACK + h) * M_STRIDE + M_FLAGS, 0, this.reserved()) === 0) this.freeHandles.push(h);
   }
+
+  private reserved(): number { return M_RESERVED | (this.vcpu << M_VCPU_SHIFT); }
 
   /** Number of grant entries of a table (GNTTABOP_query_size, in entries). */
   get nrEntries(): number { return NR_GRANT_ENTRIES; }
@@ -286,7 +310,7 @@ export class GrantTable {
     Atomics.store(t.mt, m + M_SLOT, rslot);
     Atomics.store(t.mt, m + M_REF, op.ref);
     Atomics.store(t.mt, m + M_DOMID, op.dom);
-    Atomics.store(t.mt, m + M_FLAGS, M_IN_USE | (op.flags & 0xffff));
+    Atomics.store(t.mt, m + M_FLAGS, M_IN_USE | (this.vcpu << M_VCPU_SHIFT) | (op.flags & 0xffff));
     t.count(this.slot, C_MAPS_ACTIVE);
     return { status: GNTST_okay, handle, page: new Uint8Array(sab) };
   }

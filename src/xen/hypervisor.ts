@@ -10,7 +10,7 @@ import type {
 } from './domain.js';
 import { XenDomain } from './domain.js';
 import { closeAllPorts, moveVcpuPorts, resetEventSlot } from './event-channel.js';
-import { hasPinnedGrants, releaseAllMappings, resetGrantSlot, revokeAllGrants } from './grant-table.js';
+import { hasPinnedGrants, releaseAllMappings, releaseVcpuMappings, resetGrantSlot, revokeAllGrants } from './grant-table.js';
 import { createPages, MemoryRegistry, type ControlMessage, type Pages } from './memory.js';
 import {
   C_STRIDE, D_DOMID, D_STATE, D_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE,
@@ -181,7 +181,7 @@ export class Hypervisor {
     let rec: Local | undefined;
     const vcpus: VcpuService = {
       up: (o) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.startVcpu(domid, rec, o, `dom${domid}`, pollMicros)),
-      down: (v) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.stopVcpu(rec, v)),
+      down: (v) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.downVcpu(rec, v)),
     };
     const dom = new XenDomain(this.t, domid, slot, this.registry, pages, pollMicros, undefined, { vcpus });
     rec = { slot, dom, vcpus: new Map(), dying: false };
@@ -213,7 +213,7 @@ export class Hypervisor {
           (e: unknown) => port.postMessage({ t: 'up', id: m.id, error: (e as Error).message }),
         );
       } else if (m.t === 'down') {
-        this.stopVcpu(rec, m.vcpu).then(
+        this.downVcpu(rec, m.vcpu).then(
           (exit) => port.postMessage({ t: 'down', id: m.id, exit }),
           (e: unknown) => port.postMessage({ t: 'down', id: m.id, error: (e as Error).message }),
         );
@@ -254,9 +254,10 @@ export class Hypervisor {
       rec.vcpus.delete(vcpu);
       port1.close();
       hc.port1.close();
-      // Its ports notify vCPU 0 from now on, unless the whole domain is going.
+      // Its mappings end with it; its ports notify vCPU 0 from now on (unless the whole domain is going).
       if (!rec.dying) {
         Atomics.store(this.t.dom, vcpuWord(slot, vcpu, V_ONLINE), 0);
+        releaseVcpuMappings(this.t, slot, vcpu);
         moveVcpuPorts(this.t, slot, vcpu);
       }
       const exit: VcpuExit = v.error === undefined
@@ -268,7 +269,14 @@ export class Hypervisor {
     return { vcpu, exited };
   }
 
-  private async stopVcpu(rec: Threads, vcpu: number): Promise<VcpuExit> {
+  /** Takes a domain's vCPU down from outside (as `xl vcpu-set` would), ending its thread. */
+  async stopVcpu(domid: number, vcpu: number): Promise<VcpuExit> {
+    const rec = this.guests.get(domid) ?? this.locals.get(domid);
+    if (rec === undefined) throw new Error(`no such domain ${domid}`);
+    return this.downVcpu(rec, vcpu);
+  }
+
+  private async downVcpu(rec: Threads, vcpu: number): Promise<VcpuExit> {
     const v = rec.vcpus.get(vcpu);
     if (v === undefined) throw new Error(`no vCPU ${vcpu}`);
     v.stopping = true;
@@ -279,7 +287,7 @@ export class Hypervisor {
   /** Ends every vCPU thread of a domain being destroyed (before its tables are released). */
   private async stopAllVcpus(rec: Threads): Promise<void> {
     rec.dying = true;
-    await Promise.all([...rec.vcpus.keys()].map((v) => this.stopVcpu(rec, v).catch(() => undefined)));
+    await Promise.all([...rec.vcpus.keys()].map((v) => this.downVcpu(rec, v).catch(() => undefined)));
   }
 
   /** Destroys a guest: stops its thread and releases everything it held. */

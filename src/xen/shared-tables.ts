@@ -82,6 +82,9 @@ export const M_STRIDE = 4;
 export const M_IN_USE = 1 << 30;
 /** Claimed by one thread of the domain for its free list (Xen keeps a maptrack free list per vCPU). */
 export const M_RESERVED = 1 << 29;
+/** Bits 20..23: the vCPU that mapped (or reserved) the entry; its thread's end releases them. */
+export const M_VCPU_SHIFT = 20;
+export const M_VCPU_MASK = 0xf << M_VCPU_SHIFT;
 
 // ---- Event-channel port (Int32 x 4, per slot per port) ----
 export const P_STATE = 0;

@@ -174,17 +174,17 @@ test('bad input: one clear line, exit 2', async () => {
   assert.match((r as { stderr: string }).stderr, /refusing to shrink/);
 });
 
-test('protocol knobs: 2 queues, ring order 2, grant copy, no persistent grants, 4 KiB sectors, metrics', async () => {
+test('protocol knobs: 2 queues in threads, ring order 2, grant copy, no persistent grants, 4 KiB sectors, metrics', async () => {
   const image = join(tmp.dir, 'knobs.img');
   sparseImage(image, 32 * MiB);
-  const s = await serve([image, '--port', '0', '--queues', '2', '--ring-page-order', '2', '--grant-copy', '--no-persistent', '--sector-size', '4096', '--metrics', '0', '--json']);
+  const s = await serve([image, '--port', '0', '--queues', '2', '--queue-threads', '--ring-page-order', '2', '--grant-copy', '--no-persistent', '--sector-size', '4096', '--metrics', '0', '--json']);
   try {
     const ni = JSON.parse((await execFileP('nbdinfo', ['--json', s.uri])).stdout);
     assert.equal(ni.exports[0]['block_size_minimum'], 4096);
     const { stdout } = await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 9 0 4M', '-c', 'read -P 9 0 4M', s.uri]);
     assert.doesNotMatch(stdout, /fail/i);
     assert.match(s.stderr(), /"msg":"ready"/, 'structured logs');
-    assert.match(s.stderr(), /2 queue\(s\).*grant copy/);
+    assert.match(s.stderr(), /2 queue\(s\) in threads of their own.*grant copy/);
     const port = /metrics at http:\/\/127\.0\.0\.1:(\d+)\/metrics/.exec(s.stderr())?.[1];
     assert.ok(port !== undefined, s.stderr());
     const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();

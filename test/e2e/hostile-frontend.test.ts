@@ -553,7 +553,8 @@ describe('a ring flood', () => {
     }
   }
 
-  test("disconnects that VBD alone: fatal, Closing, ring released; a normal VBD on the same backend keeps serving", async () => {
+  // The flooded queue served in the backend's own thread, or in a queue thread of its own.
+  for (const threaded of [false, true]) test(`disconnects that VBD alone${threaded ? ' (its queue in a thread of its own)' : ''}: fatal, Closing, ring released; a normal VBD on the same backend keeps serving`, async () => {
     const disk = await within(ts.plug({ guest, backend: back, storage: { kind: 'memory', size: NORMAL_SIZE } }), 'plugging the normal VBD');
     const model = new Uint8Array(NORMAL_SIZE);
     let flood: RawVbd | undefined;
@@ -561,8 +562,14 @@ describe('a ring flood', () => {
     let bg: Promise<void> | undefined;
     try {
       await verifiedIo(disk, model, 4); // before
-      flood = await RawVbd.plug(ts, L, back, { devid: xvdVirtualDevice(5), storage: { kind: 'memory', size: MiB } });
+      const floodImage = join(tmp.dir, 'flood.img');
+      writeFileSync(floodImage, new Uint8Array(MiB));
+      flood = await RawVbd.plug(ts, L, back, threaded
+        ? { devid: xvdVirtualDevice(6), storage: { kind: 'file', path: floodImage }, backendOptions: { queueThreads: true } }
+        : { devid: xvdVirtualDevice(5), storage: { kind: 'memory', size: MiB } });
       await healthy(flood);
+      if (threaded) assert.equal((await flood.status()).queueVcpus.length, 1, 'the flooded queue runs in a thread of its own');
+      const logsBefore = ts.logs.length;
       const f = flood;
 
       let rounds = 0;
@@ -595,7 +602,7 @@ describe('a ring flood', () => {
       assert.equal(f.sring.rspProd, rspProd, 'nothing is answered after the flood');
       assert.deepEqual(f.strays, []);
       assert.equal(L.grants.isMapped(page.refs[0]!), false, 'the flooded request was never served');
-      const fatalLines = ts.logs.filter((l) => l.includes('fatal'));
+      const fatalLines = ts.logs.slice(logsBefore).filter((l) => l.includes('fatal'));
       assert.ok(fatalLines.length >= 1 && fatalLines.every((l) => l.includes(`${f.backDir}:`)), `only the flooded VBD went fatal: ${fatalLines.join(' | ')}`);
 
       // The frontend closes: the backend follows to Closed and has let go of the ring.
@@ -608,6 +615,7 @@ describe('a ring flood', () => {
       assert.equal(st2.counters.fatal, 1);
       assert.equal(f.sring.rspProd, rspProd, 'still nothing answered');
       assert.equal(L.grants.isMapped(f.ringRef), false, 'the ring is unmapped');
+      assert.deepEqual(ts.hv.vcpusOf(back.domid), [], 'no queue thread left');
 
       // The normal VBD went on serving while all this happened, and goes on.
       await eventually(() => rounds >= atFlood + 2, 'the normal VBD kept serving during the flood');
