@@ -158,3 +158,19 @@ test('a queue thread that dies mid-I/O: the VBD reconnects, nothing is lost, not
   assert.equal(after.mapsActive, before.mapsActive, 'the dead thread\'s mappings were released');
   assert.equal(after.portsOpen, before.portsOpen, 'its channel was closed');
 });
+
+test('queue threads on storage that cannot be opened twice (memory): every queue served in the backend thread, and said so', async () => {
+  const disk = await ts.plug({
+    guest, backend: back, storage: { kind: 'memory', size: 4 * 1024 * 1024 },
+    backendOptions: { queueThreads: true }, frontendOptions: { queues: 2 },
+  });
+  try {
+    assert.deepEqual((await disk.backendStatus()).queueVcpus, []);
+    const data = new Rng(3).bytes(256 * 1024);
+    await disk.write(4096, data);
+    assert.equal(firstDifference(await disk.read(4096, data.length), data), -1);
+    assert.ok(ts.logs.some((l) => l.includes(disk.paths.backDir) && l.includes('cannot be shared between threads')), 'the fallback is logged');
+  } finally {
+    await disk.unplug();
+  }
+});

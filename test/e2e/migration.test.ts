@@ -62,10 +62,10 @@ test('a disk moves between backends with different features under verified I/O',
     { opts: { maxIndirectSegments: 0, maxRingPageOrder: 0, maxQueues: 1, persistent: false }, check: (i) => {
       assert.equal(i.indirect, false); assert.equal(i.ringPageOrder, 0); assert.equal(i.queues, 1); assert.equal(i.persistent, false);
     } },
-    { opts: { maxIndirectSegments: 4096, grantCopy: true, flush: false, barrier: false }, check: (i) => {
+    { opts: { maxIndirectSegments: 4096, grantCopy: true, flush: false, barrier: false, queueThreads: true }, check: (i) => {
       assert.equal(i.maxSegments, 4096); assert.equal(i.flush, false); assert.equal(i.queues, 2);
     } },
-    { opts: { maxIndirectSegments: 32, persistent: true, maxRingPageOrder: 2 }, check: (i) => {
+    { opts: { maxIndirectSegments: 32, persistent: true, maxRingPageOrder: 2, queueThreads: true }, check: (i) => {
       assert.equal(i.maxSegments, 32); assert.equal(i.ringPageOrder, 2); assert.equal(i.persistent, true);
     } },
   ];
@@ -93,12 +93,18 @@ test('a driver domain destroyed mid-I/O: a new one takes over, nothing lost', as
   const path = join(tmp.dir, 'crash.img');
   sparseImage(path, SIZE);
   const back = await ts.createBackendDomain('driver-doomed');
-  let disk = await ts.plug({ guest, backend: back, storage: { kind: 'file', path }, frontendOptions: { bufferPages: 2048, connectTimeoutMs: 20_000 } });
+  // Its queues run in threads of their own (vCPUs): they die with the domain.
+  let disk = await ts.plug({
+    guest, backend: back, storage: { kind: 'file', path }, backendOptions: { queueThreads: true },
+    frontendOptions: { bufferPages: 2048, connectTimeoutMs: 20_000, queues: 2 },
+  });
+  assert.equal((await disk.backendStatus()).queueVcpus.length, 2);
   const model = new Uint8Array(SIZE);
   const io = load(() => disk, new Rng(5), model);
   await new Promise((r) => setTimeout(r, 200));
   // The driver domain dies without a word: its grants mappings and channels are torn down by Xen.
   await ts.hv.destroyDomain(back.domid);
+  assert.deepEqual(ts.hv.vcpusOf(back.domid), [], 'its vCPU threads are gone too');
   await ts.destroy(back);
   const fresh = await ts.createBackendDomain('driver-fresh');
   disk = await ts.migrate(disk, fresh, {});

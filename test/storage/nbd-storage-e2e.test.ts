@@ -1,6 +1,7 @@
 /**
  * The whole stack on remote storage: a guest's blkfront and a driver domain's blkback (worker
- * threads, grants, a shared ring, event channels), the VBD's bytes on nbdkit's memory plugin over
+ * threads, its two queues in threads of their own, grants, shared rings, event channels), the
+ * VBD's bytes on nbdkit's memory plugin over
  * NBD. Random writes and reads through the guest, checked against a model and then read back
  * straight from the NBD server; unplug; shutdown releases everything.
  */
@@ -23,7 +24,12 @@ test('guest disk on an NBD export (nbdkit memory): verified I/O through blkfront
   try {
     const back = await ts.createBackendDomain();
     const guest = await ts.createGuest();
-    const disk = await ts.plug({ guest, backend: back, storage: { kind: 'nbd', uri: srv.uri(), connections: 2 }, frontendOptions: { maxIndirectSegments: 256 } });
+    // Two queues in threads of their own, each with its own connections (the server allows multi-conn).
+    const disk = await ts.plug({
+      guest, backend: back, storage: { kind: 'nbd', uri: srv.uri(), connections: 2 },
+      backendOptions: { queueThreads: true }, frontendOptions: { maxIndirectSegments: 256, queues: 2 },
+    });
+    assert.equal((await disk.backendStatus()).queueVcpus.length, 2);
     const model = new Uint8Array(SIZE);
     const rng = new Rng(0xb10c);
     assert.equal(disk.info.size, SIZE);
