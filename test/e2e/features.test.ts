@@ -162,7 +162,7 @@ test('a queue thread that dies mid-I/O: the VBD reconnects, nothing is lost, not
 test('queue threads on storage that cannot be opened twice (memory): every queue served in the backend thread, and said so', async () => {
   const disk = await ts.plug({
     guest, backend: back, storage: { kind: 'memory', size: 4 * 1024 * 1024 },
-    backendOptions: { queueThreads: true }, frontendOptions: { queues: 2 },
+    backendOptions: { queueThreads: true }, frontendOptions: { queues: 2, bufferPages: 1024 },
   });
   try {
     assert.deepEqual((await disk.backendStatus()).queueVcpus, []);
