@@ -17,15 +17,17 @@ const d = xen.workerData as QueueThreadData;
 const { port } = d;
 const send = (m: FromQueueThread) => port.postMessage(m);
 
-async function open(): Promise<{ storage: BlockStorage; queue: Queue; bounce: BouncePool | undefined } | string> {
+type Opened = { storage: BlockStorage; queue: Queue; bounce: BouncePool | undefined };
+
+async function open(): Promise<Opened | { why: string; noThread: boolean }> {
   const abi = abiByName(d.protocol);
-  if (abi === undefined) return `protocol ${d.protocol}`;
+  if (abi === undefined) return { why: `protocol ${d.protocol}`, noThread: true };
   let storage: BlockStorage;
   try {
     const mod = (await import(d.storage.module)) as { openStorage: (spec: unknown) => Promise<BlockStorage> };
     storage = await mod.openStorage(d.storage.spec);
   } catch (e) {
-    return `queue ${d.index} could not open the storage: ${(e as Error).message}`;
+    return { why: `queue ${d.index} could not open the storage: ${(e as Error).message}`, noThread: true };
   }
   let bounce: BouncePool | undefined;
   let access: QueueAccess;
@@ -46,15 +48,15 @@ async function open(): Promise<{ storage: BlockStorage; queue: Queue; bounce: Bo
   if (typeof queue === 'string') {
     bounce?.dispose();
     await storage.close().catch(() => undefined);
-    return queue;
+    return { why: queue, noThread: false };
   }
   return { storage, queue, bounce };
 }
 
 let limits: VbdLimits = d.limits;
 const opened = await open();
-if (typeof opened === 'string') {
-  send({ t: 'error', why: opened });
+if ('why' in opened) {
+  send({ t: 'error', why: opened.why, noThread: opened.noThread });
   port.close();
   xen.dispose();
 } else {

@@ -43,7 +43,8 @@ export type ToQueueThread =
 /** Queue thread -> control path. */
 export type FromQueueThread =
   | { readonly t: 'ready'; readonly port: number }
-  | { readonly t: 'error'; readonly why: string }
+  /** The queue did not connect; `noThread`: the thread's fault (storage), not the frontend's. */
+  | { readonly t: 'error'; readonly why: string; readonly noThread: boolean }
   | { readonly t: 'fatal'; readonly why: string }
   | { readonly t: 'limits'; readonly seq: number }
   | { readonly t: 'stopped' }
@@ -89,8 +90,12 @@ export class QueueThread {
     this.counters = counters;
   }
 
-  /** Starts the thread and waits until its queue is connected; a string says why it is not (nothing held). */
-  static async start(o: QueueThreadOptions): Promise<QueueThread | string> {
+  /**
+   * Starts the thread and waits until its queue is connected. Otherwise (nothing held): `noThread`
+   * when no thread could serve it (no vCPU free, storage not opened there), else the frontend's
+   * ring or channel is at fault.
+   */
+  static async start(o: QueueThreadOptions): Promise<QueueThread | { readonly why: string; readonly noThread: boolean }> {
     const { port1, port2 } = new MessageChannel();
     const shared = sharedVbdCounters();
     const data: QueueThreadData = {
@@ -103,7 +108,7 @@ export class QueueThread {
       handle = await o.xen.startVcpu({ script: SCRIPT, workerData: data, transferList: [port2], frames: o.frames, name: `blkback-q${o.index}` });
     } catch (e) {
       port1.close();
-      return `starting a thread for queue ${o.index}: ${(e as Error).message}`;
+      return { why: `starting a thread for queue ${o.index}: ${(e as Error).message}`, noThread: true };
     }
     const first = await new Promise<FromQueueThread | undefined>((resolve) => {
       port1.once('message', resolve);
@@ -112,7 +117,7 @@ export class QueueThread {
     if (first?.t !== 'ready') {
       await o.xen.stopVcpu(handle.vcpu).catch(() => undefined);
       port1.close();
-      return first?.t === 'error' ? first.why : `queue ${o.index}'s thread exited while starting`;
+      return first?.t === 'error' ? { why: first.why, noThread: first.noThread } : { why: `queue ${o.index}'s thread exited while starting`, noThread: true };
     }
     const qt = new QueueThread(o, port1, handle.vcpu, first.port, handle.exited, shared.counters);
     port1.on('message', (m: FromQueueThread) => qt.onMessage(m));

@@ -79,7 +79,8 @@ export interface BlkbackDeps {
 interface Connection {
   readonly local: Queue[];
   readonly threads: QueueThread[];
-  readonly bounce: BouncePool | undefined;
+  /** Grant copy's bounce pages: the VBD's pool, or one per queue that fell back to this thread. */
+  readonly pools: BouncePool[];
 }
 
 let watchSeq = 0;
@@ -299,7 +300,7 @@ export class Blkback {
         return this.fatal(`no memory for ${threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}`);
       }
     }
-    const conn: Connection = { local: [], threads: [], bounce };
+    const conn: Connection = { local: [], threads: [], pools: bounce === undefined ? [] : [bounce] };
     this.conn = conn;
     const access: QueueAccess = bounce !== undefined
       ? { kind: 'copy', pool: bounce }
@@ -314,16 +315,30 @@ export class Blkback {
           access: this.options.grantCopy ? { kind: 'copy' } : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' },
           frames: lend[q]!, housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
         });
-        if (typeof t === 'string') {
-          if (lend[q]!.length > 0) xen.memory.free(lend[q]!);
-          for (const f of lend.slice(q + 1)) if (f.length > 0) xen.memory.free(f);
-          return this.fatal(t);
+        if (!('why' in t)) {
+          conn.threads.push(t);
+          continue;
         }
-        conn.threads.push(t);
-        continue;
+        if (lend[q]!.length > 0) xen.memory.free(lend[q]!);
+        if (!t.noThread) {
+          for (const f of lend.slice(q + 1)) if (f.length > 0) xen.memory.free(f);
+          return this.fatal(t.why);
+        }
+        // No thread for it (no vCPU free, or the storage would not open there): serve it here.
+        this.log(`${t.why}; serving queue ${q} in this thread`);
+      }
+      let local = access;
+      if (threaded && this.options.grantCopy) {
+        try {
+          local = { kind: 'copy', pool: new BouncePool(xen, xen.memory.alloc(maxSegs + 8)) };
+        } catch (e) {
+          for (const f of lend.slice(q + 1)) if (f.length > 0) xen.memory.free(f);
+          return this.fatal(`no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}`);
+        }
+        conn.pools.push(local.pool);
       }
       const queue = Queue.open({
-        xen, frontDomid: this.frontDomid, abi, storage, access, limits: () => this.limits(),
+        xen, frontDomid: this.frontDomid, abi, storage, access: local, limits: () => this.limits(),
         maxIndirectSegments: this.options.maxIndirectSegments, counters: this.own, onFatal, log: (m) => this.log(m),
       }, r, q);
       if (typeof queue === 'string') return this.fatal(queue);
@@ -355,7 +370,7 @@ export class Blkback {
     for (const t of c.threads) addInto(this.own, t.counters);
     this.conn = undefined;
     for (const q of c.local) await q.stop();
-    c.bounce?.dispose();
+    for (const p of c.pools) p.dispose();
   }
 
   /** Whether this connection's queues get threads of their own, and if not, why (logged once). */

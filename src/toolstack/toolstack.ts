@@ -132,10 +132,11 @@ export class Toolstack {
 
   /**
    * A driver domain running blkback. Its memory holds grant-copy bounce pages: about 4200 pages
-   * per VBD served that way (BACKEND_COPY_PAGES); map-based VBDs need none.
+   * per VBD served that way (BACKEND_COPY_PAGES); map-based VBDs need none. `maxVcpus` (xl's
+   * `maxvcpus=`) bounds its threads: queue threads beyond it are served in its main thread.
    */
-  createBackendDomain(name = 'driver-domain', memoryPages = BACKEND_BASE_PAGES): Promise<DomainProxy> {
-    return this.createDomain(new URL('./backend-domain.js', import.meta.url), 'backend', name, memoryPages);
+  createBackendDomain(name = 'driver-domain', memoryPages = BACKEND_BASE_PAGES, opts: { maxVcpus?: number } = {}): Promise<DomainProxy> {
+    return this.createDomain(new URL('./backend-domain.js', import.meta.url), 'backend', name, memoryPages, opts.maxVcpus);
   }
 
   /** A guest running blkfront; `memoryPages` must hold blkfront's buffer pages and rings. */
@@ -143,8 +144,8 @@ export class Toolstack {
     return this.createDomain(new URL('./guest-domain.js', import.meta.url), 'guest', name, memoryPages);
   }
 
-  private async createDomain(script: URL, role: 'guest' | 'backend', name: string, memoryPages: number | undefined): Promise<DomainProxy> {
-    const handle = await this.hv.createDomain({ script, name, memoryPages });
+  private async createDomain(script: URL, role: 'guest' | 'backend', name: string, memoryPages: number | undefined, maxVcpus?: number): Promise<DomainProxy> {
+    const handle = await this.hv.createDomain({ script, name, memoryPages, ...(maxVcpus === undefined ? {} : { maxVcpus }) });
     handle.worker.on('message', (m: { kind?: string; domid?: number; msg?: string }) => {
       if (m?.kind !== 'log') return;
       if (this.opts.log !== undefined) this.opts.log(m.domid!, m.msg!);

@@ -99,8 +99,8 @@ export const MAX_DOMAINS = 32;
 export const NR_GRANT_ENTRIES = 32768;
 /** Mapping handles per domain (maptrack). */
 export const NR_MAPTRACK = 32768;
-/** vCPUs per domain: vCPU 0 is the domain's own thread, the others are threads it starts (startVcpu). */
-export const MAX_VCPUS = 8;
+/** vCPUs per domain (Xen's HVM limit): vCPU 0 is the domain's own thread, the others are threads it starts (startVcpu). */
+export const MAX_VCPUS = 128;
 /** Event-channel ports per domain; port 0 is never handed out, as on Xen. */
 export const NR_EVTCHN_PORTS = 1024;
 /** Default memory of a domain, in pages (4 MiB). */

@@ -310,7 +310,7 @@ export class GrantTable {
     Atomics.store(t.mt, m + M_SLOT, rslot);
     Atomics.store(t.mt, m + M_REF, op.ref);
     Atomics.store(t.mt, m + M_DOMID, op.dom);
-    Atomics.store(t.mt, m + M_FLAGS, M_IN_USE | (this.vcpu << M_VCPU_SHIFT) | (op.flags & 0xffff));
+    Atomics.store(t.mt, m + M_FLAGS, M_IN_USE | (this.vcpu << M_VCPU_SHIFT) | (op.flags & 0xff));
     t.count(this.slot, C_MAPS_ACTIVE);
     return { status: GNTST_okay, handle, page: new Uint8Array(sab) };
   }

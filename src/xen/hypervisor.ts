@@ -35,6 +35,8 @@ export interface CreateDomainOptions {
   /** The domain's default polling budget in microseconds (0 = never poll). */
   readonly pollMicros?: number;
   readonly name?: string;
+  /** vCPUs the domain may have, its own thread included (xl `maxvcpus=`; default and most MAX_VCPUS). */
+  readonly maxVcpus?: number;
 }
 
 /** Why a domain went away. */
@@ -72,6 +74,8 @@ interface VcpuThread {
 interface Threads {
   readonly slot: number;
   readonly vcpus: Map<number, VcpuThread>;
+  /** vCPUs allowed, vCPU 0 included. */
+  readonly maxVcpus: number;
   /** Set once destruction began: no vCPU comes up any more. */
   dying: boolean;
 }
@@ -161,6 +165,7 @@ export class Hypervisor {
     const g: Guest = {
       handle: { domid, name: opts.name ?? `dom${domid}`, worker, exited },
       slot, control: port1, hypercall: hc.port1, destroying: false, resolveExit, vcpus: new Map(), dying: false,
+      maxVcpus: vcpuLimit(opts.maxVcpus),
     };
     this.guests.set(domid, g);
     this.serveHypercalls(domid, g, hc.port1, opts.name ?? `dom${domid}`, opts.pollMicros);
@@ -175,7 +180,7 @@ export class Hypervisor {
    * benchmarks and single-threaded setups. Same rules as a worker domain; destroyDomain() ends it.
    * It can start vCPU threads like any domain.
    */
-  createLocalDomain(opts: { memoryPages?: number; pollMicros?: number } = {}): XenDomain {
+  createLocalDomain(opts: { memoryPages?: number; pollMicros?: number; maxVcpus?: number } = {}): XenDomain {
     const { domid, slot, pages } = this.newDomain(opts.memoryPages);
     const pollMicros = opts.pollMicros ?? DEFAULT_POLL_MICROS;
     let rec: Local | undefined;
@@ -184,7 +189,7 @@ export class Hypervisor {
       down: (v) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.downVcpu(rec, v)),
     };
     const dom = new XenDomain(this.t, domid, slot, this.registry, pages, pollMicros, undefined, { vcpus });
-    rec = { slot, dom, vcpus: new Map(), dying: false };
+    rec = { slot, dom, vcpus: new Map(), dying: false, maxVcpus: vcpuLimit(opts.maxVcpus) };
     this.locals.set(domid, rec);
     return dom;
   }
@@ -227,8 +232,8 @@ export class Hypervisor {
                           domainPoll: number | undefined): Promise<VcpuHandle> {
     if (rec.dying) throw new Error(`domain ${domid} is being destroyed`);
     let vcpu = 1;
-    while (vcpu < MAX_VCPUS && rec.vcpus.has(vcpu)) vcpu++;
-    if (vcpu >= MAX_VCPUS) throw new Error(`domain ${domid} has no free vCPU (MAX_VCPUS = ${MAX_VCPUS})`);
+    while (vcpu < rec.maxVcpus && rec.vcpus.has(vcpu)) vcpu++;
+    if (vcpu >= rec.maxVcpus) throw new Error(`domain ${domid} has no free vCPU (maxvcpus ${rec.maxVcpus})`);
     const { slot } = rec;
     for (let k = 0; k < V_STRIDE; k++) Atomics.store(this.t.dom, vcpuWord(slot, vcpu, k), 0);
     Atomics.store(this.t.dom, vcpuWord(slot, vcpu, V_ONLINE), 1);
@@ -385,4 +390,10 @@ function online(worker: Worker, failure: () => Error): Promise<void> {
     worker.once('online', onOnline);
     worker.once('exit', onExit);
   });
+}
+
+function vcpuLimit(n: number | undefined): number {
+  if (n === undefined) return MAX_VCPUS;
+  if (!Number.isInteger(n) || n < 1 || n > MAX_VCPUS) throw new RangeError(`maxVcpus ${n}: use 1..${MAX_VCPUS}`);
+  return n;
 }

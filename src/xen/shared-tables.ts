@@ -74,7 +74,7 @@ export const PIN_W = 1 << 24;
 export const PIN_W_MASK = 0x7f << 24;
 
 // ---- Maptrack entry (Int32 x 4, per mapping slot per handle) ----
-export const M_FLAGS = 0; // 0 = free; M_RESERVED = on one thread's free list; else M_IN_USE | GNTMAP_* flags
+export const M_FLAGS = 0; // 0 = free; M_RESERVED = on one thread's free list; else M_IN_USE | vCPU | GNTMAP_* flags (low 8 bits)
 export const M_SLOT = 1;
 export const M_REF = 2;
 export const M_DOMID = 3;
@@ -82,9 +82,9 @@ export const M_STRIDE = 4;
 export const M_IN_USE = 1 << 30;
 /** Claimed by one thread of the domain for its free list (Xen keeps a maptrack free list per vCPU). */
 export const M_RESERVED = 1 << 29;
-/** Bits 20..23: the vCPU that mapped (or reserved) the entry; its thread's end releases them. */
-export const M_VCPU_SHIFT = 20;
-export const M_VCPU_MASK = 0xf << M_VCPU_SHIFT;
+/** Bits 16..23: the vCPU that mapped (or reserved) the entry; its thread's end releases them. */
+export const M_VCPU_SHIFT = 16;
+export const M_VCPU_MASK = 0xff << M_VCPU_SHIFT;
 
 // ---- Event-channel port (Int32 x 4, per slot per port) ----
 export const P_STATE = 0;
