@@ -108,12 +108,18 @@ class PortVcpuService implements VcpuService {
     if (m.t === 'exit') {
       this.exits.get(m.exit.vcpu)?.(m.exit);
       this.exits.delete(m.exit.vcpu);
+      this.unrefIfIdle();
       return;
     }
     const p = this.pending.get(m.id);
     this.pending.delete(m.id);
-    if (this.pending.size === 0) this.port.unref();
+    this.unrefIfIdle();
     p?.resolve(m);
+  }
+
+  /** The port keeps the thread alive while a reply or the exit of a vCPU it started is due. */
+  private unrefIfIdle(): void {
+    if (this.pending.size === 0 && this.exits.size === 0) this.port.unref();
   }
 
   async up(opts: StartVcpuOptions): Promise<VcpuHandle> {
@@ -126,6 +132,7 @@ class PortVcpuService implements VcpuService {
     const vcpu = r.vcpu;
     // The exit message comes on the same port after this reply, never before it.
     const exited = new Promise<VcpuExit>((resolve) => { this.exits.set(vcpu, resolve); });
+    this.port.ref(); // until that exit message comes
     return { vcpu, exited };
   }
 
