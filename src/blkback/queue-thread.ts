@@ -105,7 +105,7 @@ export class QueueThread {
     };
     let handle;
     try {
-      handle = await o.xen.startVcpu({ script: SCRIPT, workerData: data, transferList: [port2], frames: o.frames, name: `blkback-q${o.index}` });
+      handle = await o.xen.startVcpu({ script: SCRIPT, workerData: data, transferList: [port2], frames: o.frames, peers: [o.frontDomid], name: `blkback-q${o.index}` });
     } catch (e) {
       port1.close();
       return { why: `starting a thread for queue ${o.index}: ${(e as Error).message}`, noThread: true };

@@ -208,6 +208,7 @@ export class Hypervisor {
           script: new URL(m.script), workerData: m.workerData, transferList: m.transferList,
           ...(m.frames === undefined ? {} : { frames: m.frames }),
           ...(m.pollMicros === undefined ? {} : { pollMicros: m.pollMicros }),
+          ...(m.peers === undefined ? {} : { peers: m.peers }),
           ...(m.name === undefined ? {} : { name: m.name }),
         };
         this.startVcpu(domid, rec, opts, name, pollMicros).then(
@@ -240,9 +241,10 @@ export class Hypervisor {
     const { port1, port2 } = new MessageChannel();
     const hc = new MessageChannel();
     const pollMicros = opts.pollMicros ?? domainPoll ?? DEFAULT_POLL_MICROS;
+    const frames = [...(opts.frames ?? [])];
     const xen: DomainBootstrap = {
-      tables: this.t.init, domid, slot, vcpu, memories: [...this.memories.entries()], control: port2,
-      hypercall: hc.port2, pollMicros, frames: [...(opts.frames ?? [])],
+      tables: this.t.init, domid, slot, vcpu, memories: this.vcpuMemories(domid, frames, opts.peers), control: port2,
+      hypercall: hc.port2, pollMicros, frames,
     };
     const worker = new Worker(opts.script, {
       workerData: { xen, app: opts.workerData } satisfies DomainWorkerData,
@@ -279,6 +281,20 @@ export class Hypervisor {
     const rec = this.guests.get(domid) ?? this.locals.get(domid);
     if (rec === undefined) throw new Error(`no such domain ${domid}`);
     return this.downVcpu(rec, vcpu);
+  }
+
+  /** What a new vCPU thread learns: its domain's lent frames, and its peers' pages (or everyone's). */
+  private vcpuMemories(domid: number, frames: readonly number[], peers: readonly number[] | undefined): [number, Pages][] {
+    if (peers === undefined) return [...this.memories.entries()];
+    const own = this.memories.get(domid) ?? [];
+    const lent: SharedArrayBuffer[] = [];
+    for (const f of frames) if (own[f] !== undefined) lent[f] = own[f];
+    const out: [number, Pages][] = [[domid, lent]];
+    for (const p of peers) {
+      const pages = this.memories.get(p);
+      if (p !== domid && pages !== undefined) out.push([p, pages]);
+    }
+    return out;
   }
 
   private async downVcpu(rec: Threads, vcpu: number): Promise<VcpuExit> {

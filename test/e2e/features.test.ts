@@ -174,3 +174,26 @@ test('queue threads on storage that cannot be opened twice (memory): every queue
     await disk.unplug();
   }
 });
+
+test('more queues than the driver domain has vCPUs: the rest are served in its main thread, and said so', async () => {
+  const small = await ts.createBackendDomain('driver-2vcpus', undefined, { maxVcpus: 2 });
+  const path = join(tmp.dir, 'few-vcpus.img');
+  sparseImage(path, 8 * 1024 * 1024);
+  const disk = await ts.plug({
+    guest, backend: small, storage: { kind: 'file', path },
+    backendOptions: { queueThreads: true }, frontendOptions: { queues: 3, bufferPages: 1024 },
+  });
+  try {
+    assert.deepEqual((await disk.backendStatus()).queueVcpus, [1], 'one queue thread, the only vCPU left');
+    const rng = new Rng(23);
+    await Promise.all(Array.from({ length: 12 }, async (_, i) => {
+      const data = rng.bytes(64 * 1024);
+      await disk.write(i * 512 * 1024, data);
+      assert.equal(firstDifference(await disk.read(i * 512 * 1024, data.length), data), -1);
+    }));
+    assert.ok(ts.logs.some((l) => l.includes('no free vCPU') && l.includes('in this thread')), 'the fallback is logged');
+  } finally {
+    await disk.unplug();
+    await ts.destroy(small);
+  }
+});
