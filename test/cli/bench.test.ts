@@ -9,10 +9,12 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { builtInSvg } from '../../src/cli/bench/charts.js';
-import { Cleanup } from '../../src/cli/bench/cleanup.js';
+import { Cleanup, createImage, tempDir } from '../../src/cli/bench/cleanup.js';
 import { GRANT_POOL_CAP, poolPagesFor, reachableInflight } from '../../src/cli/bench/guest.js';
 import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs, PROTOCOL_MATRIX } from '../../src/cli/bench/matrix.js';
-import { computeTargets, linkBaselines, renderText, writeReport } from '../../src/cli/bench/report.js';
+import { computeTargets, linkBaselines, renderText, threadsReading, writeReport } from '../../src/cli/bench/report.js';
+import { GuestBench } from '../../src/cli/bench/guest.js';
+import { measureThreads, THREADS_BUFFER_PAGES, THREADS_LAYOUTS, THREADS_WORKLOADS, ThreadsRuns } from '../../src/cli/bench/threads.js';
 import { MiB, perfOf, type BenchDocument, type BenchResults, type Row } from '../../src/cli/bench/types.js';
 
 let dir: string;
@@ -76,6 +78,10 @@ function synthetic(): BenchDocument {
     inflight: [{ config: configLabel(0, 0), indirect: 0, ringPageOrder: 0, segments: 11, slots: 32, limitBytes: 11 * 32 * 4096, limitAtBlockBytes: 11 * 32 * 4096, reachableBytes: 11 * 32 * 4096, blockSize: 4 * MiB, depth: 32, bufferPages: 416, grantCapped: false, measured: { async: { peakBytes: 11 * 32 * 4096, mibps: 500, ops: 64 } } }],
     nbd: [row('nbd/a/fio-randread-4k-qd32', 30, { config: 'blkif serve', label: 'fio randread 4 KiB QD32' }), row('nbd/q/fio-randread-4k-qd32', 20, { config: 'qemu-nbd', label: 'fio randread 4 KiB QD32' })],
     scaling: [{ vbds: 1, guests: 1, iops: 1000, mibps: 4, p50us: 1, p99us: 2, ratio: 1 }, { vbds: 16, guests: 8, iops: 2000, mibps: 8, p50us: 1, p99us: 2, ratio: 2 }],
+    threads: [
+      { layout: '1 VBD x 2 queues', workload: r4k, inThread: { iops: 10000, mibps: 39, p50us: 100, p99us: 300 }, threaded: { iops: 8000, mibps: 31.2, p50us: 150, p99us: 400 }, ratio: 0.8 },
+      { layout: '4 VBDs x 1 queue', workload: w1m8, inThread: { iops: 500, mibps: 500, p50us: 1000, p99us: 3000 }, threaded: { iops: 600, mibps: 600, p50us: 900, p99us: 2000 }, ratio: 1.2 },
+    ],
     skipped: [],
     micro: [],
   };
@@ -83,7 +89,7 @@ function synthetic(): BenchDocument {
   return {
     tool: 'blkif bench', startedAt: '2026-01-01T00:00:00.000Z', seconds: 1, quick: true, command: 'blkif bench --quick',
     machine: { cpuModel: 'cpu', cpus: 2, totalMemoryBytes: 1 << 30, node: 'v20', os: 'Linux', kernel: '6', arch: 'x64', loadAverageAtStart: [0, 0, 0], tools: {} },
-    parameters: { imageDir: '/dev/shm', imageOnTmpfs: true }, results, targets: computeTargets(results), report: undefined,
+    parameters: { imageDir: '/dev/shm', imageOnTmpfs: true, threadsMs: 150, threadsBufferPages: 2120 }, results, targets: computeTargets(results), report: undefined,
   };
 }
 
@@ -124,4 +130,48 @@ test('a report is written with its charts, and the latest copy links them', asyn
   assert.match(latest, /\(report\/scaling\.svg\)/);
   assert.ok(existsSync(join(dir, 'latest', 'report', 'nbd-vs-qemu-nbd.svg')));
   assert.match(renderText(doc), /targets/);
+  // Queues in threads: a section with its table, its chart and a sentence of reading.
+  assert.match(md, /## \d+\. Queues in threads/);
+  assert.match(md, /\| 4 VBDs x 1 queue \| 1 MiB seq read QD8 \| 500 MiB\/s \|.*\| 1\.20x \|/);
+  assert.match(md, /!\[Queues in threads\]\(\.\/queues-in-threads\.svg\)/);
+  assert.ok(existsSync(join(path, '..', 'queues-in-threads.svg')));
+  assert.match(md, /2-CPU machine a thread per queue buys 1\.20x on 4 VBDs x 1 queue.*more threads than cores contend/);
+  const text = renderText(doc);
+  assert.match(text, /queues in threads/);
+  assert.match(text, /1 VBD x 2 queues\s+4 KiB random read QD32\s+10,000 IOPS/);
+  const saved = JSON.parse(readFileSync(join(path, '..', 'results.json'), 'utf8')) as BenchDocument;
+  assert.equal(saved.results.threads.length, 2);
+});
+
+test('documents written before the queues-in-threads section still render', async () => {
+  const doc = synthetic();
+  delete (doc.results as Partial<BenchResults>).threads;
+  assert.doesNotMatch(renderText(doc), /queues in threads/);
+  assert.equal(threadsReading(doc), '');
+  const md = readFileSync(await writeReport(doc, join(dir, 'old'), undefined), 'utf8');
+  assert.doesNotMatch(md, /Queues in threads/);
+});
+
+test('queues in threads: both layouts run in both modes, and the backend uses queue vCPUs only when asked', async () => {
+  const c = new Cleanup();
+  try {
+    const image = join(tempDir(c, 'blkif-bench-threads-'), 'img');
+    createImage(image, 16 * MiB);
+    const g = await GuestBench.start(c);
+    const guests = await Promise.all([0, 1, 2, 3].map((i) => g.guest(`threads-${i}`, THREADS_BUFFER_PAGES + 1024)));
+    const runs = new ThreadsRuns();
+    for (const l of THREADS_LAYOUTS) {
+      for (const threaded of [false, true]) {
+        runs.record(l.layout, threaded, await measureThreads(g, l.vbds === 1 ? guests.slice(0, 1) : guests, { kind: 'file', path: image, sectorSize: 512 }, 16 * MiB, l, threaded, 60));
+      }
+    }
+    const rows = runs.rows();
+    assert.equal(rows.length, THREADS_LAYOUTS.length * THREADS_WORKLOADS.length);
+    for (const r of rows) {
+      assert.ok(r.inThread.iops > 0 && r.threaded.iops > 0, `${r.layout}: ${JSON.stringify(r)}`);
+      assert.ok(Number.isFinite(r.ratio) && r.ratio > 0);
+    }
+  } finally {
+    await c.run();
+  }
 });

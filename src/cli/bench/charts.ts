@@ -15,6 +15,8 @@ export interface BarChart {
   /** values[g][s]; undefined or NaN draws no bar. */
   readonly values: readonly (readonly (number | undefined)[])[];
   readonly xTitle?: string;
+  /** d3-format of the value labels (vega-lite; default '~s'). */
+  readonly valueFormat?: string;
 }
 
 export type ChartRenderer = 'vega-lite' | 'built-in';
@@ -73,7 +75,7 @@ async function vegaSvg(vl: VegaLiteModule, vega: VegaModule, c: BarChart): Promi
     },
     layer: [
       { mark: 'bar' },
-      { mark: { type: 'text', dy: -4, fontSize: 9 }, encoding: { text: { field: 'value', type: 'quantitative', format: '~s' } } },
+      { mark: { type: 'text', dy: -4, fontSize: 9 }, encoding: { text: { field: 'value', type: 'quantitative', format: c.valueFormat ?? '~s' } } },
     ],
   };
   const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: 'none' });

@@ -9,8 +9,9 @@ import { renderChart, type BarChart, type ChartRenderer } from './charts.js';
 import { configLabel, DEFAULT_CONFIG_LABEL, INDIRECT_SEGMENTS, MATRIX_SEQ_DEPTH, matrixWorkloads } from './matrix.js';
 import {
   KiB, MiB, sizeLabel, workloadId, workloadLabel, type BenchDocument, type BenchResults, type InflightRow, type Row, type StorageKind,
-  type Target, type Workload,
+  type Target, type ThreadsPerf, type ThreadsRow, type Workload,
 } from './types.js';
+import { threadsModeLabel, THREADS_LAYOUTS, THREADS_WORKLOADS } from './threads.js';
 
 // ---------------------------------------------------------------------------------------------
 // Baselines and targets
@@ -228,6 +229,48 @@ function scalingTable(doc: BenchDocument): Table {
   };
 }
 
+/** "4 KiB randread QD32": short enough for a chart's legend. */
+const shortWorkload = (w: Workload) => `${sizeLabel(w.blockSize)} ${w.pattern} QD${w.depth}`;
+
+/** Documents written before the section existed have no `threads`. */
+const threadsOf = (r: BenchResults): ThreadsRow[] => r.threads ?? [];
+
+function threadsTable(rows: ThreadsRow[]): Table {
+  const rate = (p: ThreadsPerf, w: Workload) => (small(w) ? `${fmtInt(p.iops)} IOPS` : `${fmtMiBps(p.mibps)} MiB/s`);
+  return {
+    headers: ['layout', 'workload', `${threadsModeLabel(false)}`, 'p50 µs', 'p99 µs', `${threadsModeLabel(true)}`, 'p50 µs', 'p99 µs', 'threaded / in thread'],
+    rows: rows.map((t) => [
+      t.layout, workloadLabel(t.workload),
+      rate(t.inThread, t.workload), fmtUs(t.inThread.p50us), fmtUs(t.inThread.p99us),
+      rate(t.threaded, t.workload), fmtUs(t.threaded.p50us), fmtUs(t.threaded.p99us), fmtRatio(t.ratio),
+    ]),
+    left: [0, 1],
+  };
+}
+
+/** One sentence: what threads bought or cost on this run, and why. */
+export function threadsReading(doc: BenchDocument): string {
+  const rows = threadsOf(doc.results).filter((t) => fin(t.ratio));
+  if (rows.length === 0) return '';
+  const cpus = doc.machine.cpus;
+  const lo = Math.min(...rows.map((t) => t.ratio));
+  const hi = Math.max(...rows.map((t) => t.ratio));
+  const range = lo === hi ? fmtRatio(lo) : `${fmtRatio(lo)} to ${fmtRatio(hi)}`;
+  const best = rows.reduce((a, b) => (b.ratio > a.ratio ? b : a));
+  const worst = rows.reduce((a, b) => (b.ratio < a.ratio ? b : a));
+  const verdict = lo >= 1.05 ? `buys throughput everywhere (${range})`
+    : hi <= 0.95 ? `costs throughput everywhere (${range})`
+    : hi < 1.05 && lo > 0.95 ? `changes little (${range})`
+    : `buys ${fmtRatio(best.ratio)} on ${best.layout}, ${workloadLabel(best.workload)} but gives ${fmtRatio(worst.ratio)} on ${worst.layout}, ${workloadLabel(worst.workload)}`;
+  // The busiest layout: its queue threads, the backend's own thread and one thread per guest.
+  const busiest = Math.max(...THREADS_LAYOUTS.map((l) => l.vbds * l.queues + 1 + l.vbds));
+  const cores = busiest > cpus
+    ? `but with up to ${busiest} threads busy at once (queue threads, the backend's own, the guests') on ${cpus} cores, more threads than cores contend for them, `
+    : `and there are cores enough for the up to ${busiest} threads busy at once, `;
+  return `On this ${cpus}-CPU machine a thread per queue ${verdict}: each queue thread reads the image through its own handle, so queues overlap their reads, `
+    + cores + 'and every answer that finds a queue thread asleep pays for waking it (about 60 µs), which one thread kept busy by every queue pays less often.';
+}
+
 function microTables(doc: BenchDocument): { title: string; table: Table }[] {
   const fmt = (v: number) => (v >= 100 ? fmtInt(v) : v.toPrecision(3));
   return doc.results.micro.map((m) => ({
@@ -268,6 +311,7 @@ export function renderText(doc: BenchDocument): string {
   section('baselines', baselinesTable(r.baselines));
   section('NBD export vs qemu-nbd (same clients)', nbdTable(r.nbd));
   section('scaling (one driver domain)', scalingTable(doc));
+  section("queues in threads, image file (queueThreads: false vs true; ratio on throughput)", threadsTable(threadsOf(r)));
   for (const m of microTables(doc)) section(m.title, m.table);
   if (r.skipped.length > 0) out.push(`\nskipped:\n${r.skipped.map((s) => `  ${s.what}: ${s.why}`).join('\n')}\n`);
   if (doc.report !== undefined) out.push(`\nreport: ${doc.report}\n`);
@@ -319,6 +363,20 @@ function charts(doc: BenchDocument): ChartFile[] {
       chart: {
         title: 'Aggregate 4 KiB random read (QD8 per VBD), one driver domain', unit: 'IOPS', xTitle: 'VBDs',
         groups: r.scaling.map((s) => String(s.vbds)), series: ['aggregate IOPS'], values: r.scaling.map((s) => [s.iops]),
+      },
+    });
+  }
+  const threads = threadsOf(r);
+  if (threads.length > 0) {
+    const layouts = THREADS_LAYOUTS.filter((l) => threads.some((t) => t.layout === l.layout));
+    const ws = THREADS_WORKLOADS.filter((w) => threads.some((t) => workloadId(t.workload) === workloadId(w)));
+    out.push({
+      file: 'queues-in-threads.svg',
+      title: 'Queues in threads',
+      chart: {
+        title: 'A thread per queue vs the backend\'s thread: throughput ratio (1 = no change), image file', unit: 'threaded / in thread', xTitle: 'layout',
+        groups: layouts.map((l) => l.layout), series: ws.map(shortWorkload), valueFormat: '.2f',
+        values: layouts.map((l) => ws.map((w) => threads.find((t) => t.layout === l.layout && workloadId(t.workload) === workloadId(w))?.ratio)),
       },
     });
   }
@@ -378,6 +436,15 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
   L.push('## 5. Scaling by VBD count', '',
     `One driver domain serving every VBD; VBD i is plugged into guest i mod 8 (at most 8 guest threads), each a ${sizeLabel(16 * MiB)} memory disk running 4 KiB random reads at QD8 for the same time, all at once.`, '',
     mdTable(scalingTable(doc)), chartImg('scaling.svg'));
+
+  const threads = threadsOf(r);
+  if (threads.length > 0) {
+    L.push('## 6. Queues in threads', '',
+      'blkback\'s `queueThreads`: each queue of a VBD served in a thread of its own (a vCPU of the driver domain, with its own handle on the image) instead of every queue in the backend\'s thread.',
+      `The image file, read-only, with ${THREADS_LAYOUTS.map((l) => `${l.layout}${l.vbds > 1 ? ` (one per guest, the same image, run at once; figures summed, mean p50, worst p99)` : ''}`).join(' and ')};`,
+      `each frontend ${fmtInt(Number(doc.parameters['threadsBufferPages']))} pool pages, indirect 256, ring order 0; each workload run untimed for a while first (new queue threads start with cold code), then measured for ${String(doc.parameters['threadsMs'])} ms; every run checks the backend's queue vCPUs (the queue count with threads, none without).`, '',
+      mdTable(threadsTable(threads)), chartImg('queues-in-threads.svg'), threadsReading(doc), '');
+  }
 
   const micro = microTables(doc);
   if (micro.length > 0) {

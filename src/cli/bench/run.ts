@@ -18,6 +18,7 @@ import {
 } from './matrix.js';
 import { blkifServe, fioTest, nbdcopyTest, qemuNbd, toolVersion, type NbdServerSpec, type NbdTest } from './nbd.js';
 import { makeProgress } from './progress.js';
+import { measureThreads, THREADS_BUFFER_PAGES, THREADS_LAYOUTS, THREADS_WORKLOADS, threadsModeLabel, ThreadsRuns } from './threads.js';
 import { linkBaselines, computeTargets, renderText, writeReport } from './report.js';
 import {
   KiB, MiB, sizeLabel, workloadId, workloadLabel, type BenchDocument, type BenchResults, type ExtraSuite, type InflightRow,
@@ -49,6 +50,8 @@ export function parameters(quick: boolean) {
     baselineMs: quick ? 100 : 700,
     inflightRounds: quick ? 2 : 4,
     scalingMs: quick ? 250 : 2000,
+    /** Each workload of the queues-in-threads runs, per layout and mode. */
+    threadsMs: quick ? 150 : 1000,
     fioSeconds: quick ? 1 : 3,
     matrixStorages: (quick ? ['file'] : ['file', 'memory']) as StorageKind[],
     inflightModes: (quick ? ['async'] : ['sync', 'async']) as ('sync' | 'async')[],
@@ -73,7 +76,11 @@ const MAIN_GUEST = 'bench-guest';
 const scaleGuest = (i: number) => `bench-scale-${i}`;
 /** Scaling VBDs need few pages (4 KiB at QD8): 1 MiB of pool each, 8 per guest. */
 const SCALE_BUFFER_PAGES = 256;
-const SCALE_GUEST_PAGES = Math.ceil(Math.max(...SCALING_COUNTS) / SCALING_MAX_GUESTS) * (SCALE_BUFFER_PAGES + 64) + 1024;
+const SCALE_GUEST_PAGES = Math.max(
+  Math.ceil(Math.max(...SCALING_COUNTS) / SCALING_MAX_GUESTS) * (SCALE_BUFFER_PAGES + 64) + 1024,
+  // The queues-in-threads runs borrow these guests (one VBD each) before the scaling run.
+  THREADS_BUFFER_PAGES + 1024,
+);
 
 class StepTimeout extends Error {}
 
@@ -83,7 +90,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   const started = new Date();
   const t0 = performance.now();
   const P = parameters(o.quick);
-  const results: BenchResults = { api: [], matrix: [], baselines: [], inflight: [], nbd: [], scaling: [], skipped: [], micro: [] };
+  const results: BenchResults = { api: [], matrix: [], baselines: [], inflight: [], nbd: [], scaling: [], threads: [], skipped: [], micro: [] };
   const cleanup = new Cleanup();
   const progress = await makeProgress();
   const offSignals = cleanup.onSignals((m) => progress.note(m));
@@ -263,6 +270,23 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
     });
   }
 
+  // ---- 6. queues in threads of their own vs in the backend's thread, on the image file ----
+  // Before the scaling run: its guests are still empty, and lend room to the 4-VBD layout.
+  const threadsRuns = new ThreadsRuns();
+  const fmtThreads = (p: { iops: number; mibps: number }, bs: number) => (bs < 64 * KiB ? `${Math.round(p.iops).toLocaleString('en-US')} IOPS` : `${p.mibps.toFixed(0)} MiB/s`);
+  for (const l of THREADS_LAYOUTS) {
+    for (const threaded of [false, true]) {
+      add(`queues in threads: ${l.layout}, ${threadsModeLabel(threaded)}: ${THREADS_WORKLOADS.map(workloadLabel).join(', ')}`, async () => {
+        const g = needGuests();
+        const guests = l.vbds === 1 ? [await g.guest(MAIN_GUEST)]
+          : await Promise.all(Array.from({ length: Math.min(l.vbds, SCALING_MAX_GUESTS) }, (_, i) => g.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
+        const perf = await measureThreads(g, guests, fileSpec(), P.imageBytes, l, threaded, P.threadsMs);
+        threadsRuns.record(l.layout, threaded, perf);
+        return THREADS_WORKLOADS.map((w) => fmtThreads(perf.get(workloadId(w))!, w.blockSize)).join(', ');
+      });
+    }
+  }
+
   // ---- 5. scaling: aggregate 4 KiB random reads of 1..64 VBDs on one driver domain ----
   const maxVbds = Math.max(...SCALING_COUNTS);
   const scaleDisks: GuestDisk[] = [];
@@ -385,13 +409,14 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
     progress.stop();
   }
 
+  results.threads = threadsRuns.rows();
   machine.loadAverageAtEnd = loadavg().map((l) => Math.round(l * 100) / 100);
   linkBaselines(results);
   const targets = computeTargets(results);
   const doc: BenchDocument = {
     tool: 'blkif bench', startedAt: started.toISOString(), seconds: (performance.now() - t0) / 1000, quick: o.quick, machine,
     command: o.command ?? `blkif bench${o.quick ? ' --quick' : ''}${o.json ? ' --json' : ''}`,
-    parameters: { ...P, imageDir: where.dir, imageOnTmpfs: where.tmpfs, defaultConfig: DEFAULT_CONFIG_LABEL, classicConfig: configLabel(0, 0), inflightBlock: INFLIGHT_BLOCK, inflightDepth: INFLIGHT_DEPTH, scalingWorkload: SCALING_WORKLOAD, scalingCounts: SCALING_COUNTS },
+    parameters: { ...P, imageDir: where.dir, imageOnTmpfs: where.tmpfs, defaultConfig: DEFAULT_CONFIG_LABEL, classicConfig: configLabel(0, 0), inflightBlock: INFLIGHT_BLOCK, inflightDepth: INFLIGHT_DEPTH, scalingWorkload: SCALING_WORKLOAD, scalingCounts: SCALING_COUNTS, threadsBufferPages: THREADS_BUFFER_PAGES },
     results, targets, report: undefined,
   };
   try {

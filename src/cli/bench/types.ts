@@ -107,6 +107,28 @@ export interface ScalingRow {
   ratio: number;
 }
 
+export type ThreadsLayout = '1 VBD x 2 queues' | '4 VBDs x 1 queue';
+
+/** Throughput and latency of a run over one or more VBDs at once (sums; mean p50, worst p99, µs). */
+export interface ThreadsPerf {
+  iops: number;
+  mibps: number;
+  p50us: number;
+  p99us: number;
+}
+
+/** One workload on one layout, with the queues served in blkback's own thread and in threads of their own. */
+export interface ThreadsRow {
+  layout: ThreadsLayout;
+  workload: Workload;
+  /** `queueThreads: false`: every queue served in the backend's thread. */
+  inThread: ThreadsPerf;
+  /** `queueThreads: true`: each queue a vCPU of the driver domain with its own storage handle. */
+  threaded: ThreadsPerf;
+  /** threaded / inThread, on throughput. */
+  ratio: number;
+}
+
 export interface Target {
   name: string;
   goal: string;
@@ -158,6 +180,8 @@ export interface BenchResults {
   inflight: InflightRow[];
   nbd: Row[];
   scaling: ScalingRow[];
+  /** Queues in threads of their own vs in the backend's thread, on the image file. Absent in older documents. */
+  threads: ThreadsRow[];
   skipped: Skipped[];
   micro: MicroSuite[];
 }
