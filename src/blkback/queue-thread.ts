@@ -19,9 +19,8 @@ export interface StorageSource {
   readonly spec: unknown;
 }
 
-/** workerData (app part) of a queue thread. */
-export interface QueueThreadData {
-  readonly port: MessagePort;
+/** What a queue thread is told to serve (plain data: it crosses into the thread). */
+export interface QueueSetup {
   readonly index: number;
   readonly frontDomid: number;
   readonly protocol: string;
@@ -32,6 +31,11 @@ export interface QueueThreadData {
   /** 'map' | 'persistent' (with max and idleMs) | 'copy' (bounce pages from the lent frames). */
   readonly access: { readonly kind: 'map' } | { readonly kind: 'persistent'; readonly max: number; readonly idleMs: number } | { readonly kind: 'copy' };
   readonly housekeepingMs: number;
+}
+
+/** workerData (app part) of a queue thread. */
+export interface QueueThreadData extends QueueSetup {
+  readonly port: MessagePort;
   readonly counters: SharedArrayBuffer;
 }
 
@@ -52,19 +56,10 @@ export type FromQueueThread =
 
 const SCRIPT = new URL('./queue-thread-main.js', import.meta.url);
 
-export interface QueueThreadOptions {
+export interface QueueThreadOptions extends QueueSetup {
   readonly xen: XenDomain;
-  readonly index: number;
-  readonly frontDomid: number;
-  readonly protocol: string;
-  readonly ring: QueueRing;
-  readonly storage: StorageSource;
-  readonly limits: VbdLimits;
-  readonly maxIndirectSegments: number;
-  readonly access: QueueThreadData['access'];
   /** Frames lent to the thread (grant copy's bounce pages); freed here once it has exited. */
   readonly frames: readonly number[];
-  readonly housekeepingMs: number;
   /** The thread found the frontend breaking the protocol, or died: disconnect the VBD. */
   readonly onFatal: (why: string) => void;
   readonly log: (msg: string) => void;
@@ -98,11 +93,8 @@ export class QueueThread {
   static async start(o: QueueThreadOptions): Promise<QueueThread | { readonly why: string; readonly noThread: boolean }> {
     const { port1, port2 } = new MessageChannel();
     const shared = sharedVbdCounters();
-    const data: QueueThreadData = {
-      port: port2, index: o.index, frontDomid: o.frontDomid, protocol: o.protocol, ring: o.ring,
-      storage: o.storage, limits: o.limits, maxIndirectSegments: o.maxIndirectSegments, access: o.access,
-      housekeepingMs: o.housekeepingMs, counters: shared.buffer,
-    };
+    const { xen: _xen, frames: _frames, onFatal: _onFatal, log: _log, ...setup } = o;
+    const data: QueueThreadData = { ...setup, port: port2, counters: shared.buffer };
     let handle;
     try {
       handle = await o.xen.startVcpu({ script: SCRIPT, workerData: data, transferList: [port2], frames: o.frames, peers: [o.frontDomid], name: `blkback-q${o.index}` });

@@ -3,14 +3,11 @@
  * its event channel bound, the page access and the data path. The same code serves a queue in
  * the control path's thread or in a queue thread of its own (queue-thread.ts).
  */
-import type { BlkifAbi } from '../abi/index.js';
 import { BackRing, SharedRing } from '../ring/index.js';
-import type { BlockStorage } from '../storage/storage.js';
 import { GNTMAP_host_map, GNTST_okay, type XenDomain } from '../xen/index.js';
 import type { VbdCounters } from './counters.js';
-import { DataPath } from './data-path.js';
+import { DataPath, type DataPathDeps } from './data-path.js';
 import { GrantCopy, MapPerRequest, PersistentMaps, type BouncePool, type PageAccess } from './page-access.js';
-import type { VbdLimits } from './validate.js';
 
 /** Where the frontend put one queue (blkif.h: `ring-ref*` and `event-channel`, under `queue-N/` with several). */
 export interface QueueRing {
@@ -24,18 +21,9 @@ export type QueueAccess =
   | { readonly kind: 'persistent'; readonly max: number; readonly idleMs: number }
   | { readonly kind: 'copy'; readonly pool: BouncePool };
 
-export interface QueueDeps {
-  readonly xen: XenDomain;
-  readonly frontDomid: number;
-  readonly abi: BlkifAbi;
-  readonly storage: BlockStorage;
+/** What a queue needs: the data path's dependencies but its ring, channel and page access, which it sets up. */
+export interface QueueDeps extends Pick<DataPathDeps, 'xen' | 'frontDomid' | 'abi' | 'storage' | 'limits' | 'maxIndirectSegments' | 'counters' | 'onFatal' | 'log'> {
   readonly access: QueueAccess;
-  readonly limits: () => VbdLimits;
-  readonly maxIndirectSegments: number;
-  readonly counters: VbdCounters;
-  /** The frontend broke the ring protocol: the control path disconnects the VBD. */
-  readonly onFatal: (why: string) => void;
-  readonly log: (msg: string) => void;
 }
 
 export class Queue {

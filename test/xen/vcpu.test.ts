@@ -40,6 +40,27 @@ interface Vcpu extends VcpuHandle { readonly c: VcpuClient }
 /** The vCPU limit the limit tests give their domains (MAX_VCPUS threads would be too many here). */
 const MAX = 8;
 
+/** A fresh hypervisor; a local domain L with one vCPU thread; 64 writable dom0 grants to L over 8 frames. */
+async function grantedToVcpu(): Promise<{ hv: Hypervisor; dom0: XenDomain; L: XenDomain; v: Vcpu; frames: number[]; refs: number[] }> {
+  const hv = new Hypervisor({ dom0MemoryPages: 16, dom0PollMicros: 0 });
+  const dom0 = hv.dom0;
+  const L = hv.createLocalDomain({ memoryPages: 16 });
+  const v = await startLocalVcpu(L);
+  const frames = dom0.memory.alloc(8);
+  const refs = Array.from({ length: 64 }, (_, i) => dom0.grants.grantAccess(L.domid, frames[i % 8]!, false));
+  return { hv, dom0, L, v, frames, refs };
+}
+
+/** Every grant unpinned (pins counted right) and ended, the frames freed, nothing left anywhere. */
+function endGrants(hv: Hypervisor, dom0: XenDomain, refs: readonly number[], frames: readonly number[]): void {
+  for (const r of refs) {
+    assert.equal(dom0.grants.isMapped(r), false, `ref ${r} still pinned`);
+    assert.equal(dom0.grants.endAccess(r), true);
+  }
+  dom0.memory.free(frames);
+  assertSettled(hv.counters());
+}
+
 /** Starts a vCPU (fixtures/vcpu.ts) of a local domain, with a command port to it. */
 async function startLocalVcpu(dom: XenDomain, frames?: readonly number[]): Promise<Vcpu> {
   const { port1, port2 } = new MessageChannel();
@@ -247,13 +268,10 @@ describe('vCPUs', () => {
   });
 
   test('3b. vCPU 0 and a vCPU thread map and unmap thousands of times at once: no handle twice', async (t) => {
-    hv = new Hypervisor({ dom0MemoryPages: 16, dom0PollMicros: 0 });
-    const dom0 = hv.dom0;
-    const L = hv.createLocalDomain({ memoryPages: 16 });
-    const v = await startLocalVcpu(L);
-    clients.push(v.c);
-    const frames = dom0.memory.alloc(8);
-    const refs = Array.from({ length: 64 }, (_, i) => dom0.grants.grantAccess(L.domid, frames[i % 8]!, false));
+    const g = await grantedToVcpu();
+    hv = g.hv;
+    clients.push(g.v.c);
+    const { dom0, L, v, frames, refs } = g;
     assert.ok(refs.every((r) => r >= 0));
     const base = hv.counters();
     // 1500 held per round: beyond a thread's kept handles (1024), so both threads keep claiming
@@ -277,22 +295,14 @@ describe('vCPUs', () => {
     assert.equal(hv.counters().mapsActive, base.mapsActive, 'mapsActive back to baseline');
     assert.equal(hv.counters().mapOps - base.mapOps, 2 * rounds * batch);
     assert.ok(new Int32Array(owners).every((o) => o === 0));
-    for (const r of refs) {
-      assert.equal(dom0.grants.isMapped(r), false, `ref ${r} still pinned`);
-      assert.equal(dom0.grants.endAccess(r), true);
-    }
-    dom0.memory.free(frames);
-    assertSettled(hv.counters());
+    endGrants(hv, dom0, refs, frames);
   });
 
   test('3c. two threads unmapping the same handles at once: each handle is unmapped exactly once', async () => {
-    hv = new Hypervisor({ dom0MemoryPages: 16, dom0PollMicros: 0 });
-    const dom0 = hv.dom0;
-    const L = hv.createLocalDomain({ memoryPages: 16 });
-    const v = await startLocalVcpu(L);
-    clients.push(v.c);
-    const frames = dom0.memory.alloc(8);
-    const refs = Array.from({ length: 64 }, (_, i) => dom0.grants.grantAccess(L.domid, frames[i % 8]!, false));
+    const g = await grantedToVcpu();
+    hv = g.hv;
+    clients.push(g.v.c);
+    const { dom0, L, v, frames, refs } = g;
     const n = 5000;
     const handles = new Int32Array(new SharedArrayBuffer(n * 4));
     for (let i = 0; i < n; i++) {
@@ -311,12 +321,7 @@ describe('vCPUs', () => {
     assert.equal(local.won + r1.won, n, 'every handle unmapped once');
     assert.equal(local.lost + r1.lost, n, 'and refused once');
     assert.equal(hv.counters().mapsActive, 0);
-    for (const r of refs) {
-      assert.equal(dom0.grants.isMapped(r), false, `ref ${r}: pins miscounted`);
-      assert.equal(dom0.grants.endAccess(r), true);
-    }
-    dom0.memory.free(frames);
-    assertSettled(hv.counters());
+    endGrants(hv, dom0, refs, frames);
   });
 
   test('3d. the maptrack handles a stopped vCPU kept for itself go back to the domain', async () => {
