@@ -102,20 +102,29 @@ export class QueueThread {
       port1.close();
       return { why: `starting a thread for queue ${o.index}: ${(e as Error).message}`, noThread: true };
     }
+    // Until 'ready' (or 'error'), logs and a fatal the thread already met are kept for later.
+    let qt: QueueThread | undefined;
+    const early: FromQueueThread[] = [];
     const first = await new Promise<FromQueueThread | undefined>((resolve) => {
-      port1.once('message', resolve);
+      port1.on('message', (m: FromQueueThread) => {
+        if (qt !== undefined) qt.onMessage(m);
+        else if (m.t === 'ready' || m.t === 'error') resolve(m);
+        else early.push(m);
+      });
       void handle.exited.then(() => resolve(undefined));
     });
     if (first?.t !== 'ready') {
+      for (const m of early) if (m.t === 'log') o.log(m.msg);
       await o.xen.stopVcpu(handle.vcpu).catch(() => undefined);
       port1.close();
       return first?.t === 'error' ? { why: first.why, noThread: first.noThread } : { why: `queue ${o.index}'s thread exited while starting`, noThread: true };
     }
-    const qt = new QueueThread(o, port1, handle.vcpu, first.port, handle.exited, shared.counters);
-    port1.on('message', (m: FromQueueThread) => qt.onMessage(m));
+    const started = new QueueThread(o, port1, handle.vcpu, first.port, handle.exited, shared.counters);
+    qt = started;
     port1.unref();
-    void handle.exited.then((exit) => qt.onExit(exit));
-    return qt;
+    void handle.exited.then((exit) => started.onExit(exit));
+    for (const m of early) started.onMessage(m);
+    return started;
   }
 
   private onMessage(m: FromQueueThread): void {
