@@ -57,7 +57,7 @@ import { newVbdCounters, sumVbdCounters, type VbdCounters } from './counters.js'
 import { BouncePool } from './page-access.js';
 import { blkbackOptions, type BlkbackOptions } from './options.js';
 import { Queue, type QueueAccess, type QueueRing } from './queue.js';
-import { QueueThread, type StorageSource } from './queue-thread.js';
+import { QueueThread, type QueueSetup, type StorageSource } from './queue-thread.js';
 import type { VbdLimits } from './validate.js';
 
 export interface BlkbackDeps {
@@ -285,34 +285,32 @@ export class Blkback {
 
     const threaded = this.threadsWanted();
     const maxSegs = Math.max(this.options.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
+    const how: QueueSetup['access'] = this.options.grantCopy ? { kind: 'copy' }
+      : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' };
     // Grant copy's bounce pages: one pool per VBD, or a share of it lent to each queue thread
-    // (at least one largest request each).
-    let bounce: BouncePool | undefined;
-    let lend: number[][] = rings.map(() => []);
-    if (this.options.grantCopy) {
+    // (at least one largest request each, plus its indirect pages).
+    let lend: readonly number[][] = rings.map(() => []);
+    const freeLent = (from: number) => { for (const f of lend.slice(from)) if (f.length > 0) xen.memory.free(f); };
+    const conn: Connection = { local: [], threads: [], pools: [] };
+    if (how.kind === 'copy') {
       const want = Math.min(ringSizeFor(XEN_PAGE_SIZE << order, abi.entrySize) * nq * (maxSegs + 8), this.options.grantCopyPages);
       const each = Math.max(maxSegs + 8, Math.floor(want / nq));
       try {
         if (threaded) lend = rings.map(() => xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
-        else bounce = new BouncePool(xen, xen.memory.alloc(want));
+        else conn.pools.push(new BouncePool(xen, xen.memory.alloc(want)));
       } catch (e) {
-        for (const f of lend) if (f.length > 0) xen.memory.free(f);
+        freeLent(0);
         return this.fatal(`no memory for ${threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}`);
       }
     }
-    const conn: Connection = { local: [], threads: [], pools: bounce === undefined ? [] : [bounce] };
     this.conn = conn;
-    const access: QueueAccess = bounce !== undefined
-      ? { kind: 'copy', pool: bounce }
-      : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' };
     const onFatal = (why: string) => void this.enqueue(() => this.fatal(why));
     for (const [q, r] of rings.entries()) {
       // Each queue has its own ring, channel, page access and cache: nothing shared to lock.
       if (threaded) {
         const t = await QueueThread.start({
           xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
-          limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments,
-          access: this.options.grantCopy ? { kind: 'copy' } : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' },
+          limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, access: how,
           frames: lend[q]!, housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
         });
         if (!('why' in t)) {
@@ -321,24 +319,23 @@ export class Blkback {
         }
         if (lend[q]!.length > 0) xen.memory.free(lend[q]!);
         if (!t.noThread) {
-          for (const f of lend.slice(q + 1)) if (f.length > 0) xen.memory.free(f);
+          freeLent(q + 1);
           return this.fatal(t.why);
         }
         // No thread for it (no vCPU free, or the storage would not open there): serve it here.
         this.log(`${t.why}; serving queue ${q} in this thread`);
-      }
-      let local = access;
-      if (threaded && this.options.grantCopy) {
-        try {
-          local = { kind: 'copy', pool: new BouncePool(xen, xen.memory.alloc(maxSegs + 8)) };
-        } catch (e) {
-          for (const f of lend.slice(q + 1)) if (f.length > 0) xen.memory.free(f);
-          return this.fatal(`no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}`);
+        if (how.kind === 'copy') {
+          try {
+            conn.pools.push(new BouncePool(xen, xen.memory.alloc(maxSegs + 8)));
+          } catch (e) {
+            freeLent(q + 1);
+            return this.fatal(`no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}`);
+          }
         }
-        conn.pools.push(local.pool);
       }
+      const access: QueueAccess = how.kind === 'copy' ? { kind: 'copy', pool: conn.pools.at(-1)! } : how;
       const queue = Queue.open({
-        xen, frontDomid: this.frontDomid, abi, storage, access: local, limits: () => this.limits(),
+        xen, frontDomid: this.frontDomid, abi, storage, access, limits: () => this.limits(),
         maxIndirectSegments: this.options.maxIndirectSegments, counters: this.own, onFatal, log: (m) => this.log(m),
       }, r, q);
       if (typeof queue === 'string') return this.fatal(queue);

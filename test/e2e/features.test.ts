@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import type { DeviceInfo } from '../../src/blkfront/index.js';
-import { Toolstack, type DomainProxy } from '../../src/toolstack/index.js';
+import { Toolstack, backendMemory, type DomainProxy } from '../../src/toolstack/index.js';
 import { XenbusStateClosed, waitForState } from '../../src/xenbus/index.js';
 import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
 
@@ -175,13 +175,14 @@ test('queue threads on storage that cannot be opened twice (memory): every queue
   }
 });
 
-test('more queues than the driver domain has vCPUs: the rest are served in its main thread, and said so', async () => {
-  const small = await ts.createBackendDomain('driver-2vcpus', undefined, { maxVcpus: 2 });
-  const path = join(tmp.dir, 'few-vcpus.img');
+for (const grantCopy of [false, true]) test(`more queues than the driver domain has vCPUs: the rest are served in its main thread, and said so${grantCopy ? ' (grant copy)' : ''}`, async () => {
+  const features = { queueThreads: true, grantCopy };
+  const small = await ts.createBackendDomain('driver-2vcpus', backendMemory(features, 1), { maxVcpus: 2 });
+  const path = join(tmp.dir, `few-vcpus-${grantCopy}.img`);
   sparseImage(path, 8 * 1024 * 1024);
   const disk = await ts.plug({
     guest, backend: small, storage: { kind: 'file', path },
-    backendOptions: { queueThreads: true }, frontendOptions: { queues: 3, bufferPages: 1024 },
+    backendOptions: features, frontendOptions: { queues: 3, bufferPages: 1024 },
   });
   try {
     assert.deepEqual((await disk.backendStatus()).queueVcpus, [1], 'one queue thread, the only vCPU left');
@@ -192,6 +193,9 @@ test('more queues than the driver domain has vCPUs: the rest are served in its m
       assert.equal(firstDifference(await disk.read(i * 512 * 1024, data.length), data), -1);
     }));
     assert.ok(ts.logs.some((l) => l.includes('no free vCPU') && l.includes('in this thread')), 'the fallback is logged');
+    const bs = await disk.backendStatus();
+    assert.equal(bs.counters.errors, 0);
+    if (grantCopy) assert.ok(bs.counters.grant_copy_ops > 0, 'grant copy in the thread and here');
   } finally {
     await disk.unplug();
     await ts.destroy(small);
