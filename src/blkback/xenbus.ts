@@ -289,46 +289,45 @@ export class Blkback {
       : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' };
     // Grant copy's bounce pages: one pool per VBD, or a share of it lent to each queue thread
     // (at least one largest request each, plus its indirect pages).
-    let lend: readonly number[][] = rings.map(() => []);
-    const freeLent = (from: number) => { for (const f of lend.slice(from)) if (f.length > 0) xen.memory.free(f); };
+    const lend: number[][] = [];
     const conn: Connection = { local: [], threads: [], pools: [] };
     if (how.kind === 'copy') {
       const want = Math.min(ringSizeFor(XEN_PAGE_SIZE << order, abi.entrySize) * nq * (maxSegs + 8), this.options.grantCopyPages);
       const each = Math.max(maxSegs + 8, Math.floor(want / nq));
       try {
-        if (threaded) lend = rings.map(() => xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
+        if (threaded) for (let q = 0; q < nq; q++) lend.push(xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
         else conn.pools.push(new BouncePool(xen, xen.memory.alloc(want)));
       } catch (e) {
-        freeLent(0);
+        for (const f of lend) xen.memory.free(f);
         return this.fatal(`no memory for ${threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}`);
       }
     }
     this.conn = conn;
     const onFatal = (why: string) => void this.enqueue(() => this.fatal(why));
+    // Queue threads start together (each is a new thread: a few tens of ms); the ones that
+    // came up join the connection before anything can fail, so a disconnect stops them.
+    const started = threaded ? await Promise.all(rings.map((r, q) => QueueThread.start({
+      xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
+      limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, access: how,
+      frames: lend[q] ?? [], housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
+    }))) : [];
+    for (const [q, t] of started.entries()) {
+      if (!('why' in t)) conn.threads.push(t);
+      else if (lend[q] !== undefined) xen.memory.free(lend[q]);
+    }
+    const refused = started.find((t) => 'why' in t && !t.noThread);
+    if (refused !== undefined && 'why' in refused) return this.fatal(refused.why);
     for (const [q, r] of rings.entries()) {
       // Each queue has its own ring, channel, page access and cache: nothing shared to lock.
-      if (threaded) {
-        const t = await QueueThread.start({
-          xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
-          limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, access: how,
-          frames: lend[q]!, housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
-        });
-        if (!('why' in t)) {
-          conn.threads.push(t);
-          continue;
-        }
-        if (lend[q]!.length > 0) xen.memory.free(lend[q]!);
-        if (!t.noThread) {
-          freeLent(q + 1);
-          return this.fatal(t.why);
-        }
+      const t = started[q];
+      if (t !== undefined) {
+        if (!('why' in t)) continue;
         // No thread for it (no vCPU free, or the storage would not open there): serve it here.
         this.log(`${t.why}; serving queue ${q} in this thread`);
         if (how.kind === 'copy') {
           try {
             conn.pools.push(new BouncePool(xen, xen.memory.alloc(maxSegs + 8)));
           } catch (e) {
-            freeLent(q + 1);
             return this.fatal(`no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}`);
           }
         }
