@@ -52,6 +52,10 @@ export class Queue {
       unmapRing(xen, d.counters, ringHandles);
       return `binding event channel ${r.remotePort} of domain ${d.frontDomid} failed (${port})`;
     }
+    // A new port notifies vCPU 0 (event_channel.h); a queue thread takes its own kicks, as
+    // Linux sets the ring's IRQ affinity. A kick vCPU 0 saw first is covered: the data path
+    // looks at the ring as it starts.
+    if (xen.vcpu !== 0) xen.events.bindVcpu(port, xen.vcpu);
     // Only the frontend initialises the shared ring (spec decision 5): attach at index 0.
     const ring = new BackRing(new SharedRing(maps.map((m) => m.page!), d.abi.entrySize));
     const deps = { xen, frontDomid: d.frontDomid, counters: d.counters };

@@ -197,7 +197,8 @@ export class XenDomain {
   /**
    * Brings up another vCPU of this domain: a thread running `script` with the same domid, grant
    * table (mapping side), event channels and memory view (VCPUOP_up, with the thread as the
-   * vCPU). Ports it opens notify it. Resolves once the thread runs.
+   * vCPU). Ports notify vCPU 0 until `events.bindVcpu` moves them (event_channel.h). Resolves
+   * once the thread runs.
    */
   startVcpu(opts: StartVcpuOptions): Promise<VcpuHandle> {
     if (this.vcpus === undefined) return Promise.reject(new Error('startVcpu: this domain cannot start vCPUs'));

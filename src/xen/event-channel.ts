@@ -1,7 +1,7 @@
 // Event channels (event_channel.h), 2-level ABI flavour: per-port pending and mask bits in
 // shared bitmaps, and one evtchn_upcall_pending word per vCPU that a sleeping vCPU waits on.
-// Each port notifies one vCPU (notify_vcpu_id): the one that opened it, or the one
-// EVTCHNOP_bind_vcpu named; a vCPU's scan takes only its own ports.
+// Each port notifies one vCPU (notify_vcpu_id): vCPU 0 unless EVTCHNOP_bind_vcpu named another;
+// a vCPU's scan takes only its own ports.
 // A send sets the remote pending bit; only a 0 -> 1 transition of an unmasked port raises the
 // upcall, and only a raised upcall of a sleeping domain costs an Atomics.notify, so repeated
 // sends before the peer runs coalesce into one wake-up as on Xen.
@@ -176,9 +176,9 @@ export class EventChannels {
       const p = ((this.hint - 1 + k) % (NR_EVTCHN_PORTS - 1)) + 1;
       if (Atomics.compareExchange(this.t.port, pidx(this.slot, p) + P_STATE, EVTCHNSTAT_closed, PS_RESERVED) === EVTCHNSTAT_closed) {
         this.hint = p + 1;
-        // A new port notifies the vCPU that opened it (Linux binds a new port's IRQ to the CPU
-        // setting it up); EVTCHNOP_bind_vcpu can move it.
-        Atomics.store(this.t.port, pidx(this.slot, p) + P_VCPU, this.vcpu);
+        // event_channel.h (EVTCHNOP_bind_vcpu): a new interdomain or unbound port notifies vCPU 0
+        // until EVTCHNOP_bind_vcpu moves it.
+        Atomics.store(this.t.port, pidx(this.slot, p) + P_VCPU, 0);
         const w = this.slot * PORT_WORDS + (p >>> 5);
         Atomics.and(this.t.pending, w, ~(1 << (p & 31)));
         Atomics.and(this.t.mask, w, ~(1 << (p & 31)));

@@ -109,19 +109,26 @@ describe('vCPUs', () => {
     assert.ok(p0 > 0);
     const lp = await v.c.call<number>({ op: 'bindInterdomain', remote: 0, port: p0 });
     assert.ok(lp > 0, `bind from vCPU 1: ${lp}`);
-    assert.equal(L.events.vcpuOf(lp), 1, 'a port notifies the vCPU that opened it');
+    // event_channel.h: a new port notifies vCPU 0, so the bind-time event raised vCPU 0.
+    assert.equal(L.events.vcpuOf(lp), 0, 'a new port notifies vCPU 0');
+    assert.equal(upcall(h, L.domid, 0), 1, 'the bind-time event raised vCPU 0');
+    clearUpcall(h, L.domid, 0);
+    // vCPU 1 binds it to itself (EVTCHNOP_bind_vcpu, as Linux sets an IRQ's affinity): the
+    // pending event follows, and vCPU 0 neither sees it nor gets an upcall any more.
+    assert.equal(await v.c.call({ op: 'bindVcpu', port: lp, vcpu: 1 }), 0);
+    assert.equal(L.events.vcpuOf(lp), 1);
     assert.equal(await v.c.call({ op: 'vcpuOf', port: lp }), 1);
-    // The bind-time event is vCPU 1's: vCPU 0 neither sees it nor gets an upcall.
+    assert.equal(upcall(h, L.domid, 1), 1, 'the pending event raised vCPU 1');
     assert.equal(L.events.isPending(lp), true);
     assert.deepEqual(L.events.takePending(), []);
     assert.equal(L.events.isPending(lp), true, "vCPU 0's scan leaves vCPU 1's port pending");
-    assert.equal(upcall(h, L.domid, 0), 0, "vCPU 0's upcall untouched by vCPU 1's bind");
+    assert.equal(upcall(h, L.domid, 0), 0, "vCPU 0's upcall untouched since the move");
     const w = await v.c.call<WaitResult>({ op: 'waitFor', port: lp, timeoutMs: MUST_COME_MS });
     assert.deepEqual(w, { got: true, seen: [lp] });
     return { hv: h, L, v, p0, lp };
   }
 
-  test('1. a port opened on a vCPU wakes that vCPU only; a port of vCPU 0 wakes vCPU 0 only', async () => {
+  test('1. a port bound to a vCPU wakes that vCPU only; a port of vCPU 0 wakes vCPU 0 only', async () => {
     const { hv: h, L, v, p0, lp } = await vcpuChannel();
     const dom0 = h.dom0;
     const before = h.domainCounters(L.domid)!;
@@ -142,7 +149,7 @@ describe('vCPUs', () => {
     assert.deepEqual(L.events.takePending(), []);
     assert.deepEqual(await v.c.call({ op: 'takePending' }), [lp]);
 
-    // Vice versa: a port vCPU 0 opens notifies vCPU 0, not vCPU 1.
+    // Vice versa: a port of vCPU 0 (the default) notifies vCPU 0, not vCPU 1.
     const q = L.events.allocUnbound(0);
     assert.ok(q > 0);
     assert.equal(L.events.vcpuOf(q), 0);
@@ -436,6 +443,8 @@ describe('vCPUs', () => {
     clients.push(v.c);
     const q = await v.c.call<number>({ op: 'allocUnbound', remote: 0 });
     assert.ok(q > 0);
+    assert.equal(await v.c.call({ op: 'bindVcpu', port: q, vcpu: 1 }), 0);
+    assert.equal(L.events.vcpuOf(q), 1);
     await v.c.call({ op: 'throw', message: 'vcpu crashed on purpose' });
     const exit = await v.exited;
     assert.equal(exit.vcpu, 1);
