@@ -74,6 +74,7 @@ export const EVTCHNOP_close = 3;
 export const EVTCHNOP_send = 4;
 export const EVTCHNOP_status = 5;
 export const EVTCHNOP_alloc_unbound = 6;
+export const EVTCHNOP_bind_vcpu = 8;
 export const EVTCHNOP_unmask = 9;
 
 // event_channel.h, "EVTCHNSTAT_*": port states reported by EVTCHNOP_status.
