@@ -12,7 +12,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Toolstack, backendMemory, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
 import type { XenCounters } from '../../src/xen/index.js';
-import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
+import { Rng, firstDifference, sparseImage, tempDir, verifiedBatch } from './helpers.js';
 
 const IMAGE = 48 * 1024 * 1024;
 const MAX_IO = 4 * 1024 * 1024;
@@ -54,17 +54,7 @@ async function randomIo(disk: GuestDisk, model: Uint8Array, rng: Rng, batches: n
       if (ranges.some(([o, l]) => off < o + l && o < off + len)) continue;
       ranges.push([off, len]);
     }
-    await Promise.all(ranges.map(async ([off, len]) => {
-      if (rng.int(0, 1) === 0) {
-        const data = rng.bytes(len);
-        await disk.write(off, data);
-        model.set(data, off);
-      } else {
-        const got = await disk.read(off, len);
-        const at = firstDifference(got, model.subarray(off, off + len));
-        assert.equal(at, -1, `read ${len} at ${off}: byte ${at} differs (seed ${rng.seed})`);
-      }
-    }));
+    await verifiedBatch(disk, model, rng, ranges);
     if (b % 8 === 7) await disk.flush();
   }
 }

@@ -49,3 +49,26 @@ export function firstDifference(a: Uint8Array, b: Uint8Array): number {
   for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
   return a.length === b.length ? -1 : n;
 }
+
+/** What verified I/O needs of a disk. */
+export interface ByteDisk {
+  read(offset: number, length: number): Promise<Uint8Array>;
+  write(offset: number, data: Uint8Array): Promise<void>;
+}
+
+/**
+ * Runs one batch of disjoint ranges at once, each a random write (kept in `model`) or a read
+ * checked against `model`.
+ */
+export async function verifiedBatch(disk: ByteDisk, model: Uint8Array, rng: Rng, ranges: readonly (readonly [number, number])[]): Promise<void> {
+  await Promise.all(ranges.map(async ([off, len]) => {
+    if (rng.int(0, 1) === 0) {
+      const data = rng.bytes(len);
+      await disk.write(off, data);
+      model.set(data, off);
+    } else {
+      const at = firstDifference(await disk.read(off, len), model.subarray(off, off + len));
+      if (at !== -1) throw new Error(`read ${len} at ${off}: byte ${at} differs (seed ${rng.seed})`);
+    }
+  }));
+}

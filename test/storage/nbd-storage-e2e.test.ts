@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { NbdStorage } from '../../src/storage/index.js';
 import { Toolstack } from '../../src/toolstack/index.js';
-import { Rng, firstDifference } from '../e2e/helpers.js';
+import { Rng, firstDifference, verifiedBatch } from '../e2e/helpers.js';
 import { tempDir } from './helpers.js';
 import { ServerProcess, have } from './nbd-support.js';
 
@@ -41,16 +41,7 @@ test('guest disk on an NBD export (nbdkit memory): verified I/O through blkfront
         const off = rng.int(0, (SIZE - len) / 512) * 512;
         if (!ranges.some(([o, l]) => off < o + l && o < off + len)) ranges.push([off, len]);
       }
-      await Promise.all(ranges.map(async ([off, len]) => {
-        if (rng.int(0, 1) === 0) {
-          const data = rng.bytes(len);
-          await disk.write(off, data);
-          model.set(data, off);
-        } else {
-          const got = await disk.read(off, len);
-          assert.equal(firstDifference(got, model.subarray(off, off + len)), -1, `read ${len} at ${off}`);
-        }
-      }));
+      await verifiedBatch(disk, model, rng, ranges);
       if (b % 4 === 3) await disk.flush();
     }
     await disk.discard(MiB, MiB);
