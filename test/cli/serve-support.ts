@@ -2,6 +2,7 @@
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
+import { track } from '../support/children.js';
 
 export const execFileP = promisify(execFile);
 export const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
@@ -15,7 +16,8 @@ export interface Served {
 }
 
 export async function serve(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Served> {
-  const proc = spawn(process.execPath, [MAIN, 'serve', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  // Tracked: ended when the test file ends, even if the test that started it failed first.
+  const proc = track(spawn(process.execPath, [MAIN, 'serve', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] }));
   let out = '';
   let err = '';
   proc.stderr!.on('data', (b: Buffer) => { err += b.toString(); });

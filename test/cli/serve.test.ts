@@ -7,10 +7,13 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync, existsSync } from 'node:fs';
-import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { sparseImage, tempDir } from '../e2e/helpers.js';
 import { execFileP, serve, MAIN } from './serve-support.js';
+import { spawnTracked } from '../support/children.js';
+import { needTools } from '../support/tools.js';
+
+needTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo', 'nbdcopy', 'fio', 'nbdkit');
 
 const tmp = tempDir('blkif-serve-');
 after(() => tmp.cleanup());
@@ -220,9 +223,12 @@ test('durability: data flushed before a SIGKILL of the whole server is in the im
   const image = join(tmp.dir, 'durable.img');
   sparseImage(image, 8 * MiB);
   const s = await serve([image, '--port', '0']);
-  // qemu-io flushes before it reports success and exits.
-  await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 1M 2M', '-c', 'flush', s.uri]);
-  assert.equal(await s.stop('SIGKILL'), null);
+  try {
+    // qemu-io flushes before it reports success and exits.
+    await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 1M 2M', '-c', 'flush', s.uri]);
+  } finally {
+    assert.equal(await s.stop('SIGKILL'), null);
+  }
   const img = readFileSync(image);
   assert.ok(img.subarray(MiB, 3 * MiB).every((b) => b === 0x42), 'the flushed write survived');
 });
@@ -231,9 +237,9 @@ test('remote storage: serve a qcow2 image behind qemu-nbd and an nbdkit memory d
   const qcow = join(tmp.dir, 'remote.qcow2');
   await execFileP('qemu-img', ['create', '-f', 'qcow2', qcow, '32M']);
   const sock = join(tmp.dir, 'qemu-nbd.sock');
-  const qemu = spawn('qemu-nbd', ['-f', 'qcow2', '-k', sock, '-t', '-x', 'disk', qcow], { stdio: 'ignore' });
+  const qemu = spawnTracked('qemu-nbd', ['-f', 'qcow2', '-k', sock, '-t', '-x', 'disk', qcow], { stdio: 'ignore' });
   const kitSock = join(tmp.dir, 'nbdkit.sock');
-  const kit = spawn('nbdkit', ['-f', '-U', kitSock, 'memory', '16M'], { stdio: 'ignore' });
+  const kit = spawnTracked('nbdkit', ['-f', '-U', kitSock, 'memory', '16M'], { stdio: 'ignore' });
   try {
     for (let i = 0; i < 100 && !(existsSync(sock) && existsSync(kitSock)); i++) await new Promise((r) => setTimeout(r, 50));
     const s = await serve([`nbd+unix:///disk?socket=${sock}`, `nbd+unix:///?socket=${kitSock}`, '--port', '0']);

@@ -27,8 +27,11 @@ import {
 import { requestToJson, responseToJson } from '../../src/abi/json.js';
 import { decodeRingImage, encodeRingImage } from '../../src/cli/ring-image.js';
 import { ringSizeFor } from '../../src/ring/index.js';
-import { buildConformance, type CBuild } from '../support/c-build.js';
+import { XEN_BLKIF_H, buildConformance, type CBuild } from '../support/c-build.js';
 import * as arb from '../support/arbitraries.js';
+import { needTools } from '../support/tools.js';
+
+needTools(XEN_BLKIF_H, 'gcc', 'gcc-m32', 'qemu-i386');
 
 const ABIS = ['x86_64-abi', 'x86_32-abi'] as const;
 const ORDERS = [0, 1, 2, 3, 4];

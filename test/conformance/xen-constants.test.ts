@@ -11,6 +11,9 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as xen from '../../src/xen/constants.js';
+import { needTools } from '../support/tools.js';
+
+needTools('/usr/include/xen/grant_table.h', 'gcc');
 
 const FROM_HEADERS = /^(GTF_|GNTTAB_|GNTTABOP_|GNTMAP_|GNTCOPY_|GNTST_|EVTCHNOP_|EVTCHNSTAT_|DOMID_)/;
 

@@ -1,22 +1,18 @@
 /**
  * NbdServer against the real NBD clients installed on this machine (libnbd's nbdinfo and
  * nbdcopy, qemu-img and qemu-io, fio's nbd engine), over TCP on 127.0.0.1 and over a Unix
- * socket, with in-memory exports checked byte for byte. A test whose program is missing is
- * skipped, saying which.
+ * socket, with in-memory exports checked byte for byte. A test whose program is missing
+ * fails, naming its Debian package.
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdServer, nbdUri, type NbdAddress } from '../../src/nbd/index.js';
-import { MemoryDevice, have, randomBytes, run, runOk, tempDir } from './support.js';
+import { MemoryDevice, randomBytes, run, runOk, tempDir } from './support.js';
+import { needTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
-const missing = (...cmds: string[]) => {
-  const gone = cmds.filter((c) => !have(c));
-  return gone.length ? `not installed: ${gone.join(', ')}` : false;
-};
-
 const disk = new MemoryDevice(16 * MiB);
 const ro = new MemoryDevice(2 * MiB, { readOnly: true, multiConn: false, canTrim: false });
 ro.bytes.set(randomBytes(ro.size, 42));
@@ -52,7 +48,8 @@ function nbdinfoJson(out: string): { exports: Record<string, unknown>[] } & Reco
   return JSON.parse(out) as { exports: Record<string, unknown>[] } & Record<string, unknown>;
 }
 
-describe('nbdinfo', { skip: missing('nbdinfo') }, () => {
+describe('nbdinfo', () => {
+  needTools('nbdinfo');
   test('--json: size, read-only flag, capabilities, block sizes', async () => {
     const w = nbdinfoJson((await runOk('nbdinfo', ['--json', '--no-content', nbdUri(tcp, 'disk')])).stdout);
     assert.equal(w.protocol, 'newstyle-fixed');
@@ -100,7 +97,8 @@ function pick(o: Record<string, unknown>, keys: string[]): Record<string, unknow
   return Object.fromEntries(keys.map((k) => [k, o[k]]));
 }
 
-describe('qemu', { skip: missing('qemu-img', 'qemu-io') }, () => {
+describe('qemu', () => {
+  needTools('qemu-img', 'qemu-io');
   test('qemu-img info sees a raw image of the export size', async () => {
     const info = JSON.parse((await runOk('qemu-img', ['info', '--output=json', nbdUri(tcp, 'disk')])).stdout) as Record<string, unknown>;
     assert.equal(info['virtual-size'], 16 * MiB);
@@ -165,7 +163,8 @@ describe('qemu', { skip: missing('qemu-img', 'qemu-io') }, () => {
   });
 });
 
-describe('nbdcopy', { skip: missing('nbdcopy') }, () => {
+describe('nbdcopy', () => {
+  needTools('nbdcopy');
   test('16 MiB of random data in and back out, byte for byte (multi-conn)', async () => {
     const data = randomBytes(16 * MiB, 7);
     const src = join(tmp.dir, 'in.bin');
@@ -182,7 +181,8 @@ describe('nbdcopy', { skip: missing('nbdcopy') }, () => {
   });
 });
 
-describe('fio', { skip: missing('fio') }, () => {
+describe('fio', () => {
+  needTools('fio');
   // The default export ('scratch'), by the URI with an empty name.
   const fio = (args: string[]) => runOk('fio', ['--ioengine=nbd', `--uri=${nbdUri(tcp)}`, '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse', '--terse-version=3', ...args], 60_000);
 

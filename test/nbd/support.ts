@@ -4,7 +4,7 @@
  * helpers to run the real clients (nbdinfo, qemu-img, qemu-io, nbdcopy, fio).
  */
 import { connect, type Socket } from 'node:net';
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -270,11 +270,6 @@ export class RawClient {
   destroy(): void {
     this.socket.destroy();
   }
-}
-
-/** Whether `cmd` is on PATH. */
-export function have(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
 }
 
 export interface RunResult {

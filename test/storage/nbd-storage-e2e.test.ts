@@ -12,12 +12,14 @@ import { NbdStorage } from '../../src/storage/index.js';
 import { Toolstack } from '../../src/toolstack/index.js';
 import { Rng, firstDifference, verifiedBatch } from '../e2e/helpers.js';
 import { tempDir } from './helpers.js';
-import { ServerProcess, have } from './nbd-support.js';
+import { ServerProcess } from './nbd-support.js';
+import { requireTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 
-test('guest disk on an NBD export (nbdkit memory): verified I/O through blkfront and blkback, unplug, shutdown', { skip: have('nbdkit') ? false : 'not installed: nbdkit' }, async () => {
+test('guest disk on an NBD export (nbdkit memory): verified I/O through blkfront and blkback, unplug, shutdown', async () => {
+  requireTools('nbdkit');
   const tmp = tempDir('blkif-nbd-e2e-');
   const srv = await ServerProcess.nbdkit({ socket: join(tmp.dir, 'nbd.sock') }, ['memory', `${SIZE}`]);
   const ts = await Toolstack.start();

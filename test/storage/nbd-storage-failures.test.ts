@@ -12,18 +12,15 @@ import { join } from 'node:path';
 import { NbdStorage, StorageError } from '../../src/storage/index.js';
 import { Rng, firstDifference, sparseImage } from '../e2e/helpers.js';
 import { rejectsWith, tempDir } from './helpers.js';
-import { ServerProcess, freePort, have, randomIo, sleep, verifyAll } from './nbd-support.js';
+import { ServerProcess, freePort, randomIo, sleep, verifyAll } from './nbd-support.js';
+import { needTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('blkif-nbd-failures-');
 after(() => tmp.cleanup());
 
-const missing = (...cmds: string[]) => {
-  const gone = cmds.filter((c) => !have(c));
-  return gone.length ? `not installed: ${gone.join(', ')}` : false;
-};
-
-describe('server restarts', { skip: missing('qemu-nbd') }, () => {
+describe('server restarts', () => {
+  needTools('qemu-nbd');
   test('qemu-nbd killed (SIGKILL) mid-run and started again on the same port: every request completes, data right', async () => {
     const img = join(tmp.dir, 'restart.img');
     sparseImage(img, 16 * MiB);
@@ -64,7 +61,8 @@ describe('server restarts', { skip: missing('qemu-nbd') }, () => {
   });
 });
 
-describe('nbdkit failures', { skip: missing('nbdkit') }, () => {
+describe('nbdkit failures', () => {
+  needTools('nbdkit');
   test('server stopped (SIGSTOP) past the timeout, then continued: requests time out, are re-sent, complete', async () => {
     const where = { socket: join(tmp.dir, 'stall.sock') };
     const srv = await ServerProcess.nbdkit(where, ['memory', '16M']);

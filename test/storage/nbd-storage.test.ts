@@ -4,7 +4,7 @@
  * own NbdServer, and against a scripted server that splits and reorders structured replies or
  * knows only NBD_OPT_EXPORT_NAME: random vectored I/O checked against a byte model, multi-conn,
  * block-size limits, read-only exports, URIs. Servers listen on 127.0.0.1 or on Unix sockets in a
- * temp dir and are killed afterwards. A suite whose program is missing is skipped, saying which.
+ * temp dir and are killed afterwards. A suite whose program is missing fails, naming its Debian package.
  */
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,16 +16,12 @@ import { NbdStorage } from '../../src/storage/index.js';
 import { Rng, firstDifference, sparseImage } from '../e2e/helpers.js';
 import { MemoryDevice } from '../nbd/support.js';
 import { rejectsWith, sharedViews, tempDir } from './helpers.js';
-import { ScriptedServer, ServerProcess, freePort, have, randomIo, verifyAll } from './nbd-support.js';
+import { ScriptedServer, ServerProcess, freePort, randomIo, verifyAll } from './nbd-support.js';
+import { needTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('blkif-nbd-storage-');
 after(() => tmp.cleanup());
-
-const missing = (...cmds: string[]) => {
-  const gone = cmds.filter((c) => !have(c));
-  return gone.length ? `not installed: ${gone.join(', ')}` : false;
-};
 
 let socketCount = 0;
 const sock = () => ({ socket: join(tmp.dir, `s${socketCount++}.sock`) });
@@ -177,7 +173,8 @@ describe('scripted server', () => {
   });
 });
 
-describe('qemu-nbd', { skip: missing('qemu-nbd', 'qemu-img') }, () => {
+describe('qemu-nbd', () => {
+  needTools('qemu-nbd', 'qemu-img');
   test('raw image over TCP, 3 connections (qemu-nbd -e 8 allows multi-conn): random vectored I/O, the file equals the model', async () => {
     const img = join(tmp.dir, 'raw.img');
     sparseImage(img, 16 * MiB);
@@ -248,7 +245,8 @@ describe('qemu-nbd', { skip: missing('qemu-nbd', 'qemu-img') }, () => {
   });
 });
 
-describe('nbdkit', { skip: missing('nbdkit') }, () => {
+describe('nbdkit', () => {
+  needTools('nbdkit');
   test('memory 64M: random I/O at depth; a second client sees the data', async () => {
     const srv = await ServerProcess.nbdkit({ port: await freePort() }, ['memory', '64M']);
     try {

@@ -5,7 +5,7 @@
  * split and reorder structured reads).
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { type ChildProcess } from 'node:child_process';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { existsSync } from 'node:fs';
 import {
@@ -18,15 +18,11 @@ import {
 import type { NbdStorage } from '../../src/storage/index.js';
 import { Rng, firstDifference } from '../e2e/helpers.js';
 import { concat, sharedViews, split } from './helpers.js';
+import { spawnTracked } from '../support/children.js';
 
 const MiB = 1024 * 1024;
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-/** Whether `cmd` is on PATH. */
-export function have(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
-}
 
 /** A TCP port on 127.0.0.1 that was free a moment ago. */
 export function freePort(): Promise<number> {
@@ -83,7 +79,7 @@ export class ServerProcess {
   }
 
   static async start(cmd: string, args: string[], where: Where): Promise<ServerProcess> {
-    const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const proc = spawnTracked(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const s = new ServerProcess(proc, where);
     try {
       await reachable(where, proc, () => s.err);

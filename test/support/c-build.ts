@@ -1,7 +1,7 @@
 /**
  * Builds the C conformance program against Xen's genuine headers for both ABIs and runs it.
  * The -m32 build is static and runs natively where the kernel executes i386 binaries, else
- * under qemu-i386 (Debian's qemu-user), which .ci/run installs.
+ * under qemu-i386 (Debian's qemu-user), which test/setup/install.sh installs.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';

@@ -7,6 +7,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { XenstoreClient } from '../../src/xenstore/index.js';
+import { track } from '../support/children.js';
+import { needTools } from '../support/tools.js';
+
+needTools('xenstore-read');
 
 test('xenstored command prints ready, serves, exits on SIGTERM', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkif-xsd-'));
@@ -14,7 +18,7 @@ test('xenstored command prints ready, serves, exits on SIGTERM', async () => {
   const cli = new URL('../../src/cli/xenstored.js', import.meta.url).href;
   const script = `import { xenstoredCommand } from ${JSON.stringify(cli)};
 await xenstoredCommand().parseAsync(['--socket', process.argv[1]], { from: 'user' });`;
-  const child = spawn(process.execPath, ['--input-type=module', '-e', script, sock], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = track(spawn(process.execPath, ['--input-type=module', '-e', script, sock], { stdio: ['ignore', 'pipe', 'inherit'] }));
   try {
     const line = await new Promise<string>((resolve, reject) => {
       let out = '';

@@ -5,6 +5,10 @@ import { execFile, spawn } from 'node:child_process';
 import { promisify } from 'node:util';
 import { XenstoreClient } from '../../src/xenstore/index.js';
 import { startSocketDaemon, type SocketDaemon } from './helpers.js';
+import { track } from '../support/children.js';
+import { needTools } from '../support/tools.js';
+
+needTools('xenstore-read'); // xenstore-utils brings every xenstore-* tool used here
 
 const run = promisify(execFile);
 let d: SocketDaemon;
@@ -74,7 +78,7 @@ test('xenstore-chmod sets permissions seen by our client and by xenstore-ls', as
 
 test('xenstore-watch prints the initial event and a change', async () => {
   await xs('xenstore-write', '/w/init', '0');
-  const child = spawn('xenstore-watch', ['/w'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = track(spawn('xenstore-watch', ['/w'], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
   try {
     let out = '';
     let onLine: (() => void) | undefined;
