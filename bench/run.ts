@@ -1,12 +1,12 @@
 /**
  * `npm run bench` (`--quick` for a short run, `--json` for one JSON document, `--out DIR`): the
- * harness of `blkif bench` (src/cli/bench/) plus this repository's micro-benchmarks (wire format
- * and ring, the emulated Xen, xenstore). Reports go to bench/results/<timestamp>/ and the latest
+ * protocol harness (bench/harness/: development code, not shipped in the package) plus the
+ * micro-benchmarks (wire format and ring, the emulated Xen, xenstore). Reports go to bench/results/<timestamp>/ and the latest
  * is copied to bench/REPORT.md (charts in bench/report/). Benchmarks assert nothing about speed.
  */
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { runBench } from '../src/cli/bench.js';
+import { runBench } from './harness/run.js';
 import { benchRing } from './ring.js';
 import { benchXen } from './xen.js';
 import { benchXenstore } from './xenstore.js';

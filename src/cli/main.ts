@@ -3,7 +3,6 @@
 import { Command, CommanderError } from 'commander';
 import { VERSION } from '../index.js';
 import { UsageError } from './errors.js';
-import { benchCommand } from './bench.js';
 import { ringCommand } from './ring.js';
 import { serveCommand } from './serve.js';
 import { xenstoredCommand } from './xenstored.js';
@@ -13,7 +12,6 @@ const program = new Command('blkif')
   .version(VERSION)
   .showHelpAfterError('(run with --help for usage)')
   .addCommand(serveCommand())
-  .addCommand(benchCommand())
   .addCommand(ringCommand())
   .addCommand(xenstoredCommand());
 

@@ -1,5 +1,5 @@
 /**
- * The benchmark harness behind `blkif bench` and `npm run bench`: a plan of steps (baselines, the
+ * The benchmark harness behind `npm run bench`: a plan of steps (baselines, the
  * blkfront API, the protocol matrix, bytes in flight, scaling, the NBD export against qemu-nbd,
  * and any extra suites), run one after the other with progress on stderr; then one document of
  * results, a Markdown report with SVG charts, and either tables or JSON on stdout. It asserts
@@ -8,7 +8,7 @@
  */
 import { arch, cpus, loadavg, release, totalmem, type as osType } from 'node:os';
 import { join } from 'node:path';
-import type { GuestDisk, StorageSpec } from '../../toolstack/index.js';
+import type { GuestDisk, StorageSpec } from '../../src/toolstack/index.js';
 import { directBaseline, MemoryCopy, memcpyBaseline, memcpyId } from './baselines.js';
 import { Cleanup, createImage, imageParent, tempDir } from './cleanup.js';
 import { GRANT_POOL_CAP, GuestBench, poolPagesFor, reachableInflight } from './guest.js';
@@ -34,7 +34,7 @@ export interface BenchOptions {
   readonly latestDir?: string;
   /** Suites contributed from outside src (bench/'s micro-benchmarks), run last. */
   readonly extraSuites?: readonly ExtraSuite[];
-  /** The command line that started the run, for the report (default: `blkif bench` and the flags). */
+  /** The command line that started the run, for the report (default: `npm run bench` and the flags). */
   readonly command?: string;
   /** Where the tables (or the JSON document) go; stdout by default. */
   readonly out?: NodeJS.WritableStream;
@@ -415,14 +415,14 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   const targets = computeTargets(results);
   const doc: BenchDocument = {
     tool: 'blkif bench', startedAt: started.toISOString(), seconds: (performance.now() - t0) / 1000, quick: o.quick, machine,
-    command: o.command ?? `blkif bench${o.quick ? ' --quick' : ''}${o.json ? ' --json' : ''}`,
+    command: o.command ?? `npm run bench --${o.quick ? ' --quick' : ''}${o.json ? ' --json' : ''}`,
     parameters: { ...P, imageDir: where.dir, imageOnTmpfs: where.tmpfs, defaultConfig: DEFAULT_CONFIG_LABEL, classicConfig: configLabel(0, 0), inflightBlock: INFLIGHT_BLOCK, inflightDepth: INFLIGHT_DEPTH, scalingWorkload: SCALING_WORKLOAD, scalingCounts: SCALING_COUNTS, threadsBufferPages: THREADS_BUFFER_PAGES },
     results, targets, report: undefined,
   };
   try {
     doc.report = await writeReport(doc, o.outDir, o.latestDir);
   } catch (e) {
-    process.stderr.write(`blkif bench: could not write the report: ${(e as Error).message}\n`);
+    process.stderr.write(`bench: could not write the report: ${(e as Error).message}\n`);
   }
   const out = o.out ?? process.stdout;
   if (o.json) out.write(JSON.stringify(doc, jsonNumbers, 2) + '\n');

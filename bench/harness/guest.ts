@@ -3,11 +3,11 @@
  * blkfront runs the workload in their own thread (`GuestDisk.workload`, no NBD, no control-channel
  * hop per I/O), and the frontend's and backend's counters read before and after each run.
  */
-import { indirectPagesFor } from '../../abi/index.js';
-import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../../xen/index.js';
-import type { BlkbackOptions } from '../../blkback/index.js';
-import type { BlkfrontOptions } from '../../blkfront/index.js';
-import { Toolstack, type DomainProxy, type GuestDisk, type StorageSpec, type WorkloadResult } from '../../toolstack/index.js';
+import { indirectPagesFor } from '../../src/abi/index.js';
+import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../../src/xen/index.js';
+import type { BlkbackOptions } from '../../src/blkback/index.js';
+import type { BlkfrontOptions } from '../../src/blkfront/index.js';
+import { Toolstack, type DomainProxy, type GuestDisk, type StorageSpec, type WorkloadResult } from '../../src/toolstack/index.js';
 import type { Cleanup } from './cleanup.js';
 import { MiB, perfOf, type Perf, type ProtocolCost, type Workload } from './types.js';
 

@@ -4,8 +4,8 @@
  * options blkback or blkfront do not have (yet) makes its configurations skipped, with a note in
  * the report, so axes for future features can be declared before the features exist.
  */
-import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../../blkback/index.js';
-import { DEFAULT_BLKFRONT_OPTIONS, type BlkfrontOptions } from '../../blkfront/index.js';
+import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../../src/blkback/index.js';
+import { DEFAULT_BLKFRONT_OPTIONS, type BlkfrontOptions } from '../../src/blkfront/index.js';
 import { KiB, MiB, type Workload } from './types.js';
 
 export interface AxisValue {
