@@ -11,7 +11,7 @@ import { freePort, spawnChild, waitForPort, type Child, type Cleanup } from './c
 import { KiB, MiB, perfOf, sizeLabel, type Perf, type Workload } from './types.js';
 
 const execFileP = promisify(execFile);
-const MAIN = fileURLToPath(new URL('../main.js', import.meta.url));
+const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
 
 export interface NbdServerSpec {
   /** Row config: 'blkif serve', 'qemu-nbd', ... */
