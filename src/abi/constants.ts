@@ -8,7 +8,7 @@
 export const XEN_PAGE_SHIFT = 12;
 export const XEN_PAGE_SIZE = 1 << XEN_PAGE_SHIFT;
 
-/** blkif.h: sector quantities in requests are always 512-byte units (our spec decision 1). */
+/** blkif.h: sector quantities in requests are always 512-byte units (decisions.md: sector units). */
 export const SECTOR_SHIFT = 9;
 export const SECTOR_SIZE = 1 << SECTOR_SHIFT;
 /** Sectors per granted frame; `last_sect` must be below this (Linux blkback's rule). */

@@ -209,7 +209,7 @@ export function decodeRequest(view: DataView, off: number, abi: BlkifAbi, limits
   }
 }
 
-/** The operation a response to this request must carry: an indirect request is answered with its `indirect_op` (spec decision 3). */
+/** The operation a response to this request must carry: an indirect request is answered with its `indirect_op` (decisions.md: indirect responses carry indirect_op). */
 export function responseOperation(req: BlkifRequest): number {
   return req.operation === BLKIF_OP_INDIRECT ? req.indirect_op : req.operation;
 }

@@ -51,7 +51,7 @@ export interface BlkbackOptions {
    * a kthread per ring; needs a storage that can be opened again (`BlkbackDeps.storageSource`).
    */
   queueThreads: boolean;
-  /** ABI assumed when the frontend writes no `protocol` (spec decision 2: Linux on x86 assumes x86_32). */
+  /** ABI assumed when the frontend writes no `protocol` (decisions.md: protocol always written; Linux on x86 assumes x86_32). */
   defaultProtocol: string;
 }
 

@@ -56,7 +56,7 @@ export class Queue {
     // Linux sets the ring's IRQ affinity. A kick vCPU 0 saw first is covered: the data path
     // looks at the ring as it starts.
     if (xen.vcpu !== 0) xen.events.bindVcpu(port, xen.vcpu);
-    // Only the frontend initialises the shared ring (spec decision 5): attach at index 0.
+    // Only the frontend initialises the shared ring (decisions.md: only the frontend initialises the ring): attach at index 0.
     const ring = new BackRing(new SharedRing(maps.map((m) => m.page!), d.abi.entrySize));
     const deps = { xen, frontDomid: d.frontDomid, counters: d.counters };
     const a = d.access;

@@ -2,7 +2,7 @@
  * Checks a request copied out of the ring against what this VBD negotiated, before any grant is
  * mapped or byte moved (Linux blkback `dispatch_rw_block_io`, `xen_vbd_translate`,
  * `dispatch_discard_io`). Pure: the data path acts on the verdict. Sector quantities are 512-byte
- * units whatever `sector-size` is (spec decision 1); every request must be aligned to `sector-size`.
+ * units whatever `sector-size` is (decisions.md: sector units); every request must be aligned to `sector-size`.
  */
 import {
   BLKIF_DISCARD_SECURE,

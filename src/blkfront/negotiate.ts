@@ -42,7 +42,7 @@ export interface BackendTransport {
 
 /** The disk as the backend describes it once Connected. */
 export interface DiskInfo {
-  /** Size in 512-byte sectors (spec decision 1). */
+  /** Size in 512-byte sectors (decisions.md: sector units). */
   sectors: number;
   sectorSize: number;
   physicalSectorSize: number;

@@ -10,7 +10,7 @@ export interface BlkfrontOptions {
   maxIndirectSegments: number;
   /** Ring size we want, as log2(pages); capped by the backend's `max-ring-page-order`. */
   ringPageOrder: number;
-  /** ABI of the ring we write in `protocol` (spec decision 2: always written). */
+  /** ABI of the ring we write in `protocol` (decisions.md: protocol always written). */
   protocol: string;
   /** Rings wanted (blkif.h "Multi-queue"); capped by the backend's `multi-queue-max-queues`. */
   queues: number;

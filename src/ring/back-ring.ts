@@ -1,8 +1,8 @@
 /**
  * The backend's view of a shared ring (ring.h `struct *_back_ring`): it consumes requests and
  * produces responses, with its private `req_cons` and `rsp_prod_pvt`. A backend never
- * initialises the shared ring (spec decision 5) and never trusts `req_prod`: each request is
- * copied out once (RING_COPY_REQUEST) and both overflow guards are checked (spec decision 4).
+ * initialises the shared ring (decisions.md: only the frontend initialises the ring) and never trusts `req_prod`: each request is
+ * copied out once (RING_COPY_REQUEST) and both overflow guards are checked (decisions.md: copy once, check both guards).
  */
 import { RING_CONSUMED, RING_EMPTY, RING_PEER_OVERFLOW, type ConsumeResult, type RingEntry, type SharedRing } from './shared-ring.js';
 

@@ -107,7 +107,7 @@ export class SharedRing {
     return new SharedRing(splitPages(new Uint8Array(new SharedArrayBuffer(XEN_PAGE_SIZE << order)), 1 << order), entrySize);
   }
 
-  /** `SHARED_RING_INIT`: only the frontend does this (spec decision 5); entries are untouched. */
+  /** `SHARED_RING_INIT`: only the frontend does this (decisions.md: only the frontend initialises the ring); entries are untouched. */
   init(): void {
     for (let i = 0; i < SRING_HEADER_SIZE / 4; i++) Atomics.store(this.header, i, 0);
     Atomics.store(this.header, SRING_REQ_EVENT / 4, 1);
