@@ -57,22 +57,18 @@ import {
   type XenstoreErrorName,
 } from './wire.js';
 
-export interface DomainPage {
-  page: Uint8Array;
-  kick: () => void;
-}
-
 export interface XenstoreDaemonOptions {
   quotas?: Partial<XenstoreQuotas>;
   quotaErrorStyle?: QuotaErrorStyle;
   /** xenstored -K: on release, give a domain's nodes to dom0 instead of deleting them. */
   keepOrphans?: boolean;
   /**
-   * Called for XS_INTRODUCE to reach the guest's xenstore page (the emulated
-   * hypervisor maps the gfn and binds the event channel). Without it, or if
-   * it returns undefined, the domain is introduced without a page.
+   * XS_INTRODUCE from a toolstack connection: whoever knows the hypervisor maps the guest's
+   * xenstore page (`gfn`), binds `port` and attaches a XenstorePageServer, which introduces the
+   * domain. Without it, or when it returns false, the domain is introduced without a page.
+   * Injected so the daemon stays apart from the hypervisor and from its own transports.
    */
-  mapDomainPage?: (domid: number, gfn: string, port: number) => DomainPage | undefined;
+  introduce?: (domid: number, gfn: string, port: number) => boolean;
   /** Where the daemon reports internal errors (never the protocol replies). */
   log?: (line: string) => void;
 }
@@ -447,9 +443,7 @@ export class XenstoreDaemon {
         const port = Number.parseInt(args[2]!, 10);
         if (!(port > 0)) fail(EINVAL);
         if (!this.isDomainIntroduced(domid)) {
-          const mapped = this.options.mapDomainPage?.(domid, args[1]!, port);
-          if (mapped) attachHook.attach?.(this, domid, mapped.page, mapped.kick);
-          else this.introduceDomain(domid);
+          if (this.options.introduce?.(domid, args[1]!, port) !== true) this.introduceDomain(domid);
         }
         return { reply: OK };
       }
@@ -493,10 +487,6 @@ export class XenstoreDaemon {
 }
 
 /** Set by the page transport so XS_INTRODUCE can attach a page without an import cycle. */
-export const attachHook: {
-  attach?: (daemon: XenstoreDaemon, domid: number, page: Uint8Array, kick: () => void) => void;
-} = {};
-
 function isWatched(path: string, watchPath: string): boolean {
   if (watchPath === '/') return path.startsWith('/');
   return path === watchPath || path.startsWith(watchPath + '/');

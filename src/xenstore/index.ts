@@ -5,7 +5,7 @@ export { XenstoreError } from './errors.js';
 export { type XsPermission, type PermLetter, formatPermission, parsePermission } from './permissions.js';
 export { DEFAULT_QUOTAS, type XenstoreQuotas, type QuotaErrorStyle } from './quota.js';
 export { canonicalize, domainPath } from './paths.js';
-export { XenstoreDaemon, ServerConnection, type XenstoreDaemonOptions, type ConnectionSink, type DomainPage } from './daemon.js';
+export { XenstoreDaemon, ServerConnection, type XenstoreDaemonOptions, type ConnectionSink } from './daemon.js';
 export { XenstorePageServer, attachPage } from './page-server.js';
 export { XenstorePageClient } from './page-client.js';
 export { XenstoreInterface, REQUEST_RING, RESPONSE_RING } from './ring.js';

@@ -3,7 +3,7 @@
 // the guest's event-channel notification calls onEvent().
 import { CoalescedRunner } from './coalesced-runner.js';
 import { MessageParser } from './codec.js';
-import { attachHook, type ServerConnection, type XenstoreDaemon } from './daemon.js';
+import type { ServerConnection, XenstoreDaemon } from './daemon.js';
 import { REQUEST_RING, RESPONSE_RING, XenstoreInterface } from './ring.js';
 import {
   XENSTORE_CONNECTED,
@@ -125,7 +125,3 @@ export class XenstorePageServer {
 export function attachPage(daemon: XenstoreDaemon, domid: number, page: Uint8Array, kick: () => void): XenstorePageServer {
   return new XenstorePageServer(daemon, domid, page, kick);
 }
-
-attachHook.attach = (daemon, domid, page, kick) => {
-  attachPage(daemon, domid, page, kick);
-};

@@ -38,3 +38,42 @@ test('guest in a worker thread over a SharedArrayBuffer page', async () => {
     await daemon.close();
   }
 });
+
+test('XS_INTRODUCE hands the guest page to the injected introducer, which attaches a page server', async () => {
+  const seen: [number, string, number][] = [];
+  const guestPage = new Uint8Array(new SharedArrayBuffer(4096));
+  let guestServer: { onEvent(): void } | undefined;
+  let guest: XenstorePageClient | undefined;
+  const daemon: XenstoreDaemon = new XenstoreDaemon({
+    introduce: (domid, gfn, port) => {
+      seen.push([domid, gfn, port]);
+      if (domid !== 7) return false; // domain 8: introduced without a page
+      guestServer = attachPage(daemon, domid, guestPage, () => queueMicrotask(() => guest?.onEvent()));
+      return true;
+    },
+  });
+  const p0 = new Uint8Array(new SharedArrayBuffer(4096));
+  let s0: { onEvent(): void } | undefined;
+  const t0 = new XenstorePageClient(p0, () => queueMicrotask(() => s0?.onEvent()));
+  s0 = attachPage(daemon, 0, p0, () => queueMicrotask(() => t0.onEvent()));
+  const dom0 = new XenstoreClient(t0);
+  try {
+    await dom0.mkdir('/local/domain/7');
+    await dom0.setPerms('/local/domain/7', [{ domid: 7, perm: 'n' }]);
+    await dom0.introduce(7, 0x1234, 5);
+    await dom0.introduce(8, 99, 6);
+    assert.deepEqual(seen, [[7, '4660', 5], [8, '99', 6]]);
+    assert.equal(await dom0.isDomainIntroduced(7), true);
+    assert.equal(await dom0.isDomainIntroduced(8), true);
+    await dom0.introduce(7, 0x1234, 5); // already introduced: not asked again
+    assert.equal(seen.length, 2);
+    // The page the introducer attached serves the guest, as domain 7.
+    guest = new XenstorePageClient(guestPage, () => queueMicrotask(() => guestServer?.onEvent()));
+    const c = new XenstoreClient(guest);
+    await c.write('/local/domain/7/hello', 'from-7');
+    assert.equal(await dom0.read('/local/domain/7/hello'), 'from-7');
+    assert.equal(await c.read('/local/domain/0').catch((e: { code?: string }) => e.code), 'EACCES', 'not dom0');
+  } finally {
+    await daemon.close();
+  }
+});
