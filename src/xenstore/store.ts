@@ -13,6 +13,8 @@ export interface XsNode {
 /** What tree operations need: the live store or a transaction's view of it. */
 export interface NodeView {
   get(path: string): XsNode | undefined;
+  /** The node as this view sees it, without counting as a read (a transaction's commit does not depend on it). */
+  peek(path: string): XsNode | undefined;
   put(path: string, node: XsNode): void;
   remove(path: string): void;
   /** Nodes whose owner (first permission) is `domid`. */
@@ -31,6 +33,10 @@ export class Store implements NodeView {
   private readonly owned = new Map<number, number>();
 
   get(path: string): XsNode | undefined {
+    return this.nodes.get(path);
+  }
+
+  peek(path: string): XsNode | undefined {
     return this.nodes.get(path);
   }
 
@@ -86,6 +92,11 @@ export class TransactionView implements NodeView {
     this.seen.set(path, n ? n.gen : ABSENT_GEN);
     this.overlay.set(path, n ?? null);
     return n;
+  }
+
+  peek(path: string): XsNode | undefined {
+    const mine = this.overlay.get(path);
+    return mine !== undefined ? mine ?? undefined : this.live.get(path);
   }
 
   put(path: string, node: XsNode): void {

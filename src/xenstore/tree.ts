@@ -36,8 +36,10 @@ export interface ChangeEvent {
 const EMPTY = new Uint8Array(0);
 
 function eventFor(view: NodeView, path: string, node: XsNode, match: ChangeEvent['match']): ChangeEvent {
-  // Read access to the node or its parent lets a watcher see the event.
-  const parent = path.startsWith('@') ? undefined : view.get(parentOf(path));
+  // Read access to the node or its parent lets a watcher see the event. Who may see an event is
+  // not something a transaction read: peek, so a write to the parent elsewhere cannot fail its
+  // commit with EAGAIN (xenstored checks watch permissions outside the transaction).
+  const parent = path.startsWith('@') ? undefined : view.peek(parentOf(path));
   const nodePerms = node.perms;
   const parentPerms = parent?.perms;
   return {

@@ -240,3 +240,27 @@ test('transaction() helper retries on EAGAIN', async () => {
     await d.close();
   }
 });
+
+test('who may see a watch event is not a transaction read: a write to the parent elsewhere does not fail the commit', async () => {
+  // The counterexample a fuzz run found: the daemon read /t/a through the transaction to decide
+  // who may see the event for /t/a/x, and so refused a commit the model allows.
+  const d = await startSocketDaemon();
+  const [a, b] = [await XenstoreClient.connectSocket(d.socketPath), await XenstoreClient.connectSocket(d.socketPath)];
+  try {
+    await a.write('/t/a/x', 'old');
+    const tx = await a.transactionStart();
+    await a.write('/t/a/x', 'new', tx);
+    await b.write('/t/a', 'parent changed');
+    await a.transactionEnd(tx, true);
+    assert.equal(await b.read('/t/a/x'), 'new');
+    // A node the transaction did read, changed elsewhere, still fails it.
+    const tx2 = await a.transactionStart();
+    await a.write('/t/a/x', 'mine', tx2);
+    await b.write('/t/a/x', 'theirs');
+    await assert.rejects(a.transactionEnd(tx2, true), (e: unknown) => e instanceof XenstoreError && e.code === 'EAGAIN');
+  } finally {
+    a.close();
+    b.close();
+    await d.close();
+  }
+});
