@@ -41,7 +41,7 @@ async function open(): Promise<Opened | { why: string; noThread: boolean }> {
   const counters = sharedVbdCounters(d.counters).counters;
   const queue = Queue.open({
     xen, frontDomid: d.frontDomid, abi, storage, access, limits: () => limits,
-    maxIndirectSegments: d.maxIndirectSegments, counters,
+    maxIndirectSegments: d.maxIndirectSegments, reqsPerPage: d.reqsPerPage, counters,
     onFatal: (why) => send({ t: 'fatal', why }),
     log: (msg) => send({ t: 'log', msg }),
   }, d.ring, d.index);

@@ -308,7 +308,7 @@ export class Blkback {
     // came up join the connection before anything can fail, so a disconnect stops them.
     const started = threaded ? await Promise.all(rings.map((r, q) => QueueThread.start({
       xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
-      limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, access: how,
+      limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, reqsPerPage: this.options.reqsPerPage, access: how,
       frames: lend[q] ?? [], housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
     }))) : [];
     for (const [q, t] of started.entries()) {
@@ -335,7 +335,7 @@ export class Blkback {
       const access: QueueAccess = how.kind === 'copy' ? { kind: 'copy', pool: conn.pools.at(-1)! } : how;
       const queue = Queue.open({
         xen, frontDomid: this.frontDomid, abi, storage, access, limits: () => this.limits(),
-        maxIndirectSegments: this.options.maxIndirectSegments, counters: this.own, onFatal, log: (m) => this.log(m),
+        maxIndirectSegments: this.options.maxIndirectSegments, reqsPerPage: this.options.reqsPerPage, counters: this.own, onFatal, log: (m) => this.log(m),
       }, r, q);
       if (typeof queue === 'string') return this.fatal(queue);
       conn.local.push(queue);
