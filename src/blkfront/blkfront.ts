@@ -80,6 +80,19 @@ export interface BlkfrontDeps {
   readonly frontDir: string;
   readonly options?: Partial<BlkfrontOptions>;
   readonly log?: (msg: string) => void;
+  /** Told, at each teardown, which requests the backend left unanswered (they are issued again). */
+  readonly onReissue?: (held: readonly HeldRequest[]) => void;
+}
+
+/** A request a backend went away without answering, as it was on the ring. */
+export interface HeldRequest {
+  readonly queue: number;
+  readonly id: bigint;
+  /** BLKIF_OP_* (for an indirect request, its indirect_op). */
+  readonly operation: number;
+  readonly sector: bigint;
+  /** Data bytes it carried (discard: bytes it covered; flush: 0). */
+  readonly bytes: number;
 }
 
 /** Frontend statistics, readable through `counters`. */
@@ -779,6 +792,7 @@ export class Blkfront {
     this.link = undefined;
     if (this.phase === 'connected') this.phase = 'connecting';
     const again: Chunk[] = [];
+    const held: HeldRequest[] = [];
     let ringLeaked = 0;
     for (const q of link.queues) {
       q.offEvent();
@@ -789,7 +803,10 @@ export class Blkfront {
         this.endGrants(link, s);
         this.givePages(s);
         q.shadow.release(s);
-        if (c !== undefined && !c.op.failed) again.push(c);
+        if (c !== undefined && !c.op.failed) {
+          again.push(c);
+          held.push({ queue: q.index, id: BigInt(s.index), operation: s.expectOp, sector: BigInt((c.op.offset + c.start) / 512), bytes: c.length });
+        }
       }
       let leaked = 0;
       for (const ref of q.ringRefs) if (!this.d.xen.grants.endAccess(ref)) leaked++;
@@ -808,6 +825,7 @@ export class Blkfront {
       this.counters.reissued += again.length;
       this.queue.unshift(...again);
     }
+    if (held.length > 0) this.d.onReissue?.(held);
     // Closing: no backend will come for them.
     if (this.userClosing) this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed while its backend went away'));
     else this.armWaitTimer();
