@@ -29,7 +29,7 @@ export interface BlkbackOptions {
   discard: boolean;
   /** `discard-secure`: honour BLKIF_DISCARD_SECURE by overwriting with zeroes. */
   discardSecure: boolean;
-  /** `physical-sector-size`, bytes; defaults to the storage's sector size. */
+  /** `physical-sector-size`, bytes; defaults to what the storage reports (else its sector size). */
   physicalSectorSize?: number;
   /** Serve read-only even if the storage is writable (`mode` = "r"). */
   readOnly: boolean;

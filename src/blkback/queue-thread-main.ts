@@ -66,7 +66,7 @@ if ('why' in opened) {
   port.on('message', (m: ToQueueThread) => {
     if (m.t === 'limits') {
       // The storage's size first, so that its own range check agrees with the new limits.
-      void storage.refreshSize().catch(() => undefined).then(() => {
+      void storage.refreshSize(true).catch(() => undefined).then(() => {
         limits = m.limits;
         send({ t: 'limits', seq: m.seq });
       });
