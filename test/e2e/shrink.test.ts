@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { XS_PHYSICAL_SECTOR_SIZE } from '../../src/abi/index.js';
-import { Blkback } from '../../src/blkback/index.js';
+import { Blkback, type BlkbackOptions, type StorageSource } from '../../src/blkback/index.js';
 import { Blkfront, BlkfrontError } from '../../src/blkfront/index.js';
 import { NbdServer, type NbdExportDevice } from '../../src/nbd/index.js';
 import { FileStorage, NbdStorage, type BlockStorage } from '../../src/storage/index.js';
@@ -61,15 +61,16 @@ class Gate implements BlockStorage {
 }
 
 /** Blkback (over `storage`) and Blkfront in two local domains; `body` gets the frontend. */
-async function withDisk(storage: BlockStorage, frontendOptions: Parameters<typeof Blkfront.attach>[0]['options'], body: (f: Blkfront, backDir: string, be: Blkback) => Promise<void>): Promise<void> {
+async function withDisk(storage: BlockStorage, o: { front?: Parameters<typeof Blkfront.attach>[0]['options']; back?: Partial<BlkbackOptions>; source?: StorageSource },
+  body: (f: Blkfront, backDir: string, be: Blkback) => Promise<void>): Promise<void> {
   const G = ts.hv.createLocalDomain({ memoryPages: 2048, pollMicros: 0 });
-  const B = ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
+  const B = ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0, maxVcpus: 4 });
   const paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size: storage.size }, false);
   let be: Blkback | undefined;
   let f: Blkfront | undefined;
   try {
-    be = await Blkback.start({ xen: B, xs: ts.xs, backDir: paths.backDir, storage, options: { housekeepingMs: 20 } });
-    f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { bufferPages: 1024, connectTimeoutMs: 10_000, ...frontendOptions } }), 'attach');
+    be = await Blkback.start({ xen: B, xs: ts.xs, backDir: paths.backDir, storage, storageSource: o.source, options: { housekeepingMs: 20, ...o.back } });
+    f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { bufferPages: 1024, connectTimeoutMs: 10_000, ...o.front } }), 'attach');
     await body(f, paths.backDir, be);
   } finally {
     if (storage instanceof Gate) storage.release();
@@ -91,7 +92,7 @@ test('an image file shrunk with I/O past the new end in flight and queued: that 
   const file = await FileStorage.open(path);
   const gate = new Gate(file);
   // No indirect: a 2 MiB write is 47 requests, more than the ring holds, so part of it waits in the frontend.
-  await withDisk(gate, { maxIndirectSegments: 0 }, async (f, backDir, be) => {
+  await withDisk(gate, { front: { maxIndirectSegments: 0 } }, async (f, backDir, be) => {
     assert.equal(f.info.size, size);
     assert.equal(f.info.physicalSectorSize, 512, 'a file reports its logical sector size');
     assert.equal(await ts.xs.read(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`), '512');
@@ -152,7 +153,8 @@ class ResizableDevice implements NbdExportDevice {
   async writeZeroes(offset: number, length: number): Promise<void> { this.bytes.fill(0, offset, offset + length); }
 }
 
-test('an NBD-backed VBD follows the export as it grows and shrinks; physical-sector-size is its preferred block size', TIMEOUT, async () => {
+// With queue threads, each thread's own connection asks for the size when told it changed.
+for (const threads of [false, true]) test(`an NBD-backed VBD follows the export as it grows and shrinks; physical-sector-size is its preferred block size${threads ? ' (2 queues in threads of their own)' : ''}`, TIMEOUT, async () => {
   const dev = new ResizableDevice(8 * MiB);
   const server = new NbdServer({ exports: [{ name: 'disk', device: dev }] });
   const logs: string[] = [];
@@ -163,7 +165,10 @@ test('an NBD-backed VBD follows the export as it grows and shrinks; physical-sec
     nbd = await NbdStorage.connect(`nbd+unix:///disk?socket=${encodeURIComponent(sock)}`, { sizeCheckMs: 30, log: (m) => logs.push(m) });
     assert.equal(nbd.info.blockSize?.preferred, 4096);
     assert.equal(nbd.physicalSectorSize, 4096);
-    await withDisk(nbd, {}, async (f, backDir) => {
+    const uri = nbd.where;
+    const source: StorageSource = { module: new URL('../../src/toolstack/storage-spec.js', import.meta.url).href, spec: { kind: 'nbd', uri } };
+    await withDisk(nbd, threads ? { front: { queues: 2 }, back: { queueThreads: true }, source } : {}, async (f, backDir, be) => {
+      assert.equal(be.queueVcpus.length, threads ? 2 : 0);
       assert.equal(await ts.xs.read(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`), '4096');
       assert.equal(f.info.physicalSectorSize, 4096);
       const rng = new Rng(9);
@@ -175,6 +180,11 @@ test('an NBD-backed VBD follows the export as it grows and shrinks; physical-sec
       const b = rng.bytes(MiB);
       await f.write(11 * MiB, b);
       assert.equal(firstDifference(dev.bytes.subarray(11 * MiB, 12 * MiB), b), -1, 'the new end is written on the server');
+      // Again, soon after: every handle on the export (a queue thread's too) asks anew.
+      dev.resize(14 * MiB);
+      await eventually(() => f.info.size === 14 * MiB, 'the frontend sees the export grow again');
+      await Promise.all([f.write(12 * MiB, b), f.write(13 * MiB, b)]);
+      assert.equal(firstDifference(dev.bytes.subarray(13 * MiB, 14 * MiB), b), -1);
 
       dev.resize(6 * MiB);
       await eventually(() => f.info.size === 6 * MiB, 'the frontend sees the export shrink');
