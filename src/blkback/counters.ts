@@ -4,7 +4,10 @@
  * machinery costs. Plain numbers owned by one VBD: nothing is shared between VBDs.
  */
 export interface VbdCounters {
-  /** Times the ring was found full of unanswered requests (Linux `oo_req`: out of request slots). */
+  /**
+   * Linux `oo_req`: times the backend found requests on the ring but no free pending slot (its
+   * per-ring pool of XEN_BLKIF_REQS_PER_PAGE x ring pages), so they waited there.
+   */
   oo_req: number;
   rd_req: number;
   wr_req: number;

@@ -36,6 +36,11 @@ export interface DataPathDeps {
   /** Read on every request, so a resize or feature change applies to the next one. */
   readonly limits: () => VbdLimits;
   readonly maxIndirectSegments: number;
+  /**
+   * Requests served at once (Linux's per-ring pool of `pending_req`s, XEN_BLKIF_REQS_PER_PAGE
+   * per ring page); requests beyond it wait on the ring, and each wait counts `oo_req`.
+   */
+  readonly maxPending: number;
   readonly counters: VbdCounters;
   /** The frontend broke the ring protocol: stop serving it (the control path disconnects). */
   readonly onFatal: (why: string) => void;
@@ -68,9 +73,12 @@ export class DataPath {
     this.kick();
   }
 
-  /** Starts the consume loop unless it is already running. */
+  /**
+   * Starts the consume loop unless it is already running, or no pending slot is free (Linux's
+   * kthread waits on pending_free_wq first; a completion kicks again).
+   */
   kick(): void {
-    if (!this.running && !this.stopped) this.loop = this.consumeLoop();
+    if (!this.running && !this.stopped && this.inflight < this.d.maxPending) this.loop = this.consumeLoop();
   }
 
   /**
@@ -94,6 +102,12 @@ export class DataPath {
       do {
         for (;;) {
           if (this.stopped) return;
+          if (this.inflight >= this.d.maxPending) {
+            // Linux __do_block_io_op: no free pending_req while requests wait on the ring counts
+            // st_oo_req; they stay there until a completion frees one (its push kicks us again).
+            if (ring.unconsumedRequests() > 0) counters.oo_req++;
+            return;
+          }
           const r = ring.consumeRequest(this.entry);
           if (r === RING_PEER_OVERFLOW) {
             // RING_REQUEST_PROD_OVERFLOW: Linux blkback halts the ring ("bogus ring requests").
@@ -117,8 +131,8 @@ export class DataPath {
             continue;
           }
           if (req.kind === 'barrier') {
-            // blkif.h: earlier writes complete before a barrier, later ones start after it.
-            if (this.inflight > 0) counters.oo_req++;
+            // blkif.h: earlier writes complete before a barrier, later ones start after it
+            // (Linux xen_blk_drain_io; not counted in oo_req, which is about the pending pool).
             await this.drain();
             if (this.stopped) {
               // Disconnecting meanwhile: answer the barrier we consumed, touch nothing more.

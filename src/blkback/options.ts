@@ -10,6 +10,12 @@ import {
 } from '../abi/index.js';
 import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
 
+/**
+ * Linux xen-blkback common.h: pending requests allocated per ring page. A ring page holds 32
+ * slots in either ABI, so by default the pool never runs dry before the ring does.
+ */
+export const XEN_BLKIF_REQS_PER_PAGE = 32;
+
 export interface BlkbackOptions {
   /** `feature-max-indirect-segments`; 0 disables indirect requests (the node is then absent). */
   maxIndirectSegments: number;
@@ -23,7 +29,7 @@ export interface BlkbackOptions {
   discard: boolean;
   /** `discard-secure`: honour BLKIF_DISCARD_SECURE by overwriting with zeroes. */
   discardSecure: boolean;
-  /** `physical-sector-size`, bytes; defaults to the storage's sector size. */
+  /** `physical-sector-size`, bytes; defaults to what the storage reports (else its sector size). */
   physicalSectorSize?: number;
   /** Serve read-only even if the storage is writable (`mode` = "r"). */
   readOnly: boolean;
@@ -42,6 +48,11 @@ export interface BlkbackOptions {
   grantCopy: boolean;
   /** Local pages per VBD for grant copy (bounds the bytes being copied at once; at least one largest request). */
   grantCopyPages: number;
+  /**
+   * Requests served at once per ring page (Linux XEN_BLKIF_REQS_PER_PAGE, fixed there): the
+   * per-queue pool. Lower only to exercise `oo_req`.
+   */
+  reqsPerPage: number;
   /** Purge and resize checks run this often (ms; 0 = never). */
   housekeepingMs: number;
   /** Check the storage's size on every housekeeping tick and resize online when it changes. */
@@ -72,6 +83,7 @@ export const DEFAULT_BLKBACK_OPTIONS: Readonly<BlkbackOptions> = {
   persistentIdleMs: 60_000,
   grantCopy: false,
   grantCopyPages: BLKIF_MAX_INDIRECT_SEGMENTS + 8,
+  reqsPerPage: XEN_BLKIF_REQS_PER_PAGE,
   housekeepingMs: 1000,
   watchSize: true,
   queueThreads: false,
@@ -93,6 +105,7 @@ export function blkbackOptions(given: Partial<BlkbackOptions> = {}): BlkbackOpti
     throw new BlkbackConfigError(`max ring page order ${o.maxRingPageOrder}: use 0..${MAX_RING_PAGE_ORDER}`);
   }
   if (!Number.isInteger(o.maxQueues) || o.maxQueues < 1 || o.maxQueues > 64) throw new BlkbackConfigError(`max queues ${o.maxQueues}: use 1..64`);
+  if (!Number.isInteger(o.reqsPerPage) || o.reqsPerPage < 1) throw new BlkbackConfigError(`requests per ring page ${o.reqsPerPage}: at least 1`);
   if (!Number.isInteger(o.maxPersistentGrants) || o.maxPersistentGrants < 0) throw new BlkbackConfigError(`max persistent grants ${o.maxPersistentGrants}`);
   if (!Number.isInteger(o.grantCopyPages) || o.grantCopyPages < BLKIF_MAX_INDIRECT_SEGMENTS + 8) {
     throw new BlkbackConfigError(`grant copy pages ${o.grantCopyPages}: at least ${BLKIF_MAX_INDIRECT_SEGMENTS + 8} (one largest request)`);

@@ -41,7 +41,7 @@ async function open(): Promise<Opened | { why: string; noThread: boolean }> {
   const counters = sharedVbdCounters(d.counters).counters;
   const queue = Queue.open({
     xen, frontDomid: d.frontDomid, abi, storage, access, limits: () => limits,
-    maxIndirectSegments: d.maxIndirectSegments, counters,
+    maxIndirectSegments: d.maxIndirectSegments, reqsPerPage: d.reqsPerPage, counters,
     onFatal: (why) => send({ t: 'fatal', why }),
     log: (msg) => send({ t: 'log', msg }),
   }, d.ring, d.index);
@@ -66,7 +66,7 @@ if ('why' in opened) {
   port.on('message', (m: ToQueueThread) => {
     if (m.t === 'limits') {
       // The storage's size first, so that its own range check agrees with the new limits.
-      void storage.refreshSize().catch(() => undefined).then(() => {
+      void storage.refreshSize(true).catch(() => undefined).then(() => {
         limits = m.limits;
         send({ t: 'limits', seq: m.seq });
       });

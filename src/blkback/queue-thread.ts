@@ -28,6 +28,7 @@ export interface QueueSetup {
   readonly storage: StorageSource;
   readonly limits: VbdLimits;
   readonly maxIndirectSegments: number;
+  readonly reqsPerPage: number;
   /** 'map' | 'persistent' (with max and idleMs) | 'copy' (bounce pages from the lent frames). */
   readonly access: { readonly kind: 'map' } | { readonly kind: 'persistent'; readonly max: number; readonly idleMs: number } | { readonly kind: 'copy' };
   readonly housekeepingMs: number;

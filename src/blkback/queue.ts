@@ -24,6 +24,8 @@ export type QueueAccess =
 /** What a queue needs: the data path's dependencies but its ring, channel and page access, which it sets up. */
 export interface QueueDeps extends Pick<DataPathDeps, 'xen' | 'frontDomid' | 'abi' | 'storage' | 'limits' | 'maxIndirectSegments' | 'counters' | 'onFatal' | 'log'> {
   readonly access: QueueAccess;
+  /** Pending requests per ring page (Linux XEN_BLKIF_REQS_PER_PAGE). */
+  readonly reqsPerPage: number;
 }
 
 export class Queue {
@@ -66,6 +68,8 @@ export class Queue {
     const dataPath = new DataPath({
       xen, frontDomid: d.frontDomid, ring, abi: d.abi, port, storage: d.storage, access,
       limits: d.limits, maxIndirectSegments: d.maxIndirectSegments, counters: d.counters,
+      // Linux xen_blkif_map: XEN_BLKIF_REQS_PER_PAGE pending requests per ring page.
+      maxPending: d.reqsPerPage * r.refs.length,
       onFatal: d.onFatal, log: d.log,
     });
     return new Queue(xen, d.counters, dataPath, access, ringHandles, port);

@@ -308,7 +308,7 @@ export class Blkback {
     // came up join the connection before anything can fail, so a disconnect stops them.
     const started = threaded ? await Promise.all(rings.map((r, q) => QueueThread.start({
       xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
-      limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, access: how,
+      limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, reqsPerPage: this.options.reqsPerPage, access: how,
       frames: lend[q] ?? [], housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
     }))) : [];
     for (const [q, t] of started.entries()) {
@@ -335,7 +335,7 @@ export class Blkback {
       const access: QueueAccess = how.kind === 'copy' ? { kind: 'copy', pool: conn.pools.at(-1)! } : how;
       const queue = Queue.open({
         xen, frontDomid: this.frontDomid, abi, storage, access, limits: () => this.limits(),
-        maxIndirectSegments: this.options.maxIndirectSegments, counters: this.own, onFatal, log: (m) => this.log(m),
+        maxIndirectSegments: this.options.maxIndirectSegments, reqsPerPage: this.options.reqsPerPage, counters: this.own, onFatal, log: (m) => this.log(m),
       }, r, q);
       if (typeof queue === 'string') return this.fatal(queue);
       conn.local.push(queue);
@@ -347,7 +347,8 @@ export class Blkback {
     await xs.transaction(async (tx) => {
       await xs.write(`${backDir}/${XS_SECTORS}`, String(l.sectors), tx);
       await xs.write(`${backDir}/${XS_SECTOR_SIZE}`, String(l.sectorSize), tx);
-      await xs.write(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`, String(this.options.physicalSectorSize ?? l.sectorSize), tx);
+      // Linux: bdev_physical_block_size of the backing device; ours asks the storage.
+      await xs.write(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`, String(this.options.physicalSectorSize ?? storage.physicalSectorSize ?? l.sectorSize), tx);
       await xs.write(`${backDir}/${XS_INFO}`, String(info), tx);
       await this.writeFeatures(tx);
     });
@@ -390,10 +391,20 @@ export class Blkback {
     this.timer = setInterval(() => {
       const now = performance.now();
       for (const q of this.conn?.local ?? []) q.tick(now);
-      if (this.options.watchSize) void this.enqueue(() => this.checkSize());
+      if (this.options.watchSize && !this.sizeChecking) {
+        // The storage is asked outside the state queue: an NBD server may take seconds to answer,
+        // and state changes must not wait for it.
+        this.sizeChecking = true;
+        // A storage that fails here is fatal (the state queue's catch), as any control-path error.
+        void this.d.storage.refreshSize()
+          .then(() => this.enqueue(() => this.checkSize()), (e: unknown) => this.enqueue(() => Promise.reject(e)))
+          .finally(() => { this.sizeChecking = false; });
+      }
     }, every);
     this.timer.unref();
   }
+
+  private sizeChecking = false;
 
   private stopTimer(): void {
     clearInterval(this.timer);
@@ -401,11 +412,10 @@ export class Blkback {
   }
 
   /**
-   * Online resize (Linux `xen_vbd_resize`): re-reads the storage's size and, if it changed while
-   * connected, rewrites `sectors` and then `state` (same value) so the frontend's watch fires.
+   * Online resize (Linux `xen_vbd_resize`): once the storage's size was re-read, if it changed
+   * while connected, rewrites `sectors` and then `state` (same value) so the frontend's watch fires.
    */
   private async checkSize(): Promise<void> {
-    await this.d.storage.refreshSize();
     const sectors = this.limits().sectors;
     if (this.conn === undefined || this.state !== XenbusStateConnected || sectors === this.sectorsPublished) return;
     const { xs, backDir } = this.d;

@@ -80,6 +80,19 @@ export interface BlkfrontDeps {
   readonly frontDir: string;
   readonly options?: Partial<BlkfrontOptions>;
   readonly log?: (msg: string) => void;
+  /** Told, at each teardown, which requests the backend left unanswered (they are issued again). */
+  readonly onReissue?: (held: readonly HeldRequest[]) => void;
+}
+
+/** A request a backend went away without answering, as it was on the ring. */
+export interface HeldRequest {
+  readonly queue: number;
+  readonly id: bigint;
+  /** BLKIF_OP_* (for an indirect request, its indirect_op). */
+  readonly operation: number;
+  readonly sector: bigint;
+  /** Data bytes it carried (discard: bytes it covered; flush: 0). */
+  readonly bytes: number;
 }
 
 /** Frontend statistics, readable through `counters`. */
@@ -94,6 +107,8 @@ export interface BlkfrontCounters {
   responses: number;
   errors: number;
   grants: number;
+  /** Persistent grants ended because the backend had unmapped them (Linux purge_persistent_grants). */
+  persistent_purged: number;
 }
 
 /** What the device is now, as negotiated. */
@@ -170,7 +185,7 @@ type Phase = 'connecting' | 'connected' | 'closing' | 'closed' | 'broken';
 let watchSeq = 0;
 
 export class Blkfront {
-  readonly counters: BlkfrontCounters = { requests: 0, indirect_requests: 0, segments: 0, reissued: 0, notify_sent: 0, notify_received: 0, responses: 0, errors: 0, grants: 0 };
+  readonly counters: BlkfrontCounters = { requests: 0, indirect_requests: 0, segments: 0, reissued: 0, notify_sent: 0, notify_received: 0, responses: 0, errors: 0, grants: 0, persistent_purged: 0 };
   readonly options: BlkfrontOptions;
   readonly handle: number;
   private phase: Phase = 'connecting';
@@ -244,6 +259,33 @@ export class Blkfront {
     return n;
   }
 
+  /** Pages holding a persistent grant now. */
+  get persistentGrants(): number {
+    return this.link?.pgrants.size ?? 0;
+  }
+
+  /**
+   * Linux `purge_persistent_grants`: ends the persistent grants of pages no request holds that
+   * the backend no longer maps (its idle purge unmapped them); such a page is granted afresh when
+   * used again. Runs every `purgeIntervalMs`; returns how many were ended.
+   */
+  purgePersistentGrants(): number {
+    const link = this.link;
+    if (link === undefined || !link.persistent || link.pgrants.size === 0) return 0;
+    const free = new Set(this.pool.freeFrames());
+    let n = 0;
+    for (const [frame, ref] of link.pgrants) {
+      // A page lent to a request keeps its grant; one the backend still maps cannot be ended.
+      if (!free.has(frame) || !this.d.xen.grants.endAccess(ref)) continue;
+      link.pgrants.delete(frame);
+      n++;
+    }
+    this.counters.persistent_purged += n;
+    return n;
+  }
+
+  private purgeTimer: NodeJS.Timeout | undefined;
+
   /** Frames the backend kept mapped after answering (a misbehaving backend): never reused. */
   get leakedPages(): number {
     return this.pool.leaked;
@@ -306,6 +348,7 @@ export class Blkfront {
     this.phase = 'closed';
     this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed'));
     clearTimeout(this.waitTimer);
+    clearInterval(this.purgeTimer);
     this.pool.dispose();
   }
 
@@ -765,6 +808,11 @@ export class Blkfront {
     this.log(`connected to ${this.backDir}: ${l.abi.protocol}, ${l.queues.length} queue(s) of ${l.queues[0]!.ring.size} slots, ` +
       `${l.indirect ? `indirect ${l.maxSegments}` : 'no indirect'} segments, ${l.persistent ? 'persistent grants' : 'grant per request'}, ${disk.sectors} sectors of ${disk.sectorSize}`);
     for (const w of this.connectedWaiters.splice(0)) w.resolve();
+    clearInterval(this.purgeTimer);
+    if (l.persistent && this.options.purgeIntervalMs > 0) {
+      this.purgeTimer = setInterval(() => this.purgePersistentGrants(), this.options.purgeIntervalMs);
+      this.purgeTimer.unref();
+    }
     this.pump();
   }
 
@@ -777,8 +825,11 @@ export class Blkfront {
     const link = this.link;
     if (link === undefined) return;
     this.link = undefined;
+    clearInterval(this.purgeTimer);
+    this.purgeTimer = undefined;
     if (this.phase === 'connected') this.phase = 'connecting';
     const again: Chunk[] = [];
+    const held: HeldRequest[] = [];
     let ringLeaked = 0;
     for (const q of link.queues) {
       q.offEvent();
@@ -789,7 +840,10 @@ export class Blkfront {
         this.endGrants(link, s);
         this.givePages(s);
         q.shadow.release(s);
-        if (c !== undefined && !c.op.failed) again.push(c);
+        if (c !== undefined && !c.op.failed) {
+          again.push(c);
+          held.push({ queue: q.index, id: BigInt(s.index), operation: s.expectOp, sector: BigInt((c.op.offset + c.start) / 512), bytes: c.length });
+        }
       }
       let leaked = 0;
       for (const ref of q.ringRefs) if (!this.d.xen.grants.endAccess(ref)) leaked++;
@@ -808,6 +862,7 @@ export class Blkfront {
       this.counters.reissued += again.length;
       this.queue.unshift(...again);
     }
+    if (held.length > 0) this.d.onReissue?.(held);
     // Closing: no backend will come for them.
     if (this.userClosing) this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed while its backend went away'));
     else this.armWaitTimer();

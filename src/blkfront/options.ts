@@ -20,6 +20,11 @@ export interface BlkfrontOptions {
   bufferPages: number;
   /** How long to wait for a backend to connect (or come back) before failing I/O, in ms. */
   connectTimeoutMs: number;
+  /**
+   * How often persistent grants the backend no longer maps are ended (Linux blkfront_delay_work
+   * every 10 s, purge_persistent_grants); 0 = never.
+   */
+  purgeIntervalMs: number;
 }
 
 export const DEFAULT_BLKFRONT_OPTIONS: Readonly<BlkfrontOptions> = {
@@ -30,6 +35,7 @@ export const DEFAULT_BLKFRONT_OPTIONS: Readonly<BlkfrontOptions> = {
   persistent: true,
   bufferPages: 8192,
   connectTimeoutMs: 30_000,
+  purgeIntervalMs: 10_000,
 };
 
 export class BlkfrontConfigError extends Error {
@@ -46,5 +52,6 @@ export function blkfrontOptions(given: Partial<BlkfrontOptions> = {}): BlkfrontO
   }
   if (!Number.isInteger(o.queues) || o.queues < 1 || o.queues > 16) throw new BlkfrontConfigError(`queues ${o.queues}: use 1..16`);
   if (!Number.isInteger(o.bufferPages) || o.bufferPages < 16) throw new BlkfrontConfigError(`buffer pages ${o.bufferPages}: at least 16`);
+  if (!Number.isInteger(o.purgeIntervalMs) || o.purgeIntervalMs < 0) throw new BlkfrontConfigError(`purge interval ${o.purgeIntervalMs} ms: 0 (never) or more`);
   return o;
 }

@@ -27,6 +27,11 @@ export class PagePool {
     return this.free.length;
   }
 
+  /** The frames not lent to a request now. */
+  freeFrames(): readonly number[] {
+    return this.free;
+  }
+
   /** Takes `n` frames into `out`; the caller checked `available`. */
   take(n: number, out: number[]): void {
     for (let i = 0; i < n; i++) out.push(this.free.pop()!);

@@ -9,7 +9,7 @@ import type { DiskExportStatus } from '../toolstack/index.js';
 
 const GAUGES: ReadonlySet<keyof VbdCounters> = new Set(['inflight_req', 'inflight_bytes', 'peak_inflight_bytes']);
 const HELP: Partial<Record<keyof VbdCounters, string>> = {
-  oo_req: 'times requests waited for the pipeline (Linux oo_req)',
+  oo_req: 'times requests waited on the ring for a free pending slot (Linux oo_req)',
   rd_req: 'read requests (Linux rd_req)', wr_req: 'write requests (Linux wr_req)',
   f_req: 'flush and barrier requests (Linux f_req)', ds_req: 'discard requests (Linux ds_req)',
   rd_sect: '512-byte sectors read (Linux rd_sect)', wr_sect: '512-byte sectors written (Linux wr_sect)',

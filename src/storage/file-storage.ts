@@ -61,6 +61,14 @@ async function punchHole(target: string, offset: number, length: number): Promis
 
 export class FileStorage implements BlockStorage {
   readonly sectorSize: number;
+  /**
+   * The logical sector size. Our I/O goes through the page cache, as a Linux loop device's does
+   * without direct I/O (which then reports a physical block size of its logical one); st_blksize is
+   * the file system's preferred I/O size, not a sector, and the disk beneath is not ours to see.
+   */
+  get physicalSectorSize(): number {
+    return this.sectorSize;
+  }
   readonly readOnly: boolean;
   private currentSize: number;
   private fd: number | undefined;

@@ -11,10 +11,13 @@ const CHUNK = 1024 * 1024;
 export interface MemoryStorageOptions {
   readonly sectorSize?: 512 | 4096;
   readonly readOnly?: boolean;
+  /** What to report as the physical sector size (tests of `physical-sector-size`); default the sector size. */
+  readonly physicalSectorSize?: number;
 }
 
 export class MemoryStorage implements BlockStorage {
   readonly sectorSize: number;
+  readonly physicalSectorSize: number;
   readonly readOnly: boolean;
   readonly canDiscard = true;
   private currentSize = 0;
@@ -25,6 +28,11 @@ export class MemoryStorage implements BlockStorage {
     const ss = opts.sectorSize ?? 512;
     if (ss !== 512 && ss !== 4096) throw new StorageError('EINVAL', `sector size ${String(ss)}: use 512 or 4096`);
     this.sectorSize = ss;
+    const pss = opts.physicalSectorSize ?? ss;
+    if (!Number.isInteger(pss) || pss < ss || pss % ss !== 0 || (pss & (pss - 1)) !== 0) {
+      throw new StorageError('EINVAL', `physical sector size ${pss}: a power of two, a multiple of the ${ss}-byte sector`);
+    }
+    this.physicalSectorSize = pss;
     this.readOnly = opts.readOnly === true;
     this.currentSize = this.wholeSectors(size);
   }

@@ -30,7 +30,7 @@ import {
   NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, NBD_ESHUTDOWN, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH,
   NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT, NBD_OPT_EXPORT_NAME,
-  NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_OPT_ABORT, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REP_ACK, NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP, NBD_REP_INFO, commandName, errnoName, isOptionReplyError, isReplyTypeError, replyName,
 } from '../nbd/constants.js';
@@ -66,6 +66,14 @@ export interface NbdStorageOptions {
   /** Receives one line per connection drop, reconnection attempt and give-up. */
   readonly log?: (msg: string) => void;
   readonly reconnect?: NbdReconnectOptions;
+  /**
+   * NBD has no resize notice (a client learns the size in the handshake), so `refreshSize` asks
+   * again with NBD_OPT_INFO on a short extra connection, at most this often (ms; default 5000;
+   * 0: never, the size stays the one found at connect). A failed query keeps the size and waits
+   * twice as long before the next (up to 5 min): a server that takes one client at a time
+   * (qemu-nbd's default) never answers it.
+   */
+  readonly sizeCheckMs?: number;
 }
 
 /** Counters, for tests and status lines. */
@@ -194,7 +202,25 @@ async function openSession(t: NbdTarget, where: string, timeoutMs: number): Prom
   }
 }
 
-async function negotiate(socket: Socket, parser: ServerParser, name: string, where: string, timeoutMs: number): Promise<NbdExportInfo> {
+/** `query`: NBD_OPT_INFO instead of NBD_OPT_GO (the export is described, not entered; no fallback). */
+/** Describes the export on a connection of its own (NBD_OPT_INFO), then NBD_OPT_ABORT and hangs up. */
+async function queryExport(t: NbdTarget, where: string, timeoutMs: number): Promise<NbdExportInfo> {
+  let socket: Socket;
+  try {
+    socket = await dial(t, timeoutMs);
+  } catch (e) {
+    throw new StorageError('EIO', `cannot connect to NBD server ${where}: ${why(e)}`);
+  }
+  try {
+    return await negotiate(socket, new ServerParser({ readDataLength: () => undefined }), t.exportName, where, timeoutMs, true);
+  } finally {
+    // NBD_OPT_ABORT: a polite goodbye; the server's reply is not worth waiting for.
+    if (!socket.destroyed) socket.end(encodeOption(NBD_OPT_ABORT));
+    socket.destroySoon();
+  }
+}
+
+async function negotiate(socket: Socket, parser: ServerParser, name: string, where: string, timeoutMs: number, query = false): Promise<NbdExportInfo> {
   const inbox: ServerMessage[] = [];
   let failure: Error | undefined;
   let wake: (() => void) | undefined;
@@ -252,11 +278,12 @@ async function negotiate(socket: Socket, parser: ServerParser, name: string, whe
     if (fixed) {
       socket.write(encodeOption(NBD_OPT_STRUCTURED_REPLY));
       structured = (await nextReply(NBD_OPT_STRUCTURED_REPLY)).replyType === NBD_REP_ACK;
-      socket.write(encodeOption(NBD_OPT_GO, encodeInfoRequest({ name, infos: [NBD_INFO_BLOCK_SIZE] })));
+      const option = query ? NBD_OPT_INFO : NBD_OPT_GO;
+      socket.write(encodeOption(option, encodeInfoRequest({ name, infos: [NBD_INFO_BLOCK_SIZE] })));
       let exp: { size: bigint; transmissionFlags: number } | undefined;
       let blockSize: NbdExportInfo['blockSize'];
       for (;;) {
-        const r = await nextReply(NBD_OPT_GO);
+        const r = await nextReply(option);
         if (r.replyType === NBD_REP_INFO) {
           const info = decodeInfo(r.data);
           if (info === undefined) throw new NbdProtocolError('malformed NBD_REP_INFO');
@@ -265,11 +292,14 @@ async function negotiate(socket: Socket, parser: ServerParser, name: string, whe
           continue;
         }
         if (r.replyType === NBD_REP_ACK) {
-          if (exp === undefined) throw new NbdProtocolError('NBD_OPT_GO acknowledged without NBD_INFO_EXPORT');
-          parser.enterTransmission();
+          if (exp === undefined) throw new NbdProtocolError(`${query ? 'NBD_OPT_INFO' : 'NBD_OPT_GO'} acknowledged without NBD_INFO_EXPORT`);
+          if (!query) parser.enterTransmission();
           return { exportSize: exportSize(exp.size, where), transmissionFlags: exp.transmissionFlags, structuredReplies: structured, negotiation: 'go', blockSize };
         }
-        if (r.replyType === NBD_REP_ERR_UNSUP) break; // an older server: fall back to NBD_OPT_EXPORT_NAME
+        if (r.replyType === NBD_REP_ERR_UNSUP) {
+          if (query) throw new StorageError('EIO', `NBD server ${where} does not support NBD_OPT_INFO`);
+          break; // an older server: fall back to NBD_OPT_EXPORT_NAME
+        }
         if (!isOptionReplyError(r.replyType)) throw new NbdProtocolError(`unexpected ${replyName(r.replyType)} to NBD_OPT_GO`);
         const text = decodeUtf8(r.data) ?? '';
         const detail = text === '' ? replyName(r.replyType) : `${replyName(r.replyType)}: ${text}`;
@@ -279,6 +309,7 @@ async function negotiate(socket: Socket, parser: ServerParser, name: string, whe
         throw new StorageError('EIO', `NBD server ${where} refused export ${quoted}: ${detail}`);
       }
     }
+    if (query) throw new StorageError('EIO', `NBD server ${where} is not fixed newstyle: it cannot be asked for NBD_OPT_INFO`);
     parser.expectExportNameReply(noZeroes);
     socket.write(encodeOption(NBD_OPT_EXPORT_NAME, new TextEncoder().encode(name)));
     let m: ServerMessage;
@@ -631,8 +662,8 @@ interface PoolConfig {
   readonly target: NbdTarget;
   readonly where: string;
   readonly sectorSize: number;
-  /** Smallest export size a reconnected session may report (the size in use). */
-  readonly size: number;
+  /** Smallest export size a reconnected session may report (the size in use; follows a resize). */
+  size: number;
   readonly depth: number;
   readonly timeoutMs: number;
   readonly reconnect: Required<NbdReconnectOptions>;
@@ -819,8 +850,16 @@ export class NbdStorage implements BlockStorage {
   readonly where: string;
   /** What the server said about the export when it was first connected. */
   readonly info: NbdExportInfo;
-  private readonly currentSize: number;
+  private currentSize: number;
   private readonly pool: Pool;
+  private readonly target: NbdTarget;
+  private readonly timeoutMs: number;
+  private readonly sizeCheckMs: number;
+  /** When the next size query may run, and the wait after it (doubled after a failure). */
+  private nextSizeCheck = 0;
+  private sizeCheckWait: number;
+  private sizeCheck: Promise<void> | undefined;
+  private sizeCheckFailed = false;
   /** Longest READ/WRITE request. */
   private readonly ioMax: number;
   private closing: Promise<void> | undefined;
@@ -828,6 +867,10 @@ export class NbdStorage implements BlockStorage {
 
   private constructor(target: NbdTarget, info: NbdExportInfo, sectorSize: number, opts: NbdStorageOptions) {
     this.where = formatNbdUri(target);
+    this.target = target;
+    this.timeoutMs = opts.timeoutMs ?? 30_000;
+    this.sizeCheckMs = opts.sizeCheckMs ?? 5000;
+    this.sizeCheckWait = this.sizeCheckMs;
     this.info = info;
     this.sectorSize = sectorSize;
     this.ioMax = ioLimit(info, sectorSize, this.where);
@@ -873,6 +916,7 @@ export class NbdStorage implements BlockStorage {
     check(opts.connections, 'connections', 1);
     check(opts.depth, 'depth', 1);
     check(opts.timeoutMs, 'timeoutMs', 0);
+    check(opts.sizeCheckMs, 'sizeCheckMs', 0);
     check(opts.reconnect?.attempts, 'reconnect.attempts', 0);
     check(opts.reconnect?.baseDelayMs, 'reconnect.baseDelayMs', 0);
     check(opts.reconnect?.maxDelayMs, 'reconnect.maxDelayMs', 0);
@@ -914,6 +958,17 @@ export class NbdStorage implements BlockStorage {
   /** Usable bytes: the export's size rounded down to whole sectors. */
   get size(): number {
     return this.currentSize;
+  }
+
+  /**
+   * The export's preferred block size (NBD_INFO_BLOCK_SIZE): smaller writes cost the server a
+   * read-modify-write, which is what a physical sector means to a guest. Bounded to the sector
+   * size below and 64 KiB above; the sector size when the server gave none.
+   */
+  get physicalSectorSize(): number {
+    const p = this.info.blockSize?.preferred;
+    if (p === undefined || (p & (p - 1)) !== 0 || p <= this.sectorSize) return this.sectorSize;
+    return Math.min(p, 65536);
   }
 
   /** Whether the server accepted structured replies. */
@@ -974,10 +1029,42 @@ export class NbdStorage implements BlockStorage {
     }
   }
 
-  /** NBD tells of a resize only on a new connection: the size found at connect. */
-  async refreshSize(): Promise<number> {
+  /**
+   * NBD tells of a resize only in a handshake: asks the server again (NBD_OPT_INFO on a connection
+   * of its own) at most every `sizeCheckMs`; calls meanwhile, and a failed query, keep the size.
+   */
+  async refreshSize(now = false): Promise<number> {
     this.usable();
+    if (this.sizeCheck === undefined && this.sizeCheckMs > 0 && (now || performance.now() >= this.nextSizeCheck)) {
+      this.sizeCheck = this.checkSize().finally(() => {
+        this.nextSizeCheck = performance.now() + this.sizeCheckWait;
+        this.sizeCheck = undefined;
+      });
+    }
+    await this.sizeCheck;
     return this.currentSize;
+  }
+
+  private async checkSize(): Promise<void> {
+    let info: NbdExportInfo;
+    try {
+      // A short wait: a server busy with its one allowed client never answers.
+      info = await queryExport(this.target, this.where, Math.min(this.timeoutMs > 0 ? this.timeoutMs : 5000, 5000));
+    } catch (e) {
+      if (!this.sizeCheckFailed) this.pool.log(`${this.where}: cannot ask the server for the export's size (${why(e)}); keeping ${this.currentSize} bytes, asking less often`);
+      this.sizeCheckFailed = true;
+      this.sizeCheckWait = Math.min(this.sizeCheckWait * 2, 300_000);
+      return;
+    }
+    if (this.sizeCheckFailed) this.pool.log(`${this.where}: the export's size can be asked again`);
+    this.sizeCheckFailed = false;
+    this.sizeCheckWait = this.sizeCheckMs;
+    const size = info.exportSize - (info.exportSize % this.sectorSize);
+    if (size === this.currentSize || this.closing !== undefined) return;
+    this.pool.log(`${this.where}: the export is now ${size} bytes (was ${this.currentSize})`);
+    this.currentSize = size;
+    // A connection re-established later must serve at least this much.
+    this.pool.cfg.size = size;
   }
 
   /**

@@ -9,6 +9,11 @@ export interface BlockStorage {
   readonly size: number;
   /** Logical sector size in bytes (512 or 4096). */
   readonly sectorSize: number;
+  /**
+   * The smallest write the store does without a read-modify-write beneath (blkif.h
+   * `physical-sector-size`): a power of two, a multiple of `sectorSize`; absent means `sectorSize`.
+   */
+  readonly physicalSectorSize?: number;
   readonly readOnly: boolean;
   /** Whether `discard` frees space (else it still zeroes the range, by writing). */
   readonly canDiscard: boolean;
@@ -29,8 +34,11 @@ export interface BlockStorage {
   discard(offset: number, length: number): Promise<void>;
   /** Overwrites a range with zeroes (secure discard: nothing of the old data is left). */
   writeZeroes(offset: number, length: number): Promise<void>;
-  /** Re-reads the size of the backing store (online resize); returns the new `size`. */
-  refreshSize(): Promise<number>;
+  /**
+   * Re-reads the size of the backing store (online resize); returns the new `size`. `now`: the
+   * caller knows it changed (a store that rate-limits its checks asks at once).
+   */
+  refreshSize(now?: boolean): Promise<number>;
   close(): Promise<void>;
 }
 

@@ -1316,7 +1316,7 @@ test('DataPath.stop() at a random moment answers everything consumed before reso
       dp = new DataPath({
         xen: B, frontDomid: F.domid, ring: br, abi, port: bport, storage, access,
         limits: () => ({ sectors: 2048, sectorSize: 512, readOnly: false, flush: true, barrier: true, discard: true, discardSecure: true }),
-        maxIndirectSegments: 32, counters, onFatal: () => undefined, log: () => undefined,
+        maxIndirectSegments: 32, maxPending: 32, counters, onFatal: () => undefined, log: () => undefined,
       });
       const e = new RingEntry(abi.entrySize);
       spec.reqs.forEach((r, i) => {
