@@ -756,6 +756,9 @@ class Connection {
     this.log('debug', 'NBD_OPT_STARTTLS → NBD_REP_ACK');
     this.send(encodeOptionReply(option, NBD_REP_ACK));
     this.tlsStarted = true;
+    // What was agreed in the clear could have been a man in the middle's doing: the TLS session
+    // starts from nothing (nbdkit's fix for CVE-2021-3716 does the same).
+    this.structured = false;
     const plain = this.socket;
     plain.off('data', this.onData);
     plain.off('end', this.onEnd);

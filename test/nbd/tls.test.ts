@@ -13,7 +13,8 @@ import { connect as tlsConnect } from 'node:tls';
 import {
   NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_REP_ACK, NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNSUP, NbdServer, encodeInfoRequest, encodeOption, loadServerTls, parsePskFile,
-  NbdTlsConfigError, type NbdAddress, type NbdServerTls,
+  NbdTlsConfigError, NBD_FLAG_SEND_DF, NBD_OPT_STRUCTURED_REPLY, NBD_REP_INFO, ServerParser, decodeInfo, encodeGreeting,
+  type NbdAddress, type NbdServerTls, type ServerMessage,
 } from '../../src/nbd/index.js';
 import { MemoryDevice, RawClient, randomBytes, run, runOk, tempDir, until } from './support.js';
 import { makeCa, makeCert, need, pskLine, writePskFile } from './tls-support.js';
@@ -219,6 +220,33 @@ describe('NBD over TLS', { timeout: 240_000 }, () => {
       assert.equal(w.TLS, false);
       const t = JSON.parse((await runOk('nbdinfo', ['--json', '--no-content', pskUri(on)])).stdout) as { TLS: boolean };
       assert.equal(t.TLS, true);
+    });
+
+    test('under on: structured replies agreed in the clear are forgotten once TLS is up', async () => {
+      const keys = parsePskFile(readFileSync(pskFile, 'utf8'));
+      const raw = await RawClient.connect(on.addr);
+      await raw.handshake();
+      const [sr] = await raw.option(NBD_OPT_STRUCTURED_REPLY);
+      assert.equal(sr!.replyType, NBD_REP_ACK);
+      await raw.option(NBD_OPT_STARTTLS);
+      raw.socket.removeAllListeners('data');
+      const s = tlsConnect({ socket: raw.socket, pskCallback: () => ({ psk: keys.get('alice')!, identity: 'alice' }), checkServerIdentity: () => undefined });
+      await new Promise<void>((resolve, reject) => { s.once('secureConnect', resolve); s.once('error', reject); });
+      const parser = new ServerParser();
+      // The greeting went by in the clear; this parser starts past it.
+      parser.push(encodeGreeting(0));
+      parser.next();
+      const got: ServerMessage[] = [];
+      s.on('data', (d: Buffer) => {
+        parser.push(d);
+        for (let m = parser.next(); m; m = parser.next()) got.push(m);
+      });
+      s.write(encodeOption(NBD_OPT_GO, encodeInfoRequest({ name: 'disk', infos: [] })));
+      await until(() => got.some((m) => m.kind === 'optionReply' && m.replyType === NBD_REP_ACK), 5000, 'NBD_OPT_GO acknowledged');
+      const info = got.map((m) => (m.kind === 'optionReply' && m.replyType === NBD_REP_INFO ? decodeInfo(m.data) : undefined)).find((i) => i !== undefined && 'transmissionFlags' in i);
+      assert.ok(info !== undefined && 'transmissionFlags' in info);
+      assert.equal(info.transmissionFlags & NBD_FLAG_SEND_DF, 0, 'no NBD_FLAG_SEND_DF: structured replies are off');
+      s.destroy();
     });
 
     test('without TLS configured, STARTTLS gets NBD_REP_ERR_UNSUP', async () => {
