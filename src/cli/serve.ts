@@ -134,7 +134,7 @@ With --tls=require the URI is nbds:// (with a PSK file: nbds://USER@HOST:PORT/?t
 libnbd takes it), e.g. beyond loopback:
   blkif serve --tls=require --tls-psk=keys.psk --bind ::
   nbdinfo 'nbds://alice@HOST/?tls-psk-file=keys.psk'
-  qemu-img info --object tls-creds-psk,id=tls0,endpoint=client,dir=DIR,username=alice \
+  qemu-img info --object tls-creds-psk,id=tls0,endpoint=client,dir=DIR,username=alice \\
     --image-opts driver=nbd,host=HOST,port=${DEFAULT_NBD_PORT},tls-creds=tls0     (DIR holds keys.psk)
 A non-loopback --bind without --tls=require prints a warning. Under systemd socket activation
 (LISTEN_FDS/LISTEN_PID) it serves the sockets it is given instead of --bind/--port/--socket.
