@@ -35,11 +35,15 @@ const alive = (pid: number) => {
 };
 
 before(() => {
-  for (const [cmd, pkg] of [['nbdinfo', 'libnbd-bin'], ['nbdcopy', 'libnbd-bin'], ['qemu-io', 'qemu-utils'], ['nbdkit', 'nbdkit'], ['openssl', 'openssl']] as const) need(cmd, pkg);
+  for (const [cmd, pkg] of [['nbdinfo', 'libnbd-bin'], ['nbdcopy', 'libnbd-bin'], ['qemu-io', 'qemu-utils'], ['qemu-img', 'qemu-utils'], ['nbdkit', 'nbdkit'], ['openssl', 'openssl']] as const) need(cmd, pkg);
   pskFile = writePskFile(tmp.dir, [pskLine('alice')]);
   makeCa(dir('ca'), 'test CA');
   makeCert(dir('ca'), dir('server'), 'server', 'localhost');
   makeCert(dir('ca'), dir('client'), 'client', 'blkif');
+  makeCa(dir('other-ca'), 'another CA');
+  makeCert(dir('other-ca'), dir('intruder'), 'client', 'intruder');
+  // The intruder trusts our CA: only the server's check of its certificate can stop it.
+  writeFileSync(join(dir('intruder'), 'ca-cert.pem'), readFileSync(join(dir('ca'), 'ca-cert.pem')));
 });
 
 afterEach(async () => {
@@ -85,6 +89,29 @@ describe('blkif serve beyond loopback', { timeout: 240_000 }, () => {
     assert.deepEqual(new Uint8Array(img.subarray(0, 3 * MiB)), data, 'nbdcopy\'s bytes are on disk after the stop');
     assert.ok(img.subarray(4 * MiB, 5 * MiB).every((b) => b === 0xc3), 'qemu-io\'s bytes are on disk');
     assert.match(s.stderr(), /PSK user "alice"/);
+  });
+
+  test('--tls=require --tls-certificates=DIR --tls-verify-peer: nbdinfo, nbdcopy and qemu-img with our CA\'s client certificate; another CA\'s refused', async () => {
+    const image = dir('x509.img');
+    const s = await started([image, '--size', '16M', '--tls=require', `--tls-certificates=${dir('server')}`, '--tls-verify-peer', '--port', '0']);
+    const m = /^nbds:\/\/127\.0\.0\.1:(\d+)\/$/.exec(s.uri);
+    assert.ok(m !== null, s.uri);
+    const uri = (certs: string) => `nbds://localhost:${m[1]}/?tls-certificates=${certs}`;
+    const j = JSON.parse((await execFileP('nbdinfo', ['--json', uri(dir('client'))])).stdout) as { TLS: boolean };
+    assert.equal(j.TLS, true);
+    const data = randomBytes(MiB, 8);
+    writeFileSync(dir('x.raw'), data);
+    await execFileP('nbdcopy', [dir('x.raw'), uri(dir('client'))]);
+    const creds = (d: string) => `tls-creds-x509,id=tls0,endpoint=client,dir=${d}`;
+    const image0 = `driver=nbd,host=localhost,port=${m[1]},tls-creds=tls0`;
+    const info = await execFileP('qemu-img', ['info', '--object', creds(dir('client')), '--image-opts', image0]);
+    assert.match(info.stdout, /virtual size: 16 MiB/);
+    await assert.rejects(execFileP('nbdinfo', [uri(dir('intruder'))]));
+    await assert.rejects(execFileP('qemu-img', ['info', '--object', creds(dir('intruder')), '--image-opts', image0]));
+    assert.equal(await s.stop(), 0);
+    assert.deepEqual(new Uint8Array(readFileSync(image).subarray(0, MiB)), data);
+    assert.match(s.stderr(), /client blkif/);
+    assert.match(s.stderr(), /TLS handshake with .* failed/);
   });
 
   test('VBDs on nbdkit --tls=require, PSK and X.509, through our client: data round trip', async () => {
