@@ -18,7 +18,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { userInfo } from 'node:os';
-import { checkServerIdentity, type ConnectionOptions, type SecureContextOptions, type TlsOptions } from 'node:tls';
+import { checkServerIdentity, createSecureContext, type ConnectionOptions, type SecureContextOptions, type TlsOptions } from 'node:tls';
 
 /** `--tls`: never, allowed (clients choose), or required before any export is shown. */
 export type NbdTlsMode = 'off' | 'on' | 'require';
@@ -111,19 +111,21 @@ export function loadServerTls(o: { psk?: string; certificates?: string; verifyPe
   };
 }
 
-/** Options for `new TLSSocket(socket, { isServer: true, ... })` from the credentials. */
+/**
+ * Options for `new TLSSocket(socket, { isServer: true, ... })` from the credentials: one secure
+ * context (keys parsed once) shared by every connection.
+ */
 export function serverTlsOptions(c: NbdServerTls): TlsOptions {
   if (c.kind === 'psk') {
     return {
-      ciphers: PSK_TLS12_CIPHERS,
-      minVersion: 'TLSv1.2',
+      secureContext: createSecureContext({ ciphers: PSK_TLS12_CIPHERS, minVersion: 'TLSv1.2' }),
       // Returning nothing for an unknown identity fails the handshake: there is no certificate
       // to fall back on.
       pskCallback: (_socket, identity) => c.keys.get(identity) ?? null,
     };
   }
   const ctx: SecureContextOptions = { ca: c.ca, cert: c.cert, key: c.key, minVersion: 'TLSv1.2', ...(c.crl !== undefined ? { crl: c.crl } : {}) };
-  return { ...ctx, requestCert: c.verifyPeer, rejectUnauthorized: c.verifyPeer };
+  return { secureContext: createSecureContext(ctx), requestCert: c.verifyPeer, rejectUnauthorized: c.verifyPeer };
 }
 
 /** The TLS part of an `nbds://` or `nbds+unix://` URI, as libnbd reads its query. */
