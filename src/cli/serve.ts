@@ -307,7 +307,11 @@ function listenAddresses(o: ServeOptions, inherited: number[] | undefined): NbdL
     if (o.bind !== undefined) throw new UsageError('--bind is for TCP; --socket listens on a Unix socket');
     return [{ path: resolve(o.socket) }];
   }
-  return (o.bind ?? ['127.0.0.1']).map((host) => ({ host, port: o.port }));
+  const binds = o.bind ?? ['127.0.0.1'];
+  // Linux's :: takes IPv4 too (dual stack), which would collide with 0.0.0.0 on the same port:
+  // with both, :: keeps to IPv6.
+  const both = binds.includes('::') && binds.includes('0.0.0.0');
+  return binds.map((host) => ({ host, port: o.port, ...(both && host === '::' ? { ipv6Only: true } : {}) }));
 }
 
 /** The URI clients use for `a`: nbds:// when TLS is required, with the PSK file's first user and path. */

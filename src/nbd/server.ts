@@ -82,7 +82,7 @@ export interface NbdServerOptions {
 }
 
 /** A TCP address, a Unix socket path, or a listening socket already open (systemd's LISTEN_FDS). */
-export type NbdListenOptions = { host?: string; port: number } | { path: string } | { fd: number };
+export type NbdListenOptions = { host?: string; port: number; ipv6Only?: boolean } | { path: string } | { fd: number };
 export type NbdAddress = { host: string; port: number; family: string } | { path: string };
 
 /** Counters for status lines. All counts since the server was created. */
@@ -228,7 +228,7 @@ export class NbdServer {
       };
       if ('path' in where) server.listen(where.path, done);
       else if ('fd' in where) server.listen({ fd: where.fd }, done);
-      else server.listen(where.port, where.host ?? '127.0.0.1', done);
+      else server.listen({ port: where.port, host: where.host ?? '127.0.0.1', ipv6Only: where.ipv6Only === true }, done);
     });
     server.on('error', (err) => this.log('error', `listener: ${err.message}`));
     // A socket file is ours to remove only if we made it (not one systemd passed us).
