@@ -189,6 +189,14 @@ describe('blkif serve beyond loopback', { timeout: 240_000 }, () => {
     assert.ok(lines.some((l) => l.msg === 'stopped'));
   });
 
+  test('-r refuses writes, as --readonly (qemu-nbd and nbdkit spell it -r too)', async () => {
+    const s = await started([dir('ro.img'), '--size', '16M', '--port', '0', '-r']);
+    const j = JSON.parse((await execFileP('nbdinfo', ['--json', s.uri])).stdout) as { exports: { is_read_only: boolean }[] };
+    assert.equal(j.exports[0]!.is_read_only, true);
+    await assert.rejects(execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', s.uri]));
+    assert.equal(await s.stop(), 0);
+  });
+
   test('TLS usage errors: one line, exit 2', async () => {
     const image = dir('usage.img');
     const cases: [string[], RegExp][] = [
