@@ -3,8 +3,11 @@
  * per VBD whose blkfront connects to it, and an NBD server exporting the guests' disks to
  * qemu-img, qemu-io, nbdcopy, fio and friends. Every byte goes through blkfront, grants, the ring
  * and blkback. Ctrl-C or SIGTERM stops in order; a second Ctrl-C forces the exit.
+ *
+ * As a service (nbdkit's conventions): --tls with PSK or X.509, --bind (repeatable), systemd
+ * socket activation, --pid-file, --exit-with-parent, --log to a file.
  */
-import { existsSync, mkdirSync, statSync, truncateSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync, truncateSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { pino } from 'pino';
@@ -12,11 +15,13 @@ import { xdgData } from 'xdg-basedir';
 import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS } from '../abi/index.js';
 import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
 import { FileStorage } from '../storage/index.js';
+import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
 import { DiskExport, type StorageSpec } from '../toolstack/index.js';
 import { UsageError } from './errors.js';
 import { startMetrics } from './metrics.js';
 import { formatSize, parseSize } from './size.js';
 import { RateMeter, formatRates } from './status.js';
+import { bareHost, exposureWarning, inheritedSockets, removePidFile, watchParent, writePidFile } from './service.js';
 
 export const DEFAULT_IMAGE_SIZE = 1024 ** 3;
 export const DEFAULT_NBD_PORT = 10809;
@@ -35,6 +40,14 @@ interface ServeOptions {
   readonly?: boolean;
   port: number;
   socket?: string;
+  bind?: string[];
+  tls: NbdTlsMode;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsVerifyPeer?: boolean;
+  pidFile?: string;
+  exitWithParent?: boolean;
+  log?: string;
   json?: boolean;
   metrics?: number;
   dataDir?: string;
@@ -76,7 +89,7 @@ async function prepareImage(path: string, size: number | undefined, force: boole
 export function serveCommand(): Command {
   return new Command('serve')
     .description('export Xen PV disks over NBD: IMAGE files served by blkback in a driver domain, attached by blkfront in guests')
-    .argument('[image...]', `raw image files or remote NBD exports (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), one VBD each (default: ${join(defaultDataDir(), 'vbd0.img')}, created at 1 GiB)`)
+    .argument('[image...]', `raw image files or remote NBD exports (nbd[s]://HOST[:PORT]/EXPORT, nbd[s]+unix:///EXPORT?socket=PATH), one VBD each (default: ${join(defaultDataDir(), 'vbd0.img')}, created at 1 GiB)`)
     .option('--size <size>', 'size of a new image (e.g. 1G, 512M); with --force, resize an existing one')
     .option('--force', 'allow --size to resize an existing image (shrinking loses its end)')
     .option('--vbds <n>', 'number of VBDs (guests), exported as vbd0, vbd1, ...; default images vbdN.img', int('--vbds', 1, 16))
@@ -92,10 +105,19 @@ export function serveCommand(): Command {
     .option('--no-persistent', 'no persistent grants: grant and map every page per request')
     .option('--grant-copy', 'backend copies with GNTTABOP_copy instead of mapping grants (as QEMU does)')
     .option('--queue-threads', 'serve each queue in a driver-domain thread of its own (a vCPU, as Linux runs a kthread per ring); use with --queues')
-    .option('--readonly', 'serve the disks read-only (exports are read-only too)')
+    .option('-r, --readonly', 'serve the disks read-only (exports are read-only too)')
     .addOption(new Option('--connections <n>', 'connections to a remote NBD export (used when its server allows multi-conn)').default(1).argParser(int('--connections', 1, 8)))
-    .addOption(new Option('--port <port>', 'TCP port on 127.0.0.1 (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
+    .addOption(new Option('--port <port>', 'TCP port (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
+    .option('--bind <addr>', 'listen on this address (repeatable; IPv6 too, e.g. ::1 or ::); default 127.0.0.1 only',
+      (v: string, prev: string[] | undefined) => [...(prev ?? []), bareHost(v)])
     .option('--socket <path>', 'listen on a Unix socket instead of TCP')
+    .addOption(new Option('--tls <mode>', 'TLS: off, on (clients choose), require (NBD_REP_ERR_TLS_REQD to clients without it)').choices(['off', 'on', 'require']).default('off'))
+    .option('--tls-psk <file>', 'pre-shared keys: a file of username:hexkey lines (as psktool writes them and nbdkit --tls-psk reads them)')
+    .option('--tls-certificates <dir>', 'X.509: DIR/ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit and qemu-nbd lay them out)')
+    .option('--tls-verify-peer', 'with --tls-certificates: only clients with a certificate signed by DIR/ca-cert.pem')
+    .option('--pid-file <path>', 'write the process ID here once clients may connect (removed on a clean stop)')
+    .option('--exit-with-parent', 'stop (cleanly, as on SIGTERM) when the parent process exits')
+    .option('--log <dest>', 'stderr (human lines; the default), json (JSON lines on stderr, as --json), or a FILE for JSON lines; under systemd stderr goes to the journal (no syslog writer of our own)')
     .option('--json', 'structured JSON log lines on stderr instead of a live status line')
     .option('--metrics <port>', 'Prometheus metrics at http://127.0.0.1:PORT/metrics', int('--metrics', 0, 65535))
     .option('--migrate-every <seconds>', 'move the disks to a fresh driver domain with random features this often (SIGUSR2: move now)', (v) => {
@@ -108,6 +130,15 @@ export function serveCommand(): Command {
 Prints "ready nbd://127.0.0.1:PORT/" (or "ready nbd+unix:///?socket=PATH") once clients may connect, e.g.
   qemu-img info nbd://127.0.0.1:${DEFAULT_NBD_PORT}/
   nbdcopy disk.raw nbd://127.0.0.1:${DEFAULT_NBD_PORT}/vbd0
+With --tls=require the URI is nbds:// (with a PSK file: nbds://USER@HOST:PORT/?tls-psk-file=FILE, as
+libnbd takes it), e.g. beyond loopback:
+  blkif serve --tls=require --tls-psk=keys.psk --bind ::
+  nbdinfo 'nbds://alice@HOST/?tls-psk-file=keys.psk'
+  qemu-img info --object tls-creds-psk,id=tls0,endpoint=client,dir=DIR,username=alice \\
+    --image-opts driver=nbd,host=HOST,port=${DEFAULT_NBD_PORT},tls-creds=tls0     (DIR holds keys.psk)
+A non-loopback --bind without --tls=require prints a warning. Under systemd socket activation
+(LISTEN_FDS/LISTEN_PID) it serves the sockets it is given instead of --bind/--port/--socket.
+Remote images may be TLS too: nbds://USER@HOST/EXPORT?tls-psk-file=FILE or ?tls-certificates=DIR.
 Growing an image while serving (e.g. truncate -s +1G IMAGE) resizes the disk online: the
 backend rewrites "sectors" and the guest picks it up (NBD clients see the new size on reconnect).
 Ctrl-C or SIGTERM: stop accepting, finish in-flight I/O, flush, close the devices, exit 0.`)
@@ -115,13 +146,26 @@ Ctrl-C or SIGTERM: stop accepting, finish in-flight I/O, flush, close the device
 }
 
 async function serve(images: string[], o: ServeOptions): Promise<void> {
-  const json = o.json === true;
-  const jlog = json ? pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime }, pino.destination(2)) : undefined;
+  const logTo = o.log ?? (o.json === true ? 'json' : 'stderr');
+  const json = logTo !== 'stderr';
+  const jlog = json
+    ? pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime },
+      pino.destination(logTo === 'json' ? 2 : { dest: resolve(logTo), append: true, mkdir: true, sync: true }))
+    : undefined;
   const info = (msg: string, fields: Record<string, unknown> = {}) => {
     if (jlog !== undefined) jlog.info(fields, msg);
     else process.stderr.write(`${clearLine()}blkif: ${msg}\n`);
   };
   const tty = !json && process.stderr.isTTY === true;
+  const warn = (msg: string, fields: Record<string, unknown> = {}) => {
+    if (jlog !== undefined) jlog.warn(fields, msg);
+    // A warning also reaches a terminal when the log goes to a file.
+    if (jlog === undefined || logTo !== 'json') process.stderr.write(`${clearLine()}blkif: ${msg}\n`);
+  };
+
+  const tls = serverTls(o);
+  const inherited = inheritedSockets();
+  const listen = listenAddresses(o, inherited);
   const clearLine = () => (tty ? '\r\x1b[K' : '');
 
   const size = o.size === undefined ? undefined : parseSize(o.size, '--size');
@@ -129,7 +173,7 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
     throw new UsageError(`--vbds ${o.vbds} but ${images.length} image(s) given: give one image per VBD, or none`);
   }
   let paths: string[];
-  const isUri = (p: string) => /^nbd(\+unix)?:\/\//.test(p);
+  const isUri = (p: string) => /^nbds?(\+unix)?:\/\//.test(p);
   if (images.length > 0) paths = images.map((p) => (isUri(p) ? p : resolve(p)));
   else {
     const dir = o.dataDir !== undefined ? resolve(o.dataDir) : defaultDataDir();
@@ -147,17 +191,18 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   const storage: StorageSpec[] = paths.map((path) => (isUri(path)
     ? { kind: 'nbd', uri: path, sectorSize, readOnly: o.readonly === true, connections: o.connections }
     : { kind: 'file', path, sectorSize, readOnly: o.readonly === true }));
-  const listen = o.socket !== undefined ? { path: resolve(o.socket) } : { host: '127.0.0.1', port: o.port };
   const exp = await DiskExport.start({
     images: storage,
     readOnly: o.readonly === true,
     backendOptions: { maxIndirectSegments: o.maxIndirectSegments, persistent: o.persistent, grantCopy: o.grantCopy === true, queueThreads: o.queueThreads === true },
     frontendOptions: { maxIndirectSegments: o.maxIndirectSegments, ringPageOrder: o.ringPageOrder, queues: o.queues, persistent: o.persistent },
     listen,
+    ...(tls !== undefined ? { tls } : {}),
     log: (domid, msg) => info(msg, { domid }),
     progress: (step) => info(step),
   }).catch((e: Error) => {
     const busy = /EADDRINUSE/.test(e.message) ? ` (is another server on port ${o.port}? try --port 0)` : '';
+    if (e instanceof NbdTlsConfigError) throw new UsageError(e.message);
     throw new UsageError(`cannot start: ${e.message}${busy}`);
   });
 
@@ -166,8 +211,19 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
     const a = metrics.address();
     info(`metrics at http://127.0.0.1:${typeof a === 'object' && a !== null ? a.port : o.metrics}/metrics`);
   }
-  process.stdout.write(`ready ${exp.uri}\n`);
-  jlog?.info({ uri: exp.uri, exports: exp.disks.map((_, i) => `vbd${i}`) }, 'ready');
+  const uris = exp.addresses.map((a) => clientUri(a, o));
+  for (const a of exp.addresses) {
+    const w = exposureWarning('path' in a ? 'path' : a.host, o.tls, o.readonly === true);
+    if (w !== undefined && !('path' in a)) warn(w, { address: a.host });
+  }
+  for (const u of uris.slice(1)) info(`also at ${u}`, { uri: u });
+  // Called once the signal handlers are in place: whoever acts on the PID file or the ready line
+  // may send SIGTERM at once.
+  const announce = () => {
+    if (o.pidFile !== undefined) writePidFile(resolve(o.pidFile));
+    process.stdout.write(`ready ${uris[0]}\n`);
+    jlog?.info({ uri: uris[0], uris, exports: exp.disks.map((_, i) => `vbd${i}`), tls: o.tls }, 'ready');
+  };
 
   // Migration on a timer or on SIGUSR2: clients keep working; each move is logged with what changed.
   const migrate = () => {
@@ -189,17 +245,19 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
     }, () => undefined);
   }, 1000);
 
+  let unwatch: (() => void) | undefined;
   await new Promise<void>((done) => {
     let signals = 0;
-    const onSignal = (sig: NodeJS.Signals) => {
+    const onSignal = (sig: NodeJS.Signals | 'parent exited') => {
       if (++signals > 1) {
         process.stderr.write(`${clearLine()}blkif: ${sig} again: exiting now\n`);
         process.exit(130);
       }
       clearInterval(timer);
       clearInterval(mover);
+      unwatch?.();
       process.off('SIGUSR2', migrate);
-      info(`${sig}: stopping (again to force)`);
+      info(`${sig}: stopping${sig === 'parent exited' ? '' : ' (again to force)'}`);
       void exp.stop((step) => info(step)).then(
         () => done(),
         (e: Error) => { info(`stopping failed: ${e.message}`); process.exitCode = 1; done(); },
@@ -207,8 +265,60 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
     };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
+    if (o.exitWithParent === true) unwatch = watchParent(() => onSignal('parent exited'));
+    announce();
   });
   await new Promise<void>((r) => (metrics === undefined ? r() : metrics.close(() => r())));
+  if (o.pidFile !== undefined) removePidFile(resolve(o.pidFile));
   info('stopped');
   jlog?.flush();
+}
+
+/** The TLS configuration from --tls, --tls-psk, --tls-certificates, --tls-verify-peer; undefined when off. */
+function serverTls(o: ServeOptions): NbdServerTlsConfig | undefined {
+  const creds = o.tlsPsk !== undefined || o.tlsCertificates !== undefined;
+  if (o.tls === 'off') {
+    if (creds || o.tlsVerifyPeer === true) throw new UsageError('--tls-psk, --tls-certificates and --tls-verify-peer need --tls=on or --tls=require');
+    return undefined;
+  }
+  if (!creds) throw new UsageError(`--tls=${o.tls} needs --tls-psk=FILE or --tls-certificates=DIR`);
+  if (o.tlsPsk !== undefined && o.tlsCertificates !== undefined) throw new UsageError('give --tls-psk or --tls-certificates, not both');
+  if (o.tlsVerifyPeer === true && o.tlsCertificates === undefined) throw new UsageError('--tls-verify-peer goes with --tls-certificates (a PSK already proves the client)');
+  try {
+    const credentials = loadServerTls({
+      ...(o.tlsPsk !== undefined ? { psk: resolve(o.tlsPsk) } : {}),
+      ...(o.tlsCertificates !== undefined ? { certificates: resolve(o.tlsCertificates) } : {}),
+      verifyPeer: o.tlsVerifyPeer === true,
+    });
+    return { mode: o.tls, credentials };
+  } catch (e) {
+    if (e instanceof NbdTlsConfigError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+/** Inherited sockets (socket activation), else --socket, else every --bind on --port (default 127.0.0.1). */
+function listenAddresses(o: ServeOptions, inherited: number[] | undefined): NbdListenOptions[] {
+  if (inherited !== undefined) {
+    if (o.socket !== undefined || o.bind !== undefined) throw new UsageError('socket activation (LISTEN_FDS) gives the sockets: --bind and --socket do not apply');
+    return inherited.map((fd) => ({ fd }));
+  }
+  if (o.socket !== undefined) {
+    if (o.bind !== undefined) throw new UsageError('--bind is for TCP; --socket listens on a Unix socket');
+    return [{ path: resolve(o.socket) }];
+  }
+  const binds = o.bind ?? ['127.0.0.1'];
+  // Linux's :: takes IPv4 too (dual stack), which would collide with 0.0.0.0 on the same port:
+  // with both, :: keeps to IPv6.
+  const both = binds.includes('::') && binds.includes('0.0.0.0');
+  return binds.map((host) => ({ host, port: o.port, ...(both && host === '::' ? { ipv6Only: true } : {}) }));
+}
+
+/** The URI clients use for `a`: nbds:// when TLS is required, with the PSK file's first user and path. */
+function clientUri(a: NbdAddress, o: ServeOptions): string {
+  if (o.tls !== 'require') return nbdUri(a);
+  if (o.tlsPsk === undefined) return nbdUri(a, '', {});
+  const file = resolve(o.tlsPsk);
+  const user = readFileSync(file, 'utf8').split('\n').find((l) => l.includes(':'))?.split(':')[0];
+  return nbdUri(a, '', { ...(user !== undefined ? { user } : {}), query: `tls-psk-file=${encodeURIComponent(file).replace(/%2F/g, '/')}` });
 }

@@ -6,3 +6,4 @@ export * from './serializer.js';
 export * from './export.js';
 export * from './server.js';
 export * from './uri.js';
+export * from './tls.js';

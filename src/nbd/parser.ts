@@ -45,6 +45,11 @@ abstract class StreamParser<M> {
     if (!this.failure) this.queue.push(chunk);
   }
 
+  /** Bytes received but not yet returned as messages. */
+  get buffered(): number {
+    return this.queue.length;
+  }
+
   /** The next whole message, or undefined until more bytes arrive. Throws NbdProtocolError. */
   next(): M | undefined {
     if (this.failure) throw this.failure;
@@ -77,11 +82,6 @@ export class ClientParser extends StreamParser<ClientMessage> {
 
   get phase(): ClientPhase {
     return this._phase;
-  }
-
-  /** Bytes received but not yet returned as messages. */
-  get buffered(): number {
-    return this.queue.length;
   }
 
   /** Switches to requests: call once NBD_OPT_GO succeeded or NBD_OPT_EXPORT_NAME was answered. */

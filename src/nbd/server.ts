@@ -1,8 +1,15 @@
 /**
  * An NBD server: fixed newstyle negotiation (NBD_OPT_GO / INFO / EXPORT_NAME / LIST / ABORT /
  * STRUCTURED_REPLY), then pipelined transmission (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC)
- * against the named exports' devices. No TLS (NBD_OPT_STARTTLS is refused with
- * NBD_REP_ERR_UNSUP), no metadata contexts, no extended headers.
+ * against the named exports' devices. No metadata contexts, no extended headers.
+ *
+ * TLS (`tls` option, see tls.ts): NBD_OPT_STARTTLS is acknowledged, then the same connection
+ * becomes a TLS session and negotiation goes on inside it. In `require` mode every other option
+ * before that gets NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which cannot fail politely, ends
+ * the session), so a client without TLS learns nothing, not even the export names. Bytes sent
+ * after NBD_OPT_STARTTLS and before its reply would be plaintext the client could not have
+ * meant (the spec has it wait for the reply): they end the session, as does a handshake that
+ * fails (wrong key, untrusted certificate) or does not finish within `tlsHandshakeTimeoutMs`.
  *
  * Requests run concurrently and are answered as they complete, each reply written whole. A
  * connection stops reading while it has `maxInFlight` requests or `maxInFlightBytes` of
@@ -10,7 +17,8 @@
  * buffer without bound. Device operations are never abandoned: a client that vanishes only
  * loses its replies.
  */
-import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
 import { lstatSync, rmSync } from 'node:fs';
 import {
   DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_PAYLOAD, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FUA,
@@ -20,7 +28,7 @@ import {
   NBD_FLAG_SEND_DF, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
   NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE,
-  NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO,
+  NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO,
   NBD_REP_SERVER, commandName, errnoName, optionName, replyName,
 } from './constants.js';
 import { deviceErrno, validateDevice, type NbdExport, type NbdExportDevice } from './export.js';
@@ -31,6 +39,7 @@ import {
   encodeOptionError, encodeOptionReply, encodeServerEntry, encodeSimpleReply, encodeStructuredError,
   encodeStructuredNone,
 } from './serializer.js';
+import { serverTlsOptions, type NbdServerTlsConfig } from './tls.js';
 
 export type NbdLogLevel = 'debug' | 'info' | 'warn' | 'error';
 
@@ -44,6 +53,11 @@ export interface NbdServerOptions {
   defaultExport?: string;
   /** Largest option data accepted; a longer option drops the connection (default 64 KiB). */
   maxOptionLength?: number;
+  /**
+   * Options one connection may send before choosing an export; one more drops it (default 128;
+   * nbdkit allows 32). Bounds what a client can make the server do without ever using an export.
+   */
+  maxOptions?: number;
   /**
    * Largest NBD_CMD_READ / NBD_CMD_WRITE length, advertised as the maximum block size
    * (default 32 MiB). A longer write drops the connection, a longer read gets NBD_EINVAL.
@@ -61,9 +75,14 @@ export interface NbdServerOptions {
   closeTimeoutMs?: number;
   /** Receives the server's diagnostics; by default nothing is logged. */
   log?: (level: NbdLogLevel, message: string) => void;
+  /** TLS mode and credentials (default: no TLS; NBD_OPT_STARTTLS gets NBD_REP_ERR_UNSUP). */
+  tls?: NbdServerTlsConfig;
+  /** Drop a client whose TLS handshake has not finished after this many ms (default 30 s). */
+  tlsHandshakeTimeoutMs?: number;
 }
 
-export type NbdListenOptions = { host?: string; port: number } | { path: string };
+/** A TCP address, a Unix socket path, or a listening socket already open (systemd's LISTEN_FDS). */
+export type NbdListenOptions = { host?: string; port: number; ipv6Only?: boolean } | { path: string } | { fd: number };
 export type NbdAddress = { host: string; port: number; family: string } | { path: string };
 
 /** Counters for status lines. All counts since the server was created. */
@@ -96,16 +115,25 @@ export interface NbdConnectionInfo {
   phase: 'handshake' | 'transmission' | 'closing';
   export?: string;
   structuredReplies: boolean;
+  /** The connection went through NBD_OPT_STARTTLS. */
+  tls: boolean;
   inFlight: number;
   requests: number;
 }
 
-/** The URI a client such as qemu-img, nbdinfo or nbdcopy uses for `address` and `exportName`. */
-export function nbdUri(address: NbdAddress, exportName = ''): string {
+/**
+ * The URI a client such as qemu-img, nbdinfo or nbdcopy uses for `address` and `exportName`;
+ * with `tls`, the `nbds` schemes (which make libnbd insist on TLS), and `query` (e.g.
+ * `tls-psk-file=...`) appended.
+ */
+export function nbdUri(address: NbdAddress, exportName = '', tls: { user?: string; query?: string } | undefined = undefined): string {
   const name = encodeURIComponent(exportName);
-  if ('path' in address) return `nbd+unix:///${name}?socket=${encodeURIComponent(address.path)}`;
+  const s = tls !== undefined ? 's' : '';
+  const user = tls?.user !== undefined ? `${encodeURIComponent(tls.user)}@` : '';
+  const query = tls?.query !== undefined && tls.query !== '' ? tls.query : undefined;
+  if ('path' in address) return `nbd${s}+unix://${user}/${name}?socket=${encodeURIComponent(address.path)}${query !== undefined ? `&${query}` : ''}`;
   const host = address.host.includes(':') ? `[${address.host}]` : address.host;
-  return `nbd://${host}:${address.port}/${name}`;
+  return `nbd${s}://${user}${host}:${address.port}/${name}${query !== undefined ? `?${query}` : ''}`;
 }
 
 interface Listener {
@@ -128,9 +156,11 @@ export class NbdServer {
   private closing = false;
   private closed: Promise<void> | undefined;
   private idleWaiters: (() => void)[] = [];
-  readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'maxConnections'>> & {
+  readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'maxConnections' | 'tls'>> & {
     maxConnections: number | undefined;
   };
+  /** @internal TLS mode and the options of each connection's TLSSocket. */
+  readonly tls: { mode: 'off' } | { mode: 'on' | 'require'; socketOptions: ReturnType<typeof serverTlsOptions> };
   private readonly logFn: ((level: NbdLogLevel, message: string) => void) | undefined;
   private readonly counters: NbdServerStats = {
     connections: { active: 0, total: 0, transmitting: 0 },
@@ -149,13 +179,17 @@ export class NbdServer {
     }
     this.options = {
       maxOptionLength: options.maxOptionLength ?? DEFAULT_MAX_OPTION_LENGTH,
+      maxOptions: options.maxOptions ?? 128,
       maxPayload,
       maxInFlight: Math.max(1, options.maxInFlight ?? 64),
       maxInFlightBytes: Math.max(1, options.maxInFlightBytes ?? 64 * 1024 * 1024),
       maxConnections: options.maxConnections,
       handshakeTimeoutMs: options.handshakeTimeoutMs ?? 0,
       closeTimeoutMs: options.closeTimeoutMs ?? 10_000,
+      tlsHandshakeTimeoutMs: options.tlsHandshakeTimeoutMs ?? 30_000,
     };
+    const t = options.tls;
+    this.tls = t === undefined || t.mode === 'off' ? { mode: 'off' } : { mode: t.mode, socketOptions: serverTlsOptions(t.credentials) };
     this.logFn = options.log;
     for (const e of options.exports ?? []) this.addExport(e);
     if (options.defaultExport !== undefined) this.defaultName = options.defaultExport;
@@ -178,7 +212,10 @@ export class NbdServer {
     return [...this.exportMap.keys()];
   }
 
-  /** Binds a TCP port (port 0: any free one; host defaults to 127.0.0.1) or a Unix socket path. */
+  /**
+   * Binds a TCP port (port 0: any free one; host defaults to 127.0.0.1) or a Unix socket path,
+   * or listens on an inherited listening socket (`fd`, as systemd passes them).
+   */
   async listen(where: NbdListenOptions): Promise<NbdAddress> {
     if (this.closing) throw new Error('NbdServer is closed');
     const server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
@@ -190,9 +227,11 @@ export class NbdServer {
         resolve();
       };
       if ('path' in where) server.listen(where.path, done);
-      else server.listen(where.port, where.host ?? '127.0.0.1', done);
+      else if ('fd' in where) server.listen({ fd: where.fd }, done);
+      else server.listen({ port: where.port, host: where.host ?? '127.0.0.1', ipv6Only: where.ipv6Only === true }, done);
     });
     server.on('error', (err) => this.log('error', `listener: ${err.message}`));
+    // A socket file is ours to remove only if we made it (not one systemd passed us).
     const listener: Listener = 'path' in where ? { server, path: where.path } : { server };
     this.listeners.push(listener);
     const addr = server.address();
@@ -200,7 +239,12 @@ export class NbdServer {
       this.log('info', `listening on ${where.path}`);
       return { path: where.path };
     }
-    const a = addr as AddressInfo;
+    if (typeof addr === 'string' || addr === null) {
+      // An inherited Unix socket: its path, if the kernel still has one.
+      this.log('info', `listening on fd ${'fd' in where ? where.fd : '?'} (${addr ?? 'unnamed'})`);
+      return { path: addr ?? '' };
+    }
+    const a = addr;
     this.log('info', `listening on ${a.address}:${a.port}`);
     return { host: a.address, port: a.port, family: a.family };
   }
@@ -379,12 +423,19 @@ class Connection {
   private pumping = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
   private readonly remote: string;
+  /** NBD_OPT_STARTTLS answered: the TLS session is being set up or is up. */
+  private tlsStarted = false;
+  private optionCount = 0;
+  /** The TLS handshake finished: `socket` is the TLSSocket. */
+  private tlsUp = false;
+  private socket: Socket;
 
   constructor(
     private readonly server: NbdServer,
-    private readonly socket: Socket,
+    socket: Socket,
     readonly id: number,
   ) {
+    this.socket = socket;
     this.parser = new ClientParser({ maxOptionLength: server.options.maxOptionLength, maxPayload: server.options.maxPayload });
     this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
   }
@@ -395,6 +446,7 @@ class Connection {
       remote: this.remote,
       phase: this.phase,
       structuredReplies: this.structured,
+      tls: this.tlsUp,
       inFlight: this.inFlight,
       requests: this.requestCount,
     };
@@ -406,27 +458,41 @@ class Connection {
     this.server.log(level, `nbd[${this.id}] ${message}`);
   }
 
+  private readonly onData = (chunk: Buffer): void => {
+    this.parser.push(chunk);
+    this.pump();
+  };
+
+  private readonly onEnd = (): void => {
+    // The client will send nothing more: serve what it sent, then close.
+    this.inputEnded = true;
+    this.pump();
+  };
+
+  private readonly onDrain = (): void => this.pump();
+
+  private readonly onClose = (): void => {
+    if (this.gone) return;
+    this.gone = true;
+    this.phase = 'closing';
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.log('info', `closed (${this.requestCount} requests, ${this.inFlight} still in flight)`);
+    this.server.connectionClosed(this);
+  };
+
+  /** Reads and writes go through `s` from now on. */
+  private attach(s: Socket): void {
+    s.on('data', this.onData);
+    s.on('end', this.onEnd);
+    s.on('drain', this.onDrain);
+    s.on('close', this.onClose);
+  }
+
   start(): void {
     const s = this.socket;
     s.setNoDelay(true);
-    s.on('data', (chunk: Buffer) => {
-      this.parser.push(chunk);
-      this.pump();
-    });
-    s.on('end', () => {
-      // The client will send nothing more: serve what it sent, then close.
-      this.inputEnded = true;
-      this.pump();
-    });
-    s.on('drain', () => this.pump());
     s.on('error', (err) => this.log('debug', `socket error: ${err.message}`));
-    s.on('close', () => {
-      this.gone = true;
-      this.phase = 'closing';
-      if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
-      this.log('info', `closed (${this.requestCount} requests, ${this.inFlight} still in flight)`);
-      this.server.connectionClosed(this);
-    });
+    this.attach(s);
     const t = this.server.options.handshakeTimeoutMs;
     if (t > 0) {
       this.handshakeTimer = setTimeout(() => {
@@ -570,9 +636,25 @@ class Connection {
   }
 
   private onOption({ option, data }: OptionMessage): void {
+    if (++this.optionCount > this.server.options.maxOptions) {
+      // Said once, then the session ends (what is queued is still sent, within end()'s grace).
+      const why = `more than ${this.server.options.maxOptions} options without choosing an export`;
+      this.server.stat.protocolErrors++;
+      this.log('warn', `${why}, disconnecting`);
+      this.replyError(option, NBD_REP_ERR_POLICY, why);
+      this.end();
+      return;
+    }
     if (this.server.isClosing && option !== NBD_OPT_ABORT) {
       if (option === NBD_OPT_EXPORT_NAME) this.destroy();
       else this.replyError(option, NBD_REP_ERR_SHUTDOWN, 'server shutting down');
+      return;
+    }
+    if (this.server.tls.mode === 'require' && !this.tlsStarted && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {
+      if (option === NBD_OPT_EXPORT_NAME) {
+        this.log('info', 'NBD_OPT_EXPORT_NAME without TLS, which this server requires: disconnecting');
+        this.destroy();
+      } else this.replyError(option, NBD_REP_ERR_TLS_REQD, 'this server requires TLS: use NBD_OPT_STARTTLS first');
       return;
     }
     switch (option) {
@@ -602,7 +684,7 @@ class Connection {
         this.reply(option, NBD_REP_ACK);
         return;
       case NBD_OPT_STARTTLS:
-        this.replyError(option, NBD_REP_ERR_UNSUP, 'TLS is not supported by this server');
+        this.startTls(option, data);
         return;
       case NBD_OPT_STRUCTURED_REPLY:
         if (data.length !== 0) {
@@ -645,6 +727,77 @@ class Connection {
       default:
         this.replyError(option, NBD_REP_ERR_UNSUP, `${optionName(option)} is not supported by this server`);
     }
+  }
+
+  /**
+   * NBD_OPT_STARTTLS: acknowledge in plaintext, then hand the socket to TLS and carry on reading
+   * options from the TLS session once its handshake is done.
+   */
+  private startTls(option: number, data: Uint8Array): void {
+    const tls = this.server.tls;
+    if (tls.mode === 'off') {
+      this.replyError(option, NBD_REP_ERR_UNSUP, 'TLS is not enabled on this server');
+      return;
+    }
+    if (this.tlsStarted) {
+      this.replyError(option, NBD_REP_ERR_INVALID, 'TLS is already on');
+      return;
+    }
+    if (data.length !== 0) {
+      this.replyError(option, NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+      return;
+    }
+    if (this.parser.buffered > 0) {
+      // The client had to wait for our reply before its handshake: these bytes were sent in the
+      // clear after asking for TLS, and must not be taken as options of the TLS session.
+      this.protocolError(new NbdProtocolError(`${this.parser.buffered} bytes sent after NBD_OPT_STARTTLS before its reply`));
+      return;
+    }
+    this.log('debug', 'NBD_OPT_STARTTLS → NBD_REP_ACK');
+    this.send(encodeOptionReply(option, NBD_REP_ACK));
+    this.tlsStarted = true;
+    // What was agreed in the clear could have been a man in the middle's doing: the TLS session
+    // starts from nothing (nbdkit's fix for CVE-2021-3716 does the same).
+    this.structured = false;
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.off('end', this.onEnd);
+    plain.off('drain', this.onDrain);
+    // The TLSSocket reads the plain socket from now on; 'close' of either ends the connection.
+    let identity: string | undefined;
+    const psk = tls.socketOptions.pskCallback;
+    const options = psk === undefined ? tls.socketOptions : {
+      ...tls.socketOptions,
+      pskCallback: (s: TLSSocket, id: string) => {
+        identity = id;
+        return psk(s, id);
+      },
+    };
+    const secure = new TLSSocket(plain, { isServer: true, ...options });
+    this.socket = secure;
+    secure.on('error', (err) => {
+      const reason = (err as Error & { reason?: string }).reason ?? err.message.trim();
+      if (!this.tlsUp) this.log('warn', `TLS handshake with ${this.remote} failed: ${reason}`);
+      else this.log('debug', `TLS error: ${reason}`);
+      this.destroy();
+    });
+    const timer = setTimeout(() => {
+      if (this.tlsUp || this.gone) return;
+      this.log('warn', `TLS handshake with ${this.remote} not finished after ${this.server.options.tlsHandshakeTimeoutMs} ms`);
+      this.destroy();
+    }, this.server.options.tlsHandshakeTimeoutMs);
+    timer.unref();
+    secure.once('secure', () => {
+      clearTimeout(timer);
+      this.tlsUp = true;
+      const peer = secure.getPeerCertificate();
+      const cn = peer !== null && typeof peer === 'object' && peer.subject !== undefined ? peer.subject.CN ?? JSON.stringify(peer.subject) : undefined;
+      const who = identity !== undefined ? `, PSK user ${JSON.stringify(identity)}` : cn !== undefined ? `, client ${cn}` : '';
+      this.log('info', `TLS ${secure.getProtocol() ?? ''} ${secure.getCipher().name}${who}`);
+      this.pump();
+    });
+    this.attach(secure);
+    secure.on('close', () => clearTimeout(timer));
   }
 
   private enterTransmission(exp: ResolvedExport, blockSizeAgreed: boolean): void {

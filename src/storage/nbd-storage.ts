@@ -2,7 +2,8 @@
  * A disk served by a remote NBD server (qemu-nbd, nbdkit, nbd-server, our own NbdServer): blkback
  * serves the VBD, the bytes live on the other end of one or more NBD connections.
  *
- * Handshake (fixed newstyle): NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_GO asking for
+ * Handshake (fixed newstyle): for nbds:// URIs NBD_OPT_STARTTLS first and the rest inside TLS
+ * (see nbd/tls.ts for the key and certificate files); NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_GO asking for
  * NBD_INFO_BLOCK_SIZE, falling back to NBD_OPT_EXPORT_NAME where GO is unsupported. The export's
  * block-size constraints are honoured: the minimum must divide the sector size, requests longer
  * than the maximum are split.
@@ -25,12 +26,13 @@
  * after a timeout the server may still carry out the request it never answered, late.
  */
 import { connect as netConnect, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import {
   NBD_CMD_DISC, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
   NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, NBD_ESHUTDOWN, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH,
   NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT, NBD_OPT_EXPORT_NAME,
-  NBD_OPT_ABORT, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_OPT_ABORT, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REP_ACK, NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP, NBD_REP_INFO, commandName, errnoName, isOptionReplyError, isReplyTypeError, replyName,
 } from '../nbd/constants.js';
@@ -41,6 +43,7 @@ import {
   encodeOption, encodeRequest,
 } from '../nbd/serializer.js';
 import { NbdUriError, formatNbdUri, parseNbdUri, type NbdTarget } from '../nbd/uri.js';
+import { NbdTlsConfigError, clientTlsOptions } from '../nbd/tls.js';
 import { checkRange, totalLength } from './range.js';
 import { StorageError, type BlockStorage } from './storage.js';
 
@@ -193,16 +196,18 @@ async function openSession(t: NbdTarget, where: string, timeoutMs: number): Prom
   }
   let lookup = (_h: bigint): number | undefined => undefined;
   const parser = new ServerParser({ readDataLength: (h) => lookup(h) });
+  const current = { socket };
   try {
-    const info = await negotiate(socket, parser, t.exportName, where, timeoutMs);
-    return { socket, parser, info, setReadLengths: (f) => (lookup = f) };
+    const tls = t.tls === undefined ? undefined : tlsOptionsOf(t);
+    const info = await negotiate(current, parser, t.exportName, where, timeoutMs, tls);
+    return { socket: current.socket, parser, info, setReadLengths: (f) => (lookup = f) };
   } catch (e) {
+    current.socket.destroy();
     socket.destroy();
     throw e instanceof StorageError ? e : new StorageError('EIO', `NBD server ${where}: handshake failed: ${why(e)}`);
   }
 }
 
-/** `query`: NBD_OPT_INFO instead of NBD_OPT_GO (the export is described, not entered; no fallback). */
 /** Describes the export on a connection of its own (NBD_OPT_INFO), then NBD_OPT_ABORT and hangs up. */
 async function queryExport(t: NbdTarget, where: string, timeoutMs: number): Promise<NbdExportInfo> {
   let socket: Socket;
@@ -211,16 +216,37 @@ async function queryExport(t: NbdTarget, where: string, timeoutMs: number): Prom
   } catch (e) {
     throw new StorageError('EIO', `cannot connect to NBD server ${where}: ${why(e)}`);
   }
+  const current = { socket };
   try {
-    return await negotiate(socket, new ServerParser({ readDataLength: () => undefined }), t.exportName, where, timeoutMs, true);
+    const tls = t.tls === undefined ? undefined : tlsOptionsOf(t);
+    return await negotiate(current, new ServerParser({ readDataLength: () => undefined }), t.exportName, where, timeoutMs, tls, true);
   } finally {
     // NBD_OPT_ABORT: a polite goodbye; the server's reply is not worth waiting for.
-    if (!socket.destroyed) socket.end(encodeOption(NBD_OPT_ABORT));
-    socket.destroySoon();
+    if (!current.socket.destroyed) current.socket.end(encodeOption(NBD_OPT_ABORT));
+    current.socket.destroySoon();
+    if (current.socket !== socket) socket.destroySoon();
   }
 }
 
-async function negotiate(socket: Socket, parser: ServerParser, name: string, where: string, timeoutMs: number, query = false): Promise<NbdExportInfo> {
+/** The TLS options of an nbds:// target (its key or certificate files read now). */
+function tlsOptionsOf(t: NbdTarget): ConnectionOptions {
+  try {
+    return clientTlsOptions(t.tls!, t.transport === 'tcp' ? t.host : undefined);
+  } catch (e) {
+    if (e instanceof NbdTlsConfigError) throw new StorageError('EINVAL', `${formatNbdUri(t)}: ${e.message}`);
+    throw e;
+  }
+}
+
+/**
+ * Fixed newstyle negotiation on `current.socket`; with `tls`, NBD_OPT_STARTTLS first, after which
+ * `current.socket` is the TLS session. `query`: NBD_OPT_INFO instead of NBD_OPT_GO (the export is
+ * described, not entered; no fallback).
+ */
+async function negotiate(
+  current: { socket: Socket }, parser: ServerParser, name: string, where: string, timeoutMs: number, tls: ConnectionOptions | undefined, query = false,
+): Promise<NbdExportInfo> {
+  let socket = current.socket;
   const inbox: ServerMessage[] = [];
   let failure: Error | undefined;
   let wake: (() => void) | undefined;
@@ -274,10 +300,50 @@ async function negotiate(socket: Socket, parser: ServerParser, name: string, whe
     const fixed = (g.handshakeFlags & NBD_FLAG_FIXED_NEWSTYLE) !== 0;
     const noZeroes = (g.handshakeFlags & NBD_FLAG_NO_ZEROES) !== 0;
     socket.write(encodeClientFlags((fixed ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0)));
+    if (tls !== undefined) {
+      if (!fixed) throw new StorageError('EIO', `NBD server ${where} is not fixed newstyle, so it cannot do TLS`);
+      socket.write(encodeOption(NBD_OPT_STARTTLS));
+      const r = await nextReply(NBD_OPT_STARTTLS);
+      if (r.replyType !== NBD_REP_ACK) {
+        const text = decodeUtf8(r.data) ?? '';
+        throw new StorageError('EIO', `NBD server ${where} refused TLS (${replyName(r.replyType)}${text === '' ? '' : `: ${text}`})`);
+      }
+      // Anything after the ACK and before our handshake would be plaintext we never asked for.
+      if (inbox.length > 0 || parser.buffered > 0) throw new NbdProtocolError('data after the NBD_OPT_STARTTLS reply, before the TLS handshake');
+      const plain = socket;
+      plain.off('data', onData);
+      plain.off('close', onClose);
+      plain.off('error', onError);
+      socket = tlsConnect({ ...tls, socket: plain });
+      current.socket = socket;
+      let secured = false;
+      socket.once('secureConnect', () => {
+        secured = true;
+        poke();
+      });
+      socket.on('data', onData);
+      socket.on('close', onClose);
+      socket.on('error', onError);
+      try {
+        while (!secured) {
+          if (failure !== undefined) throw failure;
+          await new Promise<void>((r) => (wake = r));
+        }
+      } catch (e) {
+        const hint = e instanceof HangUp ? ' (a key or certificate the server does not accept?)' : '';
+        throw new StorageError('EIO', `NBD server ${where}: TLS handshake failed: ${why(e)}${hint}`);
+      }
+    }
     let structured = false;
     if (fixed) {
       socket.write(encodeOption(NBD_OPT_STRUCTURED_REPLY));
-      structured = (await nextReply(NBD_OPT_STRUCTURED_REPLY)).replyType === NBD_REP_ACK;
+      try {
+        structured = (await nextReply(NBD_OPT_STRUCTURED_REPLY)).replyType === NBD_REP_ACK;
+      } catch (e) {
+        // In TLS 1.3 a client's handshake is over before the server has checked its certificate.
+        if (tls !== undefined && e instanceof HangUp) throw new StorageError('EIO', `NBD server ${where} hung up right after the TLS handshake: it did not accept our certificate or key`);
+        throw e;
+      }
       const option = query ? NBD_OPT_INFO : NBD_OPT_GO;
       socket.write(encodeOption(option, encodeInfoRequest({ name, infos: [NBD_INFO_BLOCK_SIZE] })));
       let exp: { size: bigint; transmissionFlags: number } | undefined;
@@ -304,7 +370,7 @@ async function negotiate(socket: Socket, parser: ServerParser, name: string, whe
         const text = decodeUtf8(r.data) ?? '';
         const detail = text === '' ? replyName(r.replyType) : `${replyName(r.replyType)}: ${text}`;
         if (r.replyType === NBD_REP_ERR_UNKNOWN) throw new StorageError('ENOENT', `NBD server ${where} has no export ${quoted} (${detail})`);
-        if (r.replyType === NBD_REP_ERR_TLS_REQD) throw new StorageError('EIO', `NBD server ${where} requires TLS, which this client does not support (${detail})`);
+        if (r.replyType === NBD_REP_ERR_TLS_REQD) throw new StorageError('EIO', `NBD server ${where} requires TLS: use an nbds:// URI with tls-psk-file= or tls-certificates= (${detail})`);
         if (r.replyType === NBD_REP_ERR_POLICY) throw new StorageError('EIO', `NBD server ${where} refused export ${quoted} by policy (${detail})`);
         throw new StorageError('EIO', `NBD server ${where} refused export ${quoted}: ${detail}`);
       }
@@ -896,8 +962,9 @@ export class NbdStorage implements BlockStorage {
   }
 
   /**
-   * Connects to `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` and negotiates.
-   * Fails with EINVAL for a bad URI or options or an export whose block sizes do not fit the
+   * Connects to `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` (or their TLS
+   * forms `nbds://` and `nbds+unix://`) and negotiates.
+   * Fails with EINVAL for a bad URI, options or TLS files, or an export whose block sizes do not fit the
    * sector size, ENOENT for an export the server does not have, EIO when the server cannot be
    * reached (no retrying here: reconnection is for connections lost later).
    */
@@ -908,6 +975,8 @@ export class NbdStorage implements BlockStorage {
     } catch (e) {
       throw new StorageError('EINVAL', e instanceof NbdUriError ? e.message : `${uri}: ${why(e)}`);
     }
+    // Key and certificate files are read again at each (re)connection; a bad one fails here first.
+    if (target.tls !== undefined) tlsOptionsOf(target);
     const ss = opts.sectorSize ?? 512;
     if (ss !== 512 && ss !== 4096) throw new StorageError('EINVAL', `sector size ${String(ss)}: use 512 or 4096`);
     const check = (v: number | undefined, what: string, min: number) => {

@@ -6,7 +6,7 @@ import { parentPort, type MessagePort } from 'node:worker_threads';
 import { Blkfront, type BlkfrontCounters, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import { attachDomain } from '../xen/index.js';
 import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
-import { NbdServer, nbdUri, type NbdListenOptions } from '../nbd/index.js';
+import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig } from '../nbd/index.js';
 import { exportDevice, localDisk, remoteDisk, type ExportableDisk } from './disk-export.js';
 import { RpcClient, serveRpc, type RpcHandlers } from './rpc.js';
 import { runWorkload, type WorkloadResult, type WorkloadSpec } from './workload.js';
@@ -57,10 +57,19 @@ const handlers: RpcHandlers = {
     const d = disk(frontDir);
     return { state: xenbusStateName(d.xenbusState), inFlight: d.inFlight, leakedPages: d.leakedPages, counters: { ...d.counters } };
   },
-  /** Starts an NBD server in this guest exporting `exports`; returns the clients' URI. */
-  async serveNbd(exports: GuestExportSpec[], listen: NbdListenOptions): Promise<{ uri: string; address: unknown }> {
+  /**
+   * Starts an NBD server in this guest exporting `exports` on every address of `listen` (a TCP
+   * port 0 after the first is the port the first got); returns the addresses and the first's URI.
+   */
+  async serveNbd(
+    exports: GuestExportSpec[], listen: NbdListenOptions | NbdListenOptions[], tls?: NbdServerTlsConfig,
+  ): Promise<{ uri: string; address: NbdAddress; addresses: NbdAddress[] }> {
     if (nbd !== undefined) throw new Error('an NBD server already runs in this guest');
-    const server = new NbdServer({ defaultExport: exports[0]?.name, log: (level, msg) => { if (level !== 'debug') log(`nbd ${level}: ${msg}`); } });
+    const server = new NbdServer({
+      defaultExport: exports[0]?.name,
+      log: (level, msg) => { if (level !== 'debug') log(`nbd ${level}: ${msg}`); },
+      ...(tls !== undefined ? { tls } : {}),
+    });
     for (const e of exports) {
       let d: ExportableDisk;
       if (e.remote === undefined) d = localDisk(disk(e.frontDir));
@@ -71,9 +80,19 @@ const handlers: RpcHandlers = {
       }
       server.addExport({ name: e.name, description: e.description, device: exportDevice(d) });
     }
-    const address = await server.listen(listen);
+    const addresses: NbdAddress[] = [];
+    try {
+      for (const l of Array.isArray(listen) ? listen : [listen]) {
+        const first = addresses[0];
+        const where = 'port' in l && l.port === 0 && first !== undefined && 'port' in first ? { ...l, port: first.port } : l;
+        addresses.push(await server.listen(where));
+      }
+    } catch (e) {
+      await server.close();
+      throw e;
+    }
     nbd = server;
-    return { uri: nbdUri(address), address };
+    return { uri: nbdUri(addresses[0]!), address: addresses[0]!, addresses };
   },
   /** Stops accepting, lets in-flight requests finish, closes the connections. */
   async stopNbd() {

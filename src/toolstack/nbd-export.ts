@@ -7,7 +7,7 @@
 import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../blkback/index.js';
 import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST } from '../abi/index.js';
 import type { BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
-import type { NbdListenOptions, NbdServerStats } from '../nbd/index.js';
+import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import type { GuestExportSpec } from './guest-domain.js';
 import type { StorageSpec } from './storage-spec.js';
@@ -18,7 +18,10 @@ export interface DiskExportOptions {
   readonly readOnly?: boolean;
   readonly backendOptions?: Partial<BlkbackOptions>;
   readonly frontendOptions?: Partial<BlkfrontOptions>;
-  readonly listen: NbdListenOptions;
+  /** Where the NBD server listens: one address or several (IPv4 and IPv6, inherited sockets). */
+  readonly listen: NbdListenOptions | readonly NbdListenOptions[];
+  /** TLS for the NBD server (default none). */
+  readonly tls?: NbdServerTlsConfig;
   readonly log?: (domid: number, msg: string) => void;
   /** Called as each step completes, for progress output. */
   readonly progress?: (step: string) => void;
@@ -82,6 +85,8 @@ export class DiskExport {
     readonly guests: readonly DomainProxy[],
     disks: GuestDisk[],
     readonly uri: string,
+    /** Every address the NBD server listens on, in the order given. */
+    readonly addresses: readonly NbdAddress[],
   ) {
     this.disksNow = disks;
     this.backendNow = backend;
@@ -145,8 +150,8 @@ export class DiskExport {
         frontDir: d.paths.frontDir,
         ...(i > 0 ? { remote: `vbd${i}`, info: d.info } : {}),
       }));
-      const { uri } = await guests[0]!.rpc.call<{ uri: string }>('serveNbd', exports, o.listen);
-      return new DiskExport(ts, backend, guests, disks, uri);
+      const { uri, addresses } = await guests[0]!.rpc.call<{ uri: string; addresses: NbdAddress[] }>('serveNbd', exports, o.listen, o.tls);
+      return new DiskExport(ts, backend, guests, disks, uri, addresses);
     } catch (e) {
       await ts.shutdown().catch(() => undefined);
       throw e;

@@ -617,7 +617,7 @@ describe('concurrency and disconnects', () => {
       assert.deepEqual(s.requests, { read: 2, write: 1, flush: 1, trim: 0, writeZeroes: 0, disc: 0, other: 0 });
       assert.deepEqual([s.bytesRead, s.bytesWritten, s.errors, s.inFlight, s.protocolErrors], [1024, 4096, 1, 0, 0]);
       const [info] = t.server.connections();
-      assert.deepEqual({ ...info, remote: undefined }, { id: 1, remote: undefined, phase: 'transmission', export: 'disk', structuredReplies: false, inFlight: 0, requests: 4 });
+      assert.deepEqual({ ...info, remote: undefined }, { id: 1, remote: undefined, phase: 'transmission', export: 'disk', structuredReplies: false, tls: false, inFlight: 0, requests: 4 });
       c.request(NBD_CMD_DISC, 0, 0);
       await c.closedByServer();
       await until(() => t.server.stats().connections.active === 0);

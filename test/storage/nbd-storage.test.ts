@@ -33,17 +33,25 @@ describe('NBD URIs', () => {
     assert.deepEqual(parseNbdUri('nbd://[::1]:99/a%20b%2Fc'), { transport: 'tcp', host: '::1', port: 99, exportName: 'a b/c' });
     assert.deepEqual(parseNbdUri('nbd+unix:///vm%201?socket=/run/a%20b.sock'), { transport: 'unix', path: '/run/a b.sock', exportName: 'vm 1' });
     assert.deepEqual(parseNbdUri('nbd+unix://?socket=/s'), { transport: 'unix', path: '/s', exportName: '' });
+    assert.deepEqual(parseNbdUri('nbds://alice@[::1]/?tls-psk-file=keys.psk'),
+      { transport: 'tcp', host: '::1', port: 10809, exportName: '', tls: { username: 'alice', verifyPeer: true, pskFile: 'keys.psk' } });
+    assert.deepEqual(parseNbdUri('nbds+unix://bob@/vm?socket=/s&tls-psk-file=/k'),
+      { transport: 'unix', path: '/s', exportName: 'vm', tls: { username: 'bob', verifyPeer: true, pskFile: '/k' } });
+    assert.deepEqual(parseNbdUri('nbds://h:7/e?tls-certificates=/pki&tls-verify-peer=false&tls-hostname=disk.example&tls-username=carol'),
+      { transport: 'tcp', host: 'h', port: 7, exportName: 'e', tls: { username: 'carol', verifyPeer: false, certificates: '/pki', hostname: 'disk.example' } });
+    assert.equal(formatNbdUri(parseNbdUri('nbds+unix://bob@/vm?socket=/s&tls-psk-file=/k')), 'nbds+unix://bob@/vm?socket=%2Fs');
     for (const u of ['nbd://h:1/x y', 'nbd+unix:///e?socket=/tmp/s p', 'nbd://[::1]:5/'] as const) {
       assert.deepEqual(parseNbdUri(formatNbdUri(parseNbdUri(u))), parseNbdUri(u), `${u} survives formatting`);
     }
   });
 
-  test('connect refuses anything but nbd:// and nbd+unix:// with EINVAL, before touching the network', async () => {
-    for (const u of ['', 'disk.img', 'http://h/e', 'nbds://h/e', 'nbds+unix:///e?socket=/s', 'nbd+vsock://1/e', 'nbd:///e', 'nbd://h:0/e',
-      'nbd://h:70000/e', 'nbd://u:p@h/e', 'nbd+unix:///e', 'nbd+unix://host/e?socket=/s', 'nbd://h/%zz']) {
+  test('connect refuses anything but nbd[s]:// and nbd[s]+unix:// with EINVAL, before touching the network', async () => {
+    for (const u of ['', 'disk.img', 'http://h/e', 'nbds://h/e?tls-verify-peer=maybe', 'nbds+unix:///e', 'nbd+vsock://1/e', 'nbd:///e', 'nbd://h:0/e',
+      'nbd://h:70000/e', 'nbd://u:p@h/e', 'nbds://u:p@h/e', 'nbd+unix:///e', 'nbd+unix://host/e?socket=/s', 'nbd://h/%zz']) {
       await rejectsWith(NbdStorage.connect(u), 'EINVAL');
     }
-    await rejectsWith(NbdStorage.connect('nbds://h/e'), 'EINVAL', /TLS/);
+    await rejectsWith(NbdStorage.connect('nbd://alice@h/e'), 'EINVAL', /nbds:\/\//);
+    await rejectsWith(NbdStorage.connect('nbds://alice@h/e?tls-psk-file=/nonexistent/keys.psk'), 'EINVAL', /\/nonexistent\/keys\.psk/);
     await rejectsWith(NbdStorage.connect('nbd://127.0.0.1/e', { sectorSize: 1024 as 512 }), 'EINVAL');
     await rejectsWith(NbdStorage.connect('nbd://127.0.0.1/e', { depth: 0 }), 'EINVAL');
   });
