@@ -475,7 +475,8 @@ export class Blkfront {
       const ref = link.pgrants.get(frame);
       if (ref !== undefined) return ref;
     }
-    const ref = this.d.xen.grants.grantAccess(link.backDomid, frame, readOnly && !link.persistent);
+    // A persistent grant is reused by request after request: the checked hypervisor must know.
+    const ref = this.d.xen.grants.grantAccess(link.backDomid, frame, readOnly && !link.persistent, { lasting: link.persistent });
     if (ref < 0) throw new BlkfrontError('EIO', `granting page ${frame} to domain ${link.backDomid} failed (${ref})`);
     this.counters.grants++;
     if (link.persistent) link.pgrants.set(frame, ref);
