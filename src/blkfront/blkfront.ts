@@ -518,7 +518,8 @@ export class Blkfront {
       const ref = link.pgrants.get(frame);
       if (ref !== undefined) return ref;
     }
-    const ref = this.d.xen.grants.grantAccess(link.backDomid, frame, readOnly && !link.persistent);
+    // A persistent grant is reused by request after request: the checked hypervisor must know.
+    const ref = this.d.xen.grants.grantAccess(link.backDomid, frame, readOnly && !link.persistent, { lasting: link.persistent });
     if (ref < 0) throw new BlkfrontError('EIO', `granting page ${frame} to domain ${link.backDomid} failed (${ref})`);
     this.counters.grants++;
     if (link.persistent) link.pgrants.set(frame, ref);
@@ -583,6 +584,7 @@ export class Blkfront {
     }
     op.doneBytes += c.length;
     if (op.doneBytes >= op.length) this.finish(op, undefined);
+    else this.wakeDrained();
   }
 
   /**
@@ -623,14 +625,23 @@ export class Blkfront {
   }
 
   private finish(op: IoOp, err: Error | undefined): void {
-    if (op.failed) return;
-    if (err !== undefined) {
-      op.failed = true;
-      op.reject(err);
-    } else {
-      op.doneBytes = op.length;
-      op.resolve();
+    if (!op.failed) {
+      if (err !== undefined) {
+        op.failed = true;
+        op.reject(err);
+      } else {
+        op.doneBytes = op.length;
+        op.resolve();
+      }
     }
+    this.wakeDrained();
+  }
+
+  /**
+   * close() waits for nothing in flight: checked after every answer, also one for an I/O that
+   * already failed (the last answer may be another part of a failed I/O).
+   */
+  private wakeDrained(): void {
     if (this.inFlight === 0 && this.queue.length === 0) for (const w of this.drainWaiters.splice(0)) w();
   }
 

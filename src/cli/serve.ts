@@ -17,6 +17,7 @@ import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
 import { FileStorage } from '../storage/index.js';
 import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
 import { DiskExport, type StorageSpec } from '../toolstack/index.js';
+import { checkedByDefault } from '../xen/index.js';
 import { UsageError } from './errors.js';
 import { startMetrics } from './metrics.js';
 import { formatSize, parseSize } from './size.js';
@@ -191,6 +192,8 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   const storage: StorageSpec[] = paths.map((path) => (isUri(path)
     ? { kind: 'nbd', uri: path, sectorSize, readOnly: o.readonly === true, connections: o.connections }
     : { kind: 'file', path, sectorSize, readOnly: o.readonly === true }));
+  // Slower (about half the throughput without persistent grants), so only when asked (or under node --test).
+  if (checkedByDefault()) info('checked hypervisor: Xen protocol violations are recorded and fail the stop (BLKIF_XEN_CHECKED)');
   const exp = await DiskExport.start({
     images: storage,
     readOnly: o.readonly === true,

@@ -91,11 +91,16 @@ export class GuestDisk {
   backendStatus(): Promise<BackendVbdStatus> {
     return this.backend.rpc.call('status', this.paths.backDir);
   }
-  /** Closes the frontend (the backend follows to Closed), stops serving, removes the nodes. */
+  /**
+   * Closes the frontend (the backend follows to Closed), stops serving, removes the nodes. The
+   * checked hypervisor then checks that neither end keeps a grant, mapping or port towards the
+   * other (when no other disk links them).
+   */
   async unplug(): Promise<void> {
     await this.guest.rpc.call('detach', this.paths.frontDir);
     await this.backend.rpc.call('removeVbd', this.paths.backDir);
     await removeVbdNodes(this.ts.xs, this.paths);
+    this.ts._unplugged(this);
   }
 }
 
@@ -108,6 +113,8 @@ export class Toolstack {
   readonly logs: string[] = [];
   private readonly domains: DomainProxy[] = [];
   private readonly disksPerGuest = new Map<number, number>();
+  /** Disks plugged and not unplugged (the checked mode's leak check at unplug). */
+  private readonly plugged = new Set<GuestDisk>();
 
   private constructor(
     readonly hv: Hypervisor,
@@ -171,7 +178,9 @@ export class Toolstack {
     try {
       await o.backend.rpc.call('addVbd', paths.backDir, o.storage, o.backendOptions ?? {});
       const info = await o.guest.rpc.call<DeviceInfo>('attach', paths.frontDir, o.frontendOptions ?? {});
-      return new GuestDisk(this, o.guest, o.backend, paths, info, o.storage, readOnly);
+      const disk = new GuestDisk(this, o.guest, o.backend, paths, info, o.storage, readOnly);
+      this.plugged.add(disk);
+      return disk;
     } catch (e) {
       await o.backend.rpc.call('removeVbd', paths.backDir).catch(() => undefined);
       await removeVbdNodes(this.xs, paths);
@@ -198,7 +207,10 @@ export class Toolstack {
     await to.rpc.call('addVbd', paths.backDir, disk.storage, backendOptions);
     await waitForState(this.xs, paths.frontDir, (s) => s === XenbusStateConnected, timeoutMs);
     const info = await disk.guest.rpc.call<DeviceInfo>('info', paths.frontDir);
-    return new GuestDisk(this, disk.guest, to, paths, info, disk.storage, disk.readOnly);
+    const moved = new GuestDisk(this, disk.guest, to, paths, info, disk.storage, disk.readOnly);
+    this.plugged.delete(disk);
+    this.plugged.add(moved);
+    return moved;
   }
 
   /**
@@ -211,18 +223,32 @@ export class Toolstack {
     exporter.handle.worker.postMessage({ kind: 'attach-port', role: 'client', name, port: port2 }, [port2]);
   }
 
-  /** Asks a domain to close its devices, then destroys it. */
+  /** @internal A disk was unplugged: the checked hypervisor's leak check at device close. */
+  _unplugged(disk: GuestDisk): void {
+    this.plugged.delete(disk);
+    for (const o of this.plugged) if (o.guest === disk.guest && o.backend === disk.backend) return;
+    this.hv.checkReleased(disk.guest.domid, { peers: [disk.backend.domid] });
+    this.hv.checkReleased(disk.backend.domid, { peers: [disk.guest.domid] });
+  }
+
+  /**
+   * Asks a domain to close its devices, then destroys it. A domain that shut down cleanly must
+   * hold nothing towards other domains any more (the checked hypervisor's leak check; its
+   * xenstore page and port towards dom0 last until destruction, as a guest's xenstore ring does).
+   */
   async destroy(d: DomainProxy, graceMs = 10_000): Promise<void> {
     const i = this.domains.indexOf(d);
     if (i < 0) return;
     this.domains.splice(i, 1);
+    for (const disk of [...this.plugged]) if (disk.guest === d || disk.backend === d) this.plugged.delete(disk);
     let timer: NodeJS.Timeout | undefined;
-    await Promise.race([
-      d.rpc.call('shutdown').catch(() => undefined),
-      new Promise((r) => { timer = setTimeout(r, graceMs); }),
+    const clean = await Promise.race([
+      d.rpc.call('shutdown').then(() => true, () => false),
+      new Promise<false>((r) => { timer = setTimeout(() => r(false), graceMs); }),
     ]);
     clearTimeout(timer);
     d.releaseXenstore();
+    if (clean && this.hv.domain(d.domid) !== undefined) this.hv.checkReleased(d.domid, { ignore: [0] });
     if (this.hv.domain(d.domid) !== undefined) await this.hv.destroyDomain(d.domid);
     await d.handle.exited;
   }
@@ -233,9 +259,12 @@ export class Toolstack {
     for (const d of guests) await this.destroy(d);
     for (const d of [...this.domains]) await this.destroy(d);
     this.xs.close();
-    await this.hv.shutdown();
+    // Everything is torn down even if the checked hypervisor reports violations; then they fail it.
+    let violations: unknown;
+    await this.hv.shutdown().catch((e: unknown) => { violations = e; });
     await this.server.close();
     this.daemon.close();
     rmSync(this.dir, { recursive: true, force: true });
+    if (violations !== undefined) throw violations;
   }
 }

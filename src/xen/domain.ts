@@ -186,6 +186,12 @@ export class XenDomain {
     this.vcpu = opts.vcpu ?? 0;
     this.memory = new DomainMemory(pages, this.vcpu === 0 ? undefined : opts.frames ?? []);
     this.grants = new GrantTable(t, domid, slot, this.memory, registry, this.vcpu === 0, this.vcpu);
+    if (t.checked) {
+      this.memory._onGrantedFree((frame) => {
+        const g = this.grants._grantOf(frame);
+        t.violations.record('granted-frame-freed', { domid, frame, ...(g === undefined ? {} : { ref: g.ref, peer: g.peer }) });
+      });
+    }
     // Idle time is when the thread applies the toolstack's memory news (e.g. drops the pages
     // of destroyed domains), off the data path.
     this.events = new EventChannels(t, domid, slot, pollMicros, () => registry.drain(), this.vcpu);

@@ -4,8 +4,10 @@
 //
 // Read-only enforcement: JavaScript cannot make memory read-only, so a read-only mapping is a
 // view of the same page like any other. The hypervisor enforces what Xen checks at map and copy
-// time (a writable map or a copy into a GTF_readonly grant fails); not writing through a
-// GNTMAP_readonly view is a contract the mapping code (the backend) keeps.
+// time (a writable map or a copy into a GTF_readonly grant fails); a write through a
+// GNTMAP_readonly view, or through a view kept after its unmap, is caught afterwards by the
+// checked mode (checked.ts): fingerprints taken at map and unmap, compared at unmap and at the
+// granter's end of access.
 //
 // Statuses follow Xen's common/grant_table.c, which reports a bad or foreign grant entry, and a
 // writable pin of a GTF_readonly entry, as GNTST_general_error (_set_status_v1).
@@ -16,10 +18,11 @@ import {
   GNTTAB_NR_RESERVED_ENTRIES, GTF_permit_access, GTF_readonly, GTF_reading, GTF_sub_page,
   GTF_type_mask, GTF_writing, EINVAL, ENOSPC, NR_GRANT_ENTRIES, NR_MAPTRACK, XEN_PAGE_SIZE,
 } from './constants.js';
+import { pageFingerprint } from './checked.js';
 import type { DomainMemory, MemoryRegistry } from './memory.js';
 import {
-  C_COPY_BYTES, C_COPY_OPS, C_GRANTS_ACTIVE, C_MAPS_ACTIVE, C_MAP_OPS, C_UNMAP_OPS, G_DOMID,
-  G_FLAGS, G_FLAGS_MASK, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF, M_RESERVED, M_SLOT, M_STRIDE, M_VCPU_MASK, M_VCPU_SHIFT,
+  C_COPY_BYTES, C_COPY_OPS, C_GRANTS_ACTIVE, C_MAPS_ACTIVE, C_MAP_OPS, C_UNMAP_OPS, G_ARMED, G_CHECK,
+  G_CHK_ENDED, G_CHK_LASTING, G_DOMID, G_FLAGS, G_FLAGS_MASK, G_FP, G_FRAME, G_LAST_HANDLE, G_STRIDE, G_WPINS, M_DOMID, M_FLAGS, M_IN_USE, M_REF, M_RESERVED, M_SLOT, M_STRIDE, M_VCPU_MASK, M_VCPU_SHIFT,
   PIN_R, PIN_R_MASK, PIN_W, PIN_W_MASK, type SharedTables,
 } from './shared-tables.js';
 
@@ -67,8 +70,10 @@ const failed = (status: number): GntMapResult =>
 /**
  * Pins a grant entry of `slot` for `mapper` (compare-exchange loop). Returns the frame, or a
  * negative GNTST_* status. Mirrors the checks of _set_status_v1 plus Xen's pin-overflow check.
+ * A pin disarms the write-after-unmap check (the page may change legitimately again), but for
+ * a copy out of the page (`keepArmed`), which cannot change it.
  */
-export function pinGrant(t: SharedTables, slot: number, ref: number, mapper: number, readonly: boolean): number {
+export function pinGrant(t: SharedTables, slot: number, ref: number, mapper: number, readonly: boolean, keepArmed = false): number {
   const i = (slot * NR_GRANT_ENTRIES + ref) * G_STRIDE;
   const g = t.gnt;
   for (;;) {
@@ -78,25 +83,55 @@ export function pinGrant(t: SharedTables, slot: number, ref: number, mapper: num
     if (Atomics.load(g, i + G_DOMID) !== mapper) return GNTST_general_error;
     if (!readonly && (flags & GTF_readonly) !== 0) return GNTST_general_error;
     if (readonly ? (w & PIN_R_MASK) === PIN_R_MASK : (w & PIN_W_MASK) === PIN_W_MASK) return GNTST_general_error;
-    const nw = (w + (readonly ? PIN_R : PIN_W)) | GTF_reading | (readonly ? 0 : GTF_writing);
-    if (Atomics.compareExchange(g, i + G_FLAGS, w, nw) === w) return Atomics.load(g, i + G_FRAME);
+    let nw = (w + (readonly ? PIN_R : PIN_W)) | GTF_reading | (readonly ? 0 : GTF_writing);
+    if (!keepArmed) nw &= ~G_ARMED;
+    if (Atomics.compareExchange(g, i + G_FLAGS, w, nw) === w) {
+      if (!readonly && t.checked) Atomics.add(g, i + G_WPINS, 1);
+      return Atomics.load(g, i + G_FRAME);
+    }
   }
 }
 
-/** Drops one pin; GTF_reading/GTF_writing stay set while any read/write pin remains. */
-export function unpinGrant(t: SharedTables, slot: number, ref: number, readonly: boolean): void {
-  const i = (slot * NR_GRANT_ENTRIES + ref) * G_STRIDE + G_FLAGS;
+/** What an unmap leaves for the write-after-unmap check: the page's fingerprint now, and the handle. */
+export interface UnmapMark {
+  readonly fp: number;
+  readonly handle: number;
+}
+
+/**
+ * Drops one pin; GTF_reading/GTF_writing stay set while any read/write pin remains. With `mark`
+ * (checked mode, an unmap) the pin that leaves the entry unpinned arms the write-after-unmap
+ * check, unless the granter said the grant is long-lived.
+ */
+export function unpinGrant(t: SharedTables, slot: number, ref: number, readonly: boolean, mark?: UnmapMark): void {
+  const e = (slot * NR_GRANT_ENTRIES + ref) * G_STRIDE;
+  const i = e + G_FLAGS;
+  const arm = mark !== undefined && (Atomics.load(t.gnt, e + G_CHECK) & G_CHK_LASTING) === 0;
   for (;;) {
     const w = Atomics.load(t.gnt, i);
     let nw = w - (readonly ? PIN_R : PIN_W);
     if ((nw & PIN_W_MASK) === 0) nw &= ~GTF_writing;
-    if ((nw & (PIN_W_MASK | PIN_R_MASK)) === 0) nw &= ~GTF_reading;
+    if ((nw & (PIN_W_MASK | PIN_R_MASK)) === 0) {
+      nw &= ~GTF_reading;
+      if (arm) {
+        // Stored before the flags say so; a pin in between makes this compare-exchange fail.
+        Atomics.store(t.gnt, e + G_FP, mark.fp);
+        Atomics.store(t.gnt, e + G_LAST_HANDLE, mark.handle);
+        nw |= G_ARMED;
+      }
+    }
     if (Atomics.compareExchange(t.gnt, i, w, nw) === w) return;
   }
 }
 
-/** Releases one maptrack entry of `slot` (unmap); returns a GNTST_* status. */
-export function releaseMapping(t: SharedTables, slot: number, handle: number): number {
+/** Where the hypervisor code of a thread finds a domain's page (checked mode's fingerprints). */
+export type PageLookup = (domid: number, frame: number) => SharedArrayBuffer | undefined;
+
+/**
+ * Releases one maptrack entry of `slot` (unmap); returns a GNTST_* status. In checked mode,
+ * `pageOf` lets the unmap fingerprint the page (or `fp` gives it, already computed).
+ */
+export function releaseMapping(t: SharedTables, slot: number, handle: number, pageOf?: PageLookup, fp?: number): number {
   if (!Number.isInteger(handle) || handle < 0 || handle >= NR_MAPTRACK) return GNTST_bad_handle;
   const m = (slot * NR_MAPTRACK + handle) * M_STRIDE;
   const flags = Atomics.load(t.mt, m + M_FLAGS);
@@ -105,7 +140,16 @@ export function releaseMapping(t: SharedTables, slot: number, handle: number): n
   const ref = Atomics.load(t.mt, m + M_REF);
   // Two of the domain's threads may unmap one handle at once: only one wins it.
   if (Atomics.compareExchange(t.mt, m + M_FLAGS, flags, 0) !== flags) return GNTST_bad_handle;
-  unpinGrant(t, rslot, ref, (flags & GNTMAP_readonly) !== 0);
+  let mark: UnmapMark | undefined;
+  const e = (rslot * NR_GRANT_ENTRIES + ref) * G_STRIDE;
+  if (t.checked && (Atomics.load(t.gnt, e + G_CHECK) & G_CHK_LASTING) === 0) {
+    if (fp === undefined && pageOf !== undefined) {
+      const page = pageOf(Atomics.load(t.mt, m + M_DOMID), Atomics.load(t.gnt, e + G_FRAME));
+      if (page !== undefined) fp = pageFingerprint(page);
+    }
+    if (fp !== undefined) mark = { fp, handle };
+  }
+  unpinGrant(t, rslot, ref, (flags & GNTMAP_readonly) !== 0, mark);
   t.count(slot, C_MAPS_ACTIVE, -1n);
   t.count(slot, C_UNMAP_OPS);
   return GNTST_okay;
@@ -115,7 +159,7 @@ export function releaseMapping(t: SharedTables, slot: number, handle: number): n
  * A vCPU thread ended: drops the mappings it made and frees the handles it had reserved. Its
  * views died with it (the emulator's rule: a mapping lives in the thread that made it).
  */
-export function releaseVcpuMappings(t: SharedTables, slot: number, vcpu: number): number {
+export function releaseVcpuMappings(t: SharedTables, slot: number, vcpu: number, pageOf?: PageLookup): number {
   let n = 0;
   const mine = vcpu << M_VCPU_SHIFT;
   for (let h = 0; h < NR_MAPTRACK; h++) {
@@ -123,7 +167,7 @@ export function releaseVcpuMappings(t: SharedTables, slot: number, vcpu: number)
     const flags = Atomics.load(t.mt, m);
     if ((flags & M_VCPU_MASK) !== mine) continue;
     if ((flags & M_IN_USE) !== 0) {
-      if (releaseMapping(t, slot, h) === GNTST_okay) n++;
+      if (releaseMapping(t, slot, h, pageOf) === GNTST_okay) n++;
     } else if ((flags & M_RESERVED) !== 0) {
       Atomics.compareExchange(t.mt, m, flags, 0);
     }
@@ -132,11 +176,11 @@ export function releaseVcpuMappings(t: SharedTables, slot: number, vcpu: number)
 }
 
 /** Domain teardown: drops every mapping the (dead) domain in `slot` held. */
-export function releaseAllMappings(t: SharedTables, slot: number): number {
+export function releaseAllMappings(t: SharedTables, slot: number, pageOf?: PageLookup): number {
   let n = 0;
   for (let h = 0; h < NR_MAPTRACK; h++) {
     if ((Atomics.load(t.mt, (slot * NR_MAPTRACK + h) * M_STRIDE + M_FLAGS) & M_IN_USE) !== 0) {
-      releaseMapping(t, slot, h);
+      releaseMapping(t, slot, h, pageOf);
       n++;
     }
   }
@@ -196,6 +240,12 @@ export class GrantTable {
   private readonly refFrame = new Int32Array(NR_GRANT_ENTRIES).fill(-1);
   private readonly freeHandles: number[] = [];
   private handleHint = 0;
+  /**
+   * Checked mode: each GNTMAP_readonly mapping this thread made: the page's fingerprint then, and
+   * the entry's writable-pin count (a writable mapping or copy of the same grant may change it).
+   */
+  private readonly roMaps = new Map<number, { fp: number; wpins: number }>();
+  private readonly pageOf: PageLookup;
 
   constructor(
     private readonly t: SharedTables,
@@ -209,6 +259,18 @@ export class GrantTable {
   ) {
     // Refs below GNTTAB_NR_RESERVED_ENTRIES belong to the toolstack (grant_table.h).
     if (ownsRefs) for (let r = NR_GRANT_ENTRIES - 1; r >= GNTTAB_NR_RESERVED_ENTRIES; r--) this.freeRefs.push(r);
+    this.pageOf = (d, f) => registry.page(d, f);
+  }
+
+  /** True if the hypervisor runs checked (checked.ts): violations are recorded. */
+  get checked(): boolean { return this.t.checked; }
+
+  /** Checked mode: why a pin of `dom`'s `ref` failed, if it is a violation (an ended grant). */
+  private endedGrant(rslot: number, ref: number): boolean {
+    const e = (rslot * NR_GRANT_ENTRIES + ref) * G_STRIDE;
+    return (Atomics.load(this.t.gnt, e + G_FLAGS) & GTF_type_mask) === 0
+      && (Atomics.load(this.t.gnt, e + G_CHECK) & G_CHK_ENDED) !== 0
+      && Atomics.load(this.t.gnt, e + G_DOMID) === this.domid;
   }
 
   /** Claims up to HANDLE_BATCH free maptrack entries for this thread; false if none is free. */
@@ -236,8 +298,11 @@ export class GrantTable {
   /**
    * Grants `domid` access to one of our frames (gnttab_grant_foreign_access): returns the
    * grant reference, or -ENOSPC (table full) / -EINVAL (frame not ours or bad domid).
+   * `lasting` (ours, not Xen's; only the checked mode reads it): the grant lives across many
+   * uses and both sides write the page (a shared ring, a persistent grant), so a change after
+   * the peer's unmap is not a stale write.
    */
-  grantAccess(domid: number, frame: number, readonly: boolean): number {
+  grantAccess(domid: number, frame: number, readonly: boolean, opts: { lasting?: boolean } = {}): number {
     if (!this.memory.owns(frame) || !Number.isInteger(domid) || domid < 0 || domid >= DOMID_SELF) return -EINVAL;
     const ref = this.freeRefs.pop();
     if (ref === undefined) return -ENOSPC;
@@ -245,6 +310,7 @@ export class GrantTable {
     // grant_table.h: domid and frame must be visible before the flags make the entry valid.
     Atomics.store(this.t.gnt, i + G_DOMID, domid);
     Atomics.store(this.t.gnt, i + G_FRAME, frame);
+    Atomics.store(this.t.gnt, i + G_CHECK, opts.lasting === true ? G_CHK_LASTING : 0);
     Atomics.store(this.t.gnt, i + G_FLAGS, GTF_permit_access | (readonly ? GTF_readonly : 0));
     this.refFrame[ref] = frame;
     this.memory._granted(frame, 1);
@@ -258,17 +324,38 @@ export class GrantTable {
    */
   endAccess(ref: number): boolean {
     if (!Number.isInteger(ref) || ref < 0 || ref >= NR_GRANT_ENTRIES || this.refFrame[ref] === -1) return false;
-    const i = (this.slot * NR_GRANT_ENTRIES + ref) * G_STRIDE + G_FLAGS;
+    const e = (this.slot * NR_GRANT_ENTRIES + ref) * G_STRIDE;
+    let w: number;
     for (;;) {
-      const w = Atomics.load(this.t.gnt, i);
+      w = Atomics.load(this.t.gnt, e + G_FLAGS);
       if ((w & (GTF_reading | GTF_writing)) !== 0) return false;
-      if (Atomics.compareExchange(this.t.gnt, i, w, 0) === w) break;
+      if (Atomics.compareExchange(this.t.gnt, e + G_FLAGS, w, 0) === w) break;
     }
-    this.memory._granted(this.refFrame[ref]!, -1);
+    const frame = this.refFrame[ref]!;
+    if (this.t.checked) {
+      Atomics.store(this.t.gnt, e + G_CHECK, G_CHK_ENDED);
+      // Armed by the peer's last unmap: only the granter may have changed the page since, and
+      // the granter does not write a page it lent for one use before taking it back.
+      const page = this.memory._raw(frame);
+      if ((w & G_ARMED) !== 0 && page !== undefined && pageFingerprint(page) !== Atomics.load(this.t.gnt, e + G_FP)) {
+        this.t.violations.record('written-after-unmap', {
+          domid: Atomics.load(this.t.gnt, e + G_DOMID), peer: this.domid, ref, frame,
+          handle: Atomics.load(this.t.gnt, e + G_LAST_HANDLE),
+        });
+      }
+    }
+    this.memory._granted(frame, -1);
     this.refFrame[ref] = -1;
     this.freeRefs.push(ref);
     this.t.count(this.slot, C_GRANTS_ACTIVE, -1n);
     return true;
+  }
+
+  /** @internal The first of our grant references on `frame`, and its grantee (checked mode's reports). */
+  _grantOf(frame: number): { ref: number; peer: number } | undefined {
+    const ref = this.refFrame.indexOf(frame);
+    if (ref < 0) return undefined;
+    return { ref, peer: Atomics.load(this.t.gnt, (this.slot * NR_GRANT_ENTRIES + ref) * G_STRIDE + G_DOMID) };
   }
 
   /** True while a peer has our grant `ref` mapped (or pinned for a copy). */
@@ -299,13 +386,25 @@ export class GrantTable {
     if (!Number.isInteger(op.ref) || op.ref < 0 || op.ref >= NR_GRANT_ENTRIES) return failed(GNTST_bad_gntref);
     const readonly = (op.flags & GNTMAP_readonly) !== 0;
     const frame = pinGrant(t, rslot, op.ref, this.domid, readonly);
-    if (frame < 0) return failed(frame);
+    if (frame < 0) {
+      if (t.checked && this.endedGrant(rslot, op.ref)) t.violations.record('ended-grant-mapped', { domid: this.domid, peer: op.dom, ref: op.ref });
+      return failed(frame);
+    }
     const sab = this.registry.page(op.dom, frame);
     if (sab === undefined) {
       unpinGrant(t, rslot, op.ref, readonly);
+      if (t.checked) t.violations.record('unowned-frame-mapped', { domid: this.domid, peer: op.dom, ref: op.ref, frame });
       return failed(GNTST_bad_page);
     }
     const handle = this.freeHandles.pop()!;
+    if (t.checked) {
+      const e = (rslot * NR_GRANT_ENTRIES + op.ref) * G_STRIDE;
+      // Pinned writable as well (by this domain: Xen lets a grantee map a grant both ways): the
+      // page may change, nothing to check.
+      if (readonly && (Atomics.load(t.gnt, e + G_FLAGS) & PIN_W_MASK) === 0) {
+        this.roMaps.set(handle, { fp: pageFingerprint(sab), wpins: Atomics.load(t.gnt, e + G_WPINS) });
+      } else this.roMaps.delete(handle);
+    }
     const m = (this.slot * NR_MAPTRACK + handle) * M_STRIDE;
     Atomics.store(t.mt, m + M_SLOT, rslot);
     Atomics.store(t.mt, m + M_REF, op.ref);
@@ -321,9 +420,36 @@ export class GrantTable {
   }
 
   unmapGrant(handle: number): number {
-    const st = releaseMapping(this.t, this.slot, handle);
+    let fp: number | undefined;
+    if (this.t.checked) fp = this.checkReadonly(handle);
+    const st = releaseMapping(this.t, this.slot, handle, this.pageOf, fp);
     if (st === GNTST_okay) this.keepHandle(handle);
     return st;
+  }
+
+  /**
+   * Checked mode, before an unmap: a GNTMAP_readonly mapping's page must be as it was mapped
+   * (grant_table.h: GNTMAP_readonly, "the mapping is read-only"). Returns the fingerprint now,
+   * for the write-after-unmap check, or undefined if the handle is not this thread's RO map.
+   */
+  private checkReadonly(handle: number): number | undefined {
+    const before = this.roMaps.get(handle);
+    if (before === undefined) return undefined;
+    this.roMaps.delete(handle);
+    if (!Number.isInteger(handle) || handle < 0 || handle >= NR_MAPTRACK) return undefined;
+    const m = (this.slot * NR_MAPTRACK + handle) * M_STRIDE;
+    const flags = Atomics.load(this.t.mt, m + M_FLAGS);
+    if ((flags & M_IN_USE) === 0 || (flags & GNTMAP_readonly) === 0) return undefined;
+    const dom = Atomics.load(this.t.mt, m + M_DOMID);
+    const ref = Atomics.load(this.t.mt, m + M_REF);
+    const e = (Atomics.load(this.t.mt, m + M_SLOT) * NR_GRANT_ENTRIES + ref) * G_STRIDE;
+    const frame = Atomics.load(this.t.gnt, e + G_FRAME);
+    const page = this.registry.page(dom, frame);
+    if (page === undefined) return undefined;
+    const now = pageFingerprint(page);
+    const writableMeanwhile = Atomics.load(this.t.gnt, e + G_WPINS) !== before.wpins || (Atomics.load(this.t.gnt, e + G_FLAGS) & PIN_W_MASK) !== 0;
+    if (now !== before.fp && !writableMeanwhile) this.t.violations.record('readonly-mapping-written', { domid: this.domid, peer: dom, ref, handle, frame });
+    return now;
   }
 
   /** GNTTABOP_copy with count = ops.length: per-op GNTST_* status. */
@@ -372,12 +498,17 @@ export class GrantTable {
     if (rslot < 0) return GNTST_bad_domain;
     const ref = p.ref ?? -1;
     if (!Number.isInteger(ref) || ref < 0 || ref >= NR_GRANT_ENTRIES) return GNTST_bad_gntref;
-    const frame = pinGrant(this.t, rslot, ref, this.domid, readonly);
-    if (frame < 0) return frame;
+    // A copy out of the page leaves the write-after-unmap check armed: it cannot change the page.
+    const frame = pinGrant(this.t, rslot, ref, this.domid, readonly, readonly);
+    if (frame < 0) {
+      if (this.t.checked && this.endedGrant(rslot, ref)) this.t.violations.record('ended-grant-copied', { domid: this.domid, peer: p.domid, ref });
+      return frame;
+    }
     const page = this.registry.page(p.domid, frame);
     const release = () => unpinGrant(this.t, rslot, ref, readonly);
     if (page === undefined) {
       release();
+      if (this.t.checked) this.t.violations.record('unowned-frame-mapped', { domid: this.domid, peer: p.domid, ref, frame });
       return GNTST_bad_page;
     }
     return { page, release };

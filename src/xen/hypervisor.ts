@@ -4,7 +4,11 @@
 // domain's thread against the shared tables.
 import { EventEmitter } from 'node:events';
 import { MessageChannel, Worker, type MessagePort, type Transferable } from 'node:worker_threads';
-import { DEFAULT_MEMORY_PAGES, DEFAULT_POLL_MICROS, MAX_DOMAINS, MAX_VCPUS } from './constants.js';
+import { checkedByDefault, type ViolationKind, type XenViolation } from './checked.js';
+import {
+  DEFAULT_MEMORY_PAGES, DEFAULT_POLL_MICROS, EVTCHNSTAT_closed, GTF_type_mask, MAX_DOMAINS, MAX_VCPUS, NR_EVTCHN_PORTS,
+  NR_GRANT_ENTRIES, NR_MAPTRACK,
+} from './constants.js';
 import type {
   DomainBootstrap, DomainWorkerData, HypercallRequest, StartVcpuOptions, VcpuExit, VcpuHandle, VcpuService,
 } from './domain.js';
@@ -13,8 +17,9 @@ import { closeAllPorts, moveVcpuPorts, resetEventSlot } from './event-channel.js
 import { hasPinnedGrants, releaseAllMappings, releaseVcpuMappings, resetGrantSlot, revokeAllGrants } from './grant-table.js';
 import { createPages, MemoryRegistry, type ControlMessage, type Pages } from './memory.js';
 import {
-  C_STRIDE, D_DOMID, D_STATE, D_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE,
-  SLOT_RUNNING, V_ONLINE, V_STRIDE, vcpuWord, type XenCounters,
+  C_STRIDE, D_DOMID, D_STATE, D_STRIDE, G_DOMID, G_FLAGS, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF,
+  M_STRIDE, P_REMOTE_DOMID, P_STATE, P_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE, SLOT_RUNNING, V_ONLINE, V_STRIDE,
+  vcpuWord, type XenCounters,
 } from './shared-tables.js';
 
 export interface HypervisorOptions {
@@ -22,6 +27,12 @@ export interface HypervisorOptions {
   readonly dom0MemoryPages?: number;
   /** dom0's polling budget in microseconds (default DEFAULT_POLL_MICROS). */
   readonly dom0PollMicros?: number;
+  /**
+   * The checked mode (checked.ts, docs/architecture.md): protocol violations real Xen would
+   * fault on are recorded, and shutdown() fails if any was not taken. Default: BLKIF_XEN_CHECKED
+   * (1/0), else on under `node --test`, else off.
+   */
+  readonly checked?: boolean;
 }
 
 export interface CreateDomainOptions {
@@ -96,7 +107,7 @@ interface Local extends Threads {
 export class Hypervisor {
   /** dom0, the toolstack/backend domain, running in this (main) thread. */
   readonly dom0: XenDomain;
-  private readonly t = SharedTables.allocate();
+  private readonly t: SharedTables;
   private readonly registry: MemoryRegistry;
   private readonly memories = new Map<number, Pages>();
   private readonly guests = new Map<number, Guest>();
@@ -105,11 +116,63 @@ export class Hypervisor {
   private nextDomid = 1;
 
   constructor(opts: HypervisorOptions = {}) {
+    this.t = SharedTables.allocate(opts.checked ?? checkedByDefault());
     const pages = createPages(opts.dom0MemoryPages ?? DEFAULT_MEMORY_PAGES);
     this.memories.set(0, pages);
     this.registry = new MemoryRegistry([[0, pages]]);
     this.claimSlot(0, 0);
     this.dom0 = new XenDomain(this.t, 0, 0, this.registry, pages, opts.dom0PollMicros ?? DEFAULT_POLL_MICROS, undefined);
+  }
+
+  /** True if this hypervisor runs checked: violations are recorded (see `violations`). */
+  get checked(): boolean { return this.t.checked; }
+
+  /** Checked mode: the violations recorded and not taken yet, by any domain's thread. */
+  violations(): XenViolation[] { return this.t.violations.pending(); }
+
+  /**
+   * Checked mode: returns the violations recorded and not taken yet, and takes them (a test that
+   * commits one on purpose takes it, so that shutdown() does not fail on it).
+   */
+  takeViolations(): XenViolation[] { return this.t.violations.take(); }
+
+  /**
+   * Checked mode's leak check (grant_table.h: a grant must be ended, and a mapping unmapped,
+   * before the device or domain goes; event_channel.h: ports closed): records a violation for
+   * every grant `domid` still offers, every mapping it still holds and every port it still has
+   * open — towards `peers` only if given, and not towards `ignore`. The toolstack calls it once a
+   * domain has shut down cleanly and once a device is unplugged; a test may call it too. Returns
+   * what it recorded (nothing outside checked mode).
+   */
+  checkReleased(domid: number, opts: { peers?: readonly number[]; ignore?: readonly number[] } = {}): XenViolation[] {
+    const t = this.t;
+    const slot = t.slotOf(domid);
+    if (slot < 0) return [];
+    const { peers, ignore } = opts;
+    const towards = (d: number) => (peers === undefined || peers.includes(d)) && ignore?.includes(d) !== true;
+    const found: { kind: ViolationKind; f: { domid: number; peer: number; ref?: number; handle?: number; frame?: number; port?: number } }[] = [];
+    for (let ref = 0; ref < NR_GRANT_ENTRIES; ref++) {
+      const e = (slot * NR_GRANT_ENTRIES + ref) * G_STRIDE;
+      if ((Atomics.load(t.gnt, e + G_FLAGS) & GTF_type_mask) === 0) continue;
+      const peer = Atomics.load(t.gnt, e + G_DOMID);
+      if (towards(peer)) found.push({ kind: 'grant-leaked', f: { domid, peer, ref, frame: Atomics.load(t.gnt, e + G_FRAME) } });
+    }
+    for (let h = 0; h < NR_MAPTRACK; h++) {
+      const m = (slot * NR_MAPTRACK + h) * M_STRIDE;
+      if ((Atomics.load(t.mt, m + M_FLAGS) & M_IN_USE) === 0) continue;
+      const peer = Atomics.load(t.mt, m + M_DOMID);
+      if (towards(peer)) found.push({ kind: 'mapping-leaked', f: { domid, peer, ref: Atomics.load(t.mt, m + M_REF), handle: h } });
+    }
+    for (let port = 1; port < NR_EVTCHN_PORTS; port++) {
+      const p = (slot * NR_EVTCHN_PORTS + port) * P_STRIDE;
+      if (Atomics.load(t.port, p + P_STATE) === EVTCHNSTAT_closed) continue;
+      const peer = Atomics.load(t.port, p + P_REMOTE_DOMID);
+      if (towards(peer)) found.push({ kind: 'port-leaked', f: { domid, peer, port } });
+    }
+    if (!t.checked || found.length === 0) return [];
+    const before = t.violations.pending().length;
+    for (const { kind, f } of found) t.violations.record(kind, f);
+    return t.violations.pending().slice(before);
   }
 
   /** Domids of running guests (dom0 excluded). */
@@ -264,7 +327,7 @@ export class Hypervisor {
       // Its mappings end with it; its ports notify vCPU 0 from now on (unless the whole domain is going).
       if (!rec.dying) {
         Atomics.store(this.t.dom, vcpuWord(slot, vcpu, V_ONLINE), 0);
-        releaseVcpuMappings(this.t, slot, vcpu);
+        releaseVcpuMappings(this.t, slot, vcpu, this.pageOf);
         moveVcpuPorts(this.t, slot, vcpu);
       }
       const exit: VcpuExit = v.error === undefined
@@ -330,10 +393,19 @@ export class Hypervisor {
     return g.handle.exited;
   }
 
-  /** Destroys every guest and releases dom0's thread-local resources. */
+  /**
+   * Destroys every guest and releases dom0's thread-local resources. In checked mode, then
+   * fails if a violation was recorded and not taken (so a test suite cannot miss one).
+   */
   async shutdown(): Promise<void> {
     await Promise.all(this.domids.map(async (d) => { await this.destroyDomain(d); }));
     this.dom0.dispose();
+    const left = this.t.checked ? this.t.violations.take() : [];
+    if (left.length > 0) {
+      const shown = left.slice(0, 20).map((v) => `  ${v.kind}: ${v.message}`);
+      if (left.length > 20) shown.push(`  ... and ${left.length - 20} more`);
+      throw new Error(`checked hypervisor: ${left.length} protocol violation(s) nobody expected:\n${shown.join('\n')}`);
+    }
   }
 
   /** Teardown after the domain's threads are gone (they cannot race its tables any more). */
@@ -357,13 +429,15 @@ export class Hypervisor {
     const t = this.t;
     Atomics.store(t.dom, slot * D_STRIDE + D_STATE, SLOT_DYING); // no new map, bind or alloc towards it
     closeAllPorts(t, slot);
-    releaseAllMappings(t, slot);
+    releaseAllMappings(t, slot, this.pageOf);
     revokeAllGrants(t, slot);
     this.memories.delete(domid);
     this.registry.remove(domid);
     this.broadcast({ t: 'gone', domid });
     if (!hasPinnedGrants(t, slot)) this.freeSlot(slot);
   }
+
+  private readonly pageOf = (domid: number, frame: number): SharedArrayBuffer | undefined => this.registry.page(domid, frame);
 
   private broadcast(msg: ControlMessage): void {
     for (const g of this.guests.values()) {

@@ -10,3 +10,5 @@ export type { GntMapOp, GntMapResult, GntCopyOp, GntCopyPtr } from './grant-tabl
 export { EventChannels } from './event-channel.js';
 export type { EvtchnStatus, WaitOptions } from './event-channel.js';
 export type { XenCounters } from './shared-tables.js';
+export { checkedByDefault, VIOLATION_KINDS } from './checked.js';
+export type { ViolationKind, XenViolation } from './checked.js';

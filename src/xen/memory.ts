@@ -126,11 +126,17 @@ export class DomainMemory {
     return out;
   }
 
+  /** Checked mode: told of a frame freed while granted (the free is refused either way). */
+  private onGrantedFree: ((frame: number) => void) | undefined;
+
   /** Frees frames; a frame still granted cannot be freed (its grantee may map it). */
   free(frames: readonly number[]): void {
     for (const f of frames) {
       if (!this.owns(f)) throw new Error(`frame ${f} is not allocated`);
-      if (this.grantCount[f]! > 0) throw new Error(`frame ${f} is still granted`);
+      if (this.grantCount[f]! > 0) {
+        this.onGrantedFree?.(f);
+        throw new Error(`frame ${f} is still granted`);
+      }
     }
     for (const f of frames) {
       this.used[f] = FREE;
@@ -148,6 +154,8 @@ export class DomainMemory {
     return new Uint8Array(this.pages[frame]!);
   }
 
+  /** @internal the checked mode's hook (domain.ts). */
+  _onGrantedFree(cb: (frame: number) => void): void { this.onGrantedFree = cb; }
   /** @internal grant-table bookkeeping. */
   _granted(frame: number, delta: 1 | -1): void { this.grantCount[frame] = this.grantCount[frame]! + delta; }
   /** @internal raw page for the hypervisor layer (no allocation check). */

@@ -1,6 +1,7 @@
 // The hypervisor's state, kept in SharedArrayBuffers so that every thread's copy of the
 // hypervisor code runs the data path (grant map/unmap/copy, event send) synchronously, with
 // Atomics, and no message to the main thread. Layout is ours; the semantics are Xen's.
+import { allocateViolationLog, checkedByDefault, ViolationLog } from './checked.js';
 import {
   MAX_DOMAINS, MAX_VCPUS, NR_EVTCHN_PORTS, NR_GRANT_ENTRIES, NR_MAPTRACK,
 } from './constants.js';
@@ -15,6 +16,10 @@ export interface SharedTablesInit {
   readonly portCounters: SharedArrayBuffer;
   readonly pending: SharedArrayBuffer;
   readonly mask: SharedArrayBuffer;
+  /** The checked mode's violation log (checked.ts). */
+  readonly violations: SharedArrayBuffer;
+  /** The checked mode (checked.ts): decided once by the Hypervisor, the same in every thread. */
+  readonly checked: boolean;
 }
 
 // ---- Domain record (Int32, per slot): state and domid, then one block per vCPU ----
@@ -66,7 +71,25 @@ export const GLOBAL_ROW = MAX_DOMAINS;
 export const G_FLAGS = 0;
 export const G_DOMID = 1;
 export const G_FRAME = 2;
-export const G_STRIDE = 4;
+/** Checked mode: fingerprint of the page at the last unmap that left the entry unpinned. */
+export const G_FP = 3;
+/** Checked mode: G_CHK_* bits. */
+export const G_CHECK = 4;
+/** Checked mode: the mapper's handle whose unmap armed G_FP. */
+export const G_LAST_HANDLE = 5;
+/** Checked mode: writable pins taken so far (a read-only mapping's page may change while one exists). */
+export const G_WPINS = 6;
+export const G_STRIDE = 8;
+/** The granter said the grant is long-lived (a ring, a persistent grant): both sides write it. */
+export const G_CHK_LASTING = 1;
+/** The granter ended the entry (it was valid before): a later map or copy uses an ended grant. */
+export const G_CHK_ENDED = 2;
+/**
+ * Bit 31 of the flags word (checked mode): G_FP holds the page's fingerprint at the unmap that
+ * left the entry unpinned. Lives in the flags word so that a pin clears it in the same
+ * compare-exchange.
+ */
+export const G_ARMED = 1 << 31;
 export const G_FLAGS_MASK = 0xffff;
 export const PIN_R = 1 << 16;
 export const PIN_R_MASK = 0xff << 16;
@@ -117,7 +140,10 @@ export class SharedTables {
   readonly mask: Int32Array;
   private readonly slotCache = new Map<number, number>();
 
-  static allocate(): SharedTables {
+  readonly checked: boolean;
+  readonly violations: ViolationLog;
+
+  static allocate(checked: boolean = checkedByDefault()): SharedTables {
     const sab = (bytes: number) => new SharedArrayBuffer(bytes);
     return new SharedTables({
       domains: sab(MAX_DOMAINS * D_STRIDE * 4),
@@ -128,6 +154,8 @@ export class SharedTables {
       portCounters: sab(MAX_DOMAINS * NR_EVTCHN_PORTS * PC_STRIDE * 8),
       pending: sab(MAX_DOMAINS * PORT_WORDS * 4),
       mask: sab(MAX_DOMAINS * PORT_WORDS * 4),
+      violations: allocateViolationLog(),
+      checked,
     });
   }
 
@@ -141,6 +169,8 @@ export class SharedTables {
     this.pctr = new BigInt64Array(init.portCounters);
     this.pending = new Int32Array(init.pending);
     this.mask = new Int32Array(init.mask);
+    this.checked = init.checked;
+    this.violations = new ViolationLog(init.violations);
   }
 
   /** Slot of a domain in the given state (running by default), or -1. Domids are never reused. */

@@ -67,7 +67,8 @@ export async function waitForState(
 export function grantRing(xen: XenDomain, otherend: number, frames: readonly number[]): number[] {
   const refs: number[] = [];
   for (const frame of frames) {
-    const ref = xen.grants.grantAccess(otherend, frame, false);
+    // Both ends write a ring for as long as it is shared (ring.h).
+    const ref = xen.grants.grantAccess(otherend, frame, false, { lasting: true });
     if (ref < 0) {
       for (const r of refs) xen.grants.endAccess(r);
       throw new XenbusError(`granting ring page ${frame} to domain ${otherend} failed (${ref})`);

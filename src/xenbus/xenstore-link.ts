@@ -38,7 +38,7 @@ export async function connectGuestXenstore(xen: XenDomain, toolstackDomid = 0): 
     });
   await next<StoreConnect>('xenstore-connect');
   const [frame] = xen.memory.alloc(1);
-  const ref = xen.grants.grantAccess(toolstackDomid, frame!, false);
+  const ref = xen.grants.grantAccess(toolstackDomid, frame!, false, { lasting: true });
   const port = xen.events.allocUnbound(toolstackDomid);
   if (ref < 0 || port < 0) throw new Error(`xenstore page setup failed (ref ${ref}, port ${port})`);
   const ready = next<StoreReady>('xenstore-ready');

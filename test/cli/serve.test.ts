@@ -92,6 +92,7 @@ for (const indirect of [256, 0]) {
     test('a clean stop exits 0 and the image holds exactly what the clients wrote', async () => {
       assert.equal(await s.stop('SIGTERM'), 0, s.stderr());
       assert.match(s.stderr(), /flushed and closed/);
+      assert.match(s.stderr(), /checked hypervisor/, 'under node --test, serve runs the hypervisor checked too');
       const img = readFileSync(image);
       assert.equal(img.length, expected.length);
       assert.equal(Buffer.compare(img, Buffer.from(expected)), 0);

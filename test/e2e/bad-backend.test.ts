@@ -8,7 +8,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_OKAY, XS_EVENT_CHANNEL, XS_FEATURE_FLUSH_CACHE,
+  BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, XS_EVENT_CHANNEL, XS_FEATURE_FLUSH_CACHE,
   XS_RING_REF, XS_SECTORS, XS_SECTOR_SIZE, abiByName, decodeRequest, encodeResponse, type BlkifRequest,
 } from '../../src/abi/index.js';
 import { Blkfront } from '../../src/blkfront/index.js';
@@ -121,5 +121,17 @@ test('a flush refused with EOPNOTSUPP is not asked again', async () => {
     await f.flush();
     assert.equal(sent.filter((r) => r.operation === BLKIF_OP_FLUSH_DISKCACHE).length, 1);
     await f.read(0, 4096);
+  });
+});
+
+test('close() during a split I/O that fails: the answers for the already failed I/O still let close() finish', { timeout: 30_000 }, async () => {
+  // Found by the hostile-backend fuzzer: the last answer belonged to an I/O an earlier answer had
+  // failed, and close() waited for a drain nobody announced.
+  await withRawBackend((req, ring, out) => reply(ring, out, req.id, req.operation, BLKIF_RSP_ERROR), async (f, sent) => {
+    const read = f.read(0, 128 * 1024); // no indirect segments offered: several requests
+    const closed = f.close();
+    await assert.rejects(read, /backend answered/);
+    await closed;
+    assert.ok(sent.length > 1, `the read went out as ${sent.length} requests`);
   });
 });

@@ -230,6 +230,10 @@ describe('blkback against a hostile raw frontend', () => {
       assert.equal(firstDifference(await main.readPages(S, 2, id()), content), -1, 'no refused WRITE reached the disk');
       assert.equal(backMaps(), mapsBefore, 'the pages that did map were unmapped again');
       for (const g of [foreign, ro, good, wdata]) assert.ok(g.refs.every((r) => !L.grants.isMapped(r)));
+      // The two requests naming the ended gref made the backend map an ended grant: what the
+      // checked hypervisor reports (and real Xen refuses), the frontend's fault here.
+      const v = ts.hv.takeViolations().map((x) => [x.kind, x.domid, x.peer, x.ref]);
+      assert.deepEqual(v, ts.hv.checked ? [0, 1].map(() => ['ended-grant-mapped', back.domid, L.domid, staleRef]) : []);
     } finally {
       for (const g of [foreign, ro, good, wdata]) main.release(g);
     }

@@ -190,7 +190,7 @@ export class RawVbd {
     await waitForState(ts.xs, paths.backDir, (s) => s === XenbusStateInitWait, WAIT_MS);
     const [frame] = L.memory.alloc(1);
     const ring = FrontRing.init(new SharedRing([L.memory.page(frame!)], abi.entrySize));
-    const ref = L.grants.grantAccess(back.domid, frame!, false);
+    const ref = L.grants.grantAccess(back.domid, frame!, false, { lasting: true }); // a ring: both ends write it
     assert.ok(ref >= 0, `granting the ring page: ${ref}`);
     const port = L.events.allocUnbound(back.domid);
     assert.ok(port > 0, `allocating the event channel: ${port}`);

@@ -41,7 +41,7 @@ test('a backend still Connected to a vanished frontend is reset, then serves the
     const abi = abiByName('x86_64-abi')!;
     const frames = L.memory.alloc(1);
     FrontRing.init(new SharedRing([L.memory.page(frames[0]!)], abi.entrySize));
-    const ref = L.grants.grantAccess(back.domid, frames[0]!, false);
+    const ref = L.grants.grantAccess(back.domid, frames[0]!, false, { lasting: true }); // a ring
     const port = L.events.allocUnbound(back.domid);
     await ts.xs.write(`${paths.frontDir}/${XS_RING_REF}`, String(ref));
     await ts.xs.write(`${paths.frontDir}/${XS_EVENT_CHANNEL}`, String(port));
