@@ -48,8 +48,7 @@ import {
   XenbusStateInitWait,
   XenbusStateInitialised,
   XenbusStateInitialising,
-  readState,
-  switchState,
+  XenbusDevice,
   type XenbusState,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
@@ -83,8 +82,6 @@ interface Connection {
   readonly pools: BouncePool[];
 }
 
-let watchSeq = 0;
-
 /** The backend of one virtual block device. */
 export class Blkback {
   /** What this thread counts (control path and queues served here). */
@@ -92,11 +89,9 @@ export class Blkback {
   readonly options: BlkbackOptions;
   readonly frontDir: string;
   readonly frontDomid: number;
-  private state: XenbusState = XenbusStateInitialising;
   private conn: Connection | undefined;
-  /** State changes are handled one at a time, in order. */
-  private serial: Promise<void> = Promise.resolve();
-  private readonly token = `blkback-${++watchSeq}`;
+  /** Our end on xenbus: state, the frontend watched, control-path steps one at a time. */
+  private readonly dev: XenbusDevice;
   private closed = false;
   private lastError: string | undefined;
   private timer: NodeJS.Timeout | undefined;
@@ -111,6 +106,7 @@ export class Blkback {
     this.options = blkbackOptions(d.options);
     this.frontDir = frontDir;
     this.frontDomid = frontDomid;
+    this.dev = new XenbusDevice({ xs: d.xs, side: 'backend', nodename: d.backDir, onError: (e) => this.fatal(e.message) });
   }
 
   /** Reads the toolstack's nodes, advertises features, goes to InitWait and follows the frontend. */
@@ -122,12 +118,12 @@ export class Blkback {
     const readOnly = d.storage.readOnly || d.options?.readOnly === true || !mode.includes('w');
     const be = new Blkback(d, frontDir, frontDomid, readOnly);
     await be.advertise();
-    await xs.watch(`${frontDir}/${XS_STATE}`, be.token, () => be.enqueue(() => be.frontendChanged()));
+    await be.dev.watchOtherend(frontDir, () => be.frontendChanged());
     return be;
   }
 
   get xenbusState(): XenbusState {
-    return this.state;
+    return this.dev.state;
   }
 
   get connected(): boolean {
@@ -179,44 +175,38 @@ export class Blkback {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.d.xs.unwatch(`${this.frontDir}/${XS_STATE}`, this.token).catch(() => undefined);
-    await this.enqueue(async () => {
-      if (this.state !== XenbusStateClosed) await this.setState(XenbusStateClosing).catch(() => undefined);
+    await this.dev.unwatchAll();
+    await this.dev.enqueue(async () => {
+      if (this.dev.state !== XenbusStateClosed) await this.dev.switchState(XenbusStateClosing).catch(() => undefined);
       await this.disconnect();
-      await this.setState(XenbusStateClosed).catch(() => undefined);
+      await this.dev.switchState(XenbusStateClosed).catch(() => undefined);
     });
-  }
-
-  private enqueue(fn: () => Promise<void>): Promise<void> {
-    const run = this.serial.then(fn).catch((e: unknown) => this.fatal(`${(e as Error).message}`));
-    this.serial = run;
-    return run;
   }
 
   private async frontendChanged(): Promise<void> {
     if (this.closed) return;
-    const fs = await readState(this.d.xs, this.frontDir);
+    const fs = await this.dev.otherendState();
     switch (fs) {
       case XenbusStateInitialising:
         // Linux: "prepare for reconnect" — a frontend starting over after Closed.
-        if (this.state === XenbusStateClosed) await this.advertise();
+        if (this.dev.state === XenbusStateClosed) await this.advertise();
         break;
       case XenbusStateInitialised:
       case XenbusStateConnected:
         // Two watch events in quick succession may hide the intermediate state: connect once.
-        if (this.state === XenbusStateConnected || this.state === XenbusStateClosing) break;
-        if (this.state === XenbusStateClosed) await this.advertise();
+        if (this.dev.state === XenbusStateConnected || this.dev.state === XenbusStateClosing) break;
+        if (this.dev.state === XenbusStateClosed) await this.advertise();
         await this.connect();
         break;
       case XenbusStateClosing:
       case XenbusStateClosed:
         await this.disconnect();
-        if (this.state !== XenbusStateClosed) await this.setState(XenbusStateClosed);
+        if (this.dev.state !== XenbusStateClosed) await this.dev.switchState(XenbusStateClosed);
         break;
       default:
         // The frontend's directory is gone (its domain died) or holds nonsense: let go of it.
         await this.disconnect();
-        if (this.state !== XenbusStateClosed && this.state !== XenbusStateInitWait) await this.setState(XenbusStateClosed);
+        if (this.dev.state !== XenbusStateClosed && this.dev.state !== XenbusStateInitWait) await this.dev.switchState(XenbusStateClosed);
     }
   }
 
@@ -233,7 +223,7 @@ export class Blkback {
       await this.writeFeatures(tx);
     });
     this.lastError = undefined;
-    await this.setState(XenbusStateInitWait);
+    await this.dev.switchState(XenbusStateInitWait);
   }
 
   private async writeFeatures(tx: number): Promise<void> {
@@ -303,7 +293,7 @@ export class Blkback {
       }
     }
     this.conn = conn;
-    const onFatal = (why: string) => void this.enqueue(() => this.fatal(why));
+    const onFatal = (why: string) => void this.dev.enqueue(() => this.fatal(why));
     // Queue threads start together (each is a new thread: a few tens of ms); the ones that
     // came up join the connection before anything can fail, so a disconnect stops them.
     const started = threaded ? await Promise.all(rings.map((r, q) => QueueThread.start({
@@ -354,7 +344,7 @@ export class Blkback {
     });
     this.log(`connected: ${abi.protocol}, ${nq} queue(s)${threaded ? ' in threads of their own' : ''}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
       `${this.options.grantCopy ? 'grant copy' : persistent ? 'persistent grants' : 'map per request'}, ${l.sectors} sectors of ${l.sectorSize} bytes${this.readOnly ? ', read-only' : ''}`);
-    await this.setState(XenbusStateConnected);
+    await this.dev.switchState(XenbusStateConnected);
   }
 
   /** Finishes in-flight requests, lets go of every page, unmaps the rings and closes the channels. Idempotent. */
@@ -397,7 +387,7 @@ export class Blkback {
         this.sizeChecking = true;
         // A storage that fails here is fatal (the state queue's catch), as any control-path error.
         void this.d.storage.refreshSize()
-          .then(() => this.enqueue(() => this.checkSize()), (e: unknown) => this.enqueue(() => Promise.reject(e)))
+          .then(() => this.dev.enqueue(() => this.checkSize()), (e: unknown) => this.dev.enqueue(() => Promise.reject(e)))
           .finally(() => { this.sizeChecking = false; });
       }
     }, every);
@@ -417,7 +407,7 @@ export class Blkback {
    */
   private async checkSize(): Promise<void> {
     const sectors = this.limits().sectors;
-    if (this.conn === undefined || this.state !== XenbusStateConnected || sectors === this.sectorsPublished) return;
+    if (this.conn === undefined || this.dev.state !== XenbusStateConnected || sectors === this.sectorsPublished) return;
     const { xs, backDir } = this.d;
     this.log(`resized: ${this.sectorsPublished} -> ${sectors} sectors`);
     // Queue threads take the new size before the frontend can learn of it.
@@ -435,14 +425,9 @@ export class Blkback {
     this.lastError = why;
     this.log(`fatal: ${why}`);
     await this.disconnect().catch(() => undefined);
-    if (this.state !== XenbusStateClosing && this.state !== XenbusStateClosed) {
-      await this.setState(XenbusStateClosing).catch(() => undefined);
+    if (this.dev.state !== XenbusStateClosing && this.dev.state !== XenbusStateClosed) {
+      await this.dev.switchState(XenbusStateClosing).catch(() => undefined);
     }
-  }
-
-  private async setState(s: XenbusState): Promise<void> {
-    await switchState(this.d.xs, this.d.backDir, 'backend', s);
-    this.state = s;
   }
 
   private log(msg: string): void {

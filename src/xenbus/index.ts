@@ -2,3 +2,4 @@ export * from './state.js';
 export * from './paths.js';
 export * from './xenbus.js';
 export * from './xenstore-link.js';
+export * from './device.js';
