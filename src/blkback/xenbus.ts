@@ -12,7 +12,6 @@ import {
   XS_DISCARD_ALIGNMENT,
   XS_DISCARD_GRANULARITY,
   XS_DISCARD_SECURE,
-  XS_EVENT_CHANNEL,
   XS_FEATURE_BARRIER,
   XS_FEATURE_DISCARD,
   XS_FEATURE_FLUSH_CACHE,
@@ -21,23 +20,13 @@ import {
   XS_MAX_RING_PAGE_ORDER,
   XS_MODE,
   XS_MULTI_QUEUE_MAX_QUEUES,
-  XS_MULTI_QUEUE_NUM_QUEUES,
   XS_FEATURE_PERSISTENT,
   XS_PHYSICAL_SECTOR_SIZE,
-  XS_PROTOCOL,
-  XS_RING_PAGE_ORDER,
-  XS_RING_REF,
   XS_SECTORS,
   XS_SECTOR_SIZE,
-  abiByName,
-  xsQueueDir,
-  xsRingRefN,
-  BLKIF_MAX_SEGMENTS_PER_REQUEST,
-  BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
 } from '../abi/index.js';
-import { ringSizeFor } from '../ring/index.js';
 import type { BlockStorage } from '../storage/storage.js';
-import { XEN_PAGE_SIZE, type XenDomain } from '../xen/index.js';
+import type { XenDomain } from '../xen/index.js';
 import {
   XS_FRONTEND,
   XS_FRONTEND_ID,
@@ -53,10 +42,10 @@ import {
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
 import { newVbdCounters, sumVbdCounters, type VbdCounters } from './counters.js';
-import { BouncePool } from './page-access.js';
 import { blkbackOptions, type BlkbackOptions } from './options.js';
-import { Queue, type QueueAccess, type QueueRing } from './queue.js';
-import { QueueThread, type QueueSetup, type StorageSource } from './queue-thread.js';
+import { newConnection, startQueues, type Connection } from './connection.js';
+import { readFrontendRings } from './frontend-rings.js';
+import type { QueueSetup, StorageSource } from './queue-thread.js';
 import type { VbdLimits } from './validate.js';
 
 export interface BlkbackDeps {
@@ -74,13 +63,6 @@ export interface BlkbackDeps {
   readonly log?: (msg: string) => void;
 }
 
-/** A live connection to the frontend: its queues, here or in threads of their own. */
-interface Connection {
-  readonly local: Queue[];
-  readonly threads: QueueThread[];
-  /** Grant copy's bounce pages: the VBD's pool, or one per queue that fell back to this thread. */
-  readonly pools: BouncePool[];
-}
 
 /** The backend of one virtual block device. */
 export class Blkback {
@@ -241,96 +223,32 @@ export class Blkback {
 
   /** Maps the frontend's rings, binds their channels, publishes the disk and goes Connected (startup step 4). */
   private async connect(): Promise<void> {
-    const { xen, xs, backDir, storage } = this.d;
-    const f = this.frontDir;
-    const opt = async (key: string): Promise<string | undefined> => xs.read(`${f}/${key}`).catch(() => undefined);
-    const protocol = (await opt(XS_PROTOCOL)) ?? this.options.defaultProtocol;
-    const abi = abiByName(protocol);
-    if (abi === undefined) return this.fatal(`frontend protocol "${protocol}" is not one we speak`);
-    // Linux connect_ring: 0 or more queues than offered is a "buggy or malicious guest".
-    const queuesText = await opt(XS_MULTI_QUEUE_NUM_QUEUES);
-    const nq = queuesText === undefined ? 1 : parseUint(queuesText);
-    if (nq === undefined || nq < 1 || nq > this.options.maxQueues) return this.fatal(`multi-queue-num-queues "${queuesText}" (offered 1..${this.options.maxQueues})`);
-    const orderText = await opt(XS_RING_PAGE_ORDER);
-    const order = orderText === undefined ? 0 : parseUint(orderText);
-    if (order === undefined || order > this.options.maxRingPageOrder) return this.fatal(`ring-page-order "${orderText}" (max ${this.options.maxRingPageOrder})`);
-    const persistent = this.options.persistent && !this.options.grantCopy && (await opt(XS_FEATURE_PERSISTENT)) === '1';
-    // With one queue the nodes are top-level; with more, under queue-N (blkif.h "Multi-queue").
-    const rings: QueueRing[] = [];
-    for (let q = 0; q < nq; q++) {
-      const dir = nq === 1 ? '' : `${xsQueueDir(q)}/`;
-      const refs: number[] = [];
-      for (let i = 0; i < 1 << order; i++) {
-        const key = orderText === undefined ? `${dir}${XS_RING_REF}` : `${dir}${xsRingRefN(i)}`;
-        const text = await opt(key);
-        const ref = text === undefined ? undefined : parseUint(text);
-        if (ref === undefined) return this.fatal(`${key} missing or malformed (${text})`);
-        refs.push(ref);
-      }
-      const portText = await opt(`${dir}${XS_EVENT_CHANNEL}`);
-      const remotePort = portText === undefined ? undefined : parseUint(portText);
-      if (remotePort === undefined) return this.fatal(`${dir}event-channel missing or malformed (${portText})`);
-      rings.push({ refs, remotePort });
-    }
-
+    const { xen, xs, storage } = this.d;
+    const fr = await readFrontendRings(xs, this.frontDir, this.options);
+    if (typeof fr === 'string') return this.fatal(fr);
+    const { abi, order, rings } = fr;
+    const persistent = this.options.persistent && !this.options.grantCopy && fr.frontendPersistent;
     const threaded = this.threadsWanted();
-    const maxSegs = Math.max(this.options.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
-    const how: QueueSetup['access'] = this.options.grantCopy ? { kind: 'copy' }
+    const access: QueueSetup['access'] = this.options.grantCopy ? { kind: 'copy' }
       : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' };
-    // Grant copy's bounce pages: one pool per VBD, or a share of it lent to each queue thread
-    // (at least one largest request each, plus its indirect pages).
-    const lend: number[][] = [];
-    const conn: Connection = { local: [], threads: [], pools: [] };
-    if (how.kind === 'copy') {
-      const want = Math.min(ringSizeFor(XEN_PAGE_SIZE << order, abi.entrySize) * nq * (maxSegs + 8), this.options.grantCopyPages);
-      const each = Math.max(maxSegs + 8, Math.floor(want / nq));
-      try {
-        if (threaded) for (let q = 0; q < nq; q++) lend.push(xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
-        else conn.pools.push(new BouncePool(xen, xen.memory.alloc(want)));
-      } catch (e) {
-        for (const f of lend) xen.memory.free(f);
-        return this.fatal(`no memory for ${threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}`);
-      }
-    }
+    const conn = newConnection();
     this.conn = conn;
-    const onFatal = (why: string) => void this.dev.enqueue(() => this.fatal(why));
-    // Queue threads start together (each is a new thread: a few tens of ms); the ones that
-    // came up join the connection before anything can fail, so a disconnect stops them.
-    const started = threaded ? await Promise.all(rings.map((r, q) => QueueThread.start({
-      xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
-      limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, reqsPerPage: this.options.reqsPerPage, access: how,
-      frames: lend[q] ?? [], housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
-    }))) : [];
-    for (const [q, t] of started.entries()) {
-      if (!('why' in t)) conn.threads.push(t);
-      else if (lend[q] !== undefined) xen.memory.free(lend[q]);
-    }
-    const refused = started.find((t) => 'why' in t && !t.noThread);
-    if (refused !== undefined && 'why' in refused) return this.fatal(refused.why);
-    for (const [q, r] of rings.entries()) {
-      // Each queue has its own ring, channel, page access and cache: nothing shared to lock.
-      const t = started[q];
-      if (t !== undefined) {
-        if (!('why' in t)) continue;
-        // No thread for it (no vCPU free, or the storage would not open there): serve it here.
-        this.log(`${t.why}; serving queue ${q} in this thread`);
-        if (how.kind === 'copy') {
-          try {
-            conn.pools.push(new BouncePool(xen, xen.memory.alloc(maxSegs + 8)));
-          } catch (e) {
-            return this.fatal(`no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}`);
-          }
-        }
-      }
-      const access: QueueAccess = how.kind === 'copy' ? { kind: 'copy', pool: conn.pools.at(-1)! } : how;
-      const queue = Queue.open({
-        xen, frontDomid: this.frontDomid, abi, storage, access, limits: () => this.limits(),
-        maxIndirectSegments: this.options.maxIndirectSegments, reqsPerPage: this.options.reqsPerPage, counters: this.own, onFatal, log: (m) => this.log(m),
-      }, r, q);
-      if (typeof queue === 'string') return this.fatal(queue);
-      conn.local.push(queue);
-    }
+    const why = await startQueues(conn, {
+      xen, frontDomid: this.frontDomid, abi, order, rings, access, threaded, storage, storageSource: this.d.storageSource,
+      options: this.options, limits: () => this.limits(), counters: this.own,
+      onFatal: (w) => void this.dev.enqueue(() => this.fatal(w)), log: (m) => this.log(m),
+    });
+    if (why !== undefined) return this.fatal(why);
     this.startTimer();
+    const l = await this.publishDisk();
+    this.log(`connected: ${abi.protocol}, ${rings.length} queue(s)${threaded ? ' in threads of their own' : ''}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
+      `${this.options.grantCopy ? 'grant copy' : persistent ? 'persistent grants' : 'map per request'}, ${l.sectors} sectors of ${l.sectorSize} bytes${this.readOnly ? ', read-only' : ''}`);
+    await this.dev.switchState(XenbusStateConnected);
+  }
+
+  /** What the frontend reads once we are Connected: the disk's size, sector sizes, `info`, features. */
+  private async publishDisk(): Promise<VbdLimits> {
+    const { xs, backDir, storage } = this.d;
     const l = this.limits();
     this.sectorsPublished = l.sectors;
     const info = (this.readOnly ? VDISK_READONLY : 0) | (this.options.cdrom ? VDISK_CDROM : 0) | (this.options.removable ? VDISK_REMOVABLE : 0);
@@ -342,9 +260,7 @@ export class Blkback {
       await xs.write(`${backDir}/${XS_INFO}`, String(info), tx);
       await this.writeFeatures(tx);
     });
-    this.log(`connected: ${abi.protocol}, ${nq} queue(s)${threaded ? ' in threads of their own' : ''}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
-      `${this.options.grantCopy ? 'grant copy' : persistent ? 'persistent grants' : 'map per request'}, ${l.sectors} sectors of ${l.sectorSize} bytes${this.readOnly ? ', read-only' : ''}`);
-    await this.dev.switchState(XenbusStateConnected);
+    return l;
   }
 
   /** Finishes in-flight requests, lets go of every page, unmaps the rings and closes the channels. Idempotent. */
@@ -440,12 +356,3 @@ function addInto(to: VbdCounters, from: VbdCounters): void {
   const sum = sumVbdCounters([to, from]);
   Object.assign(to, sum);
 }
-
-/** A decimal u32 as xenstore holds it, or undefined. */
-function parseUint(text: string): number | undefined {
-  const t = text.trim();
-  if (!/^\d{1,10}$/.test(t)) return undefined;
-  const n = Number(t);
-  return n <= 0xffffffff ? n : undefined;
-}
-
