@@ -700,8 +700,10 @@ export class Blkfront {
         break;
       case XenbusStateClosing:
         if (this.link !== undefined && this.state !== XenbusStateClosing) {
-          // Stop issuing; the backend answers what it consumed, unmaps, and goes Closed.
+          // Stop issuing; the backend answers what it consumed, unmaps, and goes Closed. One that
+          // never does keeps our requests: they wait for it no longer than for a new backend.
           this.phase = 'connecting';
+          this.armWaitTimer();
           await this.setState(XenbusStateClosing);
         }
         break;

@@ -9,6 +9,9 @@
  *   re-issued after the reconnect waited for pages that never came and close() never drained;
  * - close() waiting for the last answers of a read that had already failed (an earlier part of
  *   it answered with an error) was never woken: only a settling I/O woke it.
+ *
+ * And one the fuzz backend never does: going Closing and staying there with requests unanswered
+ * left them waiting with no bound (only I/O queued while disconnected had one).
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -61,6 +64,8 @@ class ScriptedBackend {
   autoAnswer = false;
   /** Keep request pages (and the ring) mapped when disconnecting. */
   keepOnClose = false;
+  /** Once Closing, stay there: never answer, unmap or close. */
+  stuckClosing = false;
   private conn: { ring: BackRing; handles: number[]; port: number; off: () => void } | undefined;
   private readonly kept: number[] = [];
   private state = XenbusStateInitialising as number;
@@ -113,6 +118,7 @@ class ScriptedBackend {
     const fs = parseXenbusState(await ts.xs.read(`${this.paths.frontDir}/${XS_STATE}`).catch(() => undefined));
     if (fs === XenbusStateInitialised && this.conn === undefined && this.state === XenbusStateInitWait) await this.connect();
     else if ((fs === XenbusStateClosing || fs === XenbusStateClosed) && this.state !== XenbusStateClosed) {
+      if (this.stuckClosing) return;
       this.disconnect(this.keepOnClose);
       await this.setState(XenbusStateClosed);
     } else if (fs === XenbusStateInitialising && this.state === XenbusStateClosed) await this.setState(XenbusStateInitWait);
@@ -182,7 +188,7 @@ class ScriptedBackend {
   }
 }
 
-async function withScriptedBackend(bufferPages: number, body: (f: Blkfront, be: ScriptedBackend) => Promise<void>): Promise<void> {
+async function withScriptedBackend(bufferPages: number, body: (f: Blkfront, be: ScriptedBackend) => Promise<void>, connectTimeoutMs = 5000): Promise<void> {
   const G = ts.hv.createLocalDomain({ memoryPages: bufferPages + 64 });
   const B = ts.hv.createLocalDomain({ memoryPages: 16 });
   const paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(1) }, { kind: 'memory', size: 1 << 20 }, false);
@@ -190,7 +196,7 @@ async function withScriptedBackend(bufferPages: number, body: (f: Blkfront, be: 
   let f: Blkfront | undefined;
   try {
     await be.start();
-    f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { bufferPages, queues: 1, ringPageOrder: 0, connectTimeoutMs: 5000 } }), 'attach');
+    f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { bufferPages, queues: 1, ringPageOrder: 0, connectTimeoutMs } }), 'attach');
     await body(f, be);
   } finally {
     if (f !== undefined) await within(f.close(), 'close() after the test').catch(() => undefined);
@@ -250,4 +256,16 @@ test('close() settles when the last answers belong to a read that already failed
     await within(closing, 'close() after the failed read\'s last answers');
     assert.equal(f.inFlight, 0);
   });
+});
+
+test('a backend that goes Closing and stays there holding requests: they fail within the connect timeout, and close() settles', { timeout: 60_000 }, async () => {
+  await withScriptedBackend(16, async (f, be) => {
+    const writing = f.write(0, pattern(4 * PAGE, 1));
+    await until(() => be.held.length === 1, 'the write is on the ring');
+    be.stuckClosing = true;
+    await be.bounce(false);
+    await assert.rejects(within(writing, 'the write held by a backend stuck in Closing'), /no backend connected/);
+    await within(f.close(), 'close()');
+    assert.equal(f.leakedPages, 4, 'the pages the backend still maps are reported leaked');
+  }, 300);
 });
