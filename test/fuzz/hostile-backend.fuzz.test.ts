@@ -285,6 +285,12 @@ interface QueueConn {
   held: Req[];
   timer: NodeJS.Timeout | undefined;
   dead: boolean;
+  /**
+   * A response on this ring stops blkfront: it believes nothing after it here. Other rings'
+   * valid responses it may still believe (it takes the queues' events in any order), so they
+   * count as settled.
+   */
+  broken: boolean;
 }
 
 class RawBackend {
@@ -411,7 +417,7 @@ class RawBackend {
       }
       const qc: QueueConn = {
         index: q, ring: new BackRing(new SharedRing(maps.map((m) => m.page!), abi.entrySize)), ringHandles: maps.map((m) => m.handle),
-        port, off: () => undefined, entry: new RingEntry(abi.entrySize), rspIdx: 0, outstanding: new Map(), fresh: [], held: [], timer: undefined, dead: false,
+        port, off: () => undefined, entry: new RingEntry(abi.entrySize), rspIdx: 0, outstanding: new Map(), fresh: [], held: [], timer: undefined, dead: false, broken: false,
       };
       qc.off = this.B.events.on(port, () => this.onEvent(qc));
       queues.push(qc);
@@ -685,13 +691,14 @@ class RawBackend {
       prod = (q.rspIdx + q.ring.size + 1 + this.prng.int(0, 100)) >>> 0;
       this.log.push(`rsp_prod beyond the ring: ${prod}`);
       this.broken = true;
+      q.broken = true;
     } else if (this.chance(this.f?.staleJump)) {
       prod = (q.rspIdx + this.prng.int(1, 3)) >>> 0;
       this.log.push(`rsp_prod past the answers: ${prod}`);
     }
     // The model: what blkfront makes of each published slot, in order.
     const tmp = new RingEntry(c.abi.entrySize);
-    for (let i = start; i !== prod && !this.broken; i = (i + 1) >>> 0) {
+    for (let i = start; i !== prod && !q.broken; i = (i + 1) >>> 0) {
       sring.copyOut(i, tmp);
       this.believe(q, decodeResponse(tmp.view, 0, c.abi));
     }
@@ -704,6 +711,7 @@ class RawBackend {
     const r = q.outstanding.get(rsp.id);
     if (r === undefined || rsp.operation !== r.op || (!this.persistent && (r.handles.length > 0 || r.keptMapped))) {
       this.broken = true;
+      q.broken = true;
       return;
     }
     q.outstanding.delete(rsp.id);
