@@ -409,6 +409,7 @@ export class Blkfront {
       touched.add(q);
       produced++;
     }
+    this.wakeDrained();
     if (produced === 0) return;
     for (const q of touched) {
       if (q.ring.pushRequestsAndCheckNotify()) {
@@ -430,7 +431,19 @@ export class Blkfront {
     let bytes = 0;
     if (op.kind === 'read' || op.kind === 'write') {
       operation = op.kind === 'read' ? BLKIF_OP_READ : BLKIF_OP_WRITE;
+      // Pages a backend kept mapped never come back to the pool: a request is cut to what the
+      // pool can still hold (waiting for more would be forever), and with no page left it fails.
+      const usable = this.pool.usable;
+      if (usable < 1) {
+        this.queue.shift();
+        this.finish(op, new BlkfrontError('EIO', `${op.kind} at ${op.offset + c.start}: every buffer page is leaked (the backend kept them mapped)`));
+        return true;
+      }
       nsegs = Math.min(Math.ceil(c.length / XEN_PAGE_SIZE), link.maxSegments);
+      if (nsegs > BLKIF_MAX_SEGMENTS_PER_REQUEST && nsegs + indirectPagesFor(nsegs) > usable) {
+        nsegs = Math.max(usable - indirectPagesFor(usable), BLKIF_MAX_SEGMENTS_PER_REQUEST);
+      }
+      if (nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST) nsegs = Math.min(nsegs, usable);
       bytes = Math.min(c.length, nsegs * XEN_PAGE_SIZE);
     } else if (op.kind === 'flush') {
       operation = disk.flush ? BLKIF_OP_FLUSH_DISKCACHE : BLKIF_OP_WRITE_BARRIER;
@@ -638,11 +651,12 @@ export class Blkfront {
   }
 
   /**
-   * close() waits for nothing in flight: checked after every answer, also one for an I/O that
-   * already failed (the last answer may be another part of a failed I/O).
+   * Wakes close() once nothing is queued or in flight. Not only when an I/O settles: the last
+   * request of an I/O that already failed is answered (or its queued rest dropped) with no I/O
+   * left to settle, and close() must not wait for one.
    */
   private wakeDrained(): void {
-    if (this.inFlight === 0 && this.queue.length === 0) for (const w of this.drainWaiters.splice(0)) w();
+    if (this.drainWaiters.length > 0 && this.inFlight === 0 && this.queue.length === 0) for (const w of this.drainWaiters.splice(0)) w();
   }
 
   private drainWaiters: (() => void)[] = [];
@@ -732,8 +746,10 @@ export class Blkfront {
         break;
       case XenbusStateClosing:
         if (this.link !== undefined && this.state !== XenbusStateClosing) {
-          // Stop issuing; the backend answers what it consumed, unmaps, and goes Closed.
+          // Stop issuing; the backend answers what it consumed, unmaps, and goes Closed. One that
+          // never does keeps our requests: they wait for it no longer than for a new backend.
           this.phase = 'connecting';
+          this.armWaitTimer();
           await this.setState(XenbusStateClosing);
         }
         break;
@@ -759,7 +775,8 @@ export class Blkfront {
     const persistent = this.options.persistent && t.persistent;
     // The pool must hold one largest request; fall back to a smaller maximum otherwise.
     let maxSegments = t.maxIndirectSegments > 0 ? t.maxIndirectSegments : BLKIF_MAX_SEGMENTS_PER_REQUEST;
-    while (maxSegments > BLKIF_MAX_SEGMENTS_PER_REQUEST && maxSegments + indirectPagesFor(maxSegments) > this.options.bufferPages) maxSegments >>= 1;
+    // (Its usable part: pages an earlier backend kept mapped are gone.)
+    while (maxSegments > BLKIF_MAX_SEGMENTS_PER_REQUEST && maxSegments + indirectPagesFor(maxSegments) > this.pool.usable) maxSegments >>= 1;
     maxSegments = Math.max(maxSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
     const link: Link = {
       backDomid, backDir: this.backDir, abi, ringPageOrder: order, maxSegments,

@@ -32,6 +32,11 @@ export class PagePool {
     return this.free;
   }
 
+  /** Frames that can still carry I/O: all but the leaked ones (free now or back once answered). */
+  get usable(): number {
+    return this.frames.length - this.leaked;
+  }
+
   /** Takes `n` frames into `out`; the caller checked `available`. */
   take(n: number, out: number[]): void {
     for (let i = 0; i < n; i++) out.push(this.free.pop()!);

@@ -1,11 +1,21 @@
 /**
- * What the fuzz suites share: how many cases to run (`BLKIF_FUZZ_RUNS`), a seed that is always
- * printed (so any run, green or red, can be replayed with `BLKIF_FUZZ_SEED`), and fast-check
- * parameters that keep a failing CI run short (no shrinking unless `BLKIF_FUZZ_SHRINK=1`: each
- * case boots domains, so shrinking could take minutes; the seed and path reproduce it).
+ * What the fuzz suites share: how many cases to run, a seed that is always printed (so any run,
+ * green or red, can be replayed with `BLKIF_FUZZ_SEED`), and fast-check parameters that keep a
+ * failing run short (no shrinking unless `BLKIF_FUZZ_SHRINK=1`: each case boots domains, so
+ * shrinking could take minutes; the seed and path reproduce it).
  *
- *   BLKIF_FUZZ_RUNS=500 npm run fuzz                 # more cases
+ * Three run lengths, the same suites:
+ *
+ *   npm test                          # CI: each property's small built-in case count (seconds)
+ *   npm run fuzz                      # BLKIF_FUZZ_RUNS=500: >= 10^5 hostile ring requests, a few minutes
+ *   BLKIF_FUZZ_LONG=1 npm run fuzz    # ten times the cases: >= 10^6 hostile ring requests
+ *   BLKIF_FUZZ_RUNS=2000 npm run fuzz # any other count
  *   BLKIF_FUZZ_SEED=123 BLKIF_FUZZ_PATH=7 BLKIF_FUZZ_SHRINK=1 node --test dist/test/fuzz/x.fuzz.test.js
+ *
+ * `BLKIF_FUZZ_RUNS` is the cases per property, scaled by the property's weight; `BLKIF_FUZZ_LONG=1`
+ * multiplies every count by ten. Each suite prints what it sent at its end: hostile ring requests
+ * (hostile-frontend), hostile responses (hostile-backend), xenstore messages (xenstore), with the
+ * seed of each property. A failure names its seed and path: replay it with the line above.
  *
  * BLKIF_FUZZ_DEBUG=1 makes the hostile-frontend suite trace every round and explain a failed data check.
  */
@@ -16,13 +26,19 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 
-/** Cases per property: `BLKIF_FUZZ_RUNS` if set, scaled by `weight` (rounded up, at least 1). */
+/**
+ * Cases per property: `BLKIF_FUZZ_RUNS` if set, scaled by `weight` (rounded up, at least 1), else
+ * `defaultRuns` (the CI share); ten times that with `BLKIF_FUZZ_LONG=1`.
+ */
 export function fuzzRuns(defaultRuns: number, weight = 1): number {
+  const long = process.env.BLKIF_FUZZ_LONG;
+  if (long !== undefined && !['', '0', '1'].includes(long.trim())) throw new Error(`BLKIF_FUZZ_LONG=${long}: 1 or 0, please`);
+  const times = long?.trim() === '1' ? 10 : 1;
   const v = process.env.BLKIF_FUZZ_RUNS;
-  if (v === undefined || v.trim() === '') return defaultRuns;
+  if (v === undefined || v.trim() === '') return defaultRuns * times;
   const n = Number(v);
   if (!Number.isInteger(n) || n < 1) throw new Error(`BLKIF_FUZZ_RUNS=${v}: a positive integer, please`);
-  return Math.max(1, Math.ceil(n * weight));
+  return Math.max(1, Math.ceil(n * weight)) * times;
 }
 
 /** The seed of this run: `BLKIF_FUZZ_SEED`, else a fresh one. */

@@ -23,7 +23,7 @@
  * Throughout, a well-behaved socket client and a well-behaved guest read, write and watch, and
  * every one of their operations completes, with the right answers and events.
  */
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
@@ -60,6 +60,25 @@ import {
   type XsPermission,
 } from '../../src/xenstore/index.js';
 import { RawConnection, connectGuest, startSocketDaemon, type Guest, type SocketDaemon } from '../xenstore/helpers.js';
+
+/**
+ * xenstore messages the suite's clients sent (hostile and well-behaved, both transports), counted
+ * as the daemon takes each in (a header it refuses outright is not counted).
+ */
+let messages = 0;
+function counted(sd: SocketDaemon): SocketDaemon {
+  const d = sd.daemon;
+  const dispatch = d.dispatch.bind(d);
+  d.dispatch = (c, m) => {
+    messages++;
+    dispatch(c, m);
+  };
+  return sd;
+}
+const sent = (from: number) => `${messages - from} xenstore messages`;
+after(() => {
+  console.log(`xenstore suite: ${messages} xenstore messages sent`);
+});
 import { fuzzRuns, runProperty, sleep, within } from './support.js';
 
 const WAIT = 5000;
@@ -305,8 +324,9 @@ async function pageAttackRun(sd: SocketDaemon, dom0: XenstoreClient, a: Extract<
 
 test('xenstored against malformed and oversized traffic on both transports: one reply per request or a dropped connection, everyone else served', async (t) => {
   let replies = 0;
+  const from = messages;
   await runProperty(t, 'xenstore malformed', fc.array(attack, { minLength: 1, maxLength: 6 }), async (attacks, n) => {
-    const sd = await startSocketDaemon();
+    const sd = counted(await startSocketDaemon());
     const dom0 = await XenstoreClient.connectSocket(sd.socketPath);
     try {
       await dom0.mkdir('/fuzz');
@@ -329,7 +349,7 @@ test('xenstored against malformed and oversized traffic on both transports: one 
       dom0.close();
       await sd.close();
     }
-  }, fuzzRuns(40), () => `${replies} raw requests`);
+  }, fuzzRuns(40), () => `${sent(from)}, ${replies} raw requests`);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -441,8 +461,9 @@ function snapshot(d: XenstoreDaemon): Map<string, Snap> {
 test('an unprivileged guest never reads, hears of or changes what its permissions deny, and never does privileged operations', async (t) => {
   let ops = 0;
   let denied = 0;
+  const from = messages;
   await runProperty(t, 'xenstore escalation', fc.array(esc, { minLength: 1, maxLength: 40 }), async (script, n) => {
-    const sd = await startSocketDaemon();
+    const sd = counted(await startSocketDaemon());
     const dom0 = await XenstoreClient.connectSocket(sd.socketPath);
     let attacker: Guest | undefined;
     try {
@@ -605,7 +626,7 @@ test('an unprivileged guest never reads, hears of or changes what its permission
       dom0.close();
       await sd.close();
     }
-  }, fuzzRuns(40), () => `${ops} guest operations, ${denied} refused`);
+  }, fuzzRuns(40), () => `${sent(from)}, ${ops} guest operations, ${denied} refused`);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -633,8 +654,9 @@ const GUESTS = [1400, 1401, 1402, 1403, 1404, 1405, 1406, 1407, 1408, 1409, 1410
 test('transaction storms over both transports: every commit counted once, every committed read consistent, everyone else served', async (t) => {
   let commits = 0;
   let conflicts = 0;
+  const from = messages;
   await runProperty(t, 'xenstore storm', fc.array(worker, { minLength: 2, maxLength: 10 }), async (workers, n) => {
-    const sd = await startSocketDaemon();
+    const sd = counted(await startSocketDaemon());
     const dom0 = await XenstoreClient.connectSocket(sd.socketPath);
     const clients: XenstoreClient[] = [];
     try {
@@ -745,7 +767,7 @@ test('transaction storms over both transports: every commit counted once, every 
       dom0.close();
       await sd.close();
     }
-  }, fuzzRuns(30), () => `${commits} commits, ${conflicts} conflicts`);
+  }, fuzzRuns(30), () => `${sent(from)}, ${commits} commits, ${conflicts} conflicts`);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -767,11 +789,12 @@ const tokenCase: fc.Arbitrary<TokenCase> = fc.record({
 });
 
 test('a watch token of any length costs at most its own event: the change is made and answered OK, other watchers hear it, the daemon lives', async (t) => {
+  const from = messages;
   await runProperty(t, 'xenstore long tokens', tokenCase, async (c, n) => {
     const uncaught: unknown[] = [];
     const onUncaught = (e: unknown) => uncaught.push(e);
     process.on('uncaughtException', onUncaught);
-    const sd = await startSocketDaemon();
+    const sd = counted(await startSocketDaemon());
     const dom0 = await XenstoreClient.connectSocket(sd.socketPath);
     const others: XenstoreClient[] = [];
     try {
@@ -833,5 +856,5 @@ test('a watch token of any length costs at most its own event: the change is mad
       dom0.close();
       await sd.close();
     }
-  }, fuzzRuns(30));
+  }, fuzzRuns(30), () => sent(from));
 });
