@@ -7,7 +7,7 @@
  * Three run lengths, the same suites:
  *
  *   npm test                          # CI: each property's small built-in case count (seconds)
- *   npm run fuzz                      # BLKIF_FUZZ_RUNS=500: >= 10^5 hostile ring requests, a few minutes
+ *   npm run fuzz                      # BLKIF_FUZZ_RUNS=600: >= 10^5 hostile ring requests, about 6 minutes
  *   BLKIF_FUZZ_LONG=1 npm run fuzz    # ten times the cases: >= 10^6 hostile ring requests
  *   BLKIF_FUZZ_RUNS=2000 npm run fuzz # any other count
  *   BLKIF_FUZZ_SEED=123 BLKIF_FUZZ_PATH=7 BLKIF_FUZZ_SHRINK=1 node --test dist/test/fuzz/x.fuzz.test.js
