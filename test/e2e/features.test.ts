@@ -13,6 +13,7 @@ import type { DeviceInfo } from '../../src/blkfront/index.js';
 import { Toolstack, backendMemory, type DomainProxy } from '../../src/toolstack/index.js';
 import { XenbusStateClosed, waitForState } from '../../src/xenbus/index.js';
 import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
+import { sleep } from '../support/common.js';
 
 let ts: Toolstack;
 let back: DomainProxy;
@@ -29,7 +30,6 @@ after(async () => {
   tmp.cleanup();
 });
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 test('the persistent-grant cache keeps to its bound, purges idle grants and ends empty', async () => {
   const disk = await ts.plug({

@@ -1,7 +1,6 @@
 /** Shared pieces of the end-to-end tests: a seeded random source, a disk model, temp images. */
-import { mkdtempSync, rmSync, writeFileSync, openSync, ftruncateSync, closeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { writeFileSync, openSync, ftruncateSync, closeSync } from 'node:fs';
+export { tempDir } from '../support/common.js';
 
 /** xorshift32: reproducible data and choices from a seed printed on failure. */
 export class Rng {
@@ -30,11 +29,6 @@ export class Rng {
 }
 
 /** A temp directory removed by `cleanup`. */
-export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
-}
-
 /** A sparse image of `size` bytes (zeroes). */
 export function sparseImage(path: string, size: number): void {
   writeFileSync(path, '');

@@ -59,6 +59,7 @@ import {
   readState,
   waitForState,
 } from '../../src/xenbus/index.js';
+import { eventually as pollUntil } from '../support/common.js';
 
 /** How long any single wait may take before the test fails. */
 export const WAIT_MS = 5000;
@@ -72,14 +73,9 @@ export function within<T>(p: Promise<T>, what: string, ms = WAIT_MS): Promise<T>
   return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
 }
 
-/** Polls `cond` every 5 ms until it holds; rejects after `ms` naming `what` and the last observation. */
-export async function eventually(cond: () => Promise<boolean> | boolean, what: string, ms = WAIT_MS): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    if (await cond()) return;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
+/** Polls `cond` every 5 ms until it holds; rejects after `ms` naming `what`. */
+export function eventually(cond: () => Promise<boolean> | boolean, what: string, ms = WAIT_MS): Promise<void> {
+  return pollUntil(cond, what, ms);
 }
 
 export function statusName(s: number): string {

@@ -25,6 +25,7 @@ import { writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
+export { eventually, sleep } from '../support/common.js';
 
 /**
  * Cases per property: `BLKIF_FUZZ_RUNS` if set, scaled by `weight` (rounded up, at least 1), else
@@ -127,17 +128,6 @@ export function within<T>(p: Promise<T>, what: string, ms: number): Promise<T> {
   return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
 }
 
-/** Polls `cond` every `every` ms until it holds; rejects after `ms` naming `what`. */
-export async function eventually(cond: () => Promise<boolean> | boolean, what: string, ms: number, every = 5): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    if (await cond()) return;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms: ${what}`);
-    await sleep(every);
-  }
-}
-
-export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** xorshift32 for choices made while a case runs (seeded from the case, so runs replay). */
 export class Prng extends Rng {

@@ -5,14 +5,14 @@
  */
 import { connect, type Socket } from 'node:net';
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import {
-  NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK,
-  NBD_REP_INFO, NBD_INFO_BLOCK_SIZE, ServerParser, encodeClientFlags, encodeInfoRequest, encodeOption, encodeRequest,
-  decodeInfo, type InfoReply, type NbdExportDevice, type OptionReplyMessage, type ServerMessage,
+  NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY,
+  NBD_REP_ACK, NBD_REP_INFO, NBD_INFO_BLOCK_SIZE, ServerParser, encodeClientFlags, encodeInfoRequest,
+  encodeOption, encodeRequest, decodeInfo, type InfoReply, type NbdExportDevice, type OptionReplyMessage,
+  type ServerMessage,
 } from '../../src/nbd/index.js';
+import { sleep, tempDir } from '../support/common.js';
+export { sleep, tempDir };
 
 export interface MemoryDeviceOptions {
   readOnly?: boolean;
@@ -98,8 +98,6 @@ export function deferred<T = void>(): { promise: Promise<T>; resolve: (v: T) => 
   return { promise, resolve };
 }
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
 /** Polls `cond` until it holds (or fails the test after `ms`). */
 export async function until(cond: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
   const end = Date.now() + ms;
@@ -123,11 +121,6 @@ export function randomBytes(n: number, seed: number): Uint8Array {
 }
 
 /** A temp directory removed by `cleanup`. */
-export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
-}
-
 /**
  * A byte-level NBD client over one socket: send raw bytes, receive parsed server messages.
  * Reads it sent (by `request`) are remembered so simple replies can be parsed.

@@ -1,18 +1,12 @@
 /** Shared pieces of the storage tests: temp dirs, the drivers under test, vector and data helpers. */
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdServer, nbdUri } from '../../src/nbd/index.js';
 import { FileStorage, MemoryStorage, NbdStorage, StorageError, type BlockStorage } from '../../src/storage/index.js';
 import { MemoryDevice } from '../nbd/support.js';
+export { tempDir } from '../support/common.js';
 
 /** A temp directory removed by `cleanup`. */
-export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
-}
-
 /** One way of getting a fresh, zeroed disk of `size` bytes. */
 export interface Driver {
   readonly name: string;

@@ -19,10 +19,10 @@ import type { NbdStorage } from '../../src/storage/index.js';
 import { Rng, firstDifference } from '../e2e/helpers.js';
 import { concat, sharedViews, split } from './helpers.js';
 import { spawnTracked } from '../support/children.js';
+import { sleep } from '../support/common.js';
+export { sleep };
 
 const MiB = 1024 * 1024;
-
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** A TCP port on 127.0.0.1 that was free a moment ago. */
 export function freePort(): Promise<number> {
