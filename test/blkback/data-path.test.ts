@@ -19,6 +19,7 @@ import { MemoryStorage, type BlockStorage } from '../../src/storage/index.js';
 import { GNTMAP_host_map, Hypervisor, type XenDomain } from '../../src/xen/index.js';
 import { Rng, firstDifference } from '../e2e/helpers.js';
 import { eventually, within } from '../e2e/raw-frontend.js';
+import { assertReleased } from '../e2e/helpers.js';
 
 const SIZE = 1 << 20;
 const SECTORS = SIZE / 512;
@@ -29,8 +30,7 @@ let hv: Hypervisor;
 before(() => { hv = new Hypervisor({ dom0MemoryPages: 16 }); });
 after(async () => {
   await hv.shutdown();
-  const c = hv.counters();
-  assert.deepEqual([c.grantsActive, c.mapsActive, c.channelsBound, c.portsOpen], [0, 0, 0, 0], 'everything released');
+  assertReleased(hv);
 });
 
 /** Memory storage that logs when each operation starts and ends, and delays or holds it as told. */

@@ -1,6 +1,32 @@
 /** Shared pieces of the end-to-end tests: a seeded random source, a disk model, temp images. */
 import { writeFileSync, openSync, ftruncateSync, closeSync } from 'node:fs';
+import assert from 'node:assert/strict';
+import { after, before } from 'node:test';
+import { Toolstack } from '../../src/toolstack/index.js';
+import type { Hypervisor } from '../../src/xen/index.js';
 export { tempDir } from '../support/common.js';
+
+/** Every grant, mapping and event channel the hypervisor handed out is back. */
+export function assertReleased(hv: Hypervisor): void {
+  const c = hv.counters();
+  assert.deepEqual([c.grantsActive, c.mapsActive, c.channelsBound, c.portsOpen], [0, 0, 0, 0], 'everything released');
+}
+
+/**
+ * A toolstack for the test file: started before its tests, shut down after them (then `cleanup`),
+ * with everything released. Read `.ts` inside tests.
+ */
+export function fileToolstack(cleanup?: () => void): { readonly ts: Toolstack } {
+  let ts: Toolstack | undefined;
+  before(async () => { ts = await Toolstack.start(); });
+  after(async () => {
+    if (ts === undefined) return;
+    await ts.shutdown();
+    cleanup?.();
+    assertReleased(ts.hv);
+  });
+  return { get ts() { return ts!; } };
+}
 
 /** xorshift32: reproducible data and choices from a seed printed on failure. */
 export class Rng {

@@ -4,22 +4,17 @@
  * 0; with a smaller pool the rest wait on the ring, `oo_req` counts the waits, and every request
  * still completes.
  */
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Blkback, XEN_BLKIF_REQS_PER_PAGE } from '../../src/blkback/index.js';
 import { Blkfront } from '../../src/blkfront/index.js';
 import { MemoryStorage } from '../../src/storage/index.js';
-import { Toolstack, createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
+import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
 import { xvdVirtualDevice } from '../../src/xenbus/index.js';
 import { eventually, within } from './raw-frontend.js';
+import { fileToolstack } from './helpers.js';
 
-let ts: Toolstack;
-before(async () => { ts = await Toolstack.start(); });
-after(async () => {
-  await ts.shutdown();
-  const c = ts.hv.counters();
-  assert.deepEqual([c.grantsActive, c.mapsActive, c.channelsBound, c.portsOpen], [0, 0, 0, 0], 'everything released');
-});
+const suite = fileToolstack();
 
 /** Memory storage whose reads wait until released. */
 class HeldReads extends MemoryStorage {
@@ -44,16 +39,16 @@ class HeldReads extends MemoryStorage {
 }
 
 for (const reqsPerPage of [XEN_BLKIF_REQS_PER_PAGE, 4]) test(`a 2-page ring, ${reqsPerPage} pending requests per ring page`, { timeout: 60_000 }, async () => {
-  const G = ts.hv.createLocalDomain({ memoryPages: 1024, pollMicros: 0 });
-  const B = ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
+  const G = suite.ts.hv.createLocalDomain({ memoryPages: 1024, pollMicros: 0 });
+  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
   const size = 4 * 1024 * 1024;
-  const paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
+  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
   const storage = new HeldReads(size);
   let be: Blkback | undefined;
   let f: Blkfront | undefined;
   try {
-    be = await Blkback.start({ xen: B, xs: ts.xs, backDir: paths.backDir, storage, options: { reqsPerPage, housekeepingMs: 0 } });
-    f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { ringPageOrder: 1, bufferPages: 512 } }), 'attach');
+    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, options: { reqsPerPage, housekeepingMs: 0 } });
+    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { ringPageOrder: 1, bufferPages: 512 } }), 'attach');
     assert.equal(f.info.ringPageOrder, 1);
     const slots = f.info.ringSize;
     const pool = reqsPerPage * 2;
@@ -73,8 +68,8 @@ for (const reqsPerPage of [XEN_BLKIF_REQS_PER_PAGE, 4]) test(`a 2-page ring, ${r
     storage.release();
     await f?.close();
     await be?.close();
-    await removeVbdNodes(ts.xs, paths);
-    await ts.hv.destroyDomain(G.domid);
-    await ts.hv.destroyDomain(B.domid);
+    await removeVbdNodes(suite.ts.xs, paths);
+    await suite.ts.hv.destroyDomain(G.domid);
+    await suite.ts.hv.destroyDomain(B.domid);
   }
 });

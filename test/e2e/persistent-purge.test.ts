@@ -4,36 +4,30 @@
  * not end its grant; once the backend's idle purge unmaps them, the frontend's periodic purge ends
  * them, and the pages are granted afresh when used again, with the data intact.
  */
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Blkback } from '../../src/blkback/index.js';
 import { Blkfront } from '../../src/blkfront/index.js';
 import { MemoryStorage } from '../../src/storage/index.js';
-import { Toolstack, createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
+import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
 import { xvdVirtualDevice } from '../../src/xenbus/index.js';
-import { Rng, firstDifference } from './helpers.js';
+import { Rng, firstDifference, fileToolstack } from './helpers.js';
 import { eventually, within } from './raw-frontend.js';
 
-let ts: Toolstack;
-before(async () => { ts = await Toolstack.start(); });
-after(async () => {
-  await ts.shutdown();
-  const c = ts.hv.counters();
-  assert.deepEqual([c.grantsActive, c.mapsActive, c.channelsBound, c.portsOpen], [0, 0, 0, 0], 'everything released');
-});
+const suite = fileToolstack();
 
 test('grants the backend purged are ended by the frontend, and granted again on use', { timeout: 60_000 }, async () => {
-  const G = ts.hv.createLocalDomain({ memoryPages: 1024, pollMicros: 0 });
-  const B = ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
+  const G = suite.ts.hv.createLocalDomain({ memoryPages: 1024, pollMicros: 0 });
+  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
   const size = 8 * 1024 * 1024;
-  const paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
+  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
   const storage = new MemoryStorage(size);
   let be: Blkback | undefined;
   let f: Blkfront | undefined;
   try {
     // The backend drops a mapping idle for 300 ms; the frontend looks every 20 ms.
-    be = await Blkback.start({ xen: B, xs: ts.xs, backDir: paths.backDir, storage, options: { persistentIdleMs: 300, housekeepingMs: 20 } });
-    f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { bufferPages: 512, purgeIntervalMs: 20 } }), 'attach');
+    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, options: { persistentIdleMs: 300, housekeepingMs: 20 } });
+    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { bufferPages: 512, purgeIntervalMs: 20 } }), 'attach');
     assert.equal(f.info.persistent, true);
     const rng = new Rng(21);
     const a = rng.bytes(256 * 1024);
@@ -59,8 +53,8 @@ test('grants the backend purged are ended by the frontend, and granted again on 
   } finally {
     await f?.close();
     await be?.close();
-    await removeVbdNodes(ts.xs, paths);
-    await ts.hv.destroyDomain(G.domid);
-    await ts.hv.destroyDomain(B.domid);
+    await removeVbdNodes(suite.ts.xs, paths);
+    await suite.ts.hv.destroyDomain(G.domid);
+    await suite.ts.hv.destroyDomain(B.domid);
   }
 });

@@ -6,20 +6,20 @@
  * 11 segments when the new backend offers no `feature-max-indirect-segments`, indirect requests of
  * more than 11 segments once it offers 4096 — and every byte lands where it was written.
  */
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, XEN_PAGE_SIZE, XS_EVENT_CHANNEL, XS_FEATURE_MAX_INDIRECT_SEGMENTS,
-  XS_RING_REF, XS_SECTORS, XS_SECTOR_SIZE, abiByName, decodeRequest,
+  BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, XEN_PAGE_SIZE, XS_EVENT_CHANNEL,
+  XS_FEATURE_MAX_INDIRECT_SEGMENTS, XS_RING_REF, XS_SECTORS, XS_SECTOR_SIZE, abiByName, decodeRequest,
 } from '../../src/abi/index.js';
 import { Blkback } from '../../src/blkback/index.js';
 import { Blkfront, type HeldRequest } from '../../src/blkfront/index.js';
 import { BackRing, RING_CONSUMED, RingEntry, SharedRing } from '../../src/ring/index.js';
 import { MemoryStorage, type BlockStorage } from '../../src/storage/index.js';
-import { Toolstack, createVbdNodes, removeVbdNodes, type VbdPaths } from '../../src/toolstack/index.js';
+import { createVbdNodes, removeVbdNodes, type VbdPaths } from '../../src/toolstack/index.js';
 import { GNTMAP_host_map, type XenDomain } from '../../src/xen/index.js';
 import { XS_STATE, XenbusStateInitialised, waitForState, xvdVirtualDevice } from '../../src/xenbus/index.js';
-import { Rng, firstDifference } from './helpers.js';
+import { Rng, firstDifference, fileToolstack } from './helpers.js';
 import { eventually, within } from './raw-frontend.js';
 
 const SIZE = 16 * 1024 * 1024;
@@ -27,13 +27,7 @@ const TIMEOUT = { timeout: 120_000 };
 const PLAIN_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * XEN_PAGE_SIZE;
 const abi = abiByName('x86_64-abi')!;
 
-let ts: Toolstack;
-before(async () => { ts = await Toolstack.start(); });
-after(async () => {
-  await ts.shutdown();
-  const c = ts.hv.counters();
-  assert.deepEqual([c.grantsActive, c.mapsActive, c.channelsBound, c.portsOpen], [0, 0, 0, 0], 'everything released');
-});
+const suite = fileToolstack();
 
 /** A request as a backend saw it on the ring. */
 interface Seen { id: bigint; operation: number; sector: bigint; bytes: number; indirect: boolean }
@@ -43,7 +37,7 @@ interface Seen { id: bigint; operation: number; sector: bigint; bytes: number; i
  * about to die). Advertises indirect descriptors only if `maxIndirect` is given.
  */
 async function holdingBackend(R: XenDomain, frontDomid: number, paths: VbdPaths, maxIndirect: number | undefined): Promise<Seen[]> {
-  const { xs } = ts;
+  const { xs } = suite.ts;
   if (maxIndirect !== undefined) await xs.write(`${paths.backDir}/${XS_FEATURE_MAX_INDIRECT_SEGMENTS}`, String(maxIndirect));
   await xs.write(`${paths.backDir}/${XS_SECTORS}`, String(SIZE / 512));
   await xs.write(`${paths.backDir}/${XS_SECTOR_SIZE}`, '512');
@@ -103,19 +97,19 @@ const asHeld = (s: Seen): Omit<HeldRequest, 'queue'> => ({ id: s.id, operation: 
  */
 async function moveWithHeldWrites(o: { oldIndirect: number | undefined; newIndirect: number; writes: readonly [number, number][]; seed: number },
   body: (r: { f: Blkfront; seen: Seen[]; held: HeldRequest[]; storage: RecordingStorage; be: Blkback; model: Uint8Array; acks: Promise<void>[] }) => Promise<void>): Promise<void> {
-  const G = ts.hv.createLocalDomain({ memoryPages: 8192 + 256, pollMicros: 0 });
-  const R = ts.hv.createLocalDomain({ memoryPages: 16, pollMicros: 0 });
-  const B = ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
+  const G = suite.ts.hv.createLocalDomain({ memoryPages: 8192 + 256, pollMicros: 0 });
+  const R = suite.ts.hv.createLocalDomain({ memoryPages: 16, pollMicros: 0 });
+  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
   const devid = xvdVirtualDevice(0);
   const spec = { kind: 'memory' as const, size: SIZE };
-  let paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: R.domid, devid }, spec, false);
+  let paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: R.domid, devid }, spec, false);
   const held: HeldRequest[] = [];
   const storage = new RecordingStorage();
   let f: Blkfront | undefined;
   let be: Blkback | undefined;
   try {
     const attaching = Blkfront.attach({
-      xen: G, xs: ts.xs, frontDir: paths.frontDir, onReissue: (h) => held.push(...h),
+      xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, onReissue: (h) => held.push(...h),
       options: { maxIndirectSegments: 4096, bufferPages: 8192, connectTimeoutMs: 20_000 },
     });
     const seen = await holdingBackend(R, G.domid, paths, o.oldIndirect);
@@ -129,10 +123,10 @@ async function moveWithHeldWrites(o: { oldIndirect: number | undefined; newIndir
     });
     await eventually(() => f!.inFlight > 0 && seen.length === f!.inFlight, 'the backend holds what is on the ring');
     // The driver domain dies with the requests unanswered; the toolstack moves the disk.
-    await ts.hv.destroyDomain(R.domid);
-    await ts.xs.rm(paths.backDir);
-    paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid }, spec, false, { relink: true });
-    be = await Blkback.start({ xen: B, xs: ts.xs, backDir: paths.backDir, storage, options: { maxIndirectSegments: o.newIndirect, housekeepingMs: 0 } });
+    await suite.ts.hv.destroyDomain(R.domid);
+    await suite.ts.xs.rm(paths.backDir);
+    paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid }, spec, false, { relink: true });
+    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, options: { maxIndirectSegments: o.newIndirect, housekeepingMs: 0 } });
     await within(Promise.all(acks), 'the held writes complete on the new backend');
     await body({ f, seen, held, storage, be, model, acks });
     const disk = new Uint8Array(SIZE);
@@ -142,8 +136,8 @@ async function moveWithHeldWrites(o: { oldIndirect: number | undefined; newIndir
   } finally {
     await f?.close();
     await be?.close();
-    await removeVbdNodes(ts.xs, paths);
-    for (const d of [G, R, B]) if (ts.hv.domain(d.domid) !== undefined) await ts.hv.destroyDomain(d.domid);
+    await removeVbdNodes(suite.ts.xs, paths);
+    for (const d of [G, R, B]) if (suite.ts.hv.domain(d.domid) !== undefined) await suite.ts.hv.destroyDomain(d.domid);
   }
 }
 

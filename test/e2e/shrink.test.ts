@@ -7,7 +7,7 @@
  *   notice: the storage asks again with NBD_OPT_INFO), growing and shrinking, and its
  *   `physical-sector-size` is the export's preferred block size (NBD_INFO_BLOCK_SIZE).
  */
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { truncateSync } from 'node:fs';
 import { join } from 'node:path';
@@ -16,22 +16,15 @@ import { Blkback, type BlkbackOptions, type StorageSource } from '../../src/blkb
 import { Blkfront, BlkfrontError } from '../../src/blkfront/index.js';
 import { NbdServer, type NbdExportDevice } from '../../src/nbd/index.js';
 import { FileStorage, NbdStorage, type BlockStorage } from '../../src/storage/index.js';
-import { Toolstack, createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
+import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
 import { xvdVirtualDevice } from '../../src/xenbus/index.js';
-import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
+import { Rng, fileToolstack, firstDifference, sparseImage, tempDir } from './helpers.js';
 import { eventually, within } from './raw-frontend.js';
 
 const MiB = 1024 * 1024;
 const TIMEOUT = { timeout: 120_000 };
-let ts: Toolstack;
 const tmp = tempDir('blkif-shrink-');
-before(async () => { ts = await Toolstack.start(); });
-after(async () => {
-  await ts.shutdown();
-  tmp.cleanup();
-  const c = ts.hv.counters();
-  assert.deepEqual([c.grantsActive, c.mapsActive, c.channelsBound, c.portsOpen], [0, 0, 0, 0], 'everything released');
-});
+const suite = fileToolstack(() => tmp.cleanup());
 
 /** A storage passing everything through, holding reads and writes at or past `holdFrom` while `hold` is set. */
 class Gate implements BlockStorage {
@@ -63,22 +56,22 @@ class Gate implements BlockStorage {
 /** Blkback (over `storage`) and Blkfront in two local domains; `body` gets the frontend. */
 async function withDisk(storage: BlockStorage, o: { front?: Parameters<typeof Blkfront.attach>[0]['options']; back?: Partial<BlkbackOptions>; source?: StorageSource },
   body: (f: Blkfront, backDir: string, be: Blkback) => Promise<void>): Promise<void> {
-  const G = ts.hv.createLocalDomain({ memoryPages: 2048, pollMicros: 0 });
-  const B = ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0, maxVcpus: 4 });
-  const paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size: storage.size }, false);
+  const G = suite.ts.hv.createLocalDomain({ memoryPages: 2048, pollMicros: 0 });
+  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0, maxVcpus: 4 });
+  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size: storage.size }, false);
   let be: Blkback | undefined;
   let f: Blkfront | undefined;
   try {
-    be = await Blkback.start({ xen: B, xs: ts.xs, backDir: paths.backDir, storage, storageSource: o.source, options: { housekeepingMs: 20, ...o.back } });
-    f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { bufferPages: 1024, connectTimeoutMs: 10_000, ...o.front } }), 'attach');
+    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, storageSource: o.source, options: { housekeepingMs: 20, ...o.back } });
+    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { bufferPages: 1024, connectTimeoutMs: 10_000, ...o.front } }), 'attach');
     await body(f, paths.backDir, be);
   } finally {
     if (storage instanceof Gate) storage.release();
     await f?.close();
     await be?.close();
-    await removeVbdNodes(ts.xs, paths);
-    await ts.hv.destroyDomain(G.domid);
-    await ts.hv.destroyDomain(B.domid);
+    await removeVbdNodes(suite.ts.xs, paths);
+    await suite.ts.hv.destroyDomain(G.domid);
+    await suite.ts.hv.destroyDomain(B.domid);
   }
 }
 
@@ -95,7 +88,7 @@ test('an image file shrunk with I/O past the new end in flight and queued: that 
   await withDisk(gate, { front: { maxIndirectSegments: 0 } }, async (f, backDir, be) => {
     assert.equal(f.info.size, size);
     assert.equal(f.info.physicalSectorSize, 512, 'a file reports its logical sector size');
-    assert.equal(await ts.xs.read(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`), '512');
+    assert.equal(await suite.ts.xs.read(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`), '512');
     const rng = new Rng(8);
     const model = rng.bytes(size);
     for (let at = 0; at < size; at += MiB) await f.write(at, model.subarray(at, at + MiB));
@@ -169,7 +162,7 @@ for (const threads of [false, true]) test(`an NBD-backed VBD follows the export 
     const source: StorageSource = { module: new URL('../../src/toolstack/storage-spec.js', import.meta.url).href, spec: { kind: 'nbd', uri } };
     await withDisk(nbd, threads ? { front: { queues: 2 }, back: { queueThreads: true }, source } : {}, async (f, backDir, be) => {
       assert.equal(be.queueVcpus.length, threads ? 2 : 0);
-      assert.equal(await ts.xs.read(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`), '4096');
+      assert.equal(await suite.ts.xs.read(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`), '4096');
       assert.equal(f.info.physicalSectorSize, 4096);
       const rng = new Rng(9);
       const a = rng.bytes(MiB);
