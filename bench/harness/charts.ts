@@ -15,7 +15,7 @@ export interface BarChart {
   /** values[g][s]; undefined or NaN draws no bar. */
   readonly values: readonly (readonly (number | undefined)[])[];
   readonly xTitle?: string;
-  /** d3-format of the value labels (vega-lite; default '~s'). */
+  /** d3-format of the value labels (vega-lite; default: as the tables write numbers, `labelFormat`). */
   readonly valueFormat?: string;
 }
 
@@ -75,7 +75,7 @@ async function vegaSvg(vl: VegaLiteModule, vega: VegaModule, c: BarChart): Promi
     },
     layer: [
       { mark: 'bar' },
-      { mark: { type: 'text', dy: -4, fontSize: 9 }, encoding: { text: { field: 'value', type: 'quantitative', format: c.valueFormat ?? '~s' } } },
+      { mark: { type: 'text', dy: -4, fontSize: 9 }, encoding: { text: { field: 'value', type: 'quantitative', format: c.valueFormat ?? labelFormat(values.map((v) => v.value)) } } },
     ],
   };
   const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: 'none' });
@@ -96,13 +96,18 @@ function niceCeil(v: number): number {
   return 10 * p;
 }
 
+/**
+ * Labels read like the report's tables: whole numbers with thousands separators (1,194 MiB/s,
+ * not 1.19k) from 100 up, else up to two decimals (0.52x). `labelFormat` is the same rule as a
+ * d3-format for vega-lite, chosen from a chart's values.
+ */
 export function shortNumber(v: number): string {
-  const a = Math.abs(v);
-  if (a >= 1e9) return `${+(v / 1e9).toPrecision(3)}G`;
-  if (a >= 1e6) return `${+(v / 1e6).toPrecision(3)}M`;
-  if (a >= 1e4) return `${+(v / 1e3).toPrecision(3)}k`;
-  if (a >= 100) return String(Math.round(v));
-  return String(+v.toPrecision(3));
+  if (Math.abs(v) >= 100) return Math.round(v).toLocaleString('en-US');
+  return String(+v.toFixed(2));
+}
+
+export function labelFormat(values: readonly number[]): string {
+  return values.some((v) => Math.abs(v) >= 100) ? ',.0f' : '.2~f';
 }
 
 /** A plain grouped bar chart: y axis with 5 ticks, value labels, legend on top. No dependency. */

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { builtInSvg } from '../../bench/harness/charts.js';
+import { builtInSvg, labelFormat, renderChart, shortNumber } from '../../bench/harness/charts.js';
 import { Cleanup, createImage, tempDir } from '../../bench/harness/cleanup.js';
 import { GRANT_POOL_CAP, poolPagesFor, reachableInflight } from '../../bench/harness/guest.js';
 import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs, PROTOCOL_MATRIX } from '../../bench/harness/matrix.js';
@@ -116,6 +116,19 @@ test('the built-in chart is a well-formed SVG with a bar per value', () => {
   assert.match(svg, /t &lt;&amp;&gt;/);
   assert.equal((svg.match(/<rect x=[^>]*><title>/g) ?? []).length, 3);
   assert.match(svg, /<\/svg>\n$/);
+});
+
+test('chart labels read like the tables: 1,194 MiB/s, not 1.19k', async () => {
+  assert.deepEqual([1194.27, 51300, 100, 99.5, 0.523, 3].map(shortNumber), ['1,194', '51,300', '100', '99.5', '0.52', '3']);
+  assert.equal(labelFormat([0.5, 1194.27]), ',.0f');
+  assert.equal(labelFormat([0.5, 1.25]), '.2~f');
+  const chart = { title: 't', unit: 'MiB/s', groups: ['a'], series: ['x', 'y'], values: [[1194.27, 51300]] };
+  assert.match(builtInSvg(chart), />1,194<\/text>/);
+  const { svg, renderer } = await renderChart(chart);
+  assert.equal(renderer, 'vega-lite');
+  assert.match(svg, />1,194</);
+  assert.match(svg, />51,300</);
+  assert.doesNotMatch(svg, /1\.19k|51\.3k/);
 });
 
 test('a report is written with its charts, and the latest copy links them', async () => {
