@@ -36,6 +36,7 @@ import {
   BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
 } from '../abi/index.js';
 import { ringSizeFor } from '../ring/index.js';
+import { storageShareable, type StorageSpec } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
 import { XEN_PAGE_SIZE, type XenDomain } from '../xen/index.js';
 import {
@@ -57,7 +58,7 @@ import { newVbdCounters, sumVbdCounters, type VbdCounters } from './counters.js'
 import { BouncePool } from './page-access.js';
 import { blkbackOptions, type BlkbackOptions } from './options.js';
 import { Queue, type QueueAccess, type QueueRing } from './queue.js';
-import { QueueThread, type QueueSetup, type StorageSource } from './queue-thread.js';
+import { QueueThread, type QueueSetup } from './queue-thread.js';
 import type { VbdLimits } from './validate.js';
 
 export interface BlkbackDeps {
@@ -68,10 +69,11 @@ export interface BlkbackDeps {
   readonly storage: BlockStorage;
   readonly options?: Partial<BlkbackOptions>;
   /**
-   * How a queue thread opens its own handle on `storage` (option `queueThreads`); without it,
-   * or on storage that is not `shareable`, every queue is served in this thread.
+   * What `storage` was opened from: a queue thread (option `queueThreads`) opens it again
+   * through the storage registry. Without it, or when the registry says its kind cannot be
+   * shared (`storageShareable`), every queue is served in this thread.
    */
-  readonly storageSource?: StorageSource;
+  readonly storageSpec?: StorageSpec;
   readonly log?: (msg: string) => void;
 }
 
@@ -307,7 +309,7 @@ export class Blkback {
     // Queue threads start together (each is a new thread: a few tens of ms); the ones that
     // came up join the connection before anything can fail, so a disconnect stops them.
     const started = threaded ? await Promise.all(rings.map((r, q) => QueueThread.start({
-      xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSource!,
+      xen, index: q, frontDomid: this.frontDomid, protocol: abi.protocol, ring: r, storage: this.d.storageSpec!,
       limits: this.limits(), maxIndirectSegments: this.options.maxIndirectSegments, reqsPerPage: this.options.reqsPerPage, access: how,
       frames: lend[q] ?? [], housekeepingMs: this.options.housekeepingMs, onFatal, log: (m) => this.log(m),
     }))) : [];
@@ -373,8 +375,9 @@ export class Blkback {
   /** Whether this connection's queues get threads of their own, and if not, why (logged once). */
   private threadsWanted(): boolean {
     if (!this.options.queueThreads) return false;
-    const why = this.d.storageSource === undefined ? 'no storage source to open it again'
-      : this.d.storage.shareable !== true ? 'the storage cannot be shared between threads' : undefined;
+    const spec = this.d.storageSpec;
+    const why = spec === undefined ? 'no storage spec to open it again'
+      : !storageShareable(spec, this.d.storage) ? 'the storage cannot be shared between threads' : undefined;
     if (why === undefined) return true;
     if (!this.threadsRefusedLogged) this.log(`queue threads: ${why}; serving every queue in this thread`);
     this.threadsRefusedLogged = true;

@@ -14,7 +14,7 @@ import {
   type NbdClientOptions, type NbdClientStats, type NbdExportInfo,
 } from '../nbd/index.js';
 import { checkRange, totalLength } from './range.js';
-import { StorageError, type BlockStorage } from './storage.js';
+import { StorageError, type BlockStorage, type StorageKind, type StorageSpecBase } from './storage.js';
 
 export interface NbdStorageOptions extends Omit<NbdClientOptions, 'sectorSize'> {
   /** Refuse writes even if the export accepts them. */
@@ -178,3 +178,19 @@ export class NbdStorage implements BlockStorage {
     if (this.readOnly) throw new StorageError('EROFS', `NBD export ${this.where} is read-only`);
   }
 }
+
+/** An export of a remote NBD server: `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` (TLS: `nbds://`, `nbds+unix://`). */
+export interface NbdStorageSpec extends StorageSpecBase {
+  readonly kind: 'nbd';
+  readonly uri: string;
+  readonly connections?: number;
+}
+
+export const nbdStorageKind: StorageKind<NbdStorageSpec> = {
+  kind: 'nbd',
+  open: (s, log) => NbdStorage.connect(s.uri, { readOnly: s.readOnly, sectorSize: s.sectorSize, connections: s.connections, log }),
+  describe: (s) => s.uri,
+  fromArgument: (arg, o) => (/^nbds?(\+unix)?:\/\//.test(arg) ? { kind: 'nbd', uri: arg, sectorSize: o.sectorSize, readOnly: o.readOnly, connections: o.connections } : undefined),
+  // Only when the server says several connections see one another's writes and flushes.
+  shareable: (s) => s.shareable === true,
+};
