@@ -7,7 +7,8 @@ import { indirectPagesFor } from '../../src/abi/index.js';
 import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../../src/xen/index.js';
 import type { BlkbackOptions } from '../../src/blkback/index.js';
 import type { BlkfrontOptions } from '../../src/blkfront/index.js';
-import { Toolstack, type DomainProxy, type GuestDisk, type StorageSpec, type WorkloadResult } from '../../src/toolstack/index.js';
+import { Toolstack, type DomainProxy, type GuestDisk, type WorkloadResult } from '../../src/toolstack/index.js';
+import type { StorageSpec } from '../../src/storage/index.js';
 import type { Cleanup } from './cleanup.js';
 import { MiB, perfOf, type Perf, type ProtocolCost, type Workload } from './types.js';
 

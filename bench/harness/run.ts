@@ -8,7 +8,8 @@
  */
 import { arch, cpus, loadavg, release, totalmem, type as osType } from 'node:os';
 import { join } from 'node:path';
-import type { GuestDisk, StorageSpec } from '../../src/toolstack/index.js';
+import type { StorageSpec } from '../../src/storage/index.js';
+import type { GuestDisk } from '../../src/toolstack/index.js';
 import { directBaseline, MemoryCopy, memcpyBaseline, memcpyId } from './baselines.js';
 import { Cleanup, createImage, imageParent, tempDir } from './cleanup.js';
 import { GRANT_POOL_CAP, GuestBench, poolPagesFor, reachableInflight } from './guest.js';

@@ -4,7 +4,8 @@
  * with each queue in a thread of its own (a vCPU of the driver domain with its own file handle).
  * Each run checks that the backend really did what was asked of it.
  */
-import type { DomainProxy, GuestDisk, StorageSpec } from '../../src/toolstack/index.js';
+import type { StorageSpec } from '../../src/storage/index.js';
+import type { DomainProxy, GuestDisk } from '../../src/toolstack/index.js';
 import { poolPagesFor, type GuestBench, type Measured } from './guest.js';
 import { KiB, MiB, workloadId, type ThreadsLayout, type ThreadsPerf, type ThreadsRow, type Workload } from './types.js';
 

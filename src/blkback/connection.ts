@@ -11,7 +11,8 @@ import type { VbdCounters } from './counters.js';
 import type { BlkbackOptions } from './options.js';
 import { BouncePool } from './page-access.js';
 import { Queue, type QueueAccess, type QueueRing } from './queue.js';
-import { QueueThread, type QueueSetup, type StorageSource } from './queue-thread.js';
+import { QueueThread, type QueueSetup } from './queue-thread.js';
+import type { StorageSpec } from '../storage/registry.js';
 import type { VbdLimits } from './validate.js';
 
 export interface Connection {
@@ -36,7 +37,8 @@ export interface ConnectionSetup {
   /** Queues in threads of their own (those that cannot get one are served here). */
   readonly threaded: boolean;
   readonly storage: BlockStorage;
-  readonly storageSource: StorageSource | undefined;
+  /** What a queue thread opens for its own handle on the storage. */
+  readonly storageSpec: StorageSpec | undefined;
   readonly options: BlkbackOptions;
   readonly limits: () => VbdLimits;
   /** This thread's counters (queues served here count into them). */
@@ -70,7 +72,7 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
   // Queue threads start together (each is a new thread: a few tens of ms); the ones that
   // came up join the connection before anything can fail, so a disconnect stops them.
   const started = s.threaded ? await Promise.all(s.rings.map((r, q) => QueueThread.start({
-    xen, index: q, frontDomid: s.frontDomid, protocol: s.abi.protocol, ring: r, storage: s.storageSource!,
+    xen, index: q, frontDomid: s.frontDomid, protocol: s.abi.protocol, ring: r, storage: s.storageSpec!,
     limits: s.limits(), maxIndirectSegments: o.maxIndirectSegments, reqsPerPage: o.reqsPerPage, access: s.access,
     frames: lend[q] ?? [], housekeepingMs: o.housekeepingMs, onFatal: s.onFatal, log: s.log,
   }))) : [];

@@ -4,4 +4,4 @@ export * from './validate.js';
 export * from './data-path.js';
 export * from './xenbus.js';
 export * from './queue.js';
-export { QueueThread, type StorageSource } from './queue-thread.js';
+export { QueueThread } from './queue-thread.js';

@@ -59,7 +59,7 @@ export interface BlkbackOptions {
   watchSize: boolean;
   /**
    * Serve each queue in a thread of its own (a vCPU of the driver domain), as Linux blkback runs
-   * a kthread per ring; needs a storage that can be opened again (`BlkbackDeps.storageSource`).
+   * a kthread per ring; needs a storage that can be opened again (`BlkbackDeps.storageSpec`).
    */
   queueThreads: boolean;
   /** ABI assumed when the frontend writes no `protocol` (decisions.md: protocol always written; Linux on x86 assumes x86_32). */

@@ -4,6 +4,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, abiByName } from '../abi/index.js';
+import { openStorage } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
 import { attachDomain } from '../xen/index.js';
 import { sharedVbdCounters } from './counters.js';
@@ -24,8 +25,7 @@ async function open(): Promise<Opened | { why: string; noThread: boolean }> {
   if (abi === undefined) return { why: `protocol ${d.protocol}`, noThread: true };
   let storage: BlockStorage;
   try {
-    const mod = (await import(d.storage.module)) as { openStorage: (spec: unknown) => Promise<BlockStorage> };
-    storage = await mod.openStorage(d.storage.spec);
+    storage = await openStorage(d.storage);
   } catch (e) {
     return { why: `queue ${d.index} could not open the storage: ${(e as Error).message}`, noThread: true };
   }

@@ -6,18 +6,11 @@
  * MessagePort. Counters are a SharedArrayBuffer the control path reads live.
  */
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import type { StorageSpec } from '../storage/registry.js';
 import { EVTCHNSTAT_interdomain, type XenDomain } from '../xen/index.js';
 import { sharedVbdCounters, type VbdCounters } from './counters.js';
 import type { QueueRing } from './queue.js';
 import type { VbdLimits } from './validate.js';
-
-/** How a queue thread opens its own handle on the VBD's storage: a module exporting `openStorage(spec)`. */
-export interface StorageSource {
-  /** URL (href) of an ES module exporting `openStorage(spec: unknown): Promise<BlockStorage>`. */
-  readonly module: string;
-  /** Structured-cloneable description of the storage, passed to `openStorage`. */
-  readonly spec: unknown;
-}
 
 /** What a queue thread is told to serve (plain data: it crosses into the thread). */
 export interface QueueSetup {
@@ -25,7 +18,8 @@ export interface QueueSetup {
   readonly frontDomid: number;
   readonly protocol: string;
   readonly ring: QueueRing;
-  readonly storage: StorageSource;
+  /** The VBD's storage, which the thread opens again through the storage registry. */
+  readonly storage: StorageSpec;
   readonly limits: VbdLimits;
   readonly maxIndirectSegments: number;
   readonly reqsPerPage: number;

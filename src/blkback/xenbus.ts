@@ -25,6 +25,7 @@ import {
   XS_SECTORS,
   XS_SECTOR_SIZE,
 } from '../abi/index.js';
+import { storageShareable, type StorageSpec } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
 import type { XenDomain } from '../xen/index.js';
 import {
@@ -45,7 +46,7 @@ import { newVbdCounters, sumVbdCounters, type VbdCounters } from './counters.js'
 import { blkbackOptions, type BlkbackOptions } from './options.js';
 import { newConnection, startQueues, type Connection } from './connection.js';
 import { readFrontendRings } from './frontend-rings.js';
-import type { QueueSetup, StorageSource } from './queue-thread.js';
+import type { QueueSetup } from './queue-thread.js';
 import type { VbdLimits } from './validate.js';
 
 export interface BlkbackDeps {
@@ -56,10 +57,11 @@ export interface BlkbackDeps {
   readonly storage: BlockStorage;
   readonly options?: Partial<BlkbackOptions>;
   /**
-   * How a queue thread opens its own handle on `storage` (option `queueThreads`); without it,
-   * or on storage that is not `shareable`, every queue is served in this thread.
+   * What `storage` was opened from: a queue thread (option `queueThreads`) opens it again
+   * through the storage registry. Without it, or when the registry says its kind cannot be
+   * shared (`storageShareable`), every queue is served in this thread.
    */
-  readonly storageSource?: StorageSource;
+  readonly storageSpec?: StorageSpec;
   readonly log?: (msg: string) => void;
 }
 
@@ -234,7 +236,7 @@ export class Blkback {
     const conn = newConnection();
     this.conn = conn;
     const why = await startQueues(conn, {
-      xen, frontDomid: this.frontDomid, abi, order, rings, access, threaded, storage, storageSource: this.d.storageSource,
+      xen, frontDomid: this.frontDomid, abi, order, rings, access, threaded, storage, storageSpec: this.d.storageSpec,
       options: this.options, limits: () => this.limits(), counters: this.own,
       onFatal: (w) => void this.dev.enqueue(() => this.fatal(w)), log: (m) => this.log(m),
     });
@@ -279,8 +281,9 @@ export class Blkback {
   /** Whether this connection's queues get threads of their own, and if not, why (logged once). */
   private threadsWanted(): boolean {
     if (!this.options.queueThreads) return false;
-    const why = this.d.storageSource === undefined ? 'no storage source to open it again'
-      : this.d.storage.shareable !== true ? 'the storage cannot be shared between threads' : undefined;
+    const spec = this.d.storageSpec;
+    const why = spec === undefined ? 'no storage spec to open it again'
+      : !storageShareable(spec, this.d.storage) ? 'the storage cannot be shared between threads' : undefined;
     if (why === undefined) return true;
     if (!this.threadsRefusedLogged) this.log(`queue threads: ${why}; serving every queue in this thread`);
     this.threadsRefusedLogged = true;

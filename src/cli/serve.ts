@@ -14,9 +14,9 @@ import { pino } from 'pino';
 import { xdgData } from 'xdg-basedir';
 import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS } from '../abi/index.js';
 import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
-import { FileStorage } from '../storage/index.js';
+import { FileStorage, describeStorage, storageFromArgument, type StorageSpec } from '../storage/index.js';
 import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
-import { DiskExport, type StorageSpec } from '../toolstack/index.js';
+import { DiskExport } from '../toolstack/index.js';
 import { checkedByDefault } from '../xen/index.js';
 import { UsageError } from './errors.js';
 import { startMetrics } from './metrics.js';
@@ -173,25 +173,31 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   if (images.length > 0 && o.vbds !== undefined && o.vbds !== images.length) {
     throw new UsageError(`--vbds ${o.vbds} but ${images.length} image(s) given: give one image per VBD, or none`);
   }
-  let paths: string[];
-  const isUri = (p: string) => /^nbds?(\+unix)?:\/\//.test(p);
-  if (images.length > 0) paths = images.map((p) => (isUri(p) ? p : resolve(p)));
-  else {
+  const sectorSize = o.sectorSize as 512 | 4096;
+  const readOnly = o.readonly === true;
+  let storage: StorageSpec[];
+  // Each IMAGE is whatever kind of storage recognises it (storage/registry.ts): a path, an NBD URI.
+  if (images.length > 0) {
+    storage = images.map((p) => {
+      const spec = storageFromArgument(p, { sectorSize, readOnly, connections: o.connections });
+      if (spec === undefined) throw new UsageError(`${p}: neither an image file nor an NBD export (nbd://, nbds://, nbd+unix://, nbds+unix://)`);
+      return spec;
+    });
+  } else {
     const dir = o.dataDir !== undefined ? resolve(o.dataDir) : defaultDataDir();
     mkdirSync(dir, { recursive: true });
-    paths = Array.from({ length: o.vbds ?? 1 }, (_, i) => join(dir, `vbd${i}.img`));
+    storage = Array.from({ length: o.vbds ?? 1 }, (_, i) => ({ kind: 'file', path: join(dir, `vbd${i}.img`), sectorSize, readOnly }));
   }
-  for (const p of paths) {
-    if (isUri(p)) {
-      if (size !== undefined) throw new UsageError(`--size does not apply to a remote export (${p})`);
-      info(`using remote export ${p}`, { image: p });
-    } else info(await prepareImage(p, size, o.force === true, images.length === 0), { image: p });
+  for (const s of storage) {
+    if (s.kind === 'file') {
+      info(await prepareImage(s.path, size, o.force === true, images.length === 0), { image: s.path });
+    } else {
+      const name = describeStorage(s);
+      if (size !== undefined) throw new UsageError(`--size does not apply to a remote export (${name})`);
+      info(`using remote export ${name}`, { image: name });
+    }
   }
 
-  const sectorSize = o.sectorSize as 512 | 4096;
-  const storage: StorageSpec[] = paths.map((path) => (isUri(path)
-    ? { kind: 'nbd', uri: path, sectorSize, readOnly: o.readonly === true, connections: o.connections }
-    : { kind: 'file', path, sectorSize, readOnly: o.readonly === true }));
   // Slower (about half the throughput without persistent grants), so only when asked (or under node --test).
   if (checkedByDefault()) info('checked hypervisor: Xen protocol violations are recorded and fail the stop (BLKIF_XEN_CHECKED)');
   const exp = await DiskExport.start({

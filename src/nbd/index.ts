@@ -7,3 +7,5 @@ export * from './export.js';
 export * from './server.js';
 export * from './uri.js';
 export * from './tls.js';
+export * from './client.js';
+export { NbdClientError, clientErrorCode, type NbdClientErrorCode } from './client-error.js';

@@ -19,9 +19,10 @@ import {
   writev,
   writevSync,
 } from 'node:fs';
+import { resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { checkRange, totalLength } from './range.js';
-import { StorageError, type BlockStorage } from './storage.js';
+import { StorageError, type BlockStorage, type StorageKind, type StorageSpecBase } from './storage.js';
 
 const execFileP = promisify(execFile);
 /** Largest single zero-filling write, and the size of the one zero buffer reused for all of them. */
@@ -290,3 +291,20 @@ export class FileStorage implements BlockStorage {
     if (this.readOnly) throw new StorageError('EROFS', `${this.path} is read-only`);
   }
 }
+
+/** A raw image file, by path. */
+export interface FileStorageSpec extends StorageSpecBase {
+  readonly kind: 'file';
+  readonly path: string;
+  readonly io?: 'sync' | 'async';
+}
+
+export const fileStorageKind: StorageKind<FileStorageSpec> = {
+  kind: 'file',
+  open: (s) => FileStorage.open(s.path, { readOnly: s.readOnly, sectorSize: s.sectorSize, io: s.io }),
+  describe: (s) => s.path,
+  // Any path (made absolute), but not something with a URI scheme: that is another kind's.
+  fromArgument: (arg, o) => (/^[a-z][a-z0-9+.-]*:\/\//i.test(arg) ? undefined : { kind: 'file', path: resolve(arg), sectorSize: o.sectorSize, readOnly: o.readOnly }),
+  // A second descriptor sees every completed write, and fdatasync covers the file.
+  shareable: () => true,
+};

@@ -2,3 +2,4 @@ export * from './storage.js';
 export * from './file-storage.js';
 export * from './memory-storage.js';
 export * from './nbd-storage.js';
+export * from './registry.js';

@@ -3,7 +3,7 @@
  * nothing until written. Same rules as a file: whole sectors, range checked, read-only enforced.
  */
 import { checkRange, totalLength } from './range.js';
-import { StorageError, type BlockStorage } from './storage.js';
+import { StorageError, type BlockStorage, type StorageKind, type StorageSpecBase } from './storage.js';
 
 /** Allocation unit: a multiple of 4096, so a sector never straddles two chunks. */
 const CHUNK = 1024 * 1024;
@@ -149,3 +149,17 @@ export class MemoryStorage implements BlockStorage {
     if (this.readOnly) throw new StorageError('EROFS', 'memory disk is read-only');
   }
 }
+
+/** A disk in memory, gone with its handle. */
+export interface MemoryStorageSpec extends StorageSpecBase {
+  readonly kind: 'memory';
+  readonly size: number;
+}
+
+export const memoryStorageKind: StorageKind<MemoryStorageSpec> = {
+  kind: 'memory',
+  open: async (s) => new MemoryStorage(s.size, { sectorSize: s.sectorSize, readOnly: s.readOnly }),
+  describe: (s) => `memory:${s.size}`,
+  // Each handle is a disk of its own: a second one would not see the first one's writes.
+  shareable: () => false,
+};

@@ -1,6 +1,7 @@
 /**
  * The backend's storage interface: what blkback needs from whatever holds a VBD's bytes (a raw
- * image file, memory, later a remote NBD export). Offsets and lengths are bytes; the caller
+ * image file, memory, a remote NBD export); and what a kind of storage tells the registry
+ * (registry.ts). Offsets and lengths are bytes; the caller
  * (blkback) has already checked alignment and range, but every driver checks range again and
  * never touches a byte past `size`.
  */
@@ -20,8 +21,8 @@ export interface BlockStorage {
   /**
    * Whether a second handle opened on the same store (by another thread) sees every write this
    * one completed, and a flush through either covers both: true for a file, and for an NBD
-   * export that allows several connections (NBD_FLAG_CAN_MULTI_CONN). blkback serves queues in
-   * their own threads only on such storage.
+   * export that allows several connections (NBD_FLAG_CAN_MULTI_CONN). The handle's own answer;
+   * blkback asks the registry (`StorageKind.shareable`) before serving queues in their own threads.
    */
   readonly shareable?: boolean;
   /** Reads consecutive bytes from `offset` into `buffers`, one after another. */
@@ -51,4 +52,38 @@ export class StorageError extends Error {
   ) {
     super(message);
   }
+}
+
+/**
+ * What every storage spec has: plain data naming a store (structured-cloneable: the toolstack
+ * hands it to the driver domain's thread, blkback to its queue threads).
+ */
+export interface StorageSpecBase {
+  readonly kind: string;
+  readonly readOnly?: boolean;
+  readonly sectorSize?: 512 | 4096;
+}
+
+/** What `blkif serve` applies to every image it is given. */
+export interface StorageArgumentOptions {
+  readonly sectorSize: 512 | 4096;
+  readonly readOnly: boolean;
+  /** Connections per remote export, where the kind has such a thing. */
+  readonly connections?: number;
+}
+
+/** One kind of storage, as the registry (registry.ts) knows it. */
+export interface StorageKind<S extends StorageSpecBase> {
+  readonly kind: S['kind'];
+  /** Opens a handle; `log` receives the driver's notices (connections lost and the like). */
+  open(spec: S, log?: (msg: string) => void): Promise<BlockStorage>;
+  /** How the store is named in xenstore's `params` and in logs. */
+  describe(spec: S): string;
+  /** The spec for an IMAGE argument of `blkif serve` this kind recognises, else undefined. */
+  fromArgument?(arg: string, o: StorageArgumentOptions): S | undefined;
+  /**
+   * Whether another thread may open a handle of its own on the same store (see
+   * `BlockStorage.shareable`): asked of the handle `open` gave.
+   */
+  shareable(storage: BlockStorage): boolean;
 }

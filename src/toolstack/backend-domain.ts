@@ -5,11 +5,10 @@
  */
 import { parentPort } from 'node:worker_threads';
 import { Blkback, type BlkbackOptions, type VbdCounters } from '../blkback/index.js';
-import type { BlockStorage } from '../storage/index.js';
+import { openStorage, type BlockStorage, type StorageSpec } from '../storage/index.js';
 import { attachDomain } from '../xen/index.js';
 import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
 import { serveRpc } from './rpc.js';
-import { openStorage, type StorageSpec } from './storage-spec.js';
 
 export interface BackendVbdStatus {
   state: string;
@@ -37,9 +36,8 @@ serveRpc(parentPort!, {
     if (vbds.has(backDir)) throw new Error(`a VBD is already served at ${backDir}`);
     const storage = await openStorage(spec, (m) => log(`${backDir}: ${m}`));
     try {
-      // Queue threads open the same storage again through this module (when it can be shared).
-      const storageSource = { module: new URL('./storage-spec.js', import.meta.url).href, spec };
-      const be = await Blkback.start({ xen, xs: link.xs, backDir, storage, storageSource, options, log });
+      // Queue threads open the same spec again (when its kind can be shared).
+      const be = await Blkback.start({ xen, xs: link.xs, backDir, storage, storageSpec: spec, options, log });
       vbds.set(backDir, { be, storage });
       return { readOnly: be.readOnly, size: storage.size };
     } catch (e) {

@@ -10,7 +10,7 @@ import type { BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import type { GuestExportSpec } from './guest-domain.js';
-import type { StorageSpec } from './storage-spec.js';
+import type { StorageSpec } from '../storage/index.js';
 import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
 
 export interface DiskExportOptions {

@@ -14,7 +14,7 @@ import { XenbusStateConnected, acceptGuestXenstore, waitForState, xvdVirtualDevi
 import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer } from '../xenstore/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import { RpcClient } from './rpc.js';
-import type { StorageSpec } from './storage-spec.js';
+import type { StorageSpec } from '../storage/index.js';
 import type { WorkloadResult, WorkloadSpec } from './workload.js';
 import { createVbdNodes, removeVbdNodes, type VbdPaths } from './vbd.js';
 

@@ -8,8 +8,7 @@ import {
   XS_BACKEND, XS_BACKEND_ID, XS_FRONTEND, XS_FRONTEND_ID, XS_ONLINE, XS_STATE, XenbusStateInitialising, backendPath, frontendPath,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
-import type { StorageSpec } from './storage-spec.js';
-import { describeStorage } from './storage-spec.js';
+import { describeStorage, type StorageSpec } from '../storage/index.js';
 
 export interface VbdPlacement {
   readonly frontDomid: number;

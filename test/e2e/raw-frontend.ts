@@ -44,10 +44,10 @@ import {
   removeVbdNodes,
   type BackendVbdStatus,
   type DomainProxy,
-  type StorageSpec,
   type Toolstack,
   type VbdPaths,
 } from '../../src/toolstack/index.js';
+import type { StorageSpec } from '../../src/storage/index.js';
 import type { XenDomain } from '../../src/xen/index.js';
 import {
   XS_STATE,

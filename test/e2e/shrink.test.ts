@@ -12,10 +12,10 @@ import assert from 'node:assert/strict';
 import { truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { XS_PHYSICAL_SECTOR_SIZE } from '../../src/abi/index.js';
-import { Blkback, type BlkbackOptions, type StorageSource } from '../../src/blkback/index.js';
+import { Blkback, type BlkbackOptions } from '../../src/blkback/index.js';
 import { Blkfront, BlkfrontError } from '../../src/blkfront/index.js';
 import { NbdServer, type NbdExportDevice } from '../../src/nbd/index.js';
-import { FileStorage, NbdStorage, type BlockStorage } from '../../src/storage/index.js';
+import { FileStorage, NbdStorage, type BlockStorage, type StorageSpec } from '../../src/storage/index.js';
 import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
 import { xvdVirtualDevice } from '../../src/xenbus/index.js';
 import { Rng, fileToolstack, firstDifference, sparseImage, tempDir } from './helpers.js';
@@ -54,7 +54,7 @@ class Gate implements BlockStorage {
 }
 
 /** Blkback (over `storage`) and Blkfront in two local domains; `body` gets the frontend. */
-async function withDisk(storage: BlockStorage, o: { front?: Parameters<typeof Blkfront.attach>[0]['options']; back?: Partial<BlkbackOptions>; source?: StorageSource },
+async function withDisk(storage: BlockStorage, o: { front?: Parameters<typeof Blkfront.attach>[0]['options']; back?: Partial<BlkbackOptions>; source?: StorageSpec },
   body: (f: Blkfront, backDir: string, be: Blkback) => Promise<void>): Promise<void> {
   const G = suite.ts.hv.createLocalDomain({ memoryPages: 2048, pollMicros: 0 });
   const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0, maxVcpus: 4 });
@@ -62,7 +62,7 @@ async function withDisk(storage: BlockStorage, o: { front?: Parameters<typeof Bl
   let be: Blkback | undefined;
   let f: Blkfront | undefined;
   try {
-    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, storageSource: o.source, options: { housekeepingMs: 20, ...o.back } });
+    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, storageSpec: o.source, options: { housekeepingMs: 20, ...o.back } });
     f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { bufferPages: 1024, connectTimeoutMs: 10_000, ...o.front } }), 'attach');
     await body(f, paths.backDir, be);
   } finally {
@@ -159,7 +159,7 @@ for (const threads of [false, true]) test(`an NBD-backed VBD follows the export 
     assert.equal(nbd.info.blockSize?.preferred, 4096);
     assert.equal(nbd.physicalSectorSize, 4096);
     const uri = nbd.where;
-    const source: StorageSource = { module: new URL('../../src/toolstack/storage-spec.js', import.meta.url).href, spec: { kind: 'nbd', uri } };
+    const source: StorageSpec = { kind: 'nbd', uri };
     await withDisk(nbd, threads ? { front: { queues: 2 }, back: { queueThreads: true }, source } : {}, async (f, backDir, be) => {
       assert.equal(be.queueVcpus.length, threads ? 2 : 0);
       assert.equal(await suite.ts.xs.read(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`), '4096');

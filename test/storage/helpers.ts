@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { NbdServer, nbdUri } from '../../src/nbd/index.js';
-import { FileStorage, MemoryStorage, NbdStorage, StorageError, type BlockStorage } from '../../src/storage/index.js';
+import { FileStorage, StorageError, openStorage, storageKinds, type BlockStorage, type StorageKindName } from '../../src/storage/index.js';
 import { MemoryDevice } from '../nbd/support.js';
 export { tempDir } from '../support/common.js';
 
@@ -14,43 +14,56 @@ export interface Driver {
 }
 
 /**
- * A remote disk: NbdStorage over TCP to an in-process NbdServer serving a fresh memory device
- * (block size = sector size; read-only on the server's side). Closing the storage stops the server.
+ * How each registered storage kind makes test instances (files go under `dir`), each opened
+ * through the registry. A kind registered in src/storage/registry.ts needs its entry here.
  */
-const nbd: Driver = {
-  name: 'nbd',
-  async make(size, sectorSize, opts = {}) {
-    const device = new MemoryDevice(size, { blockSize: sectorSize, readOnly: opts.readOnly === true });
-    const server = new NbdServer({ exports: [{ name: 'disk', device }] });
-    try {
-      const s = await NbdStorage.connect(nbdUri(await server.listen({ host: '127.0.0.1', port: 0 }), 'disk'), { sectorSize });
-      const close = s.close.bind(s);
-      Object.defineProperty(s, 'close', { value: async () => { await close(); await server.close(); } });
-      return s;
-    } catch (e) {
-      await server.close();
-      throw e;
-    }
+const fixtures: { readonly [K in StorageKindName]: (dir: string) => Driver[] } = {
+  memory: () => [{ name: 'memory', make: (size, sectorSize, opts = {}) => openStorage({ kind: 'memory', size, sectorSize, readOnly: opts.readOnly }) }],
+  // Both I/O modes.
+  file: (dir) => {
+    let n = 0;
+    return (['sync', 'async'] as const).map((io): Driver => ({
+      name: `file (${io})`,
+      async make(size, sectorSize, opts = {}) {
+        const path = join(dir, `disk-${io}-${n++}.img`);
+        await FileStorage.create(path, size);
+        return openStorage({ kind: 'file', path, sectorSize, io, readOnly: opts.readOnly });
+      },
+    }));
   },
+  /**
+   * A remote disk: NbdStorage over TCP to an in-process NbdServer serving a fresh memory device
+   * (block size = sector size; read-only on the server's side). Closing the storage stops the server.
+   */
+  nbd: () => [{
+    name: 'nbd',
+    async make(size, sectorSize, opts = {}) {
+      const device = new MemoryDevice(size, { blockSize: sectorSize, readOnly: opts.readOnly === true });
+      const server = new NbdServer({ exports: [{ name: 'disk', device }] });
+      try {
+        const s = await openStorage({ kind: 'nbd', uri: nbdUri(await server.listen({ host: '127.0.0.1', port: 0 }), 'disk'), sectorSize });
+        const close = s.close.bind(s);
+        Object.defineProperty(s, 'close', { value: async () => { await close(); await server.close(); } });
+        return s;
+      } catch (e) {
+        await server.close();
+        throw e;
+      }
+    },
+  }],
 };
 
-/** The memory disk, the file in both I/O modes (files go under `dir`), and an NBD export. */
+/**
+ * The drivers of every kind in the storage registry; throws for a registered kind with no
+ * fixture, so that a new kind cannot go untested by the contract suite.
+ */
 export function drivers(dir: string): Driver[] {
-  let n = 0;
-  const file = (io: 'sync' | 'async'): Driver => ({
-    name: `file (${io})`,
-    async make(size, sectorSize, opts = {}) {
-      const path = join(dir, `disk-${n++}.img`);
-      await FileStorage.create(path, size);
-      return FileStorage.open(path, { sectorSize, io, readOnly: opts.readOnly });
-    },
+  const byKind: Readonly<Record<string, ((dir: string) => Driver[]) | undefined>> = fixtures;
+  return storageKinds.flatMap((k) => {
+    const make = byKind[k.kind];
+    if (make === undefined) throw new Error(`storage kind ${k.kind} is registered but has no fixture in test/storage/helpers.ts`);
+    return make(dir);
   });
-  return [
-    { name: 'memory', make: async (size, sectorSize, opts = {}) => new MemoryStorage(size, { sectorSize, readOnly: opts.readOnly }) },
-    file('sync'),
-    file('async'),
-    nbd,
-  ];
 }
 
 /** Asserts that `p` rejects with a StorageError of `code`. */
