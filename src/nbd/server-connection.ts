@@ -26,7 +26,7 @@ import {
   encodeStructuredNone,
 } from './serializer.js';
 
-import type { NbdConnectionInfo, NbdLogLevel, NbdServer, ResolvedExport } from './server.js';
+import type { ConnectionHost, NbdConnectionInfo, NbdLogLevel, ResolvedExport } from './server-types.js';
 
 const EMPTY = new Uint8Array(0);
 
@@ -79,7 +79,7 @@ export class Connection {
   private socket: Socket;
 
   constructor(
-    private readonly server: NbdServer,
+    private readonly server: ConnectionHost,
     socket: Socket,
     readonly id: number,
   ) {

@@ -20,11 +20,12 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { lstatSync, rmSync } from 'node:fs';
 import { DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_PAYLOAD } from './constants.js';
-import { validateDevice, type NbdExport, type NbdExportDevice } from './export.js';
+import { validateDevice, type NbdExport } from './export.js';
 import { serverTlsOptions, type NbdServerTlsConfig } from './tls.js';
 import { Connection } from './server-connection.js';
+import type { ConnectionHost, NbdConnectionInfo, NbdLogLevel, NbdServerStats, ResolvedExport } from './server-types.js';
 
-export type NbdLogLevel = 'debug' | 'info' | 'warn' | 'error';
+export type { NbdConnectionInfo, NbdLogLevel, NbdServerStats } from './server-types.js';
 
 export interface NbdServerOptions {
   /** The exports to serve; more can be added with `addExport`. */
@@ -68,42 +69,6 @@ export interface NbdServerOptions {
 export type NbdListenOptions = { host?: string; port: number; ipv6Only?: boolean } | { path: string } | { fd: number };
 export type NbdAddress = { host: string; port: number; family: string } | { path: string };
 
-/** Counters for status lines. All counts since the server was created. */
-export interface NbdServerStats {
-  connections: {
-    /** Connections open now (negotiating or transmitting). */
-    active: number;
-    /** Connections ever accepted. */
-    total: number;
-    /** Connections open now that reached the transmission phase. */
-    transmitting: number;
-  };
-  /** Requests received, by command. */
-  requests: { read: number; write: number; flush: number; trim: number; writeZeroes: number; disc: number; other: number };
-  /** Requests answered with an error. */
-  errors: number;
-  /** Connections dropped because the client broke the protocol. */
-  protocolErrors: number;
-  /** Bytes returned by successful reads / accepted by successful writes. */
-  bytesRead: number;
-  bytesWritten: number;
-  /** Device operations in progress now (including those of clients that have gone). */
-  inFlight: number;
-}
-
-/** One open connection, for status displays. */
-export interface NbdConnectionInfo {
-  id: number;
-  remote: string;
-  phase: 'handshake' | 'transmission' | 'closing';
-  export?: string;
-  structuredReplies: boolean;
-  /** The connection went through NBD_OPT_STARTTLS. */
-  tls: boolean;
-  inFlight: number;
-  requests: number;
-}
-
 /**
  * The URI a client such as qemu-img, nbdinfo or nbdcopy uses for `address` and `exportName`;
  * with `tls`, the `nbds` schemes (which make libnbd insist on TLS), and `query` (e.g.
@@ -124,14 +89,7 @@ interface Listener {
   path?: string;
 }
 
-/** @internal An export as a connection sees it. */
-export interface ResolvedExport {
-  name: string;
-  description: string;
-  device: NbdExportDevice;
-}
-
-export class NbdServer {
+export class NbdServer implements ConnectionHost {
   private readonly exportMap = new Map<string, ResolvedExport>();
   private defaultName: string | undefined;
   private readonly listeners: Listener[] = [];
