@@ -48,6 +48,14 @@ export interface CreateDomainOptions {
   readonly name?: string;
   /** vCPUs the domain may have, its own thread included (xl `maxvcpus=`; default and most MAX_VCPUS). */
   readonly maxVcpus?: number;
+  /**
+   * Whose pages the domain's threads can reach to map or copy grants: 'all' (default: every
+   * domain's, and each new domain's as it is created — a driver domain's need) or only these
+   * domains' (a guest, which grants its pages and maps nobody's: `[]`). Handing a thread a
+   * domain's pages costs ~15 µs a page, so a guest that learned every other guest's memory
+   * would make each plug slower than the last.
+   */
+  readonly memoryOf?: 'all' | readonly number[];
 }
 
 /** Why a domain went away. */
@@ -98,6 +106,8 @@ interface Guest extends Threads {
   error?: unknown;
   destroying: boolean;
   resolveExit: (e: DomainExit) => void;
+  /** Learns each new domain's memory (CreateDomainOptions.memoryOf 'all'). */
+  learnsNewMemory: boolean;
 }
 
 interface Local extends Threads {
@@ -214,7 +224,7 @@ export class Hypervisor {
     const { port1, port2 } = new MessageChannel();
     const hc = new MessageChannel();
     const xen: DomainBootstrap = {
-      tables: this.t.init, domid, slot, vcpu: 0, memories: [...this.memories.entries()], control: port2,
+      tables: this.t.init, domid, slot, vcpu: 0, memories: this.startMemories(domid, opts.memoryOf ?? 'all'), control: port2,
       hypercall: hc.port2, pollMicros: opts.pollMicros ?? DEFAULT_POLL_MICROS,
     };
     const wd: DomainWorkerData = { xen, app: opts.workerData };
@@ -228,7 +238,7 @@ export class Hypervisor {
     const g: Guest = {
       handle: { domid, name: opts.name ?? `dom${domid}`, worker, exited },
       slot, control: port1, hypercall: hc.port1, destroying: false, resolveExit, vcpus: new Map(), dying: false,
-      maxVcpus: vcpuLimit(opts.maxVcpus),
+      maxVcpus: vcpuLimit(opts.maxVcpus), learnsNewMemory: (opts.memoryOf ?? 'all') === 'all',
     };
     this.guests.set(domid, g);
     this.serveHypercalls(domid, g, hc.port1, opts.name ?? `dom${domid}`, opts.pollMicros);
@@ -346,6 +356,12 @@ export class Hypervisor {
     return this.downVcpu(rec, vcpu);
   }
 
+  /** What a new domain's thread learns: its own pages and those of `memoryOf`. */
+  private startMemories(domid: number, memoryOf: 'all' | readonly number[]): [number, Pages][] {
+    if (memoryOf === 'all') return [...this.memories.entries()];
+    return [...this.memories.entries()].filter(([d]) => d === domid || memoryOf.includes(d));
+  }
+
   /** What a new vCPU thread learns: its domain's lent frames, and its peers' pages (or everyone's). */
   private vcpuMemories(domid: number, frames: readonly number[], peers: readonly number[] | undefined): [number, Pages][] {
     if (peers === undefined) return [...this.memories.entries()];
@@ -441,6 +457,8 @@ export class Hypervisor {
 
   private broadcast(msg: ControlMessage): void {
     for (const g of this.guests.values()) {
+      // A domain that maps only from the peers it named at creation needs no new domain's pages.
+      if (msg.t === 'mem' && !g.learnsNewMemory) continue;
       g.control.postMessage(msg);
       for (const v of g.vcpus.values()) v.control.postMessage(msg);
     }
