@@ -10,6 +10,8 @@
  * connection.ts (one connection: limits, queues, grants), queue.ts (one ring and its response
  * checks), data-path.ts (submit to complete), request.ts (one ring request), grants.ts (per
  * request or persistent), io.ts (errors, I/O types, the check of an I/O against the disk).
+ * A new request kind: its `IoKind` and check in io.ts, its method here, its operation and
+ * encoding in request.ts, its answer in data-path.ts `complete`, its feature in negotiate.ts.
  */
 import type { XenDomain } from '../xen/index.js';
 import type { XenbusState } from '../xenbus/index.js';
