@@ -70,7 +70,7 @@ export class Blkfront {
     const io = new DataPath({
       xen: d.xen, pool, counters, handle: this.handle,
       connection: () => ctl.connection,
-      phase: () => ctl.where,
+      phase: () => ctl.phaseNow,
       disk: () => ctl.currentDisk,
       onWaiting: () => ctl.boundWait(),
       onBroken: (why) => ctl.broken(why),

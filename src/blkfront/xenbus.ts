@@ -79,7 +79,7 @@ export class BlkfrontXenbus {
     return this.dev.state;
   }
 
-  get where(): Phase {
+  get phaseNow(): Phase {
     return this.phase;
   }
 
