@@ -1,0 +1,221 @@
+/**
+ * The frontend's request pipeline, read top to bottom as Linux blkfront's: submit -> queue of
+ * chunks -> pump (spread over the queues round-robin) -> request.ts builds each ring request ->
+ * the backend answers -> queue.ts checks each response -> complete (grants ended, read data
+ * copied out, pages back to the pool, bytes accounted to the I/O) -> finish. A protocol
+ * violation goes back to the control path (`onBroken`), which stops the device.
+ */
+import { BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_OKAY, XEN_PAGE_SIZE } from '../abi/index.js';
+import type { XenDomain } from '../xen/index.js';
+import type { Connection } from './connection.js';
+import { givePages } from './grants.js';
+import { BlkfrontError, type BlkfrontCounters, type Chunk, type IoOp } from './io.js';
+import type { DiskInfo } from './negotiate.js';
+import type { PagePool } from './page-pool.js';
+import type { Queue } from './queue.js';
+import { issueRequest } from './request.js';
+import type { ShadowEntry } from './shadow.js';
+import type { Phase } from './xenbus.js';
+
+export type RefusedFeature = 'flush' | 'barrier' | 'discard';
+
+export interface DataPathDeps {
+  readonly xen: XenDomain;
+  readonly pool: PagePool;
+  readonly counters: BlkfrontCounters;
+  readonly handle: number;
+  /** The connection of now, if any (also while its backend is closing: its answers still count). */
+  readonly connection: () => Connection | undefined;
+  /** Where the device stands: requests are issued only while `connected`. */
+  readonly phase: () => Phase;
+  readonly disk: () => DiskInfo | undefined;
+  /** An I/O was queued while no backend is connected: the control path bounds the wait. */
+  readonly onWaiting: () => void;
+  /** The backend broke the protocol: the control path stops the device (Linux BLKIF_STATE_ERROR). */
+  readonly onBroken: (why: string) => void;
+  /** The backend refused a feature (BLKIF_RSP_EOPNOTSUPP): the control path stops offering it. */
+  readonly onRefused: (f: RefusedFeature) => void;
+}
+
+export class DataPath {
+  /** Chunks waiting for a ring slot, pages, or a connection; re-issued ones go first. */
+  private queue: Chunk[] = [];
+  private drainWaiters: (() => void)[] = [];
+
+  constructor(private readonly d: DataPathDeps) {}
+
+  /** Requests on the rings now. */
+  get inFlight(): number {
+    let n = 0;
+    for (const q of this.d.connection()?.queues ?? []) n += q.shadow.inFlight;
+    return n;
+  }
+
+  /** Queues an I/O the caller's checks accepted, and issues what it can. */
+  submit(op: IoOp): void {
+    this.queue.push({ op, start: 0, length: op.length });
+    // Waiting for a backend is bounded for every I/O, also those queued after a timer fired.
+    if (this.d.phase() !== 'connected') this.d.onWaiting();
+    this.pump();
+  }
+
+  /** Requests a backend never answered, issued again ahead of the rest (Linux `blkif_recover`). */
+  requeue(again: readonly Chunk[]): void {
+    this.queue.unshift(...again);
+  }
+
+  /** Moves queued chunks onto the rings (spread round-robin) while they have slots and the pool has pages. */
+  pump(): void {
+    const conn = this.d.connection();
+    if (conn === undefined || this.d.phase() !== 'connected') return;
+    const nq = conn.queues.length;
+    let produced = 0;
+    const touched = new Set<Queue>();
+    while (this.queue.length > 0) {
+      const c = this.queue[0]!;
+      if (c.op.failed) {
+        this.queue.shift();
+        continue;
+      }
+      let q: Queue | undefined;
+      for (let k = 0; k < nq && q === undefined; k++) {
+        const cand = conn.queues[(conn.next + k) % nq]!;
+        if (cand.hasRoom) q = cand;
+      }
+      if (q === undefined || !this.issue(conn, q, c)) break;
+      conn.next = (q.index + 1) % nq;
+      touched.add(q);
+      produced++;
+    }
+    this.wakeDrained();
+    if (produced === 0) return;
+    for (const q of touched) {
+      if (q.ring.pushRequestsAndCheckNotify()) {
+        this.d.counters.notify_sent++;
+        this.d.xen.events.notify(q.port);
+      }
+    }
+  }
+
+  /** The head of `c` onto `q`: false if it must wait for pages or grants (the chunk stays queued). */
+  private issue(conn: Connection, q: Queue, c: Chunk): boolean {
+    const r = issueRequest({ conn, pool: this.d.pool, disk: this.d.disk()!, handle: this.d.handle, counters: this.d.counters }, q, c);
+    switch (r.kind) {
+      case 'issued':
+        // The request carries [c.start, c.start + bytes); the rest of the chunk stays queued.
+        if (r.bytes < c.length) {
+          c.start += r.bytes;
+          c.length -= r.bytes;
+        } else {
+          this.queue.shift();
+        }
+        return true;
+      case 'wait':
+        return false;
+      case 'no-grant':
+        // Wait for completions to free grant entries (Linux gnttab_request_free_callback); with
+        // nothing in flight to free any, fail this I/O.
+        if (this.inFlight !== 0) return false;
+        this.queue.shift();
+        this.finish(c.op, r.err);
+        return true;
+      case 'fail':
+        this.queue.shift();
+        this.finish(c.op, r.err);
+        return true;
+    }
+  }
+
+  /** A queue's backend notified us: take its responses, then issue what they made room for. */
+  onEvent(conn: Connection, q: Queue): void {
+    const live = () => this.d.connection() === conn && this.d.phase() !== 'broken';
+    if (!live()) return;
+    this.d.counters.notify_received++;
+    const why = q.consumeResponses((s, status) => {
+      this.d.counters.responses++;
+      this.complete(conn, q, s, status);
+      return live();
+    });
+    if (why !== undefined) return this.d.onBroken(why);
+    if (!live()) return;
+    this.pump();
+  }
+
+  /** One request answered: release its grants and pages, then account it to its I/O. */
+  private complete(conn: Connection, q: Queue, s: ShadowEntry<Chunk>, status: number): void {
+    const c = s.owner!;
+    const op = c.op;
+    const pool = this.d.pool;
+    const leaked = conn.grants.end(s);
+    if (leaked > 0) {
+      // Linux `blkif_completion`: a grant the backend still maps after answering is a backend
+      // bug. Those pages are never reused, the device stops, and this I/O fails with the rest.
+      givePages(pool, s);
+      q.shadow.release(s);
+      const why = `backend still maps ${leaked} page(s) of a request it answered`;
+      this.d.onBroken(why);
+      this.finish(op, new BlkfrontError('EIO', `backend misbehaved: ${why}`));
+      return;
+    }
+    if (status === BLKIF_RSP_OKAY && op.kind === 'read' && !op.failed) {
+      for (let i = 0; i < s.frames.length; i++) {
+        const at = c.start + i * XEN_PAGE_SIZE;
+        const len = Math.min(XEN_PAGE_SIZE, c.length - i * XEN_PAGE_SIZE);
+        op.buf!.set(pool.page(s.frames[i]!).subarray(0, len), at);
+      }
+    }
+    givePages(pool, s);
+    q.shadow.release(s);
+    if (status !== BLKIF_RSP_OKAY) {
+      this.d.counters.errors++;
+      if (status === BLKIF_RSP_EOPNOTSUPP && (op.kind === 'flush' || op.kind === 'discard')) {
+        // Linux blkif_interrupt: the feature is gone for good once the backend says so.
+        this.d.onRefused(op.kind === 'discard' ? 'discard' : s.expectOp === BLKIF_OP_FLUSH_DISKCACHE ? 'flush' : 'barrier');
+        if (op.kind === 'flush') return this.finish(op, undefined);
+        return this.finish(op, new BlkfrontError('EOPNOTSUPP', 'the backend does not support discard'));
+      }
+      return this.finish(op, new BlkfrontError('EIO', `${op.kind} of ${c.length} bytes at ${op.offset + c.start}: backend answered ${status}`));
+    }
+    op.doneBytes += c.length;
+    if (op.doneBytes >= op.length) this.finish(op, undefined);
+    else this.wakeDrained();
+  }
+
+  private finish(op: IoOp, err: Error | undefined): void {
+    if (!op.failed) {
+      if (err !== undefined) {
+        op.failed = true;
+        op.reject(err);
+      } else {
+        op.doneBytes = op.length;
+        op.resolve();
+      }
+    }
+    this.wakeDrained();
+  }
+
+  /** Fails every I/O queued or in flight, and wakes close() (nothing it waits for will come). */
+  failAll(err: Error): void {
+    const ops = new Set<IoOp>();
+    for (const c of this.queue) ops.add(c.op);
+    this.queue = [];
+    for (const q of this.d.connection()?.queues ?? []) for (const s of q.shadow.pendingEntries()) if (s.owner !== undefined) ops.add(s.owner.op);
+    for (const op of ops) this.finish(op, err);
+    for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  /**
+   * Wakes close() once nothing is queued or in flight. Not only when an I/O settles: the last
+   * request of an I/O that already failed is answered (or its queued rest dropped) with no I/O
+   * left to settle, and close() must not wait for one.
+   */
+  private wakeDrained(): void {
+    if (this.drainWaiters.length > 0 && this.inFlight === 0 && this.queue.length === 0) for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  /** Resolves once nothing is queued or in flight. */
+  drained(): Promise<void> {
+    if (this.inFlight === 0 && this.queue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+}

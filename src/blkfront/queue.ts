@@ -1,0 +1,92 @@
+/**
+ * One ring of a connection, with its own event channel and id space (blkif.h "Multi-queue";
+ * Linux blkfront's `blkfront_ring_info`): the shared ring pages we granted, the channel, the
+ * shadow table of requests in flight, and the response path, where every response is checked
+ * before it is believed.
+ */
+import { decodeResponse, type BlkifAbi } from '../abi/index.js';
+import { FrontRing, RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, SharedRing } from '../ring/index.js';
+import type { XenDomain } from '../xen/index.js';
+import { allocEvtchn, grantRing } from '../xenbus/index.js';
+import type { Chunk } from './io.js';
+import { ShadowTable, type ShadowEntry } from './shadow.js';
+
+export class Queue {
+  /** Request ids are shadow indexes: one per ring slot. */
+  readonly shadow: ShadowTable<Chunk>;
+  /** The slot a request is encoded into, or a response decoded from. */
+  readonly entry: RingEntry;
+  private offEvent: () => void = () => undefined;
+
+  private constructor(
+    readonly index: number,
+    private readonly abi: BlkifAbi,
+    readonly ring: FrontRing,
+    readonly ringFrames: number[],
+    readonly ringRefs: number[],
+    readonly port: number,
+  ) {
+    this.shadow = new ShadowTable(ring.size);
+    this.entry = new RingEntry(abi.entrySize);
+  }
+
+  /**
+   * Allocates and grants `1 << order` ring pages and an unbound channel to `backDomid`; `onEvent`
+   * runs on every notification from the backend.
+   */
+  static open(xen: XenDomain, backDomid: number, abi: BlkifAbi, order: number, index: number, onEvent: (q: Queue) => void): Queue {
+    const ringFrames = xen.memory.alloc(1 << order);
+    const ring = FrontRing.init(new SharedRing(ringFrames.map((f) => xen.memory.page(f)), abi.entrySize));
+    const ringRefs = grantRing(xen, backDomid, ringFrames);
+    const port = allocEvtchn(xen, backDomid);
+    const q = new Queue(index, abi, ring, ringFrames, ringRefs, port);
+    q.offEvent = xen.events.on(port, () => onEvent(q));
+    return q;
+  }
+
+  /** A slot and a shadow entry are free for one more request. */
+  get hasRoom(): boolean {
+    return !this.ring.full() && this.shadow.available > 0;
+  }
+
+  /**
+   * Consumes the responses the backend published, each checked (Linux `blkif_interrupt`): the
+   * producer index within the ring (RING_RESPONSE_PROD_OVERFLOW), the id in range and pending,
+   * the operation the one sent. `answered` gets each good one and returns false to stop. Returns
+   * the protocol violation found, if any (nothing after it is consumed).
+   */
+  consumeResponses(answered: (s: ShadowEntry<Chunk>, status: number) => boolean): string | undefined {
+    const ring = this.ring;
+    do {
+      for (;;) {
+        const r = ring.consumeResponse(this.entry);
+        if (r === RING_PEER_OVERFLOW) return `backend published rsp_prod ${ring.sring.rspProd} beyond the ${ring.size} slots after rsp_cons ${ring.rspCons}`;
+        if (r !== RING_CONSUMED) break;
+        const rsp = decodeResponse(this.entry.view, 0, this.abi);
+        const s = this.shadow.lookup(rsp.id);
+        if (s === undefined) return `response for id ${rsp.id}, which is not pending`;
+        if (rsp.operation !== s.expectOp) return `response for id ${rsp.id} carries operation ${rsp.operation}, the request was ${s.expectOp}`;
+        if (!answered(s, rsp.status)) return undefined;
+      }
+    } while (ring.finalCheckForResponses() !== 0);
+    return undefined;
+  }
+
+  /**
+   * Lets go of the ring: the channel closed, each request still pending handed to `unanswered`
+   * and its entry released, then the ring's grants ended. Ring pages are freed only if the
+   * backend no longer maps any of them; returns how many it still maps (never reused).
+   */
+  close(xen: XenDomain, unanswered: (s: ShadowEntry<Chunk>) => void): number {
+    this.offEvent();
+    xen.events.close(this.port);
+    for (const s of this.shadow.pendingEntries()) {
+      unanswered(s);
+      this.shadow.release(s);
+    }
+    let leaked = 0;
+    for (const ref of this.ringRefs) if (!xen.grants.endAccess(ref)) leaked++;
+    if (leaked === 0) xen.memory.free(this.ringFrames);
+    return leaked;
+  }
+}
