@@ -447,6 +447,9 @@ export class GrantTable {
     const page = this.registry.page(dom, frame);
     if (page === undefined) return undefined;
     const now = pageFingerprint(page);
+    // A lasting grant (a persistent grant, a ring) is written by its granter all along, also
+    // while a peer holds it mapped read-only: a change tells nothing about who wrote it.
+    if ((Atomics.load(this.t.gnt, e + G_CHECK) & G_CHK_LASTING) !== 0) return now;
     const writableMeanwhile = Atomics.load(this.t.gnt, e + G_WPINS) !== before.wpins || (Atomics.load(this.t.gnt, e + G_FLAGS) & PIN_W_MASK) !== 0;
     if (now !== before.fp && !writableMeanwhile) this.t.violations.record('readonly-mapping-written', { domid: this.domid, peer: dom, ref, handle, frame });
     return now;

@@ -121,6 +121,12 @@ describe('checked hypervisor', { timeout: 60_000 }, () => {
     a.memory.page(f!)[1] = 1;
     assert.equal(b.grants.unmapGrant(m.handle), GNTST_okay);
     a.memory.page(f!)[2] = 1; // e.g. the frontend queues one more request on a closing ring
+    // A persistent grant a backend keeps mapped read-only while the frontend reuses the page for
+    // the next request (the hostile-backend fuzzer's keep-mapped fault found this case).
+    const ro = b.grants.mapGrant(a.domid, ref, true);
+    assert.equal(ro.status, GNTST_okay);
+    a.memory.page(f!)[3] = 1;
+    assert.equal(b.grants.unmapGrant(ro.handle), GNTST_okay);
     assert.equal(a.grants.endAccess(ref), true);
     assert.deepEqual(hv.violations(), []);
     a.memory.free([f!]);
