@@ -2,6 +2,8 @@
 // the main thread (dom0 hosts the toolstack and backends), creates guest domains as worker
 // threads and tears them down. Only lifecycle goes through here; the data path runs in each
 // domain's thread against the shared tables.
+// One idea read whole (a little over 500 lines): every domain's life, its threads and its
+// memory, from creation to what destruction releases.
 import { EventEmitter } from 'node:events';
 import { MessageChannel, Worker, type MessagePort, type Transferable } from 'node:worker_threads';
 import { checkedByDefault, type ViolationKind, type XenViolation } from './checked.js';

@@ -2,6 +2,8 @@
 // domains, answering xs_wire.h requests with xenstored's semantics
 // (docs/misc/xenstore.txt; Xen 4.17 tools/xenstore/xenstored_*.c for the
 // error cases).
+// One idea read whole: every request type acts on the same connections, watches,
+// transactions and domains, so they stay in one file (a little over 500 lines).
 import {
   countNuls,
   decodeText,
