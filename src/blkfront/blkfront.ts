@@ -13,44 +13,16 @@
  * A new request kind: its `IoKind` and check in io.ts, its method here, its operation and
  * encoding in request.ts, its answer in data-path.ts `complete`, its feature in negotiate.ts.
  */
-import type { XenDomain } from '../xen/index.js';
 import type { XenbusState } from '../xenbus/index.js';
-import type { XenstoreClient } from '../xenstore/index.js';
 import { DataPath } from './data-path.js';
-import { checkIo, newBlkfrontCounters, type BlkfrontCounters, type HeldRequest, type IoKind } from './io.js';
-import type { DiskInfo } from './negotiate.js';
+import { checkIo, newBlkfrontCounters, type BlkfrontCounters, type IoKind } from './io.js';
 import { blkfrontOptions, type BlkfrontOptions } from './options.js';
 import { PagePool } from './page-pool.js';
-import { BlkfrontXenbus } from './xenbus.js';
+import { BlkfrontXenbus, type BlkfrontDeps, type DeviceInfo } from './xenbus.js';
+
+export type { BlkfrontDeps, DeviceInfo } from './xenbus.js';
 
 export { BlkfrontError, type BlkfrontErrorCode, type BlkfrontCounters, type HeldRequest } from './io.js';
-
-export interface BlkfrontDeps {
-  readonly xen: XenDomain;
-  readonly xs: XenstoreClient;
-  /** The frontend directory the toolstack created (with `backend`, `backend-id`, `state`). */
-  readonly frontDir: string;
-  readonly options?: Partial<BlkfrontOptions>;
-  readonly log?: (msg: string) => void;
-  /** Told, at each teardown, which requests the backend left unanswered (they are issued again). */
-  readonly onReissue?: (held: readonly HeldRequest[]) => void;
-}
-
-/** What the device is now, as negotiated. */
-export interface DeviceInfo extends DiskInfo {
-  /** Bytes of the disk. */
-  size: number;
-  /** Segments per request in use: 11 without indirect, else the negotiated indirect maximum. */
-  maxSegments: number;
-  indirect: boolean;
-  ringPageOrder: number;
-  /** Slots per ring; `queues` rings. */
-  ringSize: number;
-  queues: number;
-  /** Persistent grants negotiated. */
-  persistent: boolean;
-  protocol: string;
-}
 
 export class Blkfront {
   readonly counters: BlkfrontCounters = newBlkfrontCounters();

@@ -98,3 +98,6 @@ export function checkIo(kind: IoKind, offset: number, length: number, gate: IoGa
   if (kind === 'discard' && !disk.discard) return new BlkfrontError('EOPNOTSUPP', 'the backend offers no discard');
   return undefined;
 }
+
+/** Where the device is in its life (Linux blkfront's BLKIF_STATE_*, plus closing and broken). */
+export type Phase = 'connecting' | 'connected' | 'closing' | 'closed' | 'broken';

@@ -19,6 +19,7 @@ import {
   xsRingRefN,
 } from '../abi/index.js';
 import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+import type { XenDomain } from '../xen/index.js';
 import {
   XS_BACKEND,
   XS_BACKEND_ID,
@@ -34,15 +35,41 @@ import {
   xenbusStateName,
   type XenbusState,
 } from '../xenbus/index.js';
-import type { BlkfrontDeps, DeviceInfo } from './blkfront.js';
+import type { XenstoreClient } from '../xenstore/index.js';
 import { openConnection, releaseConnection, type Connection } from './connection.js';
 import type { DataPath, RefusedFeature } from './data-path.js';
-import { BlkfrontError, type BlkfrontCounters, type IoGate } from './io.js';
+import { BlkfrontError, type BlkfrontCounters, type HeldRequest, type IoGate, type Phase } from './io.js';
 import { readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
 import type { BlkfrontOptions } from './options.js';
 import type { PagePool } from './page-pool.js';
 
-export type Phase = 'connecting' | 'connected' | 'closing' | 'closed' | 'broken';
+export interface BlkfrontDeps {
+  readonly xen: XenDomain;
+  readonly xs: XenstoreClient;
+  /** The frontend directory the toolstack created (with `backend`, `backend-id`, `state`). */
+  readonly frontDir: string;
+  readonly options?: Partial<BlkfrontOptions>;
+  readonly log?: (msg: string) => void;
+  /** Told, at each teardown, which requests the backend left unanswered (they are issued again). */
+  readonly onReissue?: (held: readonly HeldRequest[]) => void;
+}
+
+/** What the device is now, as negotiated. */
+export interface DeviceInfo extends DiskInfo {
+  /** Bytes of the disk. */
+  size: number;
+  /** Segments per request in use: 11 without indirect, else the negotiated indirect maximum. */
+  maxSegments: number;
+  indirect: boolean;
+  ringPageOrder: number;
+  /** Slots per ring; `queues` rings. */
+  ringSize: number;
+  queues: number;
+  /** Persistent grants negotiated. */
+  persistent: boolean;
+  protocol: string;
+}
+
 
 export interface ControlDeps extends BlkfrontDeps {
   readonly options: BlkfrontOptions;
