@@ -12,9 +12,10 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { MAIN, execFileP, serve, type Served } from './serve-support.js';
-import { makeCa, makeCert, need, pskLine, writePskFile } from '../nbd/tls-support.js';
+import { makeCa, makeCert, pskLine, writePskFile } from '../nbd/tls-support.js';
 import { randomBytes, tempDir, until } from '../nbd/support.js';
 import { ServerProcess, freePort } from '../storage/nbd-support.js';
+import { requireTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('serve-tls-');
@@ -35,7 +36,7 @@ const alive = (pid: number) => {
 };
 
 before(() => {
-  for (const [cmd, pkg] of [['nbdinfo', 'libnbd-bin'], ['nbdcopy', 'libnbd-bin'], ['qemu-io', 'qemu-utils'], ['qemu-img', 'qemu-utils'], ['nbdkit', 'nbdkit'], ['openssl', 'openssl']] as const) need(cmd, pkg);
+  requireTools('nbdinfo', 'nbdcopy', 'qemu-io', 'qemu-img', 'nbdkit', 'openssl');
   pskFile = writePskFile(tmp.dir, [pskLine('alice')]);
   makeCa(dir('ca'), 'test CA');
   makeCert(dir('ca'), dir('server'), 'server', 'localhost');

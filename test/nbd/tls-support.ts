@@ -4,17 +4,11 @@
  * client certificate, laid out as nbdkit, qemu and libnbd read them (ca-cert.pem,
  * server-cert.pem, server-key.pem, client-cert.pem, client-key.pem), and psktool-style key files.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-
-/** Fails with one line naming the Debian package when `cmd` is missing. */
-export function need(cmd: string, pkg: string): void {
-  if (spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status !== 0) {
-    throw new Error(`${cmd} is not installed (Debian package: ${pkg})`);
-  }
-}
+import { requireTools } from '../support/tools.js';
 
 function openssl(args: string[], cwd: string): void {
   execFileSync('openssl', args, { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
@@ -22,7 +16,7 @@ function openssl(args: string[], cwd: string): void {
 
 /** A CA in `dir` (ca-cert.pem, ca-key.pem). */
 export function makeCa(dir: string, name: string): void {
-  need('openssl', 'openssl');
+  requireTools('openssl');
   mkdirSync(dir, { recursive: true });
   openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca-key.pem', '-out', 'ca-cert.pem', '-days', '2',
     '-subj', `/CN=${name}`, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign'], dir);

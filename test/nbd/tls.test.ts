@@ -17,7 +17,8 @@ import {
   type NbdAddress, type NbdServerTls, type ServerMessage,
 } from '../../src/nbd/index.js';
 import { MemoryDevice, RawClient, randomBytes, run, runOk, tempDir, until } from './support.js';
-import { makeCa, makeCert, need, pskLine, writePskFile } from './tls-support.js';
+import { makeCa, makeCert, pskLine, writePskFile } from './tls-support.js';
+import { requireTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('nbd-tls-');
@@ -54,7 +55,7 @@ let x509: Served;
 let on: Served;
 
 before(() => {
-  for (const [cmd, pkg] of [['nbdinfo', 'libnbd-bin'], ['nbdcopy', 'libnbd-bin'], ['qemu-img', 'qemu-utils'], ['qemu-io', 'qemu-utils'], ['openssl', 'openssl']] as const) need(cmd, pkg);
+  requireTools('nbdinfo', 'nbdcopy', 'qemu-img', 'qemu-io', 'openssl');
   const alice = pskLine('alice');
   pskFile = writePskFile(dir('psk'), [pskLine('bob'), alice]);
   // The same user with another key.

@@ -9,9 +9,10 @@ import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdStorage, StorageError } from '../../src/storage/index.js';
-import { makeCa, makeCert, need, pskLine, writePskFile } from '../nbd/tls-support.js';
+import { makeCa, makeCert, pskLine, writePskFile } from '../nbd/tls-support.js';
 import { randomBytes, runOk, tempDir } from '../nbd/support.js';
 import { ServerProcess, freePort } from './nbd-support.js';
+import { requireTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('nbd-storage-tls-');
@@ -30,9 +31,7 @@ async function nbdkit(where: { port: number } | { socket: string }, tls: string[
 }
 
 before(async () => {
-  need('nbdkit', 'nbdkit');
-  need('nbdcopy', 'libnbd-bin');
-  need('openssl', 'openssl');
+  requireTools('nbdkit', 'nbdcopy', 'openssl');
   pskFile = writePskFile(dir('psk'), [pskLine('alice')]);
   wrongPskFile = writePskFile(dir('wrong'), [pskLine('alice')]);
   makeCa(dir('ca'), 'nbdkit test CA');
