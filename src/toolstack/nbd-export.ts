@@ -11,6 +11,8 @@ import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig }
 import type { BackendVbdStatus } from './backend-domain.js';
 import type { GuestExportSpec } from './guest-domain.js';
 import type { StorageSpec } from '../storage/index.js';
+import { MAX_DOMAINS } from '../xen/index.js';
+import { DEFAULT_QUOTAS } from '../xenstore/index.js';
 import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
 
 export interface DiskExportOptions {
@@ -127,7 +129,17 @@ export class DiskExport {
 
   static async start(o: DiskExportOptions): Promise<DiskExport> {
     if (o.images.length === 0) throw new Error('nothing to serve: no image');
-    const ts = await Toolstack.start({ log: o.log });
+    // A guest per image, dom0, the driver domain, and room for the next one while a migration
+    // hands over and for zombies whose grants are still mapped.
+    // The driver domain owns every VBD's backend directory (about 25 nodes) and watches every
+    // frontend: raise xenstored's per-domain quotas with the VBD count, as a host with many
+    // disks per driver domain runs xenstored with larger -E and -W.
+    const n = o.images.length;
+    const ts = await Toolstack.start({
+      log: o.log,
+      maxDomains: Math.max(MAX_DOMAINS, n + 8),
+      quotas: { nodesPerDomain: Math.max(DEFAULT_QUOTAS.nodesPerDomain, 200 + 40 * n), watchesPerDomain: Math.max(DEFAULT_QUOTAS.watchesPerDomain, 32 + 4 * n) },
+    });
     try {
       const backend = await ts.createBackendDomain('driver-domain', backendMemory(o.backendOptions ?? {}, o.images.length));
       o.progress?.(`driver domain ${backend.domid} started`);

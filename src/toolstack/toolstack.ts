@@ -11,7 +11,7 @@ import type { BlkbackOptions } from '../blkback/index.js';
 import type { BlkfrontCounters, BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import { Hypervisor, type DomainHandle } from '../xen/index.js';
 import { XenbusStateConnected, acceptGuestXenstore, waitForState, xvdVirtualDevice } from '../xenbus/index.js';
-import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer } from '../xenstore/index.js';
+import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer, type XenstoreQuotas } from '../xenstore/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import { RpcClient } from './rpc.js';
 import type { StorageSpec } from '../storage/index.js';
@@ -21,6 +21,10 @@ import { createVbdNodes, removeVbdNodes, type VbdPaths } from './vbd.js';
 export interface ToolstackOptions {
   /** Where domains' log lines go (default: kept, see `logs`). */
   readonly log?: (domid: number, msg: string) => void;
+  /** Domain slots in the hypervisor (default MAX_DOMAINS): room for every guest and driver domain. */
+  readonly maxDomains?: number;
+  /** xenstored's per-domain quotas (default cxenstored's: -E 1000 nodes, -W 128 watches). */
+  readonly quotas?: Partial<XenstoreQuotas>;
 }
 
 /** A running domain and the control channel into its thread. */
@@ -130,8 +134,8 @@ export class Toolstack {
   static async start(opts: ToolstackOptions = {}): Promise<Toolstack> {
     const dir = mkdtempSync(join(tmpdir(), 'blkif-xen-'));
     const socketPath = join(dir, 'xenstored.socket');
-    const hv = new Hypervisor();
-    const daemon = new XenstoreDaemon();
+    const hv = new Hypervisor(opts.maxDomains === undefined ? {} : { maxDomains: opts.maxDomains });
+    const daemon = new XenstoreDaemon(opts.quotas === undefined ? {} : { quotas: opts.quotas });
     const server = await XenstoreSocketServer.listen(daemon, socketPath);
     const xs = await XenstoreClient.connectSocket(socketPath);
     return new Toolstack(hv, daemon, server, xs, socketPath, dir, opts);

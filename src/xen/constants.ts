@@ -94,7 +94,10 @@ export const ENOSPC = 28;
 export const ENOENT = 2;
 
 // ---- Emulator sizing (ours, not Xen ABI) ----
-/** Domain slots in the shared tables (live domains plus zombies whose grants are still mapped). */
+/**
+ * Domain slots in the shared tables (live domains plus zombies whose grants are still mapped),
+ * by default; a Hypervisor may be made with more (`maxDomains`, each slot ~2 MiB of tables).
+ */
 export const MAX_DOMAINS = 32;
 /** v1 grant entries per domain: Xen's default max_grant_frames (64) x 512 entries, room for a ring of indirect requests. */
 export const NR_GRANT_ENTRIES = 32768;

@@ -6,7 +6,7 @@ import { DEFAULT_POLL_MICROS } from './constants.js';
 import { EventChannels } from './event-channel.js';
 import { GrantTable } from './grant-table.js';
 import { DomainMemory, MemoryRegistry, type Pages } from './memory.js';
-import { GLOBAL_ROW, readCounters, SharedTables, SLOT_DYING, type SharedTablesInit, type XenCounters } from './shared-tables.js';
+import { readCounters, SharedTables, SLOT_DYING, type SharedTablesInit, type XenCounters } from './shared-tables.js';
 
 /** What the hypervisor hands a domain's thread, or one of its vCPU threads (inside workerData.xen). Internal. */
 export interface DomainBootstrap {
@@ -153,7 +153,7 @@ class PortVcpuService implements VcpuService {
 export class CounterView {
   constructor(private readonly t: SharedTables) {}
   /** Whole-hypervisor counters. */
-  global(): XenCounters { return readCounters(this.t, GLOBAL_ROW); }
+  global(): XenCounters { return readCounters(this.t, this.t.globalRow); }
   /** Counters of a running or dying domain; undefined if unknown. */
   domain(domid: number): XenCounters | undefined {
     let slot = this.t.slotOf(domid);

@@ -35,6 +35,8 @@ export interface HypervisorOptions {
    * (1/0), else on under `node --test`, else off.
    */
   readonly checked?: boolean;
+  /** Domain slots (live domains and zombies still mapped; default MAX_DOMAINS, 32): ~2 MiB of tables each. */
+  readonly maxDomains?: number;
 }
 
 export interface CreateDomainOptions {
@@ -128,7 +130,9 @@ export class Hypervisor {
   private nextDomid = 1;
 
   constructor(opts: HypervisorOptions = {}) {
-    this.t = SharedTables.allocate(opts.checked ?? checkedByDefault());
+    const maxDomains = opts.maxDomains ?? MAX_DOMAINS;
+    if (!Number.isInteger(maxDomains) || maxDomains < 2 || maxDomains > 1024) throw new RangeError(`maxDomains ${maxDomains}: 2..1024`);
+    this.t = SharedTables.allocate(opts.checked ?? checkedByDefault(), maxDomains);
     const pages = createPages(opts.dom0MemoryPages ?? DEFAULT_MEMORY_PAGES);
     this.memories.set(0, pages);
     this.registry = new MemoryRegistry([[0, pages]]);
@@ -470,7 +474,7 @@ export class Hypervisor {
   /** Finds a free slot (reclaiming zombies nobody maps any more) and marks it running. */
   private claimSlot(domid: number, want: number): number {
     const t = this.t;
-    for (let s = want >= 0 ? want : 1; s < MAX_DOMAINS; s++) {
+    for (let s = want >= 0 ? want : 1; s < t.maxDomains; s++) {
       const st = Atomics.load(t.dom, s * D_STRIDE + D_STATE);
       if (st === SLOT_DYING && !hasPinnedGrants(t, s)) this.freeSlot(s);
       if (Atomics.load(t.dom, s * D_STRIDE + D_STATE) !== SLOT_FREE) continue;
@@ -484,7 +488,7 @@ export class Hypervisor {
       Atomics.store(t.dom, s * D_STRIDE + D_STATE, SLOT_RUNNING);
       return s;
     }
-    throw new Error(`no free domain slot (MAX_DOMAINS = ${MAX_DOMAINS})`);
+    throw new Error(`no free domain slot (${t.maxDomains} in this hypervisor)`);
   }
 
   private freeSlot(s: number): void {

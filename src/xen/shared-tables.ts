@@ -20,6 +20,8 @@ export interface SharedTablesInit {
   readonly violations: SharedArrayBuffer;
   /** The checked mode (checked.ts): decided once by the Hypervisor, the same in every thread. */
   readonly checked: boolean;
+  /** Domain slots the tables hold (MAX_DOMAINS unless the Hypervisor asked for more). */
+  readonly maxDomains: number;
 }
 
 // ---- Domain record (Int32, per slot): state and domid, then one block per vCPU ----
@@ -45,7 +47,7 @@ export const SLOT_RUNNING = 1;
 /** Destroyed; kept while peers still map its grants (Xen keeps such a domain as a zombie). */
 export const SLOT_DYING = 2;
 
-// ---- Counters (BigInt64, one row per slot, plus one global row at MAX_DOMAINS) ----
+// ---- Counters (BigInt64, one row per slot, plus one global row after them) ----
 export const C_GRANTS_ACTIVE = 0;
 export const C_MAPS_ACTIVE = 1;
 export const C_PORTS_OPEN = 2;
@@ -62,7 +64,6 @@ export const C_WAKES = 12;
 export const C_POLL_HITS = 13;
 export const C_SLEEPS = 14;
 export const C_STRIDE = 16;
-export const GLOBAL_ROW = MAX_DOMAINS;
 
 // ---- Grant entry (Int32 x 4, per slot per ref) ----
 // Word 0 holds the v1 flags (low 16 bits, grant_table.h struct grant_entry_v1) and the pin
@@ -143,20 +144,32 @@ export class SharedTables {
   readonly checked: boolean;
   readonly violations: ViolationLog;
 
-  static allocate(checked: boolean = checkedByDefault()): SharedTables {
+  static allocate(checked: boolean = checkedByDefault(), maxDomains: number = MAX_DOMAINS): SharedTables {
     const sab = (bytes: number) => new SharedArrayBuffer(bytes);
+    const n = maxDomains;
     return new SharedTables({
-      domains: sab(MAX_DOMAINS * D_STRIDE * 4),
-      counters: sab((MAX_DOMAINS + 1) * C_STRIDE * 8),
-      grants: sab(MAX_DOMAINS * NR_GRANT_ENTRIES * G_STRIDE * 4),
-      maptrack: sab(MAX_DOMAINS * NR_MAPTRACK * M_STRIDE * 4),
-      ports: sab(MAX_DOMAINS * NR_EVTCHN_PORTS * P_STRIDE * 4),
-      portCounters: sab(MAX_DOMAINS * NR_EVTCHN_PORTS * PC_STRIDE * 8),
-      pending: sab(MAX_DOMAINS * PORT_WORDS * 4),
-      mask: sab(MAX_DOMAINS * PORT_WORDS * 4),
+      domains: sab(n * D_STRIDE * 4),
+      counters: sab((n + 1) * C_STRIDE * 8),
+      grants: sab(n * NR_GRANT_ENTRIES * G_STRIDE * 4),
+      maptrack: sab(n * NR_MAPTRACK * M_STRIDE * 4),
+      ports: sab(n * NR_EVTCHN_PORTS * P_STRIDE * 4),
+      portCounters: sab(n * NR_EVTCHN_PORTS * PC_STRIDE * 8),
+      pending: sab(n * PORT_WORDS * 4),
+      mask: sab(n * PORT_WORDS * 4),
       violations: allocateViolationLog(),
       checked,
+      maxDomains: n,
     });
+  }
+
+  /** Domain slots these tables hold. */
+  get maxDomains(): number {
+    return this.init.maxDomains;
+  }
+
+  /** The counters row that sums every slot's. */
+  get globalRow(): number {
+    return this.init.maxDomains;
   }
 
   constructor(init: SharedTablesInit) {
@@ -179,7 +192,7 @@ export class SharedTables {
     if (cached !== undefined && Atomics.load(this.dom, cached * D_STRIDE + D_DOMID) === domid) {
       return Atomics.load(this.dom, cached * D_STRIDE + D_STATE) === state ? cached : -1;
     }
-    for (let s = 0; s < MAX_DOMAINS; s++) {
+    for (let s = 0; s < this.init.maxDomains; s++) {
       const b = s * D_STRIDE;
       if (Atomics.load(this.dom, b + D_STATE) !== SLOT_FREE && Atomics.load(this.dom, b + D_DOMID) === domid) {
         this.slotCache.set(domid, s);
@@ -192,7 +205,7 @@ export class SharedTables {
   /** Adds to a counter of a slot and to the global row. */
   count(slot: number, c: number, n: bigint = 1n): void {
     Atomics.add(this.ctr, slot * C_STRIDE + c, n);
-    Atomics.add(this.ctr, GLOBAL_ROW * C_STRIDE + c, n);
+    Atomics.add(this.ctr, this.init.maxDomains * C_STRIDE + c, n);
   }
 
   counter(row: number, c: number): number {

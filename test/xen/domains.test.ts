@@ -173,3 +173,31 @@ describe('worker-thread domains', () => {
     await g.exited;
   });
 });
+
+describe('domain slots', { timeout: 60_000 }, () => {
+  test('a hypervisor holds as many domains as it was made for, and says so when full', async () => {
+    for (const maxDomains of [4, 40]) {
+      const hv = new Hypervisor({ maxDomains, dom0MemoryPages: 16 });
+      try {
+        // Slot 0 is dom0's.
+        const doms = Array.from({ length: maxDomains - 1 }, () => hv.createLocalDomain({ memoryPages: 16 }));
+        assert.throws(() => hv.createLocalDomain({ memoryPages: 16 }), new RegExp(`no free domain slot \\(${maxDomains} in this hypervisor\\)`));
+        // The last slot works like the first: a grant across them counts per domain and in the sum.
+        const [a, b] = [doms[0]!, doms.at(-1)!];
+        const [f] = a.memory.alloc(1);
+        const ref = a.grants.grantAccess(b.domid, f!, false);
+        const m = b.grants.mapGrant(a.domid, ref, false);
+        assert.equal(hv.counters().mapsActive, 1);
+        assert.equal(hv.domainCounters(b.domid)!.mapsActive, 1);
+        b.grants.unmapGrant(m.handle);
+        assert.equal(a.grants.endAccess(ref), true);
+        a.memory.free([f!]);
+        for (const d of doms) await hv.destroyDomain(d.domid);
+        hv.createLocalDomain({ memoryPages: 16 }); // a freed slot is claimed again
+      } finally {
+        await hv.shutdown();
+      }
+    }
+    assert.throws(() => new Hypervisor({ maxDomains: 1 }), /maxDomains 1: 2\.\.1024/);
+  });
+});
