@@ -95,7 +95,7 @@ export function releaseConnection(conn: Connection, xen: XenDomain, pool: PagePo
         again.push(c);
         held.push({ queue: q.index, id: BigInt(s.index), operation: s.expectOp, sector: BigInt((c.op.offset + c.start) / 512), bytes: c.length });
       }
-    });
+    }, (frame, ref) => pool.stick(frame, ref, false));
   }
   conn.grants.endAll();
   return { again, held, ringLeaked };

@@ -6,7 +6,8 @@
  * - `PersistentGrants`: each page is granted writable once, on first use, and keeps its grant for
  *   the whole connection (`feature-persistent`, Linux `persistent_gnts`); a grant the backend has
  *   unmapped may be ended while its page is idle (Linux `purge_persistent_grants`).
- * Either way a page whose grant the backend still maps is never reused.
+ * Either way a page whose grant the backend still maps is not reused while it does (page-pool.ts
+ * retries ending such grants, as Linux defers them).
  */
 import type { XenDomain } from '../xen/index.js';
 import { BlkfrontError, type BlkfrontCounters } from './io.js';
@@ -69,13 +70,13 @@ export class GrantPerRequest implements GrantPolicy {
     const end = (refs: number[], frames: number[]) => {
       for (let i = 0; i < refs.length; i++) {
         if (this.d.xen.grants.endAccess(refs[i]!)) continue;
+        this.d.pool.stick(frames[i]!, refs[i]!);
         frames[i] = -1;
         leaked++;
       }
     };
     end(s.grefs, s.frames);
     end(s.indirectGrefs, s.indirectFrames);
-    this.d.pool.leaked += leaked;
     return leaked;
   }
 
@@ -124,12 +125,11 @@ export class PersistentGrants implements GrantPolicy {
     return n;
   }
 
-  /** Persistent grants end with the connection; a page the backend still maps is never reused. */
+  /** Persistent grants end with the connection; a page the backend still maps waits in the pool's stuck list. */
   endAll(): void {
     for (const [frame, ref] of this.byFrame) {
       if (this.d.xen.grants.endAccess(ref)) continue;
-      this.d.pool.retire(frame);
-      this.d.pool.leaked++;
+      this.d.pool.stick(frame, ref);
     }
     this.byFrame.clear();
   }

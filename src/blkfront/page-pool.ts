@@ -10,8 +10,12 @@ export class PagePool {
   private readonly views = new Map<number, Uint8Array>();
   private readonly dataViews = new Map<number, DataView>();
   readonly frames: readonly number[];
-  /** Frames the backend never let go of (grant still mapped): never reused, never freed. */
-  leaked = 0;
+  /**
+   * Pages whose grant a backend still mapped when it was to end, by frame: out of use until the
+   * grant can be ended (`retryStuck`), as Linux defers a gnttab_end_foreign_access it cannot do
+   * yet. `pooled`: one of the pool's pages (else a ring page, the domain's once set free).
+   */
+  private readonly stuck = new Map<number, { readonly ref: number; readonly pooled: boolean }>();
 
   constructor(private readonly xen: XenDomain, count: number) {
     this.frames = xen.memory.alloc(count);
@@ -30,6 +34,35 @@ export class PagePool {
   /** The frames not lent to a request now. */
   freeFrames(): readonly number[] {
     return this.free;
+  }
+
+  /** Pool pages a backend still maps: not reused while it does. */
+  get leaked(): number {
+    let n = 0;
+    for (const s of this.stuck.values()) if (s.pooled) n++;
+    return n;
+  }
+
+  /** A page whose grant `ref` a backend still maps: out of use until `retryStuck` ends it. */
+  stick(frame: number, ref: number, pooled = true): void {
+    if (pooled) this.retire(frame);
+    this.stuck.set(frame, { ref, pooled });
+  }
+
+  /**
+   * Tries again to end every stuck grant (the backend may have unmapped, or its domain gone): a
+   * pool page comes back to the pool, a ring page to the domain. Returns how many came back.
+   */
+  retryStuck(): number {
+    let n = 0;
+    for (const [frame, s] of this.stuck) {
+      if (!this.xen.grants.endAccess(s.ref)) continue;
+      this.stuck.delete(frame);
+      if (s.pooled) this.free.push(frame);
+      else this.xen.memory.free([frame]);
+      n++;
+    }
+    return n;
   }
 
   /** Frames that can still carry I/O: all but the leaked ones (free now or back once answered). */

@@ -74,10 +74,10 @@ export class Queue {
 
   /**
    * Lets go of the ring: the channel closed, each request still pending handed to `unanswered`
-   * and its entry released, then the ring's grants ended. Ring pages are freed only if the
-   * backend no longer maps any of them; returns how many it still maps (never reused).
+   * and its entry released, then the ring's grants ended. A ring page the backend still maps goes
+   * to `stuck` (freed once its grant can be ended); returns how many it still maps.
    */
-  close(xen: XenDomain, unanswered: (s: ShadowEntry<Chunk>) => void): number {
+  close(xen: XenDomain, unanswered: (s: ShadowEntry<Chunk>) => void, stuck: (frame: number, ref: number) => void): number {
     this.offEvent();
     xen.events.close(this.port);
     for (const s of this.shadow.pendingEntries()) {
@@ -85,8 +85,14 @@ export class Queue {
       this.shadow.release(s);
     }
     let leaked = 0;
-    for (const ref of this.ringRefs) if (!xen.grants.endAccess(ref)) leaked++;
-    if (leaked === 0) xen.memory.free(this.ringFrames);
+    this.ringRefs.forEach((ref, i) => {
+      const frame = this.ringFrames[i]!;
+      if (xen.grants.endAccess(ref)) xen.memory.free([frame]);
+      else {
+        stuck(frame, ref);
+        leaked++;
+      }
+    });
     return leaked;
   }
 }

@@ -244,6 +244,9 @@ export class BlkfrontXenbus {
     const { xen, xs, frontDir, options } = this.d;
     const backDomid = Number(await xs.read(`${frontDir}/${XS_BACKEND_ID}`));
     const transport = await readBackendTransport(xs, this.backDir, options.maxIndirectSegments);
+    // Pages an earlier backend kept mapped come back if it has let go since (or its domain went).
+    const back = this.d.pool.retryStuck();
+    if (back > 0) this.log(`${back} page(s) an earlier backend kept mapped are free again`);
     const conn = openConnection({
       xen, pool: this.d.pool, counters: this.d.counters, options, transport, backDomid, backDir: this.backDir,
       adopt: (c) => (this.conn = c),
@@ -389,6 +392,9 @@ export class BlkfrontXenbus {
     this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed'));
     clearTimeout(this.waitTimer);
     clearInterval(this.purgeTimer);
+    // The last chance to end grants a backend kept mapped: one that has let go since gets them
+    // ended now, so nothing stays granted to it once we are gone.
+    this.d.pool.retryStuck();
     this.d.pool.dispose();
   }
 

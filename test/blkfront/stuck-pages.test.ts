@@ -92,6 +92,11 @@ class ScriptedBackend {
     this.B.grants.unmap(this.kept.splice(0));
   }
 
+  /** Unmaps what a bounce kept mapped (the backend lets go late, or its domain went). */
+  releaseKept(): void {
+    this.B.grants.unmap(this.kept.splice(0));
+  }
+
   get connected(): boolean {
     return this.conn !== undefined && this.state === XenbusStateConnected;
   }
@@ -228,6 +233,30 @@ test('pages kept mapped across a reconnect: the I/O is re-issued in requests the
     assert.deepEqual(be.disk.subarray(8 * PAGE, 19 * PAGE), data, 'the data reached the disk');
     const back = await within(f.read(8 * PAGE, 11 * PAGE), 'a read of 11 pages on the smaller pool');
     assert.deepEqual(new Uint8Array(back), data, 'read back as written');
+    await within(f.close(), 'close()');
+  });
+});
+
+test('pages a backend kept mapped come back once it lets go: the next connection ends their grants and uses them again', { timeout: 60_000 }, async () => {
+  await withScriptedBackend(16, async (f, be) => {
+    const writing = f.write(8 * PAGE, pattern(11 * PAGE, 5));
+    await until(() => be.held.length === 1, 'the write of 11 pages is on the ring');
+    await be.bounce(true);
+    await until(() => be.sent.length === 2 && be.connected, 'the backend is connected again');
+    be.autoAnswer = true;
+    be.answerHeld();
+    await within(writing, 'the write re-issued after the reconnect');
+    assert.equal(f.leakedPages, 11, 'still mapped: out of use');
+    // The backend lets go of what it kept; the next connection ends those grants.
+    be.releaseKept();
+    await be.bounce(false);
+    await until(() => be.sent.length === 3 && be.connected, 'connected a third time');
+    assert.equal(f.leakedPages, 0, 'every page is back in the pool');
+    const data = pattern(16 * PAGE, 9);
+    await within(f.write(0, data), 'a write of all 16 pages');
+    const third = be.sent[2]!;
+    assert.ok(third.some((r) => r.operation === BLKIF_OP_WRITE && r.seg.length === 11), 'a full 11-page request again');
+    assert.deepEqual(be.disk.subarray(0, 16 * PAGE), data);
     await within(f.close(), 'close()');
   });
 });
