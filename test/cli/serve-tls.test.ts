@@ -15,7 +15,7 @@ import { MAIN, execFileP, serve, type Served } from './serve-support.js';
 import { makeCa, makeCert, pskLine, writePskFile } from '../nbd/tls-support.js';
 import { randomBytes, tempDir, until } from '../nbd/support.js';
 import { ServerProcess, freePort } from '../storage/nbd-support.js';
-import { requireTools } from '../support/tools.js';
+import { requireLocalhost, requireTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('serve-tls-');
@@ -37,6 +37,7 @@ const alive = (pid: number) => {
 
 before(() => {
   requireTools('nbdinfo', 'nbdcopy', 'qemu-io', 'qemu-img', 'nbdkit', 'openssl');
+  requireLocalhost();
   pskFile = writePskFile(tmp.dir, [pskLine('alice')]);
   makeCa(dir('ca'), 'test CA');
   makeCert(dir('ca'), dir('server'), 'server', 'localhost');

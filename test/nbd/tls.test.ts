@@ -18,7 +18,7 @@ import {
 } from '../../src/nbd/index.js';
 import { MemoryDevice, RawClient, randomBytes, run, runOk, tempDir, until } from './support.js';
 import { makeCa, makeCert, pskLine, writePskFile } from './tls-support.js';
-import { requireTools } from '../support/tools.js';
+import { requireLocalhost, requireTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('nbd-tls-');
@@ -56,6 +56,7 @@ let on: Served;
 
 before(() => {
   requireTools('nbdinfo', 'nbdcopy', 'qemu-img', 'qemu-io', 'openssl');
+  requireLocalhost();
   const alice = pskLine('alice');
   pskFile = writePskFile(dir('psk'), [pskLine('bob'), alice]);
   // The same user with another key.

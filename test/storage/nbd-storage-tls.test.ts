@@ -12,7 +12,7 @@ import { NbdStorage, StorageError } from '../../src/storage/index.js';
 import { makeCa, makeCert, pskLine, writePskFile } from '../nbd/tls-support.js';
 import { randomBytes, runOk, tempDir } from '../nbd/support.js';
 import { ServerProcess, freePort } from './nbd-support.js';
-import { requireTools } from '../support/tools.js';
+import { requireLocalhost, requireTools } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
 const tmp = tempDir('nbd-storage-tls-');
@@ -32,6 +32,7 @@ async function nbdkit(where: { port: number } | { socket: string }, tls: string[
 
 before(async () => {
   requireTools('nbdkit', 'nbdcopy', 'openssl');
+  requireLocalhost();
   pskFile = writePskFile(dir('psk'), [pskLine('alice')]);
   wrongPskFile = writePskFile(dir('wrong'), [pskLine('alice')]);
   makeCa(dir('ca'), 'nbdkit test CA');

@@ -50,3 +50,13 @@ export function requireTools(...cmds: string[]): void {
 export function needTools(...cmds: string[]): void {
   before(() => requireTools(...cmds));
 }
+
+/**
+ * Fails with one line unless the name `localhost` resolves (the X.509 tests' certificates are
+ * issued for it; a bare debootstrap root has no /etc/hosts).
+ */
+export function requireLocalhost(): void {
+  // getent (libc-bin, on every Debian) resolves as the clients under test do, through NSS.
+  const ok = spawnSync('getent', ['hosts', 'localhost'], { stdio: 'ignore' }).status === 0;
+  if (!ok) throw new MissingTool('the name localhost does not resolve: this machine needs an /etc/hosts (127.0.0.1 localhost, ::1 localhost)');
+}
