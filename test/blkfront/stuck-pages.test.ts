@@ -214,18 +214,25 @@ async function withScriptedBackend(bufferPages: number, body: (f: Blkfront, be: 
 
 const pattern = (n: number, seed: number): Uint8Array => Uint8Array.from({ length: n }, (_, i) => (i * 31 + seed) & 0xff);
 
+/**
+ * Writes 11 pages at page 8, and bounces the backend with that request unanswered and its 11
+ * pages kept mapped (5 of 16 buffer pages remain); the write completes after the reconnect.
+ */
+async function writeAcrossKeptBounce(f: Blkfront, be: ScriptedBackend, data: Uint8Array): Promise<void> {
+  const writing = f.write(8 * PAGE, data);
+  await until(() => be.held.length === 1, 'the write of 11 pages is on the ring');
+  await be.bounce(true);
+  await until(() => be.sent.length === 2 && be.connected, 'the backend is connected again');
+  be.autoAnswer = true;
+  be.answerHeld();
+  await within(writing, 'the write re-issued after the reconnect');
+}
+
 test('pages kept mapped across a reconnect: the I/O is re-issued in requests the smaller pool can hold, and completes', { timeout: 60_000 }, async () => {
   await withScriptedBackend(16, async (f, be) => {
     assert.equal(f.info.maxSegments, 11, 'no indirect offered: 11 segments per request');
     const data = pattern(11 * PAGE, 7);
-    const writing = f.write(8 * PAGE, data);
-    await until(() => be.held.length === 1, 'the write of 11 pages is on the ring');
-    // Away with the request unanswered, keeping its 11 pages mapped: 5 of 16 buffer pages remain.
-    await be.bounce(true);
-    await until(() => be.sent.length === 2 && be.connected, 'the backend is connected again');
-    be.autoAnswer = true;
-    be.answerHeld();
-    await within(writing, 'the write re-issued after the reconnect');
+    await writeAcrossKeptBounce(f, be, data);
     assert.equal(f.leakedPages, 11, 'the pages still mapped are reported leaked');
     const again = be.sent[1]!;
     assert.ok(again.length >= 3, `re-issued in at least 3 requests (${again.length})`);
@@ -239,13 +246,7 @@ test('pages kept mapped across a reconnect: the I/O is re-issued in requests the
 
 test('pages a backend kept mapped come back once it lets go: the next connection ends their grants and uses them again', { timeout: 60_000 }, async () => {
   await withScriptedBackend(16, async (f, be) => {
-    const writing = f.write(8 * PAGE, pattern(11 * PAGE, 5));
-    await until(() => be.held.length === 1, 'the write of 11 pages is on the ring');
-    await be.bounce(true);
-    await until(() => be.sent.length === 2 && be.connected, 'the backend is connected again');
-    be.autoAnswer = true;
-    be.answerHeld();
-    await within(writing, 'the write re-issued after the reconnect');
+    await writeAcrossKeptBounce(f, be, pattern(11 * PAGE, 5));
     assert.equal(f.leakedPages, 11, 'still mapped: out of use');
     // The backend lets go of what it kept; the next connection ends those grants.
     be.releaseKept();
