@@ -153,9 +153,6 @@ export class FileStorage implements BlockStorage {
     return this.currentSize;
   }
 
-  /** Another open of the same file shares its page cache and its fdatasync. */
-  readonly shareable = true;
-
   /** Whether discard punches holes (probed at open; false once a punch has failed). */
   get canDiscard(): boolean {
     return this.punches;
@@ -305,6 +302,6 @@ export const fileStorageKind: StorageKind<FileStorageSpec> = {
   describe: (s) => s.path,
   // Any path (made absolute), but not something with a URI scheme: that is another kind's.
   fromArgument: (arg, o) => (/^[a-z][a-z0-9+.-]*:\/\//i.test(arg) ? undefined : { kind: 'file', path: resolve(arg), sectorSize: o.sectorSize, readOnly: o.readOnly }),
-  // A second descriptor sees every completed write, and fdatasync covers the file.
+  // Another open of the same file shares its page cache, and fdatasync covers the file.
   shareable: () => true,
 };

@@ -48,14 +48,14 @@ export class NbdStorage implements BlockStorage {
   /** Whether discard lets the server free space (it can both trim and write zeroes). */
   readonly canDiscard: boolean;
   /** Several connections see one another's writes and flushes (NBD_FLAG_CAN_MULTI_CONN). */
-  readonly shareable: boolean;
+  readonly multiConn: boolean;
 
   private constructor(private readonly client: NbdClient, opts: NbdStorageOptions) {
     this.sectorSize = client.sectorSize;
     const f = client.info.transmissionFlags;
     this.readOnly = opts.readOnly === true || (f & NBD_FLAG_READ_ONLY) !== 0;
     this.canDiscard = (f & NBD_FLAG_SEND_TRIM) !== 0 && (f & NBD_FLAG_SEND_WRITE_ZEROES) !== 0;
-    this.shareable = client.multiConn;
+    this.multiConn = client.multiConn;
   }
 
   /**
@@ -192,5 +192,5 @@ export const nbdStorageKind: StorageKind<NbdStorageSpec> = {
   describe: (s) => s.uri,
   fromArgument: (arg, o) => (/^nbds?(\+unix)?:\/\//.test(arg) ? { kind: 'nbd', uri: arg, sectorSize: o.sectorSize, readOnly: o.readOnly, connections: o.connections } : undefined),
   // Only when the server says several connections see one another's writes and flushes.
-  shareable: (s) => s.shareable === true,
+  shareable: (s) => s instanceof NbdStorage && s.multiConn,
 };

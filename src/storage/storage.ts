@@ -18,13 +18,6 @@ export interface BlockStorage {
   readonly readOnly: boolean;
   /** Whether `discard` frees space (else it still zeroes the range, by writing). */
   readonly canDiscard: boolean;
-  /**
-   * Whether a second handle opened on the same store (by another thread) sees every write this
-   * one completed, and a flush through either covers both: true for a file, and for an NBD
-   * export that allows several connections (NBD_FLAG_CAN_MULTI_CONN). The handle's own answer;
-   * blkback asks the registry (`StorageKind.shareable`) before serving queues in their own threads.
-   */
-  readonly shareable?: boolean;
   /** Reads consecutive bytes from `offset` into `buffers`, one after another. */
   read(offset: number, buffers: readonly Uint8Array[]): Promise<void>;
   /** Writes `buffers`, one after another, to consecutive bytes from `offset`. */
@@ -82,8 +75,9 @@ export interface StorageKind<S extends StorageSpecBase> {
   /** The spec for an IMAGE argument of `blkif serve` this kind recognises, else undefined. */
   fromArgument?(arg: string, o: StorageArgumentOptions): S | undefined;
   /**
-   * Whether another thread may open a handle of its own on the same store (see
-   * `BlockStorage.shareable`): asked of the handle `open` gave.
+   * Whether another thread may open a handle of its own on the same store: whether that handle
+   * sees every write this one completed, and a flush through either covers both. Asked of the
+   * handle `open` gave; blkback serves queues in threads of their own only when it says yes.
    */
   shareable(storage: BlockStorage): boolean;
 }
