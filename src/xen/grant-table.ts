@@ -402,9 +402,10 @@ export class GrantTable {
     const handle = this.freeHandles.pop()!;
     if (t.checked) {
       const e = (rslot * NR_GRANT_ENTRIES + op.ref) * G_STRIDE;
-      // Pinned writable as well (by this domain: Xen lets a grantee map a grant both ways): the
-      // page may change, nothing to check.
-      if (readonly && (Atomics.load(t.gnt, e + G_FLAGS) & PIN_W_MASK) === 0) {
+      // Pinned writable as well (by this domain: Xen lets a grantee map a grant both ways), or a
+      // lasting grant (a persistent grant, a ring), which its granter writes all along: the page
+      // may change, nothing to check.
+      if (readonly && (Atomics.load(t.gnt, e + G_FLAGS) & PIN_W_MASK) === 0 && (Atomics.load(t.gnt, e + G_CHECK) & G_CHK_LASTING) === 0) {
         this.roMaps.set(handle, { fp: pageFingerprint(sab), wpins: Atomics.load(t.gnt, e + G_WPINS) });
       } else this.roMaps.delete(handle);
     }
@@ -450,9 +451,6 @@ export class GrantTable {
     const page = this.registry.page(dom, frame);
     if (page === undefined) return undefined;
     const now = pageFingerprint(page);
-    // A lasting grant (a persistent grant, a ring) is written by its granter all along, also
-    // while a peer holds it mapped read-only: a change tells nothing about who wrote it.
-    if ((Atomics.load(this.t.gnt, e + G_CHECK) & G_CHK_LASTING) !== 0) return now;
     const writableMeanwhile = Atomics.load(this.t.gnt, e + G_WPINS) !== before.wpins || (Atomics.load(this.t.gnt, e + G_FLAGS) & PIN_W_MASK) !== 0;
     if (now !== before.fp && !writableMeanwhile) this.t.violations.record('readonly-mapping-written', { domid: this.domid, peer: dom, ref, handle, frame });
     return now;
