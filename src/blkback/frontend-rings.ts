@@ -65,7 +65,7 @@ export async function readFrontendRings(
 }
 
 /** A decimal u32 as xenstore holds it, or undefined. */
-export function parseUint(text: string): number | undefined {
+function parseUint(text: string): number | undefined {
   const t = text.trim();
   if (!/^\d{1,10}$/.test(t)) return undefined;
   const n = Number(t);

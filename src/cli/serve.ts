@@ -222,8 +222,9 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   }
   const uris = exp.addresses.map((a) => clientUri(a, o));
   for (const a of exp.addresses) {
-    const w = exposureWarning('path' in a ? 'path' : a.host, o.tls, o.readonly === true);
-    if (w !== undefined && !('path' in a)) warn(w, { address: a.host });
+    if ('path' in a) continue; // a Unix socket reaches only this machine
+    const w = exposureWarning(a.host, o.tls, o.readonly === true);
+    if (w !== undefined) warn(w, { address: a.host });
   }
   for (const u of uris.slice(1)) info(`also at ${u}`, { uri: u });
   // Called once the signal handlers are in place: whoever acts on the PID file or the ready line
