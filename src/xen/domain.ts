@@ -5,8 +5,10 @@ import { workerData as rawWorkerData, isMainThread, type MessagePort, type Trans
 import { DEFAULT_POLL_MICROS } from './constants.js';
 import { EventChannels } from './event-channel.js';
 import { GrantTable } from './grant-table.js';
-import { DomainMemory, MemoryRegistry, type Pages } from './memory.js';
-import { readCounters, SharedTables, SLOT_DYING, type SharedTablesInit, type XenCounters } from './shared-tables.js';
+import { DomainMemory, MemoryRegistry, type GrowHook, type Pages } from './memory.js';
+import {
+  D_DOMID, D_PAGES, D_STATE, D_STRIDE, readCounters, SharedTables, SLOT_DYING, SLOT_RUNNING, type SharedTablesInit, type XenCounters,
+} from './shared-tables.js';
 
 /** What the hypervisor hands a domain's thread, or one of its vCPU threads (inside workerData.xen). Internal. */
 export interface DomainBootstrap {
@@ -16,6 +18,8 @@ export interface DomainBootstrap {
   /** 0 for the domain's own thread; 1.. for a thread started with startVcpu. */
   readonly vcpu: number;
   readonly memories: readonly (readonly [number, Pages])[];
+  /** The domain's memory size in frames (its pages are created as it allocates them). */
+  readonly memoryPages: number;
   readonly control: MessagePort;
   /** Requests to the hypervisor that need the main thread (vCPU up/down). */
   readonly hypercall: MessagePort;
@@ -87,7 +91,9 @@ export type HypercallRequest =
   | { readonly t: 'up'; readonly id: number; readonly script: string; readonly workerData: unknown;
       readonly transferList: readonly Transferable[]; readonly frames: readonly number[] | undefined;
       readonly pollMicros: number | undefined; readonly peers: readonly number[] | undefined; readonly name: string | undefined }
-  | { readonly t: 'down'; readonly id: number; readonly vcpu: number };
+  | { readonly t: 'down'; readonly id: number; readonly vcpu: number }
+  /** The domain's thread created pages for frames first..: relay them, then raise D_PAGES. */
+  | { readonly t: 'grow'; readonly first: number; readonly pages: readonly SharedArrayBuffer[] };
 
 /** vCPU operations of a worker domain: messages to the hypervisor over the hypercall port. */
 class PortVcpuService implements VcpuService {
@@ -179,12 +185,14 @@ export class XenDomain {
   private readonly vcpus: VcpuService | undefined;
 
   /** @internal */
-  constructor(t: SharedTables, domid: number, slot: number, registry: MemoryRegistry, pages: Pages,
+  constructor(t: SharedTables, domid: number, slot: number, registry: MemoryRegistry, pages: (SharedArrayBuffer | undefined)[],
               pollMicros: number, workerData: unknown,
-              opts: { vcpu?: number; frames?: readonly number[]; vcpus?: VcpuService } = {}) {
+              opts: { vcpu?: number; frames?: readonly number[]; vcpus?: VcpuService; memoryPages?: number; grow?: GrowHook } = {}) {
     this.domid = domid;
     this.vcpu = opts.vcpu ?? 0;
-    this.memory = new DomainMemory(pages, this.vcpu === 0 ? undefined : opts.frames ?? []);
+    this.memory = this.vcpu === 0
+      ? new DomainMemory(pages, { ...(opts.memoryPages === undefined ? {} : { limit: opts.memoryPages }), ...(opts.grow === undefined ? {} : { grow: opts.grow }) })
+      : new DomainMemory(pages, { lent: opts.frames ?? [] });
     this.grants = new GrantTable(t, domid, slot, this.memory, registry, this.vcpu === 0, this.vcpu);
     if (t.checked) {
       this.memory._onGrantedFree((frame) => {
@@ -221,6 +229,33 @@ export class XenDomain {
   dispose(): void { this.events.dispose(); }
 }
 
+/** How long a domain's thread waits for the main thread to relay its new pages before it gives up. */
+const GROW_TIMEOUT_MS = 60_000;
+
+/**
+ * A worker domain's growth: the pages go to the main thread's hypervisor, which relays them to
+ * every thread that maps from this domain and then raises D_PAGES; this thread waits for that
+ * (Atomics.wait: a worker may block; a domain in the main thread is relayed synchronously), so
+ * no grant of a new page can reach a thread that cannot find the page on its control port.
+ */
+function growThroughHypervisor(t: SharedTables, slot: number, domid: number, port: MessagePort): GrowHook {
+  const word = slot * D_STRIDE + D_PAGES;
+  return (first, pages) => {
+    port.postMessage({ t: 'grow', first, pages } satisfies HypercallRequest);
+    const want = first + pages.length;
+    const deadline = Date.now() + GROW_TIMEOUT_MS;
+    for (;;) {
+      const seen = Atomics.load(t.dom, word);
+      if (seen >= want) return;
+      if (Atomics.load(t.dom, slot * D_STRIDE + D_STATE) !== SLOT_RUNNING || Atomics.load(t.dom, slot * D_STRIDE + D_DOMID) !== domid) {
+        throw new Error(`domain ${domid} is being destroyed: no new memory`);
+      }
+      if (Date.now() > deadline) throw new Error(`domain ${domid}: the hypervisor did not take ${pages.length} new pages in ${GROW_TIMEOUT_MS} ms`);
+      Atomics.wait(t.dom, word, seen, 100);
+    }
+  };
+}
+
 let attached: XenDomain | undefined;
 
 /**
@@ -236,11 +271,14 @@ export async function attachDomain(): Promise<XenDomain> {
   }
   const b = wd.xen;
   const t = new SharedTables(b.tables);
-  const registry = new MemoryRegistry(b.memories, b.control);
-  const own = b.memories.find(([d]) => d === b.domid)?.[1];
+  // The bootstrap's arrays are this thread's copies: the registry keeps them, growing them in place.
+  const registry = new MemoryRegistry(b.memories.map(([d, p]) => [d, p as (SharedArrayBuffer | undefined)[]]), b.control);
+  const own = registry.pagesOf(b.domid);
   if (own === undefined) throw new Error(`attachDomain(): no memory for domain ${b.domid}`);
-  attached = new XenDomain(t, b.domid, b.slot, registry, own, b.pollMicros ?? DEFAULT_POLL_MICROS, wd.app,
-    { vcpu: b.vcpu, frames: b.frames, vcpus: new PortVcpuService(b.hypercall) });
+  attached = new XenDomain(t, b.domid, b.slot, registry, own, b.pollMicros ?? DEFAULT_POLL_MICROS, wd.app, {
+    vcpu: b.vcpu, frames: b.frames, vcpus: new PortVcpuService(b.hypercall), memoryPages: b.memoryPages,
+    ...(b.vcpu === 0 ? { grow: growThroughHypervisor(t, b.slot, b.domid, b.hypercall) } : {}),
+  });
   // The bootstrap holds every domain's pages: take it out of the domain code's reach.
   delete (wd as { xen?: DomainBootstrap }).xen;
   return attached;

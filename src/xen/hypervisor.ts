@@ -9,7 +9,7 @@ import { MessageChannel, Worker, type MessagePort, type Transferable } from 'nod
 import { checkedByDefault, type ViolationKind, type XenViolation } from './checked.js';
 import {
   DEFAULT_MEMORY_PAGES, DEFAULT_POLL_MICROS, EVTCHNSTAT_closed, GTF_type_mask, MAX_DOMAINS, MAX_VCPUS, NR_EVTCHN_PORTS,
-  NR_GRANT_ENTRIES, NR_MAPTRACK,
+  NR_GRANT_ENTRIES, NR_MAPTRACK, XEN_PAGE_SIZE,
 } from './constants.js';
 import type {
   DomainBootstrap, DomainWorkerData, HypercallRequest, StartVcpuOptions, VcpuExit, VcpuHandle, VcpuService,
@@ -17,9 +17,9 @@ import type {
 import { XenDomain } from './domain.js';
 import { closeAllPorts, moveVcpuPorts, resetEventSlot } from './event-channel.js';
 import { hasPinnedGrants, releaseAllMappings, releaseVcpuMappings, resetGrantSlot, revokeAllGrants } from './grant-table.js';
-import { createPages, MemoryRegistry, type ControlMessage, type Pages } from './memory.js';
+import { MemoryRegistry, placePages, type ControlMessage, type Pages } from './memory.js';
 import {
-  C_STRIDE, D_DOMID, D_STATE, D_STRIDE, G_DOMID, G_FLAGS, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF,
+  C_STRIDE, D_DOMID, D_PAGES, D_STATE, D_STRIDE, G_DOMID, G_FLAGS, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF,
   M_STRIDE, P_REMOTE_DOMID, P_STATE, P_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE, SLOT_RUNNING, V_ONLINE, V_STRIDE,
   vcpuWord, type XenCounters,
 } from './shared-tables.js';
@@ -89,6 +89,8 @@ interface VcpuThread {
   readonly control: MessagePort;
   readonly hypercall: MessagePort;
   readonly exited: Promise<VcpuExit>;
+  /** True for a domain whose pages the thread maps from (it learns their growth). */
+  readonly knows: (domid: number) => boolean;
   error?: unknown;
   stopping: boolean;
 }
@@ -112,6 +114,8 @@ interface Guest extends Threads {
   resolveExit: (e: DomainExit) => void;
   /** Learns each new domain's memory (CreateDomainOptions.memoryOf 'all'). */
   learnsNewMemory: boolean;
+  /** True for a domain whose pages the thread maps from (it learns their growth). */
+  readonly knows: (domid: number) => boolean;
 }
 
 interface Local extends Threads {
@@ -123,7 +127,8 @@ export class Hypervisor {
   readonly dom0: XenDomain;
   private readonly t: SharedTables;
   private readonly registry: MemoryRegistry;
-  private readonly memories = new Map<number, Pages>();
+  /** Every domain's pages, as created so far (shared with this thread's registry, grown in place). */
+  private readonly memories = new Map<number, (SharedArrayBuffer | undefined)[]>();
   private readonly guests = new Map<number, Guest>();
   private readonly locals = new Map<number, Local>();
   private readonly emitter = new EventEmitter();
@@ -133,11 +138,13 @@ export class Hypervisor {
     const maxDomains = opts.maxDomains ?? MAX_DOMAINS;
     if (!Number.isInteger(maxDomains) || maxDomains < 2 || maxDomains > 1024) throw new RangeError(`maxDomains ${maxDomains}: 2..1024`);
     this.t = SharedTables.allocate(opts.checked ?? checkedByDefault(), maxDomains);
-    const pages = createPages(opts.dom0MemoryPages ?? DEFAULT_MEMORY_PAGES);
+    const pages: (SharedArrayBuffer | undefined)[] = [];
     this.memories.set(0, pages);
     this.registry = new MemoryRegistry([[0, pages]]);
     this.claimSlot(0, 0);
-    this.dom0 = new XenDomain(this.t, 0, 0, this.registry, pages, opts.dom0PollMicros ?? DEFAULT_POLL_MICROS, undefined);
+    this.dom0 = new XenDomain(this.t, 0, 0, this.registry, pages, opts.dom0PollMicros ?? DEFAULT_POLL_MICROS, undefined, {
+      memoryPages: opts.dom0MemoryPages ?? DEFAULT_MEMORY_PAGES, grow: (first, fresh) => this.relayGrowth(0, first, fresh),
+    });
   }
 
   /** True if this hypervisor runs checked: violations are recorded (see `violations`). */
@@ -212,25 +219,66 @@ export class Hypervisor {
   /** Counters of a running or dying domain (or dom0); undefined once its slot is gone. */
   domainCounters(domid: number): XenCounters | undefined { return this.dom0.counters.domain(domid); }
 
-  /** Claims a domid and a table slot, and gives the domain memory that every thread learns of. */
-  private newDomain(memoryPages: number | undefined): { domid: number; slot: number; pages: Pages } {
+  /**
+   * Pages a domain has created so far (each costs its 4 KiB from then on; the rest of its
+   * memoryPages cost nothing), as every thread can learn them; undefined once it is gone.
+   */
+  createdPages(domid: number): number | undefined {
+    const pages = this.memories.get(domid);
+    if (pages === undefined) return undefined;
+    let n = 0;
+    for (const p of pages) if (p !== undefined) n++;
+    return n;
+  }
+
+  /**
+   * Claims a domid and a table slot, and gives the domain memory that every thread learns of:
+   * none yet; its thread creates pages as it allocates them (relayGrowth).
+   */
+  private newDomain(memoryPages: number | undefined): { domid: number; slot: number; pages: (SharedArrayBuffer | undefined)[]; memoryPages: number } {
+    const size = memoryPages ?? DEFAULT_MEMORY_PAGES;
+    if (!Number.isInteger(size) || size < 0) throw new RangeError(`memoryPages ${size}`);
     const domid = this.nextDomid++;
     const slot = this.claimSlot(domid, -1);
-    const pages = createPages(memoryPages ?? DEFAULT_MEMORY_PAGES);
-    // Every thread learns the new memory before the domid can reach it (see memory.ts).
+    const pages: (SharedArrayBuffer | undefined)[] = [];
+    // Every thread learns the new domain before the domid can reach it (see memory.ts).
     this.memories.set(domid, pages);
     this.registry.add(domid, pages);
     this.broadcast({ t: 'mem', domid, pages });
-    return { domid, slot, pages };
+    return { domid, slot, pages, memoryPages: size };
+  }
+
+  /**
+   * A domain created pages for frames first..: every thread that maps from it learns them on its
+   * control port (posted before the domain may grant one), then D_PAGES says so to the domain's
+   * thread waiting for it. A domain in this thread comes here directly.
+   */
+  private relayGrowth(domid: number, first: number, fresh: readonly SharedArrayBuffer[]): void {
+    const pages = this.memories.get(domid);
+    const slot = this.t.slotOf(domid);
+    if (pages === undefined || slot < 0) return; // going: its thread gives up waiting
+    if (!Number.isInteger(first) || first < 0 || !Array.isArray(fresh)
+        || !fresh.every((p) => p instanceof SharedArrayBuffer && p.byteLength === XEN_PAGE_SIZE)) return;
+    placePages(pages, first, fresh);
+    const msg: ControlMessage = { t: 'grow', domid, first, pages: fresh };
+    for (const g of this.guests.values()) {
+      if (g.handle.domid !== domid && g.knows(domid)) g.control.postMessage(msg);
+      for (const v of g.vcpus.values()) if (v.knows(domid)) v.control.postMessage(msg);
+    }
+    for (const l of this.locals.values()) for (const v of l.vcpus.values()) if (v.knows(domid)) v.control.postMessage(msg);
+    const word = slot * D_STRIDE + D_PAGES;
+    if (Atomics.load(this.t.dom, word) < first + fresh.length) Atomics.store(this.t.dom, word, first + fresh.length);
+    Atomics.notify(this.t.dom, word);
   }
 
   /** Creates a guest domain running `script` in a worker thread; resolves once the thread is online. */
   async createDomain(opts: CreateDomainOptions): Promise<DomainHandle> {
-    const { domid, slot } = this.newDomain(opts.memoryPages);
+    const { domid, slot, memoryPages } = this.newDomain(opts.memoryPages);
     const { port1, port2 } = new MessageChannel();
     const hc = new MessageChannel();
+    const memoryOf = opts.memoryOf ?? 'all';
     const xen: DomainBootstrap = {
-      tables: this.t.init, domid, slot, vcpu: 0, memories: this.startMemories(domid, opts.memoryOf ?? 'all'), control: port2,
+      tables: this.t.init, domid, slot, vcpu: 0, memories: this.startMemories(domid, memoryOf), memoryPages, control: port2,
       hypercall: hc.port2, pollMicros: opts.pollMicros ?? DEFAULT_POLL_MICROS,
     };
     const wd: DomainWorkerData = { xen, app: opts.workerData };
@@ -244,7 +292,8 @@ export class Hypervisor {
     const g: Guest = {
       handle: { domid, name: opts.name ?? `dom${domid}`, worker, exited },
       slot, control: port1, hypercall: hc.port1, destroying: false, resolveExit, vcpus: new Map(), dying: false,
-      maxVcpus: vcpuLimit(opts.maxVcpus), learnsNewMemory: (opts.memoryOf ?? 'all') === 'all',
+      maxVcpus: vcpuLimit(opts.maxVcpus), learnsNewMemory: memoryOf === 'all',
+      knows: memoryOf === 'all' ? () => true : (d) => d === domid || memoryOf.includes(d),
     };
     this.guests.set(domid, g);
     this.serveHypercalls(domid, g, hc.port1, opts.name ?? `dom${domid}`, opts.pollMicros);
@@ -260,14 +309,16 @@ export class Hypervisor {
    * It can start vCPU threads like any domain.
    */
   createLocalDomain(opts: { memoryPages?: number; pollMicros?: number; maxVcpus?: number } = {}): XenDomain {
-    const { domid, slot, pages } = this.newDomain(opts.memoryPages);
+    const { domid, slot, pages, memoryPages } = this.newDomain(opts.memoryPages);
     const pollMicros = opts.pollMicros ?? DEFAULT_POLL_MICROS;
     let rec: Local | undefined;
     const vcpus: VcpuService = {
       up: (o) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.startVcpu(domid, rec, o, `dom${domid}`, pollMicros)),
       down: (v) => (rec === undefined ? Promise.reject(new Error('domain gone')) : this.downVcpu(rec, v)),
     };
-    const dom = new XenDomain(this.t, domid, slot, this.registry, pages, pollMicros, undefined, { vcpus });
+    const dom = new XenDomain(this.t, domid, slot, this.registry, pages, pollMicros, undefined, {
+      vcpus, memoryPages, grow: (first, fresh) => this.relayGrowth(domid, first, fresh),
+    });
     rec = { slot, dom, vcpus: new Map(), dying: false, maxVcpus: vcpuLimit(opts.maxVcpus) };
     this.locals.set(domid, rec);
     return dom;
@@ -297,6 +348,8 @@ export class Hypervisor {
           },
           (e: unknown) => port.postMessage({ t: 'up', id: m.id, error: (e as Error).message }),
         );
+      } else if (m.t === 'grow') {
+        this.relayGrowth(domid, m.first, m.pages);
       } else if (m.t === 'down') {
         this.downVcpu(rec, m.vcpu).then(
           (exit) => port.postMessage({ t: 'down', id: m.id, exit }),
@@ -322,7 +375,7 @@ export class Hypervisor {
     const pollMicros = opts.pollMicros ?? domainPoll ?? DEFAULT_POLL_MICROS;
     const frames = [...(opts.frames ?? [])];
     const xen: DomainBootstrap = {
-      tables: this.t.init, domid, slot, vcpu, memories: this.vcpuMemories(domid, frames, opts.peers), control: port2,
+      tables: this.t.init, domid, slot, vcpu, memories: this.vcpuMemories(domid, frames, opts.peers), memoryPages: 0, control: port2,
       hypercall: hc.port2, pollMicros, frames,
     };
     const worker = new Worker(opts.script, {
@@ -332,7 +385,11 @@ export class Hypervisor {
     });
     let resolveExit!: (e: VcpuExit) => void;
     const exited = new Promise<VcpuExit>((r) => { resolveExit = r; });
-    const v: VcpuThread = { vcpu, worker, control: port1, hypercall: hc.port1, exited, stopping: false };
+    const peers = opts.peers;
+    const v: VcpuThread = {
+      vcpu, worker, control: port1, hypercall: hc.port1, exited, stopping: false,
+      knows: peers === undefined ? () => true : (d) => peers.includes(d),
+    };
     rec.vcpus.set(vcpu, v);
     this.serveHypercalls(domid, rec, hc.port1, domName, pollMicros);
     worker.on('error', (err) => { v.error = err; });
@@ -372,7 +429,7 @@ export class Hypervisor {
   private vcpuMemories(domid: number, frames: readonly number[], peers: readonly number[] | undefined): [number, Pages][] {
     if (peers === undefined) return [...this.memories.entries()];
     const own = this.memories.get(domid) ?? [];
-    const lent: SharedArrayBuffer[] = [];
+    const lent: (SharedArrayBuffer | undefined)[] = [];
     for (const f of frames) if (own[f] !== undefined) lent[f] = own[f];
     const out: [number, Pages][] = [[domid, lent]];
     for (const p of peers) {

@@ -27,6 +27,11 @@ export interface SharedTablesInit {
 // ---- Domain record (Int32, per slot): state and domid, then one block per vCPU ----
 export const D_STATE = 0;
 export const D_DOMID = 1;
+/**
+ * Frames of the domain that have a page every thread can learn (memory.ts): the main thread
+ * raises it once it has relayed a batch the domain's thread created, which waits on it.
+ */
+export const D_PAGES = 2;
 /** Offset of vCPU 0's block; vCPU v's block is at D_VCPUS + v * V_STRIDE. */
 export const D_VCPUS = 4;
 /** evtchn_upcall_pending (xen.h, struct vcpu_info): the word a sleeping vCPU waits on. */
