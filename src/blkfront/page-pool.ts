@@ -1,15 +1,21 @@
 /**
- * Guest pages the frontend lends to the backend for data and indirect descriptors, allocated once
- * from the domain's memory and reused: no allocation per request. The pool size bounds the bytes
- * in flight.
+ * Guest pages the frontend lends to the backend for data and indirect descriptors, taken from
+ * the domain's memory as the load first needs them (GROW_CHUNK at a time, up to the pool size)
+ * and reused, never given back before close: no allocation per request once warm. The pool size
+ * bounds the bytes in flight; an idle or lightly used disk holds few pages.
  */
 import type { XenDomain } from '../xen/index.js';
 
+/** Pages the pool takes from the domain at once when it needs more. */
+export const GROW_CHUNK = 64;
+
 export class PagePool {
-  private readonly free: number[];
+  private readonly free: number[] = [];
   private readonly views = new Map<number, Uint8Array>();
   private readonly dataViews = new Map<number, DataView>();
-  readonly frames: readonly number[];
+  private readonly owned: number[] = [];
+  /** The most pages the pool holds: its size, or fewer once the domain ran out of memory. */
+  private limit: number;
   /**
    * Pages whose grant a backend still mapped when it was to end, by frame: out of use until the
    * grant can be ended (`retryStuck`), as Linux defers a gnttab_end_foreign_access it cannot do
@@ -18,17 +24,46 @@ export class PagePool {
   private readonly stuck = new Map<number, { readonly ref: number; readonly pooled: boolean }>();
 
   constructor(private readonly xen: XenDomain, count: number) {
-    this.frames = xen.memory.alloc(count);
-    this.free = [...this.frames];
-    for (const f of this.frames) {
-      const page = xen.memory.page(f);
-      this.views.set(f, page);
-      this.dataViews.set(f, new DataView(page.buffer, page.byteOffset, page.byteLength));
-    }
+    if (!Number.isInteger(count) || count < 1) throw new RangeError(`pool of ${count} pages`);
+    this.limit = count;
   }
 
+  /** Every frame the pool holds now (free, lent to a request or stuck). */
+  get frames(): readonly number[] {
+    return this.owned;
+  }
+
+  /** Frames free to take now (`reserve` first makes room for a request). */
   get available(): number {
     return this.free.length;
+  }
+
+  /**
+   * Makes `n` frames free if the pool may still grow to that (chunks of GROW_CHUNK, up to its
+   * size): none is allocated while enough are free. If the domain has no more memory, the pool
+   * stops growing where it is (`usable` then says so). Returns `available >= n`.
+   */
+  reserve(n: number): boolean {
+    const short = n - this.free.length;
+    if (short <= 0) return true;
+    const room = this.limit - this.owned.length;
+    if (room <= 0) return false;
+    const want = Math.min(room, Math.max(short, GROW_CHUNK));
+    // Out of guest memory: take what is left, and grow no further.
+    const left = this.xen.memory.freePages;
+    let got: number[] = [];
+    try {
+      if (left > 0) got = this.xen.memory.alloc(Math.min(want, left));
+    } catch { /* the domain is going: no memory to add */ }
+    if (got.length < want) this.limit = this.owned.length + got.length;
+    for (const f of got) {
+      const page = this.xen.memory.page(f);
+      this.views.set(f, page);
+      this.dataViews.set(f, new DataView(page.buffer, page.byteOffset, page.byteLength));
+      this.owned.push(f);
+      this.free.push(f);
+    }
+    return this.free.length >= n;
   }
 
   /** The frames not lent to a request now. */
@@ -65,9 +100,12 @@ export class PagePool {
     return n;
   }
 
-  /** Frames that can still carry I/O: all but the leaked ones (free now or back once answered). */
+  /**
+   * Frames that can still carry I/O: the pool's size (held now or still to take) but the leaked
+   * ones (free now or back once answered).
+   */
   get usable(): number {
-    return this.frames.length - this.leaked;
+    return this.limit - this.leaked;
   }
 
   /** Takes `n` frames into `out`; the caller checked `available`. */
@@ -95,6 +133,13 @@ export class PagePool {
 
   /** Returns every frame that is not leaked to the domain's allocator. */
   dispose(): void {
-    this.xen.memory.free(this.free.splice(0));
+    const back = new Set(this.free.splice(0));
+    this.xen.memory.free([...back]);
+    const kept = this.owned.filter((f) => !back.has(f));
+    for (const f of back) {
+      this.views.delete(f);
+      this.dataViews.delete(f);
+    }
+    this.owned.splice(0, this.owned.length, ...kept);
   }
 }

@@ -59,13 +59,17 @@ export function issueRequest(x: RequestContext, q: Queue, c: Chunk): Issued {
   let bytes = 0;
   if (op.kind === 'read' || op.kind === 'write') {
     operation = op.kind === 'read' ? BLKIF_OP_READ : BLKIF_OP_WRITE;
+    // The pool takes pages from the domain as the load first needs them (no allocation once
+    // it holds enough); this request's pages are made free if the pool may still grow.
+    const want = Math.min(Math.ceil(c.length / XEN_PAGE_SIZE), conn.maxSegments);
+    pool.reserve(want + (want > BLKIF_MAX_SEGMENTS_PER_REQUEST ? indirectPagesFor(want) : 0));
     // Pages a backend kept mapped never come back to the pool: a request is cut to what the
     // pool can still hold (waiting for more would be forever), and with no page left it fails.
     const usable = pool.usable;
     if (usable < 1) {
       return { kind: 'fail', err: new BlkfrontError('EIO', `${op.kind} at ${op.offset + c.start}: every buffer page is leaked (the backend kept them mapped)`) };
     }
-    nsegs = Math.min(Math.ceil(c.length / XEN_PAGE_SIZE), conn.maxSegments);
+    nsegs = want;
     if (nsegs > BLKIF_MAX_SEGMENTS_PER_REQUEST && nsegs + indirectPagesFor(nsegs) > usable) {
       nsegs = Math.max(usable - indirectPagesFor(usable), BLKIF_MAX_SEGMENTS_PER_REQUEST);
     }
