@@ -62,8 +62,11 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
     const want = Math.min(ringSizeFor(XEN_PAGE_SIZE << s.order, s.abi.entrySize) * nq * (maxSegs + 8), o.grantCopyPages);
     const each = Math.max(maxSegs + 8, Math.floor(want / nq));
     try {
+      // A queue thread allocates only what it was lent (a vCPU cannot create pages); this
+      // thread's pool takes pages as copies first need them, after checking they are there.
       if (s.threaded) for (let q = 0; q < nq; q++) lend.push(xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
-      else conn.pools.push(new BouncePool(xen, xen.memory.alloc(want)));
+      else if (xen.memory.freePages < want) throw new Error(`out of memory: ${want} pages wanted, ${xen.memory.freePages} free`);
+      else conn.pools.push(new BouncePool(xen, [], want));
     } catch (e) {
       for (const f of lend) xen.memory.free(f);
       return `no memory for ${s.threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}`;
@@ -91,7 +94,8 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
       s.log(`${t.why}; serving queue ${q} in this thread`);
       if (s.access.kind === 'copy') {
         try {
-          conn.pools.push(new BouncePool(xen, xen.memory.alloc(maxSegs + 8)));
+          if (xen.memory.freePages < maxSegs + 8) throw new Error(`out of memory: ${maxSegs + 8} pages wanted, ${xen.memory.freePages} free`);
+          conn.pools.push(new BouncePool(xen, [], maxSegs + 8));
         } catch (e) {
           return `no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}`;
         }

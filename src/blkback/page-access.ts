@@ -236,17 +236,47 @@ export class PersistentMaps implements PageAccess {
   }
 }
 
-/** Local pages for grant copy, taken per request and given back; waiters queue in order. */
+/** Pages a lazy bounce pool takes from the domain at once when it needs more. */
+export const BOUNCE_CHUNK = 64;
+
+/**
+ * Local pages for grant copy, taken per request and given back; waiters queue in order. Given
+ * a `capacity`, the pool takes the domain's pages as the load first needs them (BOUNCE_CHUNK at
+ * a time, up to it), so a VBD copying little holds few; given only frames, it has those.
+ */
 export class BouncePool {
   private readonly free: number[];
+  private readonly owned: number[];
   private waiters: { n: number; resolve: (frames: number[]) => void }[] = [];
-  constructor(private readonly xen: XenDomain, readonly frames: number[]) {
+  /** The most pages the pool holds: its capacity, or fewer once the domain ran out of memory. */
+  private limit: number;
+  constructor(private readonly xen: XenDomain, frames: readonly number[], capacity = frames.length) {
+    this.owned = [...frames];
     this.free = [...frames];
+    this.limit = Math.max(capacity, frames.length);
+  }
+  /** Every page the pool holds now. */
+  get frames(): readonly number[] {
+    return this.owned;
   }
   take(n: number): number[] | Promise<number[]> {
-    if (n > this.frames.length) throw new Error(`a request of ${n} pages exceeds the ${this.frames.length}-page bounce pool`);
+    if (this.waiters.length === 0 && this.free.length < n) this.grow(n - this.free.length);
+    if (n > this.limit) throw new Error(`a request of ${n} pages exceeds the ${this.limit}-page bounce pool`);
     if (this.waiters.length === 0 && this.free.length >= n) return this.free.splice(this.free.length - n, n);
     return new Promise((resolve) => this.waiters.push({ n, resolve }));
+  }
+  private grow(short: number): void {
+    const want = Math.min(this.limit - this.owned.length, Math.max(short, BOUNCE_CHUNK));
+    if (want <= 0) return;
+    // Out of the domain's memory: take what is left, and grow no further.
+    const left = this.xen.memory.freePages;
+    let got: number[] = [];
+    try {
+      if (left > 0) got = this.xen.memory.alloc(Math.min(want, left));
+    } catch { /* the domain is going: no memory to add */ }
+    if (got.length < want) this.limit = this.owned.length + got.length;
+    this.owned.push(...got);
+    this.free.push(...got);
   }
   give(frames: readonly number[]): void {
     this.free.push(...frames);
@@ -259,7 +289,8 @@ export class BouncePool {
     return this.xen.memory.page(frame);
   }
   dispose(): void {
-    this.xen.memory.free(this.frames);
+    this.xen.memory.free(this.owned.splice(0));
+    this.free.length = 0;
   }
 }
 
