@@ -16,7 +16,7 @@ export interface BlkfrontOptions {
   queues: number;
   /** Offer `feature-persistent`: grant each buffer page once and copy through it. */
   persistent: boolean;
-  /** Guest pages kept for data and indirect pages: bounds the bytes in flight. */
+  /** Most guest pages kept for data and indirect pages (taken as the load first needs them): bounds the bytes in flight. */
   bufferPages: number;
   /** How long to wait for a backend to connect (or come back) before failing I/O, in ms. */
   connectTimeoutMs: number;

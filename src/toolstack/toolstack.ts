@@ -108,7 +108,10 @@ export class GuestDisk {
   }
 }
 
-/** A driver domain's memory without grant copy, and what each grant-copy VBD adds. */
+/**
+ * A driver domain's memory without grant copy, and what each grant-copy VBD adds: bounds, not
+ * costs (a page costs only once allocated; bounce pages are taken as copies first need them).
+ */
 export const BACKEND_BASE_PAGES = 2048;
 export const BACKEND_COPY_PAGES = 4200;
 
@@ -150,7 +153,10 @@ export class Toolstack {
     return this.createDomain(new URL('./backend-domain.js', import.meta.url), 'backend', name, memoryPages, opts.maxVcpus);
   }
 
-  /** A guest running blkfront; `memoryPages` must hold blkfront's buffer pages and rings. */
+  /**
+   * A guest running blkfront; `memoryPages` must hold blkfront's buffer pages and rings. Only the
+   * pages it allocates cost memory (src/xen/memory.ts), so sizing it for the largest pool is free.
+   */
   createGuest(name = 'guest', memoryPages = 16384 + 512): Promise<DomainProxy> {
     return this.createDomain(new URL('./guest-domain.js', import.meta.url), 'guest', name, memoryPages);
   }
