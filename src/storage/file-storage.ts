@@ -236,8 +236,9 @@ export class FileStorage implements BlockStorage {
     if (this.fd === undefined) return;
     const fd = this.fd;
     this.fd = undefined; // before closing: a failed close must not be retried on a reused fd number
-    // Whatever still waits for the pool fails; what is in it finishes before the number goes.
-    await this.io.close(new StorageError('EIO', `${this.path} is closed`));
+    // Whatever still waits for the pool or for fallocate fails; what is in the pool, and a running
+    // fallocate (pointed at /proc/PID/fd/N), finish before the number can be reused.
+    await Promise.all([this.io.close(new StorageError('EIO', `${this.path} is closed`)), this.holes.close()]);
     try {
       await closeFd(fd); // a FUSE close waits for its flush
     } catch (e) {

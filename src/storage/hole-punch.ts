@@ -30,6 +30,8 @@ export class HolePuncher {
   private running = false;
   /** A punch failed: fallocate is missing or the file system has no holes; no more children. */
   private failed = false;
+  private closed = false;
+  private idleWaiters: (() => void)[] = [];
   /** Children started, for tests and counters: fewer than the punches asked for when they merge. */
   children = 0;
 
@@ -48,10 +50,22 @@ export class HolePuncher {
     });
   }
 
+  /**
+   * No more children: what waits answers false at once, and this resolves when the running child
+   * has ended (the descriptor its path names through /proc must stay open until then).
+   */
+  close(): Promise<void> {
+    this.closed = true;
+    for (const w of this.waiting.splice(0)) w.done(false);
+    if (!this.running) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
   private next(): void {
-    if (this.failed) for (const w of this.waiting.splice(0)) w.done(false);
+    if (this.failed || this.closed) for (const w of this.waiting.splice(0)) w.done(false);
     if (this.waiting.length === 0) {
       this.running = false;
+      for (const f of this.idleWaiters.splice(0)) f();
       return;
     }
     this.running = true;

@@ -159,3 +159,24 @@ test('hole punching: one child at a time, each covering the waiting ranges that 
   assert.deepEqual(after.subarray(6 * K), Buffer.from(data.subarray(6 * K)));
   assert.equal(statSync(p).size, 16 * K);
 });
+
+test('hole punching: close answers what waits with false, and resolves after the running child', async () => {
+  for (const s of spies.splice(0)) s.mock.restore();
+  syncBuiltinESMExports();
+  const K = 64 * 1024;
+  const p = join(tmp.dir, 'closing.img');
+  const data = pattern(5, 8 * K);
+  writeFileSync(p, data);
+  const holes = new HolePuncher(p);
+  const order: string[] = [];
+  const running = holes.punch(0, K).then((ok) => { order.push('running'); return ok; });
+  const waiting = holes.punch(4 * K, K).then((ok) => { order.push('waiting'); return ok; });
+  const closed = holes.close().then(() => { order.push('closed'); });
+  assert.equal(await waiting, false, 'a waiting punch is refused at close');
+  await Promise.all([running, closed]);
+  assert.deepEqual(order, ['waiting', 'running', 'closed']);
+  assert.equal(holes.children, 1);
+  assert.equal(await holes.punch(0, K), false, 'nothing after close');
+  assert.equal(holes.children, 1);
+  assert.deepEqual(readFileSync(p).subarray(4 * K, 5 * K), Buffer.from(data.subarray(4 * K, 5 * K)));
+});
