@@ -5,10 +5,11 @@
  * a stalled image then holds only its own share of the pool. Holes are punched by fallocate
  * children, one at a time per image (hole-punch.ts).
  *
- * `io: 'sync'` makes reads, writes and flushes blocking calls instead: only for a thread that
- * serves nothing else (a queue thread serves one queue), where a page-cache hit is cheaper
- * without the hop to the pool; measured in docs/decisions.md ("Storage never blocks the driver
- * domain"). Opening, the size, discards and closing stay asynchronous either way.
+ * `io: 'sync'` makes reads, writes and flushes blocking calls instead. Nothing uses it by default:
+ * even in a queue thread, which serves one queue only, it was no faster, and a blocked thread
+ * cannot answer its control path (docs/decisions.md, "storage never blocks the driver domain");
+ * the bench compares bytes in flight with it. Opening, the size, discards and closing stay
+ * asynchronous either way.
  */
 import {
   close,
