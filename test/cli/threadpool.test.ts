@@ -50,7 +50,7 @@ test('serve divides the pool it got: a full share each when it fits, else smalle
   assert.deepEqual(serveThreadpoolShare(16, 0), { slots: SLOTS_PER_HANDLE, tight: false }, 'no image file (remote exports only)');
 });
 
-test('blkif serve runs with the pool the executable asked for: counted in /proc/PID/task', async () => {
+test('blkif serve runs with the pool the executable asked for: counted in /proc/PID/task', { timeout: 120_000 }, async () => {
   const images = ['a.img', 'b.img', 'c.img'].map((n) => join(tmp.dir, n));
   for (const i of images) sparseImage(i, 1024 * 1024);
   const args = [...images, '--port', '0'];

@@ -212,7 +212,7 @@ for (const variant of ['fuse', 'nbd'] as const) {
       disk?.stop();
     });
 
-    test('vbd1 is written and read back many times while vbd0 is stuck; then vbd0 completes with every byte', async () => {
+    test('vbd1 is written and read back many times while vbd0 is stuck; then vbd0 completes with every byte', { timeout: 180_000 }, async () => {
       if (variant === 'fuse') requireFuse();
       else requireTools('nbdkit', 'nbdcopy', 'qemu-io');
       mkdirSync(dir);
