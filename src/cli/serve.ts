@@ -191,10 +191,10 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   }
   // Each image file's share of libuv's threadpool, the pool being what the blkif executable sized
   // it to (threadpool.cts): a stalled image then holds its share, never every thread.
-  const files = storage.filter((s) => s.kind === 'file').length * (o.queueThreads === true ? o.queues + 1 : 1);
+  const handles = storage.filter((s) => s.kind === 'file').length * (o.queueThreads === true ? o.queues + 1 : 1);
   const threads = effectiveThreadpool(process.env.UV_THREADPOOL_SIZE);
-  const pool = serveThreadpoolShare(threads, files);
-  if (pool.tight) warn(`libuv's threadpool has ${threads} threads: too few for ${files} image file handles should their disks stall (run the blkif executable, which sizes it, or set UV_THREADPOOL_SIZE=${files * pool.slots + SPARE_THREADS})`);
+  const pool = serveThreadpoolShare(threads, handles);
+  if (pool.tight) warn(`libuv's threadpool has ${threads} threads: too few for ${handles} image file handles should their disks stall (run the blkif executable, which sizes it, or set UV_THREADPOOL_SIZE=${handles * pool.slots + SPARE_THREADS})`);
   storage = storage.map((s) => (s.kind === 'file' ? { ...s, poolSlots: pool.slots } : s));
   for (const s of storage) {
     if (s.kind === 'file') {
