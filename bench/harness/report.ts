@@ -422,7 +422,7 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
   if (r.inflight.length > 0) {
     L.push('### Bytes in flight', '',
       'peak_inflight_bytes of blkback under a deep sequential read load (QD32) on a fresh VBD per configuration, with the frontend\'s page pool sized so that only the protocol limits it.',
-      '"sync" is the file storage\'s default (preadv on the driver domain\'s thread: blkback lets answers out every 8 requests, so at most about 8 are in flight); "async" runs preadv on the libuv pool, so the ring itself is the limit.',
+      '"async" is the file storage\'s default (preadv through libuv\'s pool, a few at a time per image, the rest waiting in blkback: the ring itself is the limit); "sync" runs preadv on the driver domain\'s thread (blkback lets answers out every 8 requests, so at most about 8 are in flight).',
       'The limit at this I/O size counts requests no larger than the I/O: a 4 MiB read is 1024 segments, so 4096-segment requests need 16 MiB I/Os to reach the seed\'s 8 x 512 x 32.',
       '"Reachable here" also counts the frontend\'s page pool (sized to fill the ring, but never beyond the 32768-entry grant table: 127 MiB) and the 32 I/Os of the load; the peak is compared with it.', '',
       mdTable(inflightTable(r.inflight)));

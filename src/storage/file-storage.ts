@@ -1,39 +1,55 @@
 /**
  * A raw image file. One positioned vectored call per request (preadv/pwritev straight from the
- * mapped grant pages: no copy). 'sync' I/O is the default: the backend has its own thread and a
- * page-cache hit is far cheaper synchronously than through libuv's pool; 'async' suits slow disks.
+ * mapped grant pages: no copy), made through libuv's threadpool, at most `poolSlots` at once
+ * (file-io.ts): the driver domain's one thread serves every VBD, so it must never wait for a disk;
+ * a stalled image then holds only its own share of the pool. Holes are punched by fallocate
+ * children, one at a time per image (hole-punch.ts).
+ *
+ * `io: 'sync'` makes reads, writes and flushes blocking calls instead. Nothing uses it by default:
+ * even in a queue thread, which serves one queue only, it was no faster, and a blocked thread
+ * cannot answer its control path (docs/decisions.md, "storage never blocks the driver domain");
+ * the bench compares bytes in flight with it. Opening, the size, discards and closing stay
+ * asynchronous either way.
  */
-import { execFile } from 'node:child_process';
 import {
+  close,
   closeSync,
   constants,
   existsSync,
-  fdatasync,
+  fstat,
   fdatasyncSync,
   fstatSync,
   ftruncateSync,
+  open,
   openSync,
-  readv,
   readvSync,
   unlinkSync,
-  writev,
   writevSync,
+  type Stats,
 } from 'node:fs';
 import { resolve } from 'node:path';
-import { promisify } from 'node:util';
+import { FileIo } from './file-io.js';
+import { HolePuncher } from './hole-punch.js';
 import { checkRange, totalLength } from './range.js';
 import { StorageError, type BlockStorage, type StorageKind, type StorageSpecBase } from './storage.js';
 
-const execFileP = promisify(execFile);
 /** Largest single zero-filling write, and the size of the one zero buffer reused for all of them. */
 const ZERO_CHUNK = 1024 * 1024;
 /** The probe punches this much, past the file's end (so it can never touch the image's bytes). */
 const PROBE_LENGTH = 64 * 1024;
+/**
+ * Operations one handle has in libuv's threadpool at once, unless told otherwise: libuv's default
+ * pool size, so one handle alone loses no parallelism Node would have given it.
+ */
+export const DEFAULT_POOL_SLOTS = 4;
 
 export interface FileStorageOptions {
   readonly readOnly?: boolean;
   readonly sectorSize?: 512 | 4096;
+  /** 'async' (the default): through libuv's threadpool. 'sync': blocking reads, writes, flushes. */
   readonly io?: 'sync' | 'async';
+  /** Operations in libuv's threadpool at once (default DEFAULT_POOL_SLOTS). */
+  readonly poolSlots?: number;
 }
 
 export interface FileCreateOptions {
@@ -50,14 +66,12 @@ function why(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
-/** Runs util-linux fallocate (Node has no fallocate(2)); resolves to whether it punched. */
-async function punchHole(target: string, offset: number, length: number): Promise<boolean> {
-  try {
-    await execFileP('fallocate', ['--punch-hole', '--keep-size', '--offset', String(offset), '--length', String(length), target]);
-    return true;
-  } catch {
-    return false; // no fallocate binary, or a filesystem without holes
-  }
+function openFd(path: string, flags: number): Promise<number> {
+  return new Promise((res, rej) => open(path, flags, (e, fd) => (e ? rej(e) : res(fd))));
+}
+
+function closeFd(fd: number): Promise<void> {
+  return new Promise((res, rej) => close(fd, (e) => (e ? rej(e) : res())));
 }
 
 export class FileStorage implements BlockStorage {
@@ -73,23 +87,25 @@ export class FileStorage implements BlockStorage {
   readonly readOnly: boolean;
   private currentSize: number;
   private fd: number | undefined;
-  private readonly async: boolean;
+  private readonly sync: boolean;
+  private readonly io: FileIo;
+  private readonly holes: HolePuncher;
   private punches = false;
   private zeroes: Uint8Array | undefined;
-  /**
-   * What fallocate is pointed at: our own descriptor through /proc where there is one, so a hole
-   * is punched in the file we have open even if its path was since renamed or replaced.
-   */
-  private readonly punchTarget: string;
 
-  private constructor(readonly path: string, fd: number, sectorSize: 512 | 4096, opts: FileStorageOptions) {
+  private constructor(readonly path: string, fd: number, bytes: number, sectorSize: 512 | 4096, opts: FileStorageOptions) {
     this.fd = fd;
     this.sectorSize = sectorSize;
     this.readOnly = opts.readOnly === true;
-    this.async = opts.io === 'async';
-    this.currentSize = this.wholeSectors(fstatSync(fd).size);
-    const viaProc = `/proc/${process.pid}/fd/${fd}`;
-    this.punchTarget = existsSync(viaProc) ? viaProc : path;
+    this.sync = opts.io === 'sync';
+    this.io = new FileIo(fd, opts.poolSlots ?? DEFAULT_POOL_SLOTS);
+    this.currentSize = this.wholeSectors(bytes);
+    // fallocate is pointed at our own descriptor through /proc where there is one, so a hole is
+    // punched in the file we have open even if its path was since renamed or replaced. (The
+    // check looks at /proc's directory, not through the link: a stat of the file itself could
+    // stall with its disk.)
+    const proc = `/proc/${process.pid}/fd`;
+    this.holes = new HolePuncher(existsSync(proc) ? `${proc}/${fd}` : path);
   }
 
   /** Opens an existing image; its size is rounded down to whole sectors. */
@@ -98,18 +114,20 @@ export class FileStorage implements BlockStorage {
     if (ss !== 512 && ss !== 4096) throw new StorageError('EINVAL', `sector size ${String(ss)}: use 512 or 4096`);
     let fd: number;
     try {
-      fd = openSync(path, opts.readOnly === true ? constants.O_RDONLY : constants.O_RDWR);
+      // Asynchronous, as everything below: a stalled disk can stall an open too (a FUSE open).
+      fd = await openFd(path, opts.readOnly === true ? constants.O_RDONLY : constants.O_RDWR);
     } catch (e) {
       throw new StorageError(errnoCode(e), `cannot open image ${path}: ${why(e)}`);
     }
     try {
-      if (!fstatSync(fd).isFile()) throw new StorageError('EINVAL', `${path} is not a regular file`);
-      const s = new FileStorage(path, fd, ss, opts);
+      const st = await new Promise<Stats>((res, rej) => fstat(fd, (e, x) => (e ? rej(e) : res(x))));
+      if (!st.isFile()) throw new StorageError('EINVAL', `${path} is not a regular file`);
+      const s = new FileStorage(path, fd, st.size, ss, opts);
       // A read-only image refuses discard, so it never frees anything: no need to probe.
-      if (!s.readOnly) s.punches = await s.probePunch();
+      if (!s.readOnly) s.punches = await s.probePunch(st.size);
       return s;
     } catch (e) {
-      closeSync(fd);
+      await closeFd(fd).catch(() => undefined);
       throw e instanceof StorageError ? e : new StorageError(errnoCode(e), `cannot open image ${path}: ${why(e)}`);
     }
   }
@@ -173,8 +191,8 @@ export class FileStorage implements BlockStorage {
     if (this.readOnly) return; // nothing of ours to make durable
     const fd = this.fdOrThrow();
     try {
-      if (this.async) await new Promise<void>((res, rej) => fdatasync(fd, (e) => (e ? rej(e) : res())));
-      else fdatasyncSync(fd);
+      if (this.sync) fdatasyncSync(fd);
+      else await this.io.fdatasync();
     } catch (e) {
       throw new StorageError(errnoCode(e), `flushing ${this.path}: ${why(e)}`);
     }
@@ -187,7 +205,7 @@ export class FileStorage implements BlockStorage {
     if (length === 0) return;
     this.fdOrThrow(); // fail as closed before spawning anything
     if (this.punches) {
-      if (await punchHole(this.punchTarget, offset, length)) return;
+      if (await this.holes.punch(offset, length)) return;
       this.punches = false; // remember: do not spawn a doomed fallocate for every later discard
     }
     await this.writeZeroes(offset, length);
@@ -206,7 +224,8 @@ export class FileStorage implements BlockStorage {
   async refreshSize(): Promise<number> {
     let bytes: number;
     try {
-      bytes = fstatSync(this.fdOrThrow()).size;
+      this.fdOrThrow();
+      bytes = await this.io.size(); // a FUSE file's fstat can stall with its disk
     } catch (e) {
       throw e instanceof StorageError ? e : new StorageError(errnoCode(e), `stat ${this.path}: ${why(e)}`);
     }
@@ -218,8 +237,11 @@ export class FileStorage implements BlockStorage {
     if (this.fd === undefined) return;
     const fd = this.fd;
     this.fd = undefined; // before closing: a failed close must not be retried on a reused fd number
+    // Whatever still waits for the pool or for fallocate fails; what is in the pool, and a running
+    // fallocate (pointed at /proc/PID/fd/N), finish before the number can be reused.
+    await Promise.all([this.io.close(new StorageError('EIO', `${this.path} is closed`)), this.holes.close()]);
     try {
-      closeSync(fd);
+      await closeFd(fd); // a FUSE close waits for its flush
     } catch (e) {
       throw new StorageError(errnoCode(e), `closing ${this.path}: ${why(e)}`);
     }
@@ -260,19 +282,14 @@ export class FileStorage implements BlockStorage {
 
   private vector(write: boolean, bufs: Uint8Array[], pos: number): Promise<number> | number {
     const fd = this.fdOrThrow();
-    if (!this.async) return write ? writevSync(fd, bufs, pos) : readvSync(fd, bufs, pos);
-    return new Promise((resolve, reject) => {
-      const cb = (e: NodeJS.ErrnoException | null, n: number): void => (e ? reject(e) : resolve(n));
-      if (write) writev(fd, bufs, pos, cb);
-      else readv(fd, bufs, pos, cb);
-    });
+    if (this.sync) return write ? writevSync(fd, bufs, pos) : readvSync(fd, bufs, pos);
+    return write ? this.io.writev(bufs, pos) : this.io.readv(bufs, pos);
   }
 
   /** Punches past the end of the file: tells whether holes work here without touching a byte. */
-  private probePunch(): Promise<boolean> {
-    const end = fstatSync(this.fdOrThrow()).size;
+  private probePunch(end: number): Promise<boolean> {
     const at = Math.ceil(end / PROBE_LENGTH) * PROBE_LENGTH + PROBE_LENGTH;
-    return punchHole(this.punchTarget, at, PROBE_LENGTH);
+    return this.holes.punch(at, PROBE_LENGTH);
   }
 
   private wholeSectors(bytes: number): number {
@@ -294,11 +311,13 @@ export interface FileStorageSpec extends StorageSpecBase {
   readonly kind: 'file';
   readonly path: string;
   readonly io?: 'sync' | 'async';
+  /** Operations this handle has in libuv's threadpool at once (default DEFAULT_POOL_SLOTS). */
+  readonly poolSlots?: number;
 }
 
 export const fileStorageKind: StorageKind<FileStorageSpec> = {
   kind: 'file',
-  open: (s) => FileStorage.open(s.path, { readOnly: s.readOnly, sectorSize: s.sectorSize, io: s.io }),
+  open: (s) => FileStorage.open(s.path, { readOnly: s.readOnly, sectorSize: s.sectorSize, io: s.io, poolSlots: s.poolSlots }),
   describe: (s) => s.path,
   // Any path (made absolute), but not something with a URI scheme: that is another kind's.
   fromArgument: (arg, o) => (/^[a-z][a-z0-9+.-]*:\/\//i.test(arg) ? undefined : { kind: 'file', path: resolve(arg), sectorSize: o.sectorSize, readOnly: o.readOnly }),

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const BIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+const BIN = fileURLToPath(new URL('../../src/cli/blkif.cjs', import.meta.url));
 const blkif = (...args: string[]) => spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8' });
 let dir: string;
 before(() => (dir = mkdtempSync(join(tmpdir(), 'blkif-cli-'))));

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { track } from '../support/children.js';
 
 export const execFileP = promisify(execFile);
-export const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+export const MAIN = fileURLToPath(new URL('../../src/cli/blkif.cjs', import.meta.url));
 
 export interface Served {
   uri: string;
