@@ -350,11 +350,11 @@ const atOneMiB = (x: InflightNbdRow) => Math.min(x.segments, 256) * x.slots * 40
 function inflightNbdTable(rows: InflightNbdRow[]): Table {
   const classic = (o: number) => rows.find((x) => x.indirect === 0 && x.ringPageOrder === o);
   return {
-    headers: ['configuration', 'segments x slots', 'bytes in flight (x 4 KiB)', 'at 1 MiB I/Os', 'MiB/s', 'vs classic', 'peak in flight (blkback)', 'p50 µs', 'p99 µs'],
+    headers: ['configuration', 'segments x slots', 'bytes in flight (x 4 KiB)', 'at 1 MiB I/Os', 'MiB/s', 'vs classic', 'peak in flight (blkback)', 'serve CPU %', 'p50 µs', 'p99 µs'],
     rows: [...rows].sort((a, b) => a.bytesInFlight - b.bytesInFlight).map((x) => {
       const c = classic(x.ringPageOrder);
       return [inflightLabel(x), `${x.segments} x ${x.slots}`, fmtBytes(x.bytesInFlight), fmtBytes(atOneMiB(x)), fmtMiBps(x.perf.mibps),
-        c === undefined ? DASH : c === x ? '1.00x (baseline)' : fmtRatio(x.perf.mibps / c.perf.mibps), fmtBytes(x.peakBytes), fmtUs(x.perf.p50us), fmtUs(x.perf.p99us)];
+        c === undefined ? DASH : c === x ? '1.00x (baseline)' : fmtRatio(x.perf.mibps / c.perf.mibps), fmtBytes(x.peakBytes), fin(x.cpuPercent) ? x.cpuPercent.toFixed(0) : DASH, fmtUs(x.perf.p50us), fmtUs(x.perf.p99us)];
     }),
     left: [0],
   };
@@ -370,7 +370,8 @@ export function inflightReading(doc: BenchDocument): string {
   const atStorage = (best.perf.mibps * MiB * delay) / 1000;
   return `With ${delay} ms per request at the storage, throughput is what is in service there over ${delay} ms: the best configuration here (${inflightLabel(best)}, ${fmtMiBps(best.perf.mibps)} MiB/s) kept about ${fmtBytes(atStorage)} in service on average, `
     + `beside blkback's measured peak of ${fmtBytes(best.peakBytes)} in flight and a ring limit of ${fmtBytes(atOneMiB(best))} at 1 MiB I/Os. `
-    + `Other limits on the way: fio's queue (32 x 1 MiB = 32 MiB) and nbdkit's --threads (16 by default: at most 16 requests in service, ${fmtBytes(16 * Math.min(best.segments, 256) * 4096)} at this request size).`;
+    + `Other limits on the way: fio's queue (32 x 1 MiB = 32 MiB), nbdkit's --threads (16 by default: at most 16 requests in service, ${fmtBytes(16 * Math.min(best.segments, 256) * 4096)} at this request size)`
+    + (fin(best.cpuPercent) ? `, and the CPU: blkif serve's threads used ${best.cpuPercent.toFixed(0)}% of one core meanwhile, on a machine of ${doc.machine.cpus} (${doc.machine.cpus * 100}%), where fio and nbdkit run too.` : '.');
 }
 
 /** "4 KiB randread QD32": short enough for a chart's legend. */

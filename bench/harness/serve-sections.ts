@@ -154,12 +154,14 @@ export function addServeSections(c: ServeSectionsContext): void {
       try {
         const s = await startServe(cleanup, [store.uri], ['--max-indirect-segments', String(indirect), '--ring-page-order', String(order)], { metrics: true });
         try {
-          const [perf] = await fioJobs([s.uri(0)], w1m, P.fioSeconds);
+          const o = await observe(s, () => fioJobs([s.uri(0)], w1m, P.fioSeconds));
+          const perf = o.result[0];
           const peak = (await scrape(s.metrics)).get('blkif_vbd_peak_inflight_bytes');
+          const cpuPercent = ([...o.cpu.values()].reduce((a, u) => a + u.cpuSeconds, 0) / o.seconds) * 100;
           const segments = indirect === 0 ? 11 : indirect;
           const slots = 32 << order;
-          results.inflightNbd!.push({ indirect, ringPageOrder: order, segments, slots, bytesInFlight: segments * slots * 4096, perf: perf!, peakBytes: peak });
-          return `${int(perf!.mibps)} MiB/s, peak in flight ${peak === undefined ? '?' : `${(peak / MiB).toFixed(1)} MiB`}`;
+          results.inflightNbd!.push({ indirect, ringPageOrder: order, segments, slots, bytesInFlight: segments * slots * 4096, perf: perf!, peakBytes: peak, cpuPercent });
+          return `${int(perf!.mibps)} MiB/s, peak in flight ${peak === undefined ? '?' : `${(peak / MiB).toFixed(1)} MiB`}, serve at ${cpuPercent.toFixed(0)}% CPU`;
         } finally {
           await stopped(s);
         }

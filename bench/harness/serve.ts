@@ -11,8 +11,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { freePort, spawnChild, waitForPort, type Child, type Cleanup } from './cleanup.js';
-import { residentBytes, sampleProcess, usageBetween, THREAD_ROLES, type ProcSample, type ThreadRole } from './procstat.js';
-import { KiB, MiB, perfOf, sizeLabel, type Perf, type Workload } from './types.js';
+import { residentBytes, sampleProcess, usageBetween, type ProcSample, type ThreadRole } from './procstat.js';
+import { KiB, MiB, perfOf, type Perf, type Workload } from './types.js';
 
 const execFileP = promisify(execFile);
 const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
@@ -166,6 +166,3 @@ export function sparseImages(dir: string, prefix: string, n: number, size: numbe
     return p;
   });
 }
-
-export const roleList = THREAD_ROLES;
-export const label4k = (w: Workload) => `${sizeLabel(w.blockSize)}`;

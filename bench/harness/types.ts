@@ -200,6 +200,8 @@ export interface InflightNbdRow {
   perf: Perf;
   /** blkback's peak_inflight_bytes (from --metrics). */
   peakBytes: number | undefined;
+  /** CPU of all of serve's threads during the run, % of one core (absent in older documents). */
+  cpuPercent?: number;
 }
 
 export interface Target {
