@@ -45,6 +45,14 @@ export function addServeSections(c: ServeSectionsContext): void {
   const need = (...tools: string[]) => {
     for (const t of tools) if (c.tools[t] === undefined) throw new Error(`${t} is not installed (Debian package ${PACKAGE[t] ?? t})`);
   };
+  /**
+   * A new server's first requests pay for what later ones reuse (persistent grants mapped on first
+   * use, code not yet optimized): one second of `w` (default: 1 MiB reads at QD32, which touch
+   * the whole page pool) before anything is measured.
+   */
+  const warm = async (uris: readonly string[], w: Workload = { pattern: 'read', blockSize: MiB, depth: 32 }) => {
+    await fioJobs(uris, w, 1);
+  };
   const stopped = async (s: Server) => {
     const code = await s.child.stop();
     if (code !== 0 && code !== null) c.skip('blkif serve exit', `exited ${code}: ${s.child.stderr().slice(-300)}`);
@@ -81,6 +89,8 @@ export function addServeSections(c: ServeSectionsContext): void {
       need('fio');
       const s = await startServe(cleanup, scaleImages.slice(0, n));
       try {
+        const uris = Array.from({ length: n }, (_, i) => s.uri(i));
+        await warm(uris, SCALING_WORKLOAD);
         const perfs = await fioJobs(Array.from({ length: n }, (_, i) => s.uri(i)), SCALING_WORKLOAD, P.fioSeconds);
         const iops = perfs.reduce((a, p) => a + p.iops, 0);
         const mean = iops / n;
@@ -105,6 +115,7 @@ export function addServeSections(c: ServeSectionsContext): void {
     try {
       const s = await startServe(cleanup, [slow.uri, c.image()]);
       try {
+        await warm([s.uri(1)], SCALING_WORKLOAD);
         const [alone] = await fioJobs([s.uri(1)], SCALING_WORKLOAD, P.fioSeconds);
         const [slowPerf, beside] = await fioJobs([s.uri(0), s.uri(1)], SCALING_WORKLOAD, P.fioSeconds);
         results.isolation = { delayMs: P.slowDelayMs, workload: SCALING_WORKLOAD, slowWorkload: SCALING_WORKLOAD, alone: alone!, beside: beside!, slow: slowPerf! };
@@ -129,6 +140,7 @@ export function addServeSections(c: ServeSectionsContext): void {
       const s = await sv.start();
       const got: string[] = [];
       try {
+        await warm([s.uri(0)]);
         for (const w of NBD_WORKLOADS) {
           const o = await observe(s, () => fioJobs([s.uri(0)], w, P.fioSeconds));
           const perf = o.result[0]!;
@@ -154,6 +166,7 @@ export function addServeSections(c: ServeSectionsContext): void {
       try {
         const s = await startServe(cleanup, [store.uri], ['--max-indirect-segments', String(indirect), '--ring-page-order', String(order)], { metrics: true });
         try {
+          await warm([s.uri(0)], w1m);
           const o = await observe(s, () => fioJobs([s.uri(0)], w1m, P.fioSeconds));
           const perf = o.result[0];
           const peak = (await scrape(s.metrics)).get('blkif_vbd_peak_inflight_bytes');

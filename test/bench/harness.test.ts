@@ -195,7 +195,8 @@ test('a report is written with its charts, and the latest copy links them', asyn
   assert.match(md, /\| 16 \| 9\.0 \| 1\.2 \| 3 \| 500 MiB \| 20\.0 \|/);
   assert.match(md, /\| 16 \| 1,600 \| 6\.40 \| 1\.60x \| 0\.25x \| 1\.05x \| 75% \|/);
   assert.match(md, /\| vbd1 \(image file\) beside busy vbd0 \| 4,000 \|.*\| 0\.80x \|/);
-  assert.match(md, /\| indirect 256, ring order 0 \| 256 x 32 \| 32 MiB \| 32 MiB \| 600 \| 6\.00x \| 31 MiB \| 150 \|/);
+  assert.match(md, /\| indirect 256, ring order 0 \| 256 x 32 \| 32 MiB \| 32 MiB \| 600 \| 6\.00x \| 31 MiB \| 1,600 \| 150 \|/);
+  assert.match(md, /holds classic \(11-segment requests\) to 68\.8 MiB\/s, so indirect 256 meets 5x classic only at 500 MiB\/s or more/);
   assert.match(md, /kept about 6 MiB in service on average/);
   for (const f of ['nbd-servers.svg', 'bytes-in-flight.svg']) assert.ok(existsSync(join(path, '..', f)), f);
   assert.ok(existsSync(join(path, '..', 'results.json')));
