@@ -66,14 +66,15 @@ async function vegaSvg(vl: VegaLiteModule, vega: VegaModule, c: BarChart): Promi
   const spec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     title: c.title,
-    width: { step: Math.max(12, Math.floor(48 / Math.max(1, c.series.length)) * c.series.length) },
+    // Each group at least as wide as its name (about 6.5 px a character at 11 px), so names are never cut.
+    width: { step: Math.max(12 * c.series.length, 48, Math.ceil(Math.max(0, ...c.groups.map((g) => g.length)) * 6.5 + 8)), for: 'position' },
     height: 280,
     data: { values },
     encoding: {
-      x: { field: 'group', type: 'nominal', sort: [...c.groups], title: c.xTitle ?? null, axis: { labelAngle: 0 } },
+      x: { field: 'group', type: 'nominal', sort: [...c.groups], title: c.xTitle ?? null, axis: { labelAngle: 0, labelLimit: 0 } },
       xOffset: { field: 'series', type: 'nominal', sort: [...c.series] },
       y: { field: 'value', type: 'quantitative', title: c.unit, axis: { format: labelFormat(values.map((v) => v.value)) } },
-      color: { field: 'series', type: 'nominal', sort: [...c.series], title: null, scale: { range: PALETTE } },
+      color: { field: 'series', type: 'nominal', sort: [...c.series], title: null, scale: { range: PALETTE }, legend: { labelLimit: 0 } },
     },
     layer: [
       { mark: 'bar' },

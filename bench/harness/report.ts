@@ -665,10 +665,11 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
   L.push('## Method', '',
     `- Run parameters: ${Object.entries(doc.parameters).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ')}.`,
     '- The image is written with random data (no holes) and read once before any measurement, so it is warm in the page cache; writes land in the page cache too.',
-    '- Latencies are per I/O as the caller saw them (p50/p99, µs); memory-copy baselines are timed in batches (no per-copy latency); nbdcopy is timed from spawn to exit.',
+    '- Latencies are per I/O as the caller saw them (p50/p99, µs; fio\'s completion latency through `blkif serve` and the other NBD servers); memory-copy baselines are timed in batches (no per-copy latency).',
     `- The image lives in ${String(doc.parameters['imageDir'])}${doc.parameters['imageOnTmpfs'] === true ? ' (tmpfs: page cache only, so writes never start writeback to a disk mid-run)' : ''}.`,
     '- A guest can have at most NR_GRANT_ENTRIES (32768, Xen\'s default 64 grant frames) pages granted at once, and blkfront grants every page in flight: 128 MiB per guest, whatever the ring could carry. The seed\'s 8 x 512 x 32 = 512 MiB is therefore out of reach; the bytes-in-flight probes size the pool up to that cap.',
-    '- 64 VBDs on one driver domain exceed cxenstored\'s default quotas (1000 nodes, 128 watches per domain); the scaling run raises them as `xenstored -E 4096 -W 1024` would. Its memory disks are not written first (never-written chunks read as zeroes).',
+    '- CPU time per thread comes from /proc in clock ticks (10 ms at the usual 100 Hz): figures per request are averages over a run of many thousands of requests, not per-request timings.',
+    '- fio, nbdkit and qemu-nbd run on the same cores as `blkif serve` (2 here): every serve figure includes that contention, and so do those of the other servers.',
     `- Load average at start ${doc.machine.loadAverageAtStart.join(', ')}, at the end ${(doc.machine.loadAverageAtEnd ?? []).join(', ')}: other work on this machine shows up in every figure.`,
     `- Charts drawn by: ${[...new Set(rendered.values())].join(', ') || 'none'}.`, '');
   return L.join('\n');
