@@ -32,8 +32,9 @@ export async function startServe(cleanup: Cleanup, images: readonly string[], ex
   const metricsPort = o.metrics === true ? await freePort() : undefined;
   const t0 = performance.now();
   const child = spawnChild(cleanup, process.execPath, [MAIN, 'serve', ...images, '--port', '0', ...(metricsPort !== undefined ? ['--metrics', String(metricsPort)] : []), ...extra]);
-  const limit = o.readyTimeoutMs ?? 120_000;
-  const base = await new Promise<string>((resolve, reject) => {
+  // Under the harness's step limit (120 s), so that a server that never gets ready is stopped here.
+  const limit = o.readyTimeoutMs ?? 110_000;
+  const ready = new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`blkif serve not ready in ${limit / 1000} s: ${child.stderr().slice(-1000)}`)), limit);
     const look = () => {
       const m = /^ready (nbd:\/\/\S+?)\/?$/m.exec(child.stdout());
@@ -43,6 +44,13 @@ export async function startServe(cleanup: Cleanup, images: readonly string[], ex
     void child.exited.then((code) => { clearTimeout(timer); reject(new Error(`blkif serve exited (${code}) before ready: ${child.stderr().slice(-1000)}`)); });
     look();
   });
+  let base: string;
+  try {
+    base = await ready;
+  } catch (e) {
+    await child.stop(5000);
+    throw e;
+  }
   const readySeconds = (performance.now() - t0) / 1000;
   return { uri: (i) => `${base}/vbd${i}`, child, readySeconds, ...(metricsPort !== undefined ? { metrics: `http://127.0.0.1:${metricsPort}/metrics` } : {}) };
 }
