@@ -94,6 +94,8 @@ interface Step {
   readonly toolstack: boolean;
   /** Its section; 'setup' (the image) always runs, 'toolstack' when a section needs it. */
   readonly section: Section | 'setup' | 'toolstack';
+  /** Its own limit, for the few steps that take longer than STEP_TIMEOUT_MS by nature. */
+  readonly timeoutMs?: number;
 }
 
 /** No step should take more than this; one that does is abandoned (and reported). */
@@ -152,7 +154,8 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   const steps: Step[] = [];
   let inToolstack = false;
   let section: Step['section'] = 'setup';
-  const add = (name: string, run: () => Promise<string | undefined>) => steps.push({ name, run, toolstack: inToolstack, section });
+  const add = (name: string, run: () => Promise<string | undefined>, timeoutMs?: number) =>
+    steps.push({ name, run, toolstack: inToolstack, section, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
 
   const where = imageParent(P.imageBytes);
   add(`create a ${sizeLabel(P.imageBytes)} image and warm it in the page cache`, async () => {
@@ -350,7 +353,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   inToolstack = false;
 
   // ---- what a user sees: blkif serve as a child, fio's nbd engine ----
-  addServeSections({ add: (sec, name, run) => { section = sec; add(name, run); }, cleanup, results, P, image: () => image, dir: () => dir, tools, skip });
+  addServeSections({ add: (sec, name, run, timeoutMs) => { section = sec; add(name, run, timeoutMs); }, cleanup, results, P, image: () => image, dir: () => dir, tools, skip });
 
   section = 'micro';
   for (const suite of o.extraSuites ?? []) {
@@ -371,7 +374,8 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
       let timer: NodeJS.Timeout | undefined;
       try {
         const timeout = new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new StepTimeout(`no result after ${STEP_TIMEOUT_MS / 1000} s`)), STEP_TIMEOUT_MS);
+          const limit = s.timeoutMs ?? STEP_TIMEOUT_MS;
+          timer = setTimeout(() => reject(new StepTimeout(`no result after ${limit / 1000} s`)), limit);
         });
         const summary = await Promise.race([s.run(), timeout]);
         progress.end(summary, (performance.now() - ts) / 1000);

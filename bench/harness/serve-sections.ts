@@ -26,7 +26,7 @@ export interface ServeParameters {
 }
 
 export interface ServeSectionsContext {
-  readonly add: (section: Section, name: string, run: () => Promise<string | undefined>) => void;
+  readonly add: (section: Section, name: string, run: () => Promise<string | undefined>, timeoutMs?: number) => void;
   readonly cleanup: Cleanup;
   readonly results: BenchResults;
   readonly P: ServeParameters;
@@ -59,10 +59,12 @@ export function addServeSections(c: ServeSectionsContext): void {
   };
 
   // ---- start-up and idle ----
+  // Many images take a while to plug (a guest each, at the time of writing): their own limit.
+  const readyLimitMs = (n: number) => Math.max(110_000, n * 4_000);
   for (const n of P.startupCounts) {
     add('startup', `start-up: blkif serve with ${n} image${n > 1 ? 's' : ''}: time to ready, idle CPU over ${P.idleSeconds} s, VmRSS`, async () => {
       const images = sparseImages(c.dir(), `startup${n}-`, n, 64 * MiB);
-      const s = await startServe(cleanup, images);
+      const s = await startServe(cleanup, images, [], { readyTimeoutMs: readyLimitMs(n) });
       try {
         const idle = await idleOf(s, P.idleSeconds);
         results.startup!.push({ images: n, readySeconds: s.readySeconds, idleSeconds: P.idleSeconds, idleCpuPercent: idle.cpuPercent, rssBytes: idle.rssBytes });
@@ -70,7 +72,7 @@ export function addServeSections(c: ServeSectionsContext): void {
       } finally {
         await stopped(s);
       }
-    });
+    }, readyLimitMs(n) + 60_000);
   }
 
   // ---- scaling: n VBDs, a fio job each ----
