@@ -1,7 +1,9 @@
 /**
- * The benchmark harness behind `npm run bench`: a plan of steps (baselines, the
- * blkfront API, the protocol matrix, bytes in flight, scaling, the NBD export against qemu-nbd,
- * and any extra suites), run one after the other with progress on stderr; then one document of
+ * The benchmark harness behind `npm run bench`: a plan of steps (baselines, the blkfront API,
+ * the protocol matrix, bytes in flight, queues in threads, where the time goes; then `blkif serve`
+ * as a user runs it: start-up, scaling, isolation, the NBD servers side by side, bytes in flight on
+ * slow storage; and any extra suites), run one after the other (or the sections `only` names)
+ * with progress on stderr; then one document of
  * results, a Markdown report with SVG charts, and either tables or JSON on stdout. It asserts
  * nothing about speed: every figure is reported beside its baseline as a ratio. Whatever happens,
  * child processes are stopped, temporary images removed and the toolstack shut down.

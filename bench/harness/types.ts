@@ -256,6 +256,7 @@ export interface BenchResults {
   baselines: Row[];
   inflight: InflightRow[];
   nbd: Row[];
+  /** In-process scaling of earlier documents; now measured through `blkif serve` (serveScaling). */
   scaling: ScalingRow[];
   /** Queues in threads of their own vs in the backend's thread, on the image file. Absent in older documents. */
   threads: ThreadsRow[];
