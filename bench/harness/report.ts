@@ -8,9 +8,10 @@ import { memcpyId } from './baselines.js';
 import { renderChart, type BarChart, type ChartRenderer } from './charts.js';
 import { configLabel, DEFAULT_CONFIG_LABEL, INDIRECT_SEGMENTS, MATRIX_SEQ_DEPTH, matrixWorkloads } from './matrix.js';
 import {
-  KiB, MiB, sizeLabel, workloadId, workloadLabel, type BenchDocument, type BenchResults, type InflightRow, type Row, type StorageKind,
-  type Target, type ThreadsPerf, type ThreadsRow, type Workload,
+  KiB, MiB, sizeLabel, workloadId, workloadLabel, type BenchDocument, type BenchResults, type InflightNbdRow, type InflightRow, type Row,
+  type ServeScalingRow, type StorageKind, type Target, type ThreadsPerf, type ThreadsRow, type TimeRow, type Workload,
 } from './types.js';
+import { THREAD_ROLES } from './procstat.js';
 import { threadsModeLabel, THREADS_LAYOUTS, THREADS_WORKLOADS } from './threads.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -42,43 +43,71 @@ export function linkBaselines(r: BenchResults): void {
   }
 }
 
+/** NBD rows of one server for one fio workload. */
+const nbdRow = (r: BenchResults, server: string, id: string) => r.nbd.find((n) => n.config === server && n.id.endsWith(`/fio-${id}`));
+
+/** Issue 17's targets, each with its measured value; nothing measured is "not measured", never met. */
 export function computeTargets(r: BenchResults): Target[] {
   const api = (id: string) => r.api.find((x) => x.id === id);
-  const ratioTarget = (name: string, goal: string, threshold: number, row: Row | undefined, what: string): Target => {
-    const value = row?.baseline?.ratio;
+  const target = (name: string, goal: string, threshold: number, kind: '>=' | '<=', value: number | undefined, detail: string, unit: Target['unit'] = 'x'): Target => {
     const ok = value !== undefined && Number.isFinite(value);
-    return {
-      name, goal, value: ok ? value : undefined, threshold, kind: '>=', met: ok ? value >= threshold : undefined,
-      detail: row === undefined ? `${what}: not measured` : row.baseline === undefined ? `${what}: baseline not measured`
-        : `${what}: ${fmtMiBps(row.perf.mibps)} MiB/s vs ${row.baseline.label} ${fmtMiBps(row.baseline.mibps)} MiB/s`,
-    };
+    return { name, goal, value: ok ? value : undefined, threshold, kind, met: ok ? (kind === '>=' ? value >= threshold : value <= threshold) : undefined, detail, unit };
   };
-  const seq1m = api('api/file/read-1m-qd1');
+  const ratioTarget = (name: string, goal: string, threshold: number, row: Row | undefined, what: string): Target =>
+    target(name, goal, threshold, '>=', row?.baseline?.ratio,
+      row === undefined ? `${what}: not measured` : row.baseline === undefined ? `${what}: baseline not measured`
+        : `${what}: ${fmtMiBps(row.perf.mibps)} MiB/s vs ${row.baseline.label} ${fmtMiBps(row.baseline.mibps)} MiB/s`);
+  const seq1m8 = api('api/file/read-1m-qd8');
   const rand32 = api('api/file/randread-4k-qd32');
-  const ind1m = r.matrix.find((m) => m.storage === 'file' && m.config === DEFAULT_CONFIG_LABEL && m.workload?.pattern === 'read' && m.workload.blockSize === MiB);
-  const nbdRand = r.nbd.find((n) => n.config === 'blkif serve' && n.id.endsWith('fio-randread-4k-qd32'));
-  const nbdSeq = r.nbd.find((n) => n.config === 'blkif serve' && n.id.endsWith('fio-read-1m-qd8'));
-  const s1 = r.scaling.find((s) => s.vbds === 1);
-  const s16 = r.scaling.find((s) => s.vbds === 16);
-  const notif = rand32?.cost?.notificationsPerReq;
+  const kicks = (dir: 'fe' | 'be') => {
+    const v = dir === 'fe' ? rand32?.cost?.feSentPerReq : rand32?.cost?.beSentPerReq;
+    return target(`notifications per request at QD32, ${dir === 'fe' ? 'frontend -> backend' : 'backend -> frontend'}`, '<= 0.05', 0.05, '<=', v,
+      rand32?.cost === undefined ? 'not measured' : `blkfront API, 4 KiB random read QD32, image file: ${fmtPer(v)} kicks per ring request`, 'per');
+  };
+  const nbdVs = (id: string, label: string, vs: 'qemu-nbd' | 'nbdkit file', threshold: number): Target => {
+    const a = nbdRow(r, 'blkif serve', id);
+    const b = nbdRow(r, vs, id);
+    const v = a !== undefined && b !== undefined ? a.perf.mibps / b.perf.mibps : undefined;
+    return target(`NBD: blkif serve vs ${vs}, ${label}`, `>= ${threshold.toFixed(1)}x`, threshold, '>=', v,
+      a === undefined || b === undefined ? 'fio nbd engine: not measured' : `fio nbd engine, same image: ${fmtMiBps(a.perf.mibps)} vs ${fmtMiBps(b.perf.mibps)} MiB/s`);
+  };
+  const sc = r.serveScaling ?? [];
+  const s1 = sc.find((s) => s.vbds === 1);
+  const s16 = sc.find((s) => s.vbds === 16);
+  const worst = sc.filter((s) => s.vbds > 1).reduce<ServeScalingRow | undefined>((a, b) => (a === undefined || b.worstDeviation > a.worstDeviation ? b : a), undefined);
+  const perVbd = rssPerVbd(r);
+  const classic = (r.inflightNbd ?? []).find((x) => x.indirect === 0 && x.ringPageOrder === 0);
+  const ind256 = (r.inflightNbd ?? []).find((x) => x.indirect === 256 && x.ringPageOrder === 0);
   return [
-    ratioTarget('1 MiB sequential read through blkfront vs direct pread', '>= 0.8x', 0.8, seq1m, 'image file, QD1'),
-    ratioTarget('4 KiB random read QD32 through blkfront vs direct', '>= 0.5x', 0.5, rand32, 'image file, fs.read x32 on the libuv pool'),
-    ratioTarget('indirect vs classic at 1 MiB', '>= 2x', 2, ind1m, `image file, 1 MiB seq read QD${MATRIX_SEQ_DEPTH}, indirect 256 vs classic, ring order 0`),
-    {
-      name: 'notifications per request at QD32', goal: '<= 0.05', value: notif, threshold: 0.05, kind: '<=',
-      met: notif !== undefined && Number.isFinite(notif) ? notif <= 0.05 : undefined,
-      detail: rand32?.cost === undefined ? 'not measured'
-        : `4 KiB random read QD32, image file: ${fmtPer(rand32.cost.feSentPerReq)} frontend->backend + ${fmtPer(rand32.cost.beSentPerReq)} backend->frontend kicks per request`,
-    },
-    ratioTarget('NBD export vs qemu-nbd, 4 KiB random read QD32', '>= 1.2x', 1.2, nbdRand, 'fio nbd engine'),
-    ratioTarget('NBD export vs qemu-nbd, 1 MiB sequential read', '>= 1.0x', 1.0, nbdSeq, 'fio nbd engine, QD8'),
-    {
-      name: '16 VBDs aggregate vs one VBD', goal: '>= 1.5x', value: s16 !== undefined && s1 !== undefined ? s16.ratio : undefined, threshold: 1.5, kind: '>=',
-      met: s16 !== undefined && s1 !== undefined ? s16.ratio >= 1.5 : undefined,
-      detail: s16 === undefined || s1 === undefined ? 'not measured' : `4 KiB random read QD8 per VBD, memory disks: ${fmtInt(s16.iops)} vs ${fmtInt(s1.iops)} IOPS`,
-    },
+    ratioTarget('blkfront API: 1 MiB sequential read QD8 vs direct pread', '>= 0.6x', 0.6, seq1m8, 'image file, QD8'),
+    kicks('fe'),
+    kicks('be'),
+    nbdVs('randread-4k-qd32', '4 KiB random read QD32', 'nbdkit file', 1.0),
+    nbdVs('read-1m-qd32', '1 MiB sequential read QD32', 'nbdkit file', 1.0),
+    nbdVs('randread-4k-qd32', '4 KiB random read QD32', 'qemu-nbd', 1.2),
+    nbdVs('read-1m-qd32', '1 MiB sequential read QD32', 'qemu-nbd', 1.2),
+    nbdVs('randwrite-4k-qd32', '4 KiB random write QD32', 'qemu-nbd', 1.0),
+    target('scaling: 16 VBDs aggregate vs one VBD', '>= 1.0x', 1.0, '>=', s16 !== undefined && s1 !== undefined ? s16.iops / s1.iops : undefined,
+      s16 === undefined || s1 === undefined ? 'not measured' : `blkif serve, fio ${workloadLabel(SCALING_WORKLOAD_REF)} per VBD: ${fmtInt(s16.iops)} vs ${fmtInt(s1.iops)} IOPS`),
+    target('scaling fairness: every VBD within 25% of the mean', '<= 25%', 0.25, '<=', worst?.worstDeviation,
+      worst === undefined ? 'not measured' : `worst at ${worst.vbds} VBDs: ${fmtInt(Math.min(...worst.perVbd))}..${fmtInt(Math.max(...worst.perVbd))} IOPS, mean ${fmtInt(worst.iops / worst.vbds)}`, '%'),
+    target('resident memory per VBD beyond the first', '<= 32 MiB', 32, '<=', perVbd?.mib,
+      perVbd === undefined ? 'not measured' : `blkif serve VmRSS: ${fmtBytes(perVbd.one)} with 1 image, ${fmtBytes(perVbd.many)} with ${perVbd.n}`, 'MiB'),
+    target('bytes in flight: indirect 256 vs classic', '>= 5x', 5, '>=', classic !== undefined && ind256 !== undefined ? ind256.perf.mibps / classic.perf.mibps : undefined,
+      classic === undefined || ind256 === undefined ? 'not measured' : `blkif serve on NBD storage with a fixed latency, fio 1 MiB seq read QD32, ring order 0: ${fmtMiBps(ind256.perf.mibps)} vs ${fmtMiBps(classic.perf.mibps)} MiB/s`),
   ];
+}
+
+/** The scaling and isolation workload, for the targets' wording. */
+const SCALING_WORKLOAD_REF: Workload = { pattern: 'randread', blockSize: 4 * KiB, depth: 8 };
+
+/** VmRSS growth per image from 1 to the most images measured up to 16. */
+export function rssPerVbd(r: BenchResults): { mib: number; one: number; many: number; n: number } | undefined {
+  const st = (r.startup ?? []).filter((x) => x.rssBytes !== undefined);
+  const one = st.find((x) => x.images === 1);
+  const many = st.filter((x) => x.images > 1 && x.images <= 16).sort((a, b) => b.images - a.images)[0];
+  if (one === undefined || many === undefined) return undefined;
+  return { mib: (many.rssBytes! - one.rssBytes!) / MiB / (many.images - 1), one: one.rssBytes!, many: many.rssBytes!, n: many.images };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -128,10 +157,19 @@ function textTable(t: Table, indent = '  '): string {
 // Tables
 // ---------------------------------------------------------------------------------------------
 
+function fmtTarget(t: Target): string {
+  switch (t.unit ?? (t.kind === '<=' ? 'per' : 'x')) {
+    case '%': return fin(t.value) ? `${(t.value * 100).toFixed(0)}%` : DASH;
+    case 'MiB': return fin(t.value) ? `${t.value.toFixed(1)} MiB` : DASH;
+    case 'per': return fmtPer(t.value);
+    default: return fmtRatio(t.value);
+  }
+}
+
 function targetsTable(ts: Target[]): Table {
   return {
     headers: ['target', 'goal', 'measured', 'result', 'what was compared'],
-    rows: ts.map((t) => [t.name, t.goal, t.kind === '<=' ? fmtPer(t.value) : fmtRatio(t.value), t.met === undefined ? 'not measured' : t.met ? 'met' : 'not met', t.detail]),
+    rows: ts.map((t) => [t.name, t.goal, fmtTarget(t), t.met === undefined ? 'not measured' : t.met ? 'met' : 'not met', t.detail]),
     left: [0, 1, 3, 4],
   };
 }
@@ -211,22 +249,137 @@ function baselinesTable(rows: Row[]): Table {
   };
 }
 
+const NBD_SERVERS = ['blkif serve', 'qemu-nbd', 'nbdkit file'];
+
 function nbdTable(rows: Row[]): Table {
+  const vs = (r: Row, server: string) => {
+    const b = rows.find((x) => x.config === server && x.label === r.label);
+    return r.config === server ? '1.00x (baseline)' : b === undefined ? DASH : fmtRatio(r.perf.mibps / b.perf.mibps);
+  };
+  const order = (r: Row) => NBD_SERVERS.indexOf(r.config ?? '');
   return {
-    headers: ['client', 'server', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs', 'seconds', 'vs qemu-nbd'],
-    rows: [...rows].sort((a, b) => a.label.localeCompare(b.label)).map((r) => [
+    headers: ['client', 'server', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs', 'seconds', 'vs qemu-nbd', 'vs nbdkit file'],
+    rows: [...rows].sort((a, b) => a.label.localeCompare(b.label) || order(a) - order(b)).map((r) => [
       r.label, r.config ?? DASH, r.label.startsWith('nbdcopy') ? DASH : fmtInt(r.perf.iops), fmtMiBps(r.perf.mibps), fmtUs(r.perf.p50us), fmtUs(r.perf.p99us),
-      r.perf.seconds.toFixed(2), r.config === 'qemu-nbd' ? '1.00x (baseline)' : fmtRatio(r.baseline?.ratio),
+      r.perf.seconds.toFixed(2), vs(r, 'qemu-nbd'), vs(r, 'nbdkit file'),
     ]),
     left: [0, 1],
   };
 }
 
-function scalingTable(doc: BenchDocument): Table {
+const rate = (w: Workload, p: { iops: number; mibps: number }) => (small(w) ? `${fmtInt(p.iops)} IOPS` : `${fmtMiBps(p.mibps)} MiB/s`);
+const roleShort: Record<string, string> = {
+  'guests (blkfront, NBD)': 'guests', 'driver domain': 'driver domain', 'queue threads': 'queue threads', 'main thread': 'main thread', 'V8 and libuv helpers': 'V8/libuv helpers',
+};
+const sumRec = (r: Record<string, number>) => Object.values(r).filter(fin).reduce((a, b) => a + b, 0);
+
+/** CPU µs per request (or I/O) of each thread role, and the sleeps (wake-ups) of all threads. */
+function timeCpuTable(rows: TimeRow[]): Table {
   return {
-    headers: ['VBDs', 'guests', 'aggregate IOPS', 'MiB/s', 'mean p50 µs', 'worst p99 µs', 'vs 1 VBD'],
-    rows: doc.results.scaling.map((s) => [String(s.vbds), String(s.guests), fmtInt(s.iops), fmtMiBps(s.mibps), fmtUs(s.p50us), fmtUs(s.p99us), fmtRatio(s.ratio)]),
+    headers: ['where', 'workload', 'rate', 'per', ...THREAD_ROLES.map((r) => `${roleShort[r]} µs`), 'CPU µs in all', 'thread sleeps'],
+    rows: rows.map((t) => [
+      t.where, workloadLabel(t.workload), rate(t.workload, t.perf), t.per, ...THREAD_ROLES.map((r) => fmtUs(t.cpuUs[r])), fmtUs(sumRec(t.cpuUs)), fmtPer(sumRec(t.sleeps)),
+    ]),
+    left: [0, 1, 3],
   };
+}
+
+/** Kicks, Xen sleeps, grant operations, copies and allocation per request (or I/O). */
+function timeEventsTable(rows: TimeRow[]): Table {
+  const pair = (v: { guest: number; backend: number } | undefined) => (v === undefined ? DASH : `${fmtPer(v.guest)} / ${fmtPer(v.backend)}`);
+  return {
+    headers: ['where', 'workload', 'per', 'fe->be kicks', 'be->fe kicks', 'Xen sleeps guest / driver', 'grant maps', 'grant copies', 'bytes copied', 'scavenges per 1,000 guest / driver'],
+    rows: rows.map((t) => [
+      t.where, workloadLabel(t.workload), t.per, fmtPer(t.feToBe), fmtPer(t.beToFe), pair(t.xenSleeps), fmtPer(t.grantMaps), fmtPer(t.grantCopies),
+      t.copyBytes === undefined ? DASH : fmtBytes(t.copyBytes), pair(t.scavengesPerK),
+    ]),
+    left: [0, 1, 2],
+  };
+}
+
+/** One line per row: the role that spends the most CPU per request, and its share. */
+export function timeReading(rows: TimeRow[]): string[] {
+  return rows.filter((t) => sumRec(t.cpuUs) > 0).map((t) => {
+    const all = sumRec(t.cpuUs);
+    const [role, us] = Object.entries(t.cpuUs).filter(([, v]) => fin(v)).sort((a, b) => b[1] - a[1])[0]!;
+    return `- ${t.where}, ${workloadLabel(t.workload)}: ${fmtUs(all)} µs of CPU per ${t.per}, ${Math.round((us / all) * 100)}% of it in the ${roleShort[role] ?? role} (${fmtUs(us)} µs).`;
+  });
+}
+
+function startupTable(r: BenchResults): Table {
+  const st = r.startup ?? [];
+  const one = st.find((x) => x.images === 1)?.rssBytes;
+  return {
+    headers: ['images', 'time to ready s', 'idle CPU %', 'idle over s', 'VmRSS', 'MiB per image beyond the first'],
+    rows: st.map((x) => [
+      String(x.images), x.readySeconds.toFixed(1), x.idleCpuPercent.toFixed(1), String(x.idleSeconds), fmtBytes(x.rssBytes),
+      x.images > 1 && one !== undefined && x.rssBytes !== undefined ? ((x.rssBytes - one) / MiB / (x.images - 1)).toFixed(1) : DASH,
+    ]),
+  };
+}
+
+function serveScalingTable(rows: ServeScalingRow[]): Table {
+  return {
+    headers: ['VBDs', 'aggregate IOPS', 'MiB/s', 'vs 1 VBD', 'slowest VBD vs mean', 'fastest VBD vs mean', 'worst deviation', 'mean p50 µs', 'worst p99 µs'],
+    rows: rows.map((s) => {
+      const mean = s.iops / s.vbds;
+      return [String(s.vbds), fmtInt(s.iops), fmtMiBps(s.mibps), fmtRatio(s.ratio), fmtRatio(Math.min(...s.perVbd) / mean), fmtRatio(Math.max(...s.perVbd) / mean),
+        `${(s.worstDeviation * 100).toFixed(0)}%`, fmtUs(s.p50us), fmtUs(s.p99us)];
+    }),
+  };
+}
+
+function isolationTable(r: BenchResults): Table | undefined {
+  const x = r.isolation;
+  if (x === undefined) return undefined;
+  const line = (what: string, p: typeof x.alone, base: typeof x.alone | undefined) => [what, fmtInt(p.iops), fmtMiBps(p.mibps), fmtUs(p.p50us), fmtUs(p.p99us), base === undefined ? DASH : fmtRatio(p.iops / base.iops)];
+  return {
+    headers: ['VBD', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs', 'vs alone'],
+    rows: [
+      line('vbd1 (image file) alone', x.alone, undefined),
+      line('vbd1 (image file) beside busy vbd0', x.beside, x.alone),
+      line(`vbd0 (nbdkit memory, ${x.delayMs} ms per request), at the same time`, x.slow, undefined),
+    ],
+  };
+}
+
+const inflightLabel = (x: InflightNbdRow) => `${x.indirect === 0 ? 'classic' : `indirect ${x.indirect}`}, ring order ${x.ringPageOrder}`;
+/** Ring slots x segments x 4 KiB, for requests no larger than fio's 1 MiB I/Os. */
+const atOneMiB = (x: InflightNbdRow) => Math.min(x.segments, 256) * x.slots * 4096;
+
+/** nbdkit serves at most --threads requests at once (16 by default): MiB/s it allows at a fixed latency. */
+const NBDKIT_THREADS = 16;
+const storageCeiling = (x: InflightNbdRow, delayMs: number) => (Math.min(NBDKIT_THREADS, x.slots) * Math.min(x.segments, 256) * 4096) / MiB / (delayMs / 1000);
+
+function inflightNbdTable(rows: InflightNbdRow[], delayMs: number): Table {
+  const classic = (o: number) => rows.find((x) => x.indirect === 0 && x.ringPageOrder === o);
+  return {
+    headers: ['configuration', 'segments x slots', 'bytes in flight (x 4 KiB)', 'at 1 MiB I/Os', 'MiB/s', 'vs classic', 'peak in flight (blkback)', `ceiling of ${NBDKIT_THREADS} nbdkit threads, MiB/s`, 'serve CPU %', 'p50 µs', 'p99 µs'],
+    rows: [...rows].sort((a, b) => a.bytesInFlight - b.bytesInFlight).map((x) => {
+      const c = classic(x.ringPageOrder);
+      return [inflightLabel(x), `${x.segments} x ${x.slots}`, fmtBytes(x.bytesInFlight), fmtBytes(atOneMiB(x)), fmtMiBps(x.perf.mibps),
+        c === undefined ? DASH : c === x ? '1.00x (baseline)' : fmtRatio(x.perf.mibps / c.perf.mibps), fmtBytes(x.peakBytes), fmtMiBps(storageCeiling(x, delayMs)), fin(x.cpuPercent) ? x.cpuPercent.toFixed(0) : DASH, fmtUs(x.perf.p50us), fmtUs(x.perf.p99us)];
+    }),
+    left: [0],
+  };
+}
+
+/** Why bytes in flight stop helping: what reached the storage, beside the limits on the way. */
+export function inflightReading(doc: BenchDocument): string {
+  const rows = doc.results.inflightNbd ?? [];
+  if (rows.length === 0) return '';
+  const delay = Number(doc.parameters['inflightDelayMs']);
+  const best = rows.reduce((a, b) => (b.perf.mibps > a.perf.mibps ? b : a));
+  // With a fixed latency, throughput is the bytes in service at the storage over that latency.
+  const atStorage = (best.perf.mibps * MiB * delay) / 1000;
+  return `With ${delay} ms per request at the storage, throughput is what is in service there over ${delay} ms: the best configuration here (${inflightLabel(best)}, ${fmtMiBps(best.perf.mibps)} MiB/s) kept about ${fmtBytes(atStorage)} in service on average, `
+    + `beside blkback's measured peak of ${fmtBytes(best.peakBytes)} in flight and a ring limit of ${fmtBytes(atOneMiB(best))} at 1 MiB I/Os. `
+    + `Other limits on the way: fio's queue (32 x 1 MiB = 32 MiB), nbdkit's --threads (16 by default: at most 16 requests in service, ${fmtBytes(16 * Math.min(best.segments, 256) * 4096)} at this request size)`
+    + (() => {
+      const c = rows.find((x) => x.indirect === 0 && x.ringPageOrder === 0);
+      return c === undefined ? '' : ` — which alone holds classic (${c.segments}-segment requests) to ${fmtMiBps(storageCeiling(c, delay))} MiB/s, so indirect 256 meets 5x classic only at ${fmtMiBps(5 * c.perf.mibps)} MiB/s or more`;
+    })()
+    + (fin(best.cpuPercent) ? `, and the CPU: blkif serve's threads used ${best.cpuPercent.toFixed(0)}% of one core meanwhile, on a machine of ${doc.machine.cpus} (${doc.machine.cpus * 100}%), where fio and nbdkit run too.` : '.');
 }
 
 /** "4 KiB randread QD32": short enough for a chart's legend. */
@@ -309,8 +462,13 @@ export function renderText(doc: BenchDocument): string {
   section('protocol cost per request, matrix, image file', costTable(r.matrix.filter((x) => x.storage === 'file'), true));
   section(`bytes in flight`, inflightTable(r.inflight));
   section('baselines', baselinesTable(r.baselines));
-  section('NBD export vs qemu-nbd (same clients)', nbdTable(r.nbd));
-  section('scaling (one driver domain)', scalingTable(doc));
+  section('where the time goes: CPU µs per request (or I/O) by thread, and sleeps', timeCpuTable(r.time ?? []));
+  section('where the time goes: events per request (or I/O)', timeEventsTable(r.time ?? []));
+  section('NBD servers side by side (fio nbd engine, same image)', nbdTable(r.nbd));
+  section('blkif serve: start-up and idle', startupTable(r));
+  section('blkif serve: scaling by VBD count (a fio job per VBD)', serveScalingTable(r.serveScaling ?? []));
+  section('blkif serve: isolation', isolationTable(r));
+  section('blkif serve: bytes in flight on fixed-latency storage', inflightNbdTable(r.inflightNbd ?? [], Number(doc.parameters['inflightDelayMs'])));
   section("queues in threads, image file (queueThreads: false vs true; ratio on throughput)", threadsTable(threadsOf(r)));
   for (const m of microTables(doc)) section(m.title, m.table);
   if (r.skipped.length > 0) out.push(`\nskipped:\n${r.skipped.map((s) => `  ${s.what}: ${s.why}`).join('\n')}\n`);
@@ -343,26 +501,44 @@ function charts(doc: BenchDocument): ChartFile[] {
       },
     });
   }
-  const servers = [...new Set(r.nbd.map((n) => n.config!))];
+  const servers = NBD_SERVERS.filter((sv) => r.nbd.some((n) => n.config === sv));
   const tests = [...new Set(r.nbd.map((n) => n.label))];
   if (servers.length > 0) {
     out.push({
-      file: 'nbd-vs-qemu-nbd.svg',
-      title: 'NBD export vs qemu-nbd',
+      file: 'nbd-servers.svg',
+      title: 'NBD servers side by side',
       chart: {
-        title: 'NBD export (blkif serve) vs qemu-nbd, same clients', unit: 'MiB/s',
+        title: 'blkif serve, qemu-nbd and nbdkit file on the same image, fio nbd engine', unit: 'MiB/s', format: fmtMiBps,
         groups: tests, series: servers,
-        values: tests.map((t) => servers.map((s) => r.nbd.find((n) => n.label === t && n.config === s)?.perf.mibps)),
+        values: tests.map((t) => servers.map((sv) => r.nbd.find((n) => n.label === t && n.config === sv)?.perf.mibps)),
       },
     });
   }
-  if (r.scaling.length > 0) {
+  const sc = r.serveScaling ?? [];
+  if (sc.length > 0) {
     out.push({
       file: 'scaling.svg',
       title: 'Scaling by VBD count',
       chart: {
-        title: 'Aggregate 4 KiB random read (QD8 per VBD), one driver domain', unit: 'IOPS', xTitle: 'VBDs',
-        groups: r.scaling.map((s) => String(s.vbds)), series: ['aggregate IOPS'], values: r.scaling.map((s) => [s.iops]),
+        title: 'blkif serve: aggregate 4 KiB random read (fio QD8 per VBD)', unit: 'IOPS', xTitle: 'VBDs', format: fmtInt,
+        groups: sc.map((x) => String(x.vbds)), series: ['aggregate IOPS', 'slowest VBD x VBDs'],
+        values: sc.map((x) => [x.iops, Math.min(...x.perVbd) * x.vbds]),
+      },
+    });
+  }
+  const inf = [...(r.inflightNbd ?? [])].sort((a, b) => a.bytesInFlight - b.bytesInFlight);
+  if (inf.length > 0) {
+    const orders = [...new Set(inf.map((x) => x.ringPageOrder))].sort((a, b) => a - b);
+    const groups = [...new Map(inf.map((x) => [x.indirect, x])).values()];
+    out.push({
+      file: 'bytes-in-flight.svg',
+      title: 'Throughput against bytes in flight',
+      chart: {
+        title: `blkif serve on NBD storage with ${String(doc.parameters['inflightDelayMs'])} ms per request: fio 1 MiB seq read QD32`, unit: 'MiB/s', format: fmtMiBps,
+        xTitle: 'segments per request (bytes in flight = ring slots x segments x 4 KiB)',
+        groups: groups.map((g) => (g.indirect === 0 ? 'classic (11)' : `indirect ${g.indirect}`)),
+        series: orders.map((o) => `ring order ${o} (${32 << o} slots)`),
+        values: groups.map((g) => orders.map((o) => inf.find((x) => x.indirect === g.indirect && x.ringPageOrder === o)?.perf.mibps)),
       },
     });
   }
@@ -394,6 +570,15 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
     'Benchmarks assert nothing about speed: every figure stands beside its baseline as a ratio (figure / baseline, on throughput).', '');
   L.push('## Machine', '', ...machineLines(doc).map((l) => `- ${l}`), '');
   L.push('## Targets', '', mdTable(targetsTable(doc.targets)));
+  const time = r.time ?? [];
+  if (time.length > 0) {
+    L.push('## Where the time goes', '',
+      'Per ring request through the blkfront API (the guest and driver domain are threads of the bench), and per client I/O through `blkif serve` (a child: its threads read from /proc). '
+      + 'CPU time is each thread\'s utime + stime (/proc/PID/task/TID/stat), by role: domain threads carry their domain\'s name (vCPU N: name/N), so guests (blkfront, and under serve the NBD server), the driver domain, its queue threads, the main thread (toolstack, xenstored) and the rest (V8\'s and libuv\'s threads) are told apart. '
+      + 'Thread sleeps are voluntary context switches (each ends in a wake-up). Kicks are blkback\'s event-channel counters; Xen sleeps are waits in the emulated Xen that went to sleep in Atomics.waitAsync; grant copies and bytes copied are GNTTABOP_copy operations (blkfront\'s and blkback\'s own Buffer copies are not counted); '
+      + 'allocation is V8 scavenges per 1,000 requests (each one a young generation filled) in each domain\'s threads. Use it to pick what to change, and judge the change by it.', '',
+      mdTable(timeCpuTable(time)), mdTable(timeEventsTable(time)), ...timeReading(time), '');
+  }
 
   L.push(`## 1. Through the blkfront API (${DEFAULT_CONFIG_LABEL})`, '',
     'The workload runs inside the guest\'s thread against its blkfront (no NBD, no control-channel hop per I/O); blkback in the driver domain serves it.',
@@ -429,13 +614,38 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
   }
 
   L.push('## 4. Baselines', '', mdTable(baselinesTable(r.baselines)));
-  L.push('### NBD export vs qemu-nbd', '',
-    '`blkif serve IMAGE --port 0` and `qemu-nbd -f raw -t -p PORT -b 127.0.0.1 IMAGE` on the same image, one after the other, driven by the same clients: fio\'s nbd engine (time based) and nbdcopy of the whole image to null: (it opens 4 connections to a server that offers multi-conn, as blkif serve does, and 1 to qemu-nbd, which with its default --shared=1 does not).', '',
-    mdTable(nbdTable(r.nbd)), chartImg('nbd-vs-qemu-nbd.svg'));
 
-  L.push('## 5. Scaling by VBD count', '',
-    `One driver domain serving every VBD; VBD i is plugged into guest i mod 8 (at most 8 guest threads), each a ${sizeLabel(16 * MiB)} memory disk running 4 KiB random reads at QD8 for the same time, all at once.`, '',
-    mdTable(scalingTable(doc)), chartImg('scaling.svg'));
+  L.push('## 5. What a user sees: `blkif serve`', '',
+    '`blkif serve` run as a child, at its defaults unless a table says otherwise, driven by fio\'s nbd engine (time based, one job per VBD, all jobs in one fio run). '
+    + 'Each server is first warmed for a second, unmeasured (1 MiB reads at QD32, or the section\'s own load): a new server\'s first requests pay for what later ones reuse, as blkback mapping each persistent grant on first use.', '');
+  if (r.nbd.length > 0) {
+    L.push('### NBD servers side by side', '',
+      '`blkif serve IMAGE`, `qemu-nbd -f raw -t IMAGE` and `nbdkit file IMAGE` (each at its defaults, on 127.0.0.1), one after the other on the same image, the same fio job against each.', '',
+      mdTable(nbdTable(r.nbd)), chartImg('nbd-servers.svg'));
+  }
+  if ((r.startup ?? []).length > 0) {
+    L.push('### Start-up and idle', '',
+      'Time from spawning `blkif serve IMAGE...` to its "ready" line; then, with no client, the CPU time of all its threads over the idle seconds (100% = one core) and its VmRSS. Sparse images of 64 MiB.', '',
+      mdTable(startupTable(r)));
+  }
+  const sc = r.serveScaling ?? [];
+  if (sc.length > 0) {
+    L.push('### Scaling by VBD count', '',
+      `\`blkif serve\` with n images (${sizeLabel(Number(doc.parameters['serveImageBytes']))} each, written and warm in the page cache), a fio job of 4 KiB random reads at QD8 on each VBD, all at once. Fairness: each VBD's IOPS against the mean of all.`, '',
+      mdTable(serveScalingTable(sc)), chartImg('scaling.svg'));
+  }
+  const iso = isolationTable(r);
+  if (iso !== undefined) {
+    L.push('### Isolation', '',
+      `vbd0 on slow storage (nbdkit's memory plugin behind its delay filter, ${r.isolation!.delayMs} ms per request, served over NBD as \`blkif serve\`'s image), vbd1 on the image file; both with a fio job of ${workloadLabel(r.isolation!.workload)}. vbd1 first alone, then beside vbd0 busy with its own job.`, '',
+      mdTable(iso));
+  }
+  const inf = r.inflightNbd ?? [];
+  if (inf.length > 0) {
+    L.push('### Bytes in flight on fixed-latency storage', '',
+      `\`blkif serve nbd+unix:///?socket=...\` in front of nbdkit's memory plugin with a delay of ${String(doc.parameters['inflightDelayMs'])} ms per request (at nbdkit's default 16 threads), with \`--max-indirect-segments\` and \`--ring-page-order\` as named; fio 1 MiB sequential reads at QD32. With a fixed latency, throughput follows the bytes in flight.`, '',
+      mdTable(inflightNbdTable(inf, Number(doc.parameters['inflightDelayMs']))), chartImg('bytes-in-flight.svg'), inflightReading(doc), '');
+  }
 
   const threads = threadsOf(r);
   if (threads.length > 0) {
@@ -455,10 +665,11 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
   L.push('## Method', '',
     `- Run parameters: ${Object.entries(doc.parameters).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ')}.`,
     '- The image is written with random data (no holes) and read once before any measurement, so it is warm in the page cache; writes land in the page cache too.',
-    '- Latencies are per I/O as the caller saw them (p50/p99, µs); memory-copy baselines are timed in batches (no per-copy latency); nbdcopy is timed from spawn to exit.',
+    '- Latencies are per I/O as the caller saw them (p50/p99, µs; fio\'s completion latency through `blkif serve` and the other NBD servers); memory-copy baselines are timed in batches (no per-copy latency).',
     `- The image lives in ${String(doc.parameters['imageDir'])}${doc.parameters['imageOnTmpfs'] === true ? ' (tmpfs: page cache only, so writes never start writeback to a disk mid-run)' : ''}.`,
     '- A guest can have at most NR_GRANT_ENTRIES (32768, Xen\'s default 64 grant frames) pages granted at once, and blkfront grants every page in flight: 128 MiB per guest, whatever the ring could carry. The seed\'s 8 x 512 x 32 = 512 MiB is therefore out of reach; the bytes-in-flight probes size the pool up to that cap.',
-    '- 64 VBDs on one driver domain exceed cxenstored\'s default quotas (1000 nodes, 128 watches per domain); the scaling run raises them as `xenstored -E 4096 -W 1024` would. Its memory disks are not written first (never-written chunks read as zeroes).',
+    '- CPU time per thread comes from /proc in clock ticks (10 ms at the usual 100 Hz): figures per request are averages over a run of many thousands of requests, not per-request timings.',
+    '- fio, nbdkit and qemu-nbd run on the same cores as `blkif serve` (2 here): every serve figure includes that contention, and so do those of the other servers.',
     `- Load average at start ${doc.machine.loadAverageAtStart.join(', ')}, at the end ${(doc.machine.loadAverageAtEnd ?? []).join(', ')}: other work on this machine shows up in every figure.`,
     `- Charts drawn by: ${[...new Set(rendered.values())].join(', ') || 'none'}.`, '');
   return L.join('\n');

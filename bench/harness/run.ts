@@ -1,7 +1,9 @@
 /**
- * The benchmark harness behind `npm run bench`: a plan of steps (baselines, the
- * blkfront API, the protocol matrix, bytes in flight, scaling, the NBD export against qemu-nbd,
- * and any extra suites), run one after the other with progress on stderr; then one document of
+ * The benchmark harness behind `npm run bench`: a plan of steps (baselines, the blkfront API,
+ * the protocol matrix, bytes in flight, queues in threads, where the time goes; then `blkif serve`
+ * as a user runs it: start-up, scaling, isolation, the NBD servers side by side, bytes in flight on
+ * slow storage; and any extra suites), run one after the other (or the sections `only` names)
+ * with progress on stderr; then one document of
  * results, a Markdown report with SVG charts, and either tables or JSON on stdout. It asserts
  * nothing about speed: every figure is reported beside its baseline as a ratio. Whatever happens,
  * child processes are stopped, temporary images removed and the toolstack shut down.
@@ -14,10 +16,12 @@ import { directBaseline, MemoryCopy, memcpyBaseline, memcpyId } from './baseline
 import { Cleanup, createImage, imageParent, tempDir } from './cleanup.js';
 import { GRANT_POOL_CAP, GuestBench, poolPagesFor, reachableInflight } from './guest.js';
 import {
-  apiWorkloads, configLabel, DEFAULT_CONFIG_LABEL, INFLIGHT_BLOCK, INFLIGHT_DEPTH, matrixConfigs, matrixWorkloads, PROTOCOL_MATRIX, SCALING_COUNTS,
-  SCALING_DISK_BYTES, SCALING_MAX_GUESTS, SCALING_WORKLOAD, type MatrixConfig,
+  apiWorkloads, configLabel, DEFAULT_CONFIG_LABEL, INFLIGHT_BLOCK, INFLIGHT_DEPTH, matrixConfigs, matrixWorkloads, PROTOCOL_MATRIX, SCALING_WORKLOAD,
+  TIME_WORKLOADS, type MatrixConfig,
 } from './matrix.js';
-import { blkifServe, fioTest, nbdcopyTest, qemuNbd, toolVersion, type NbdServerSpec, type NbdTest } from './nbd.js';
+import { toolVersion } from './nbd.js';
+import { addServeSections } from './serve-sections.js';
+import { sumOf, timeInProcess } from './time.js';
 import { makeProgress } from './progress.js';
 import { measureThreads, THREADS_BUFFER_PAGES, THREADS_LAYOUTS, THREADS_WORKLOADS, threadsModeLabel, ThreadsRuns } from './threads.js';
 import { linkBaselines, computeTargets, renderText, writeReport } from './report.js';
@@ -39,7 +43,15 @@ export interface BenchOptions {
   readonly command?: string;
   /** Where the tables (or the JSON document) go; stdout by default. */
   readonly out?: NodeJS.WritableStream;
+  /** Run only these sections (the image and, for its sections, the toolstack are set up as needed). */
+  readonly only?: readonly Section[];
 }
+
+/** Sections of a run, as `--only` names them. */
+export const SECTIONS = ['baselines', 'api', 'matrix', 'inflight', 'threads', 'time', 'startup', 'scaling', 'isolation', 'nbd', 'inflight-nbd', 'micro'] as const;
+export type Section = typeof SECTIONS[number];
+/** Sections that run in this process's toolstack (started only for them). */
+const TOOLSTACK_SECTIONS: readonly Section[] = ['api', 'matrix', 'inflight', 'threads', 'time'];
 
 /** Durations and sizes of a run; `--quick` shrinks them to stay under a minute in all. */
 export function parameters(quick: boolean) {
@@ -54,6 +66,19 @@ export function parameters(quick: boolean) {
     /** Each workload of the queues-in-threads runs, per layout and mode. */
     threadsMs: quick ? 150 : 1000,
     fioSeconds: quick ? 1 : 3,
+    /** Where the time goes: long enough for CPU clock ticks (10 ms) to resolve each thread. */
+    timeMs: quick ? 400 : 1500,
+    /** blkif serve: images at start-up (time to ready, idle CPU, VmRSS), idle seconds measured. */
+    startupCounts: quick ? [1, 4] : [1, 4, 16, 64],
+    idleSeconds: quick ? 1 : 3,
+    /** blkif serve with n images, a fio job per VBD. */
+    serveScalingCounts: quick ? [1, 4] : [1, 2, 4, 8, 16],
+    serveImageBytes: 32 * MiB,
+    /** Isolation: vbd0's storage waits this long per request. */
+    slowDelayMs: 200,
+    /** Bytes in flight over NBD: the storage's latency per request, and the configurations. */
+    inflightDelayMs: 10,
+    inflightNbdConfigs: (quick ? [[0, 0], [256, 0]] : [0, 32, 256, 4096].flatMap((n) => [[n, 0], [n, 4]])) as [number, number][],
     matrixStorages: (quick ? ['file'] : ['file', 'memory']) as StorageKind[],
     inflightModes: (quick ? ['async'] : ['sync', 'async']) as ('sync' | 'async')[],
     inflightOrders: quick ? [0] : [0, 4],
@@ -69,19 +94,19 @@ interface Step {
   readonly run: () => Promise<string | undefined>;
   /** Runs in the toolstack: a step that hangs there takes the toolstack down with it. */
   readonly toolstack: boolean;
+  /** Its section; 'setup' (the image) always runs, 'toolstack' when a section needs it. */
+  readonly section: Section | 'setup' | 'toolstack';
+  /** Its own limit, for the few steps that take longer than STEP_TIMEOUT_MS by nature. */
+  readonly timeoutMs?: number;
 }
 
 /** No step should take more than this; one that does is abandoned (and reported). */
 const STEP_TIMEOUT_MS = 120_000;
 const MAIN_GUEST = 'bench-guest';
-const scaleGuest = (i: number) => `bench-scale-${i}`;
-/** Scaling VBDs need few pages (4 KiB at QD8): 1 MiB of pool each, 8 per guest. */
-const SCALE_BUFFER_PAGES = 256;
-const SCALE_GUEST_PAGES = Math.max(
-  Math.ceil(Math.max(...SCALING_COUNTS) / SCALING_MAX_GUESTS) * (SCALE_BUFFER_PAGES + 64) + 1024,
-  // The queues-in-threads runs borrow these guests (one VBD each) before the scaling run.
-  THREADS_BUFFER_PAGES + 1024,
-);
+const threadsGuest = (i: number) => `bench-threads-${i}`;
+/** The queues-in-threads layouts plug one VBD per guest: as many guests as their largest layout has VBDs. */
+const THREADS_GUESTS = Math.max(...THREADS_LAYOUTS.map((l) => l.vbds));
+const THREADS_GUEST_PAGES = THREADS_BUFFER_PAGES + 1024;
 
 class StepTimeout extends Error {}
 
@@ -91,7 +116,10 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   const started = new Date();
   const t0 = performance.now();
   const P = parameters(o.quick);
-  const results: BenchResults = { api: [], matrix: [], baselines: [], inflight: [], nbd: [], scaling: [], threads: [], skipped: [], micro: [] };
+  const results: BenchResults = {
+    api: [], matrix: [], baselines: [], inflight: [], nbd: [], scaling: [], threads: [], skipped: [], micro: [],
+    time: [], startup: [], serveScaling: [], inflightNbd: [],
+  };
   const cleanup = new Cleanup();
   const progress = await makeProgress();
   const offSignals = cleanup.onSignals((m) => progress.note(m));
@@ -103,7 +131,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   const tools = {
     'qemu-nbd': await toolVersion('qemu-nbd'),
     fio: await toolVersion('fio'),
-    nbdcopy: await toolVersion('nbdcopy'),
+    nbdkit: await toolVersion('nbdkit'),
   };
   const machine: MachineInfo = {
     cpuModel: cpus()[0]?.model ?? 'unknown', cpus: cpus().length, totalMemoryBytes: totalmem(), node: process.version,
@@ -127,7 +155,9 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
 
   const steps: Step[] = [];
   let inToolstack = false;
-  const add = (name: string, run: () => Promise<string | undefined>) => steps.push({ name, run, toolstack: inToolstack });
+  let section: Step['section'] = 'setup';
+  const add = (name: string, run: () => Promise<string | undefined>, timeoutMs?: number) =>
+    steps.push({ name, run, toolstack: inToolstack, section, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
 
   const where = imageParent(P.imageBytes);
   add(`create a ${sizeLabel(P.imageBytes)} image and warm it in the page cache`, async () => {
@@ -139,6 +169,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   });
 
   // ---- 4. baselines first: the machine before the stack runs on it ----
+  section = 'baselines';
   const api = apiWorkloads(o.quick);
   const baseWorkloads = uniqueWorkloads([...api, ...matrixWorkloads()]);
   for (const w of baseWorkloads) {
@@ -156,16 +187,18 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   });
 
   inToolstack = true;
-  add(`start the toolstack: xenstored, a driver domain, ${SCALING_MAX_GUESTS + 1} guests`, async () => {
+  section = 'toolstack';
+  add(`start the toolstack: xenstored, a driver domain, ${THREADS_GUESTS + 1} guests`, async () => {
     gb = await GuestBench.start(cleanup);
     // Room for the largest page pool of the bytes-in-flight probes, which reuse this guest.
     await gb.guest(MAIN_GUEST, GRANT_POOL_CAP + 2048);
-    // The scaling guests too, now: creating domains gets slower once the stack has been busy.
-    await Promise.all(Array.from({ length: SCALING_MAX_GUESTS }, (_, i) => gb!.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
-    return `${SCALING_MAX_GUESTS + 1} guests`;
+    // The queues-in-threads guests too, now: creating domains gets slower once the stack has been busy.
+    await Promise.all(Array.from({ length: THREADS_GUESTS }, (_, i) => gb!.guest(threadsGuest(i), THREADS_GUEST_PAGES)));
+    return `${THREADS_GUESTS + 1} guests`;
   });
 
   // ---- 1. the blkfront API, default protocol ----
+  section = 'api';
   for (const storage of ['file', 'memory'] as const) {
     let disk: GuestDisk | undefined;
     add(`blkfront API (${storage}): plug a VBD, ${DEFAULT_CONFIG_LABEL}`, async () => {
@@ -190,6 +223,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   }
 
   // ---- 2 + 3. the protocol matrix, and what each configuration costs per request ----
+  section = 'matrix';
   // A quick run keeps to the indirect x ring-order plane (the defaults for the other axes).
   const configs = matrixConfigs(o.quick ? PROTOCOL_MATRIX.slice(0, 2) : PROTOCOL_MATRIX);
   // Configurations waiting for options: one line per missing set, not one per configuration.
@@ -222,6 +256,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   }
 
   // ---- 3. peak bytes in flight under a deep 4 MiB sequential load ----
+  section = 'inflight';
   const inflightProbes: { c: MatrixConfig; block: number }[] = runnable
     .filter((c) => P.inflightOrders.includes(c.ringPageOrder))
     .map((c) => ({ c, block: INFLIGHT_BLOCK }));
@@ -272,7 +307,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   }
 
   // ---- 6. queues in threads of their own vs in the backend's thread, on the image file ----
-  // Before the scaling run: its guests are still empty, and lend room to the 4-VBD layout.
+  section = 'threads';
   const threadsRuns = new ThreadsRuns();
   const fmtThreads = (p: { iops: number; mibps: number }, bs: number) => (bs < 64 * KiB ? `${Math.round(p.iops).toLocaleString('en-US')} IOPS` : `${p.mibps.toFixed(0)} MiB/s`);
   for (const l of THREADS_LAYOUTS) {
@@ -280,7 +315,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
       add(`queues in threads: ${l.layout}, ${threadsModeLabel(threaded)}: ${THREADS_WORKLOADS.map(workloadLabel).join(', ')}`, async () => {
         const g = needGuests();
         const guests = l.vbds === 1 ? [await g.guest(MAIN_GUEST)]
-          : await Promise.all(Array.from({ length: Math.min(l.vbds, SCALING_MAX_GUESTS) }, (_, i) => g.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
+          : await Promise.all(Array.from({ length: l.vbds }, (_, i) => g.guest(threadsGuest(i), THREADS_GUEST_PAGES)));
         const perf = await measureThreads(g, guests, fileSpec(), P.imageBytes, l, threaded, P.threadsMs);
         threadsRuns.record(l.layout, threaded, perf);
         return THREADS_WORKLOADS.map((w) => fmtThreads(perf.get(workloadId(w))!, w.blockSize)).join(', ');
@@ -288,45 +323,30 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
     }
   }
 
-  // ---- 5. scaling: aggregate 4 KiB random reads of 1..64 VBDs on one driver domain ----
-  const maxVbds = Math.max(...SCALING_COUNTS);
-  const scaleDisks: GuestDisk[] = [];
-  add(`scaling: plug ${maxVbds} memory VBDs into ${SCALING_MAX_GUESTS} guests`, async () => {
+  // ---- where the time goes, through the blkfront API: per ring request, by thread ----
+  section = 'time';
+  let timeDisk: GuestDisk | undefined;
+  add(`where the time goes: plug a VBD (image file, ${DEFAULT_CONFIG_LABEL})`, async () => {
     const g = needGuests();
-    // One driver domain owns ~17 xenstore nodes and a watch per VBD: 64 VBDs pass cxenstored's
-    // default quotas (1000 nodes, 128 watches per domain). Raise them, as \`xenstored -E 4096 -W 1024\` would.
-    const q = g.ts.daemon.quotas;
-    q.nodesPerDomain = Math.max(q.nodesPerDomain, 4096);
-    q.watchesPerDomain = Math.max(q.watchesPerDomain, 1024);
-    const t0 = performance.now();
-    const guests = await Promise.all(Array.from({ length: SCALING_MAX_GUESTS }, (_, i) => g.guest(scaleGuest(i), SCALE_GUEST_PAGES)));
-    const t1 = performance.now();
-    // VBD i lives in guest i mod 8: the first k VBDs are spread over min(k, 8) guests. One plug
-    // at a time: concurrent plugs conflict in xenstore transactions and end up slower.
-    for (let i = 0; i < maxVbds; i++) {
-      scaleDisks.push(await g.plug(guests[i % guests.length]!, { kind: 'memory', size: SCALING_DISK_BYTES, sectorSize: 512 },
-        { maxIndirectSegments: 256 }, { maxIndirectSegments: 256, bufferPages: SCALE_BUFFER_PAGES }, { prefill: false }));
-    }
-    return `${guests.length} guests in ${((t1 - t0) / 1000).toFixed(1)} s, ${scaleDisks.length} VBDs in ${((performance.now() - t1) / 1000).toFixed(1)} s`;
+    timeDisk = await g.plug(await g.guest(MAIN_GUEST), fileSpec(), { maxIndirectSegments: 256 }, { maxIndirectSegments: 256, ringPageOrder: 0 });
+    return undefined;
   });
-  for (const n of SCALING_COUNTS) {
-    add(`scaling: ${n} VBD${n > 1 ? 's' : ''} at once, ${workloadLabel(SCALING_WORKLOAD)} each`, async () => {
-      const g = needGuests();
-      const disks = scaleDisks.slice(0, n);
-      if (disks.length < n) throw new Error('VBDs missing');
-      const ms = await Promise.all(disks.map((d) => g.run(d, SCALING_WORKLOAD, P.scalingMs, SCALING_DISK_BYTES)));
-      const iops = ms.reduce((s, m) => s + m.perf.iops, 0);
-      const one = results.scaling.find((r) => r.vbds === 1);
-      results.scaling.push({
-        vbds: n, guests: Math.min(n, SCALING_MAX_GUESTS), iops, mibps: ms.reduce((s, m) => s + m.perf.mibps, 0),
-        p50us: ms.reduce((s, m) => s + m.perf.p50us, 0) / ms.length, p99us: Math.max(...ms.map((m) => m.perf.p99us)),
-        ratio: one !== undefined ? iops / one.iops : 1,
-      });
-      return `${Math.round(iops).toLocaleString('en-US')} IOPS aggregate`;
+  for (const w of TIME_WORKLOADS) {
+    add(`where the time goes: ${workloadLabel(w)} through the blkfront API`, async () => {
+      if (timeDisk === undefined) throw new Error('no VBD');
+      const row = await timeInProcess(needGuests(), MAIN_GUEST, timeDisk, w, P.timeMs, P.imageBytes);
+      results.time!.push(row);
+      return `${sumOf(row.cpuUs).toFixed(1)} µs CPU per ring request`;
     });
   }
+  add('where the time goes: unplug', async () => {
+    await timeDisk?.unplug();
+    timeDisk = undefined;
+    return undefined;
+  });
+
+  section = 'toolstack';
   add('stop the toolstack', async () => {
-    for (const d of scaleDisks.splice(0)) await d.unplug().catch(() => undefined);
     await gb?.shutdown();
     gb = undefined;
     return undefined;
@@ -334,41 +354,10 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
 
   inToolstack = false;
 
-  // ---- 4. the NBD export against qemu-nbd, same clients ----
-  const servers: NbdServerSpec[] = [{ name: 'blkif serve', start: blkifServe() }, { name: 'qemu-nbd', start: qemuNbd }];
-  if (P.nbdTunedServer) servers.push({ name: 'blkif serve (indirect 4096, ring order 4)', start: blkifServe(['--max-indirect-segments', '4096', '--ring-page-order', '4']) });
-  const tests: NbdTest[] = [
-    fioTest({ pattern: 'randread', blockSize: 4 * KiB, depth: 32 }, P.fioSeconds),
-    fioTest({ pattern: 'read', blockSize: MiB, depth: 8 }, P.fioSeconds),
-    nbdcopyTest(P.imageBytes),
-  ];
-  for (const s of servers) {
-    add(`NBD: ${s.name}: ${tests.map((t) => t.label).join(', ')}`, async () => {
-      if (s.name === 'qemu-nbd' && tools['qemu-nbd'] === undefined) throw new Error('qemu-nbd is not installed');
-      const missing = (['fio', 'nbdcopy'] as const).filter((t) => tools[t] === undefined);
-      const { uri, child } = await s.start(cleanup, image);
-      const got: string[] = [];
-      try {
-        for (const t of tests) {
-          const tool = t.id.startsWith('fio') ? 'fio' : 'nbdcopy';
-          if ((missing as readonly string[]).includes(tool)) { skip(`NBD ${s.name}: ${t.label}`, `${tool} is not installed`); continue; }
-          try {
-            const perf = await t.run(uri);
-            const row: Row = { id: `nbd/${slug(s.name)}/${t.id}`, label: t.label, config: s.name, perf, ...(t.workload !== undefined ? { workload: t.workload } : {}) };
-            results.nbd.push(row);
-            got.push(t.id === 'nbdcopy' ? `nbdcopy ${perf.seconds.toFixed(2)} s` : fmtRate(row));
-          } catch (e) {
-            skip(`NBD ${s.name}: ${t.label}`, (e as Error).message.split('\n')[0]!);
-          }
-        }
-      } finally {
-        const code = await child.stop();
-        if (code !== 0 && s.name.startsWith('blkif')) progress.note(`${s.name} exited ${code}: ${child.stderr().slice(-500)}`);
-      }
-      return got.join(', ');
-    });
-  }
+  // ---- what a user sees: blkif serve as a child, fio's nbd engine ----
+  addServeSections({ add: (sec, name, run, timeoutMs) => { section = sec; add(name, run, timeoutMs); }, cleanup, results, P, image: () => image, dir: () => dir, tools, skip });
 
+  section = 'micro';
   for (const suite of o.extraSuites ?? []) {
     add(`micro-benchmarks: ${suite.name}`, async () => {
       results.micro.push({ suite: suite.name, figures: await suite.run(o.quick) });
@@ -377,14 +366,18 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   }
 
   // ---- run the plan ----
+  const only = o.only !== undefined ? new Set<string>(o.only) : undefined;
+  const plan = only === undefined ? steps : steps.filter((s) => s.section === 'setup'
+    || (s.section === 'toolstack' ? TOOLSTACK_SECTIONS.some((x) => only.has(x)) : only.has(s.section)));
   try {
-    for (const [i, s] of steps.entries()) {
-      progress.start(i + 1, steps.length, s.name);
+    for (const [i, s] of plan.entries()) {
+      progress.start(i + 1, plan.length, s.name);
       const ts = performance.now();
       let timer: NodeJS.Timeout | undefined;
       try {
         const timeout = new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new StepTimeout(`no result after ${STEP_TIMEOUT_MS / 1000} s`)), STEP_TIMEOUT_MS);
+          const limit = s.timeoutMs ?? STEP_TIMEOUT_MS;
+          timer = setTimeout(() => reject(new StepTimeout(`no result after ${limit / 1000} s`)), limit);
         });
         const summary = await Promise.race([s.run(), timeout]);
         progress.end(summary, (performance.now() - ts) / 1000);
@@ -397,7 +390,6 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
           progress.note('stopping the toolstack after a hang; the remaining toolstack steps are skipped');
           const g = gb;
           gb = undefined;
-          scaleDisks.length = 0;
           await g.shutdown().catch(() => undefined);
         }
       } finally {
@@ -417,7 +409,7 @@ export async function runBench(o: BenchOptions): Promise<BenchDocument> {
   const doc: BenchDocument = {
     tool: 'blkif bench', startedAt: started.toISOString(), seconds: (performance.now() - t0) / 1000, quick: o.quick, machine,
     command: o.command ?? `npm run bench --${o.quick ? ' --quick' : ''}${o.json ? ' --json' : ''}`,
-    parameters: { ...P, imageDir: where.dir, imageOnTmpfs: where.tmpfs, defaultConfig: DEFAULT_CONFIG_LABEL, classicConfig: configLabel(0, 0), inflightBlock: INFLIGHT_BLOCK, inflightDepth: INFLIGHT_DEPTH, scalingWorkload: SCALING_WORKLOAD, scalingCounts: SCALING_COUNTS, threadsBufferPages: THREADS_BUFFER_PAGES },
+    parameters: { ...P, ...(o.only !== undefined ? { only: o.only } : {}), imageDir: where.dir, imageOnTmpfs: where.tmpfs, defaultConfig: DEFAULT_CONFIG_LABEL, classicConfig: configLabel(0, 0), inflightBlock: INFLIGHT_BLOCK, inflightDepth: INFLIGHT_DEPTH, serveScalingWorkload: SCALING_WORKLOAD, threadsBufferPages: THREADS_BUFFER_PAGES },
     results, targets, report: undefined,
   };
   try {

@@ -129,6 +129,81 @@ export interface ThreadsRow {
   ratio: number;
 }
 
+/** Per I/O (fio through `blkif serve`) or per ring request (the blkfront API): where the time goes. */
+export interface TimeRow {
+  /** 'blkfront API' (in this process: guest, driver domain) or a server ('blkif serve'). */
+  where: string;
+  workload: Workload;
+  perf: Perf;
+  /** What the figures are counted per: ring requests, or the client's I/Os. */
+  per: 'ring request' | 'I/O';
+  count: number;
+  /** CPU µs per request (or I/O), by thread role. */
+  cpuUs: Record<string, number>;
+  /** Sleeps (voluntary context switches: each ends in a wake-up) per request, by thread role. */
+  sleeps: Record<string, number>;
+  /** Event-channel kicks per request each way. */
+  feToBe?: number;
+  beToFe?: number;
+  /** Waits in the emulated Xen that went to sleep (Atomics.waitAsync), per request: guest, driver domain. */
+  xenSleeps?: { guest: number; backend: number };
+  /** Grant maps per request; grant copies (GNTTABOP_copy) and the bytes they copied, per request. */
+  grantMaps?: number;
+  grantCopies?: number;
+  copyBytes?: number;
+  /** V8 scavenges per 1,000 requests: guest, driver domain. */
+  scavengesPerK?: { guest: number; backend: number };
+}
+
+/** `blkif serve` with n images: time to "ready", idle CPU and resident memory. */
+export interface StartupRow {
+  images: number;
+  readySeconds: number;
+  idleSeconds: number;
+  /** Whole process, % of one core. */
+  idleCpuPercent: number;
+  rssBytes: number | undefined;
+}
+
+/** n VBDs under `blkif serve`, one fio job each, all at once. */
+export interface ServeScalingRow {
+  vbds: number;
+  iops: number;
+  mibps: number;
+  /** Each VBD's IOPS, in order. */
+  perVbd: number[];
+  /** Largest |VBD - mean| / mean. */
+  worstDeviation: number;
+  p50us: number;
+  p99us: number;
+  ratio: number;
+}
+
+/** vbd1 (a file) alone, and beside vbd0 on slow storage busy with its own job. */
+export interface IsolationResult {
+  delayMs: number;
+  workload: Workload;
+  slowWorkload: Workload;
+  alone: Perf;
+  beside: Perf;
+  slow: Perf;
+}
+
+/** 1 MiB sequential reads QD32 through `blkif serve` on fixed-latency NBD storage. */
+export interface InflightNbdRow {
+  indirect: number;
+  ringPageOrder: number;
+  segments: number;
+  slots: number;
+  /** ring slots x segments x 4 KiB. */
+  bytesInFlight: number;
+  perf: Perf;
+  /** blkback's peak_inflight_bytes (from --metrics). */
+  peakBytes: number | undefined;
+  /** CPU of all of serve's threads during the run, % of one core (absent in older documents). */
+  cpuPercent?: number;
+}
+
 export interface Target {
   name: string;
   goal: string;
@@ -139,6 +214,8 @@ export interface Target {
   kind: '>=' | '<=';
   met: boolean | undefined;
   detail: string;
+  /** How the value reads: a ratio (x, the default for >=), per request (the default for <=), a share (%), MiB. */
+  unit?: 'x' | 'per' | '%' | 'MiB';
 }
 
 export interface Skipped {
@@ -179,9 +256,16 @@ export interface BenchResults {
   baselines: Row[];
   inflight: InflightRow[];
   nbd: Row[];
+  /** In-process scaling of earlier documents; now measured through `blkif serve` (serveScaling). */
   scaling: ScalingRow[];
   /** Queues in threads of their own vs in the backend's thread, on the image file. Absent in older documents. */
   threads: ThreadsRow[];
+  /** Where the time goes. The sections below are absent in older documents. */
+  time?: TimeRow[];
+  startup?: StartupRow[];
+  serveScaling?: ServeScalingRow[];
+  isolation?: IsolationResult;
+  inflightNbd?: InflightNbdRow[];
   skipped: Skipped[];
   micro: MicroSuite[];
 }

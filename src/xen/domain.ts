@@ -1,14 +1,16 @@
 // A domain's hypercall interface: its memory, grant table and event channels, bound to the
 // shared hypervisor tables. The same class serves dom0 (main thread), guests (workers) and the
 // extra vCPU threads a domain starts.
+import { constants as perfConstants, PerformanceObserver } from 'node:perf_hooks';
 import { workerData as rawWorkerData, isMainThread, type MessagePort, type Transferable } from 'node:worker_threads';
 import { DEFAULT_POLL_MICROS } from './constants.js';
 import { EventChannels } from './event-channel.js';
 import { GrantTable } from './grant-table.js';
 import { DomainMemory, MemoryRegistry, type GrowHook, type Pages } from './memory.js';
 import {
-  D_DOMID, D_PAGES, D_STATE, D_STRIDE, readCounters, SharedTables, SLOT_DYING, SLOT_RUNNING, type SharedTablesInit, type XenCounters,
+  C_SCAVENGES, D_DOMID, D_PAGES, D_STATE, D_STRIDE, readCounters, SharedTables, SLOT_DYING, SLOT_RUNNING, type SharedTablesInit, type XenCounters,
 } from './shared-tables.js';
+import { nameThread } from './thread-name.js';
 
 /** What the hypervisor hands a domain's thread, or one of its vCPU threads (inside workerData.xen). Internal. */
 export interface DomainBootstrap {
@@ -26,6 +28,8 @@ export interface DomainBootstrap {
   readonly pollMicros: number;
   /** A vCPU thread's frames to allocate from (lent by the thread that started it). */
   readonly frames?: readonly number[];
+  /** The thread's name for ps and top (threadComm). */
+  readonly threadName?: string;
 }
 
 /** workerData of a domain thread: the hypervisor's part and the application's part. */
@@ -259,6 +263,19 @@ function growThroughHypervisor(t: SharedTables, slot: number, domid: number, por
 let attached: XenDomain | undefined;
 
 /**
+ * Counts this thread's V8 scavenges in its domain's counters: a cheap, honest measure of what the
+ * domain's code allocates (one per young generation filled), read by benchmarks per request.
+ */
+function countScavenges(t: SharedTables, slot: number): void {
+  const obs = new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) {
+      if ((e as { detail?: { kind?: number } }).detail?.kind === perfConstants.NODE_PERFORMANCE_GC_MINOR) t.count(slot, C_SCAVENGES);
+    }
+  });
+  obs.observe({ entryTypes: ['gc'] });
+}
+
+/**
  * Inside a domain's worker thread (or a vCPU thread): the domain's hypercall interface, built from workerData.
  * Calling it again returns the same interface.
  */
@@ -271,6 +288,8 @@ export async function attachDomain(): Promise<XenDomain> {
   }
   const b = wd.xen;
   const t = new SharedTables(b.tables);
+  if (b.threadName !== undefined) nameThread(b.threadName);
+  countScavenges(t, b.slot);
   // The bootstrap's arrays are this thread's copies: the registry keeps them, growing them in place.
   const registry = new MemoryRegistry(b.memories.map(([d, p]) => [d, p as (SharedArrayBuffer | undefined)[]]), b.control);
   const own = registry.pagesOf(b.domid);

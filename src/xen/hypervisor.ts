@@ -18,6 +18,7 @@ import { XenDomain } from './domain.js';
 import { closeAllPorts, moveVcpuPorts, resetEventSlot } from './event-channel.js';
 import { hasPinnedGrants, releaseAllMappings, releaseVcpuMappings, resetGrantSlot, revokeAllGrants } from './grant-table.js';
 import { MemoryRegistry, placePages, type ControlMessage, type Pages } from './memory.js';
+import { threadComm } from './thread-name.js';
 import {
   C_STRIDE, D_DOMID, D_PAGES, D_STATE, D_STRIDE, G_DOMID, G_FLAGS, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF,
   M_STRIDE, P_REMOTE_DOMID, P_STATE, P_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE, SLOT_RUNNING, V_ONLINE, V_STRIDE,
@@ -279,7 +280,7 @@ export class Hypervisor {
     const memoryOf = opts.memoryOf ?? 'all';
     const xen: DomainBootstrap = {
       tables: this.t.init, domid, slot, vcpu: 0, memories: this.startMemories(domid, memoryOf), memoryPages, control: port2,
-      hypercall: hc.port2, pollMicros: opts.pollMicros ?? DEFAULT_POLL_MICROS,
+      hypercall: hc.port2, pollMicros: opts.pollMicros ?? DEFAULT_POLL_MICROS, threadName: threadComm(opts.name ?? `dom${domid}`, 0),
     };
     const wd: DomainWorkerData = { xen, app: opts.workerData };
     const worker = new Worker(opts.script, {
@@ -376,7 +377,7 @@ export class Hypervisor {
     const frames = [...(opts.frames ?? [])];
     const xen: DomainBootstrap = {
       tables: this.t.init, domid, slot, vcpu, memories: this.vcpuMemories(domid, frames, opts.peers), memoryPages: 0, control: port2,
-      hypercall: hc.port2, pollMicros, frames,
+      hypercall: hc.port2, pollMicros, frames, threadName: threadComm(domName, vcpu),
     };
     const worker = new Worker(opts.script, {
       workerData: { xen, app: opts.workerData } satisfies DomainWorkerData,

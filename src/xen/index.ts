@@ -4,6 +4,7 @@ export { Hypervisor } from './hypervisor.js';
 export type { HypervisorOptions, CreateDomainOptions, DomainHandle, DomainExit } from './hypervisor.js';
 export type { StartVcpuOptions, VcpuExit, VcpuHandle } from './domain.js';
 export { attachDomain, XenDomain, CounterView } from './domain.js';
+export { nameThread, threadComm, TASK_COMM_LEN } from './thread-name.js';
 export { DomainMemory } from './memory.js';
 export { GrantTable } from './grant-table.js';
 export type { GntMapOp, GntMapResult, GntCopyOp, GntCopyPtr } from './grant-table.js';

@@ -68,6 +68,8 @@ export const C_NOTIFY_DROPPED = 11;
 export const C_WAKES = 12;
 export const C_POLL_HITS = 13;
 export const C_SLEEPS = 14;
+/** Young-generation collections (V8 scavenges) in the domain's threads: what its code allocates. */
+export const C_SCAVENGES = 15;
 export const C_STRIDE = 16;
 
 // ---- Grant entry (Int32 x 4, per slot per ref) ----
@@ -245,6 +247,8 @@ export interface XenCounters {
   pollHits: number;
   /** Waits that went to sleep in Atomics.waitAsync. */
   sleeps: number;
+  /** V8 scavenges in the domain's threads (each follows a young generation's worth of allocation). */
+  scavenges: number;
 }
 
 export function readCounters(t: SharedTables, row: number): XenCounters {
@@ -255,5 +259,6 @@ export function readCounters(t: SharedTables, row: number): XenCounters {
     copyOps: c(C_COPY_OPS), copyBytes: c(C_COPY_BYTES), notifySent: c(C_NOTIFY_SENT),
     notifyReceived: c(C_NOTIFY_RECEIVED), notifyCoalesced: c(C_NOTIFY_COALESCED),
     notifyDropped: c(C_NOTIFY_DROPPED), wakes: c(C_WAKES), pollHits: c(C_POLL_HITS), sleeps: c(C_SLEEPS),
+    scavenges: c(C_SCAVENGES),
   };
 }

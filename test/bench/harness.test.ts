@@ -12,7 +12,7 @@ import { builtInSvg, labelFormat, renderChart, shortNumber } from '../../bench/h
 import { Cleanup, createImage, tempDir } from '../../bench/harness/cleanup.js';
 import { GRANT_POOL_CAP, poolPagesFor, reachableInflight } from '../../bench/harness/guest.js';
 import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs, PROTOCOL_MATRIX } from '../../bench/harness/matrix.js';
-import { computeTargets, linkBaselines, renderText, threadsReading, writeReport } from '../../bench/harness/report.js';
+import { computeTargets, fmtInt, fmtMiBps, linkBaselines, renderText, threadsReading, writeReport } from '../../bench/harness/report.js';
 import { GuestBench } from '../../bench/harness/guest.js';
 import { measureThreads, THREADS_BUFFER_PAGES, THREADS_LAYOUTS, THREADS_WORKLOADS, ThreadsRuns } from '../../bench/harness/threads.js';
 import { MiB, perfOf, type BenchDocument, type BenchResults, type Row } from '../../bench/harness/types.js';
@@ -65,19 +65,46 @@ function synthetic(): BenchDocument {
   const w1m8 = { pattern: 'read' as const, blockSize: MiB, depth: 8 };
   const r4k = { pattern: 'randread' as const, blockSize: 4096, depth: 32 };
   const cost = { requests: 100, requestsPerIo: 1, feSentPerReq: 0.01, beReceivedPerReq: 0.01, beSentPerReq: 0.02, feReceivedPerReq: 0.02, notificationsPerReq: 0.03, grantMapsPerReq: 1, segmentsPerReq: 1, indirectShare: 0, requestsPerMiB: 256 };
+  const nbd = (server: string, id: string, label: string, mibps: number) => row(`nbd/${server}/fio-${id}`, mibps, { config: server, label });
   const results: BenchResults = {
     api: [
       row('api/file/read-1m-qd1', 900, { storage: 'file', workload: w1m }),
+      row('api/file/read-1m-qd8', 700, { storage: 'file', workload: w1m8 }),
       row('api/file/randread-4k-qd32', 60, { storage: 'file', workload: r4k, cost }),
     ],
     matrix: [
       row('m1', 400, { storage: 'file', config: configLabel(0, 0), workload: w1m8 }),
       row('m2', 1000, { storage: 'file', config: configLabel(256, 0), workload: w1m8 }),
     ],
-    baselines: [row('base/file/read-1m-qd1', 1000, { workload: w1m }), row('base/file/randread-4k-qd32', 100, { workload: r4k })],
+    baselines: [row('base/file/read-1m-qd1', 1000, { workload: w1m }), row('base/file/read-1m-qd8', 1000, { workload: w1m8 }), row('base/file/randread-4k-qd32', 100, { workload: r4k })],
     inflight: [{ config: configLabel(0, 0), indirect: 0, ringPageOrder: 0, segments: 11, slots: 32, limitBytes: 11 * 32 * 4096, limitAtBlockBytes: 11 * 32 * 4096, reachableBytes: 11 * 32 * 4096, blockSize: 4 * MiB, depth: 32, bufferPages: 416, grantCapped: false, measured: { async: { peakBytes: 11 * 32 * 4096, mibps: 500, ops: 64 } } }],
-    nbd: [row('nbd/a/fio-randread-4k-qd32', 30, { config: 'blkif serve', label: 'fio randread 4 KiB QD32' }), row('nbd/q/fio-randread-4k-qd32', 20, { config: 'qemu-nbd', label: 'fio randread 4 KiB QD32' })],
-    scaling: [{ vbds: 1, guests: 1, iops: 1000, mibps: 4, p50us: 1, p99us: 2, ratio: 1 }, { vbds: 16, guests: 8, iops: 2000, mibps: 8, p50us: 1, p99us: 2, ratio: 2 }],
+    nbd: [
+      nbd('blkif serve', 'randread-4k-qd32', 'fio 4 KiB random read QD32', 30), nbd('qemu-nbd', 'randread-4k-qd32', 'fio 4 KiB random read QD32', 20),
+      nbd('nbdkit file', 'randread-4k-qd32', 'fio 4 KiB random read QD32', 40),
+      nbd('blkif serve', 'read-1m-qd32', 'fio 1 MiB seq read QD32', 1194.27), nbd('qemu-nbd', 'read-1m-qd32', 'fio 1 MiB seq read QD32', 900),
+      nbd('nbdkit file', 'read-1m-qd32', 'fio 1 MiB seq read QD32', 29.4),
+    ],
+    scaling: [],
+    serveScaling: [
+      { vbds: 1, iops: 1000, mibps: 4, perVbd: [1000], worstDeviation: 0, p50us: 1, p99us: 2, ratio: 1 },
+      { vbds: 16, iops: 1600, mibps: 6.4, perVbd: [...Array<number>(15).fill(105), 25], worstDeviation: 0.75, p50us: 1, p99us: 2, ratio: 1.6 },
+    ],
+    startup: [
+      { images: 1, readySeconds: 1.5, idleSeconds: 3, idleCpuPercent: 0.4, rssBytes: 200 * MiB },
+      { images: 16, readySeconds: 9, idleSeconds: 3, idleCpuPercent: 1.2, rssBytes: 500 * MiB },
+    ],
+    isolation: { delayMs: 200, workload: { pattern: 'randread', blockSize: 4096, depth: 8 }, slowWorkload: { pattern: 'randread', blockSize: 4096, depth: 8 },
+      alone: perfOf(5000, 5000 * 4096, 1, 100, 900), beside: perfOf(4000, 4000 * 4096, 1, 120, 1500), slow: perfOf(40, 40 * 4096, 1, 200_000, 210_000) },
+    inflightNbd: [
+      { indirect: 0, ringPageOrder: 0, segments: 11, slots: 32, bytesInFlight: 11 * 32 * 4096, perf: perfOf(100, 100 * MiB, 1, 300_000, 600_000), peakBytes: 11 * 32 * 4096, cpuPercent: 80 },
+      { indirect: 256, ringPageOrder: 0, segments: 256, slots: 32, bytesInFlight: 32 * MiB, perf: perfOf(600, 600 * MiB, 1, 50_000, 90_000), peakBytes: 31 * MiB, cpuPercent: 150 },
+    ],
+    time: [
+      { where: 'blkfront API', workload: r4k, perf: perfOf(1000, 1000 * 4096, 1, 10, 20), per: 'ring request', count: 1000,
+        cpuUs: { 'guests (blkfront, NBD)': 10, 'driver domain': 30, 'queue threads': 0, 'main thread': 1, 'V8 and libuv helpers': 2 },
+        sleeps: { 'guests (blkfront, NBD)': 0.1, 'driver domain': 0.05 }, feToBe: 0.02, beToFe: 0.06, xenSleeps: { guest: 0.05, backend: 0.02 },
+        grantMaps: 0.02, grantCopies: 0, copyBytes: 0, scavengesPerK: { guest: 0, backend: 0.7 } },
+    ],
     threads: [
       { layout: '1 VBD x 2 queues', workload: r4k, inThread: { iops: 10000, mibps: 39, p50us: 100, p99us: 300 }, threaded: { iops: 8000, mibps: 31.2, p50us: 150, p99us: 400 }, ratio: 0.8 },
       { layout: '4 VBDs x 1 queue', workload: w1m8, inThread: { iops: 500, mibps: 500, p50us: 1000, p99us: 3000 }, threaded: { iops: 600, mibps: 600, p50us: 900, p99us: 2000 }, ratio: 1.2 },
@@ -89,7 +116,7 @@ function synthetic(): BenchDocument {
   return {
     tool: 'blkif bench', startedAt: '2026-01-01T00:00:00.000Z', seconds: 1, quick: true, command: 'blkif bench --quick',
     machine: { cpuModel: 'cpu', cpus: 2, totalMemoryBytes: 1 << 30, node: 'v20', os: 'Linux', kernel: '6', arch: 'x64', loadAverageAtStart: [0, 0, 0], tools: {} },
-    parameters: { imageDir: '/dev/shm', imageOnTmpfs: true, threadsMs: 150, threadsBufferPages: 2120 }, results, targets: computeTargets(results), report: undefined,
+    parameters: { imageDir: '/dev/shm', imageOnTmpfs: true, threadsMs: 150, threadsBufferPages: 2120, inflightDelayMs: 10, serveImageBytes: 32 * MiB }, results, targets: computeTargets(results), report: undefined,
   };
 }
 
@@ -101,13 +128,29 @@ test('figures get their baselines as ratios, and the targets follow from them', 
   assert.equal(r.matrix[0]!.baseline, undefined, 'classic is the baseline itself');
   assert.equal(r.nbd[0]!.baseline?.ratio, 1.5);
   const t = new Map(doc.targets.map((x) => [x.name, x]));
-  assert.equal(t.get('1 MiB sequential read through blkfront vs direct pread')?.met, true);
-  assert.equal(t.get('4 KiB random read QD32 through blkfront vs direct')?.met, true);
-  assert.equal(t.get('indirect vs classic at 1 MiB')?.met, true);
-  assert.equal(t.get('notifications per request at QD32')?.met, true);
-  assert.equal(t.get('NBD export vs qemu-nbd, 4 KiB random read QD32')?.met, true);
-  assert.equal(t.get('NBD export vs qemu-nbd, 1 MiB sequential read')?.met, undefined, 'not measured');
-  assert.equal(t.get('16 VBDs aggregate vs one VBD')?.met, true);
+  assert.equal(doc.targets.length, 12, 'issue 17 names twelve targets');
+  const check = (name: string, met: boolean | undefined, value?: number) => {
+    const x = t.get(name);
+    assert.ok(x !== undefined, `no target ${name}`);
+    assert.equal(x.met, met, name);
+    if (value !== undefined) assert.ok(Math.abs(x.value! - value) < 1e-9, `${name}: ${x.value} != ${value}`);
+  };
+  check('blkfront API: 1 MiB sequential read QD8 vs direct pread', true, 0.7);
+  check('notifications per request at QD32, frontend -> backend', true, 0.01);
+  check('notifications per request at QD32, backend -> frontend', true, 0.02);
+  check('NBD: blkif serve vs nbdkit file, 4 KiB random read QD32', false, 0.75);
+  check('NBD: blkif serve vs nbdkit file, 1 MiB sequential read QD32', true);
+  check('NBD: blkif serve vs qemu-nbd, 4 KiB random read QD32', true, 1.5);
+  check('NBD: blkif serve vs qemu-nbd, 1 MiB sequential read QD32', true);
+  check('NBD: blkif serve vs qemu-nbd, 4 KiB random write QD32', undefined);
+  check('scaling: 16 VBDs aggregate vs one VBD', true, 1.6);
+  check('scaling fairness: every VBD within 25% of the mean', false, 0.75);
+  check('resident memory per VBD beyond the first', true, 20);
+  check('bytes in flight: indirect 256 vs classic', true, 6);
+  // Targets read in their own units.
+  const md = renderText(doc);
+  assert.match(md, /scaling fairness: every VBD within 25% of the mean\s+<= 25%\s+75%\s+not met/);
+  assert.match(md, /resident memory per VBD beyond the first\s+<= 32 MiB\s+20\.0 MiB\s+met/);
 });
 
 test('the built-in chart is a well-formed SVG with a bar per value', () => {
@@ -122,13 +165,19 @@ test('chart labels read like the tables: 1,194 MiB/s, not 1.19k', async () => {
   assert.deepEqual([1194.27, 51300, 100, 99.5, 0.523, 3].map(shortNumber), ['1,194', '51,300', '100', '99.5', '0.52', '3']);
   assert.equal(labelFormat([0.5, 1194.27]), ',.0f');
   assert.equal(labelFormat([0.5, 1.25]), '.2~f');
-  const chart = { title: 't', unit: 'MiB/s', groups: ['a'], series: ['x', 'y'], values: [[1194.27, 51300]] };
+  const chart = { title: 't', unit: 'MiB/s', groups: ['a'], series: ['x', 'y', 'z'], values: [[1194.27, 51300, 29.4]], format: fmtMiBps };
   assert.match(builtInSvg(chart), />1,194<\/text>/);
   const { svg, renderer } = await renderChart(chart);
   assert.equal(renderer, 'vega-lite');
   assert.match(svg, />1,194</);
   assert.match(svg, />51,300</);
-  assert.doesNotMatch(svg, /1\.19k|51\.3k/);
+  assert.match(svg, />29\.4</, 'small values keep the tables\' precision beside big ones');
+  assert.doesNotMatch(svg, /1\.19k|51\.3k|>29</);
+  // Axis labels too: thousands with commas, no SI suffix.
+  const { svg: big } = await renderChart({ title: 't', unit: 'IOPS', groups: ['a', 'b'], series: ['x'], values: [[45945], [53323]], format: fmtInt });
+  assert.match(big, />45,945</);
+  assert.match(big, />50,000</);
+  assert.doesNotMatch(big, /\d(\.\d+)?k</);
 });
 
 test('a report is written with its charts, and the latest copy links them', async () => {
@@ -138,10 +187,22 @@ test('a report is written with its charts, and the latest copy links them', asyn
   assert.match(md, /## Targets/);
   assert.match(md, /!\[Scaling by VBD count\]\(\.\/scaling\.svg\)/);
   assert.ok(existsSync(join(path, '..', 'scaling.svg')));
+  // What a user sees, and where the time goes.
+  assert.match(md, /## Where the time goes/);
+  assert.match(md, /\| blkfront API \| 4 KiB random read QD32 \| 1,000 IOPS \| ring request \| 10\.0 \| 30\.0 \| 0\.0 \| 1\.0 \| 2\.0 \| 43\.0 \|/);
+  assert.match(md, /43\.0 µs of CPU per ring request, 70% of it in the driver domain/);
+  assert.match(md, /\| fio 1 MiB seq read QD32 \| blkif serve \|.*\| 1\.33x \| 40\.6x \|/);
+  assert.match(md, /\| 16 \| 9\.0 \| 1\.2 \| 3 \| 500 MiB \| 20\.0 \|/);
+  assert.match(md, /\| 16 \| 1,600 \| 6\.40 \| 1\.60x \| 0\.25x \| 1\.05x \| 75% \|/);
+  assert.match(md, /\| vbd1 \(image file\) beside busy vbd0 \| 4,000 \|.*\| 0\.80x \|/);
+  assert.match(md, /\| indirect 256, ring order 0 \| 256 x 32 \| 32 MiB \| 32 MiB \| 600 \| 6\.00x \| 31 MiB \| 1,600 \| 150 \|/);
+  assert.match(md, /holds classic \(11-segment requests\) to 68\.8 MiB\/s, so indirect 256 meets 5x classic only at 500 MiB\/s or more/);
+  assert.match(md, /kept about 6 MiB in service on average/);
+  for (const f of ['nbd-servers.svg', 'bytes-in-flight.svg']) assert.ok(existsSync(join(path, '..', f)), f);
   assert.ok(existsSync(join(path, '..', 'results.json')));
   const latest = readFileSync(join(dir, 'latest', 'REPORT.md'), 'utf8');
   assert.match(latest, /\(report\/scaling\.svg\)/);
-  assert.ok(existsSync(join(dir, 'latest', 'report', 'nbd-vs-qemu-nbd.svg')));
+  assert.ok(existsSync(join(dir, 'latest', 'report', 'nbd-servers.svg')));
   assert.match(renderText(doc), /targets/);
   // Queues in threads: a section with its table, its chart and a sentence of reading.
   assert.match(md, /## \d+\. Queues in threads/);

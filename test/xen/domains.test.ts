@@ -1,7 +1,8 @@
 import { test, describe, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Worker } from 'node:worker_threads';
-import { Hypervisor, EVTCHNSTAT_unbound, GNTST_bad_domain, type XenCounters } from '../../src/xen/index.js';
+import { Hypervisor, EVTCHNSTAT_unbound, GNTST_bad_domain, threadComm, type XenCounters } from '../../src/xen/index.js';
+import { eventually } from '../support/common.js';
 import type { GuestCmd, GuestReply } from './fixtures/guest.js';
 
 const GUEST = new URL('./fixtures/guest.js', import.meta.url);
@@ -171,6 +172,21 @@ describe('worker-thread domains', () => {
     assert.ok(r.elu < 0.5, `event-loop utilization ${r.elu}`);
     assert.ok(r.cpuMicros < 120_000, `cpu ${r.cpuMicros} us over 200 ms (process-wide)`);
     await g.exited;
+  });
+
+  test('a domain\'s thread carries its name (for ps and /proc) and counts its scavenges', async () => {
+    hv = new Hypervisor({ dom0MemoryPages: 4 });
+    const g = await hv.createDomain({ script: GUEST, memoryPages: 4, name: 'a-long-domain-name' });
+    const before = hv.domainCounters(g.domid)!.scavenges;
+    send(g.worker, { op: 'allocate', mib: 64 });
+    const r = await next(g.worker);
+    assert.equal(r.op, 'allocated');
+    if (r.op !== 'allocated') return;
+    if (process.platform === 'linux') assert.equal(r.comm, threadComm('a-long-domain-name', 0));
+    assert.equal(threadComm('a-long-domain-name', 0), 'a-long-domain-n');
+    assert.equal(threadComm('a-long-domain-name', 3), 'a-long-domain/3');
+    // A GC observer reports after the collection: give it the event loop's next turn.
+    await eventually(() => hv!.domainCounters(g.domid)!.scavenges > before, 'a scavenge counted', 5000);
   });
 });
 
