@@ -127,17 +127,36 @@ export class DataPath {
 
   /** A queue's backend notified us: take its responses, then issue what they made room for. */
   onEvent(conn: Connection, q: Queue): void {
-    const live = () => this.d.connection() === conn && this.d.phase() !== 'broken';
-    if (!live()) return;
+    if (!this.live(conn)) return;
     this.d.counters.notify_received++;
+    this.service(conn, q);
+  }
+
+  private live(conn: Connection): boolean {
+    return this.d.connection() === conn && this.d.phase() !== 'broken';
+  }
+
+  /**
+   * Consumes, completes, refills; the final check (which arms the next notification) waits for
+   * the turn of the event loop after, once the completed I/Os' callers have issued their next
+   * ones, so the batch it asks for counts them (Queue.finalCheck). Until then rsp_event stays
+   * behind rsp_prod: the backend does not notify, and the final check looks at the ring itself.
+   */
+  private service(conn: Connection, q: Queue): void {
     const why = q.consumeResponses((s, status) => {
       this.d.counters.responses++;
       this.complete(conn, q, s, status);
-      return live();
+      return this.live(conn);
     });
     if (why !== undefined) return this.d.onBroken(why);
-    if (!live()) return;
+    if (!this.live(conn)) return;
     this.pump();
+    if (q.checkQueued) return;
+    q.checkQueued = true;
+    setImmediate(() => {
+      q.checkQueued = false;
+      if (this.live(conn) && q.finalCheck() !== 0) this.service(conn, q);
+    });
   }
 
   /** One request answered: release its grants and pages, then account it to its I/O. */
