@@ -198,10 +198,24 @@ export class Connection {
     this.destroy();
   }
 
-  /** Writes one whole message (its parts back to back, never interleaved with another). */
+  /**
+   * Writes one whole message (its parts back to back, never interleaved with another). In
+   * transmission, replies are gathered (the socket corked) until the current batch of work is
+   * done: the requests one notification completes are answered in one writev, not one each.
+   */
   private send(...parts: Uint8Array[]): boolean {
     const s = this.socket;
     if (this.gone || s.destroyed || s.writableEnded) return false;
+    if (this.phase === 'transmission') {
+      if (this.corked === undefined) {
+        // The socket corked is the one uncorked, even if STARTTLS replaced `socket` meanwhile.
+        this.corked = s;
+        s.cork();
+        process.nextTick(this.uncork);
+      }
+      for (const p of parts) if (p.length > 0) s.write(p);
+      return true;
+    }
     if (parts.length === 1) {
       s.write(parts[0]!);
       return true;
@@ -211,6 +225,19 @@ export class Connection {
     s.uncork();
     return true;
   }
+
+  /** The socket `send` corked, if its batch of replies is still gathering. */
+  private corked: Socket | undefined;
+
+  /**
+   * After the microtasks of this turn (process.nextTick runs once the promise jobs queued
+   * before it are done), so completions that finish together leave together.
+   */
+  private readonly uncork = (): void => {
+    const s = this.corked;
+    this.corked = undefined;
+    s?.uncork();
+  };
 
   /** Whether to stop reading: too much in progress, or replies the client is not reading. */
   private busy(): boolean {
