@@ -69,7 +69,6 @@ export class DataPath {
     if (conn === undefined || this.d.phase() !== 'connected') return;
     const nq = conn.queues.length;
     let produced = 0;
-    const touched = new Set<Queue>();
     while (this.queue.length > 0) {
       const c = this.queue[0]!;
       if (c.op.failed) {
@@ -83,18 +82,37 @@ export class DataPath {
       }
       if (q === undefined || !this.issue(conn, q, c)) break;
       conn.next = (q.index + 1) % nq;
-      touched.add(q);
+      this.unpushed.add(q);
       produced++;
     }
     this.wakeDrained();
-    if (produced === 0) return;
-    for (const q of touched) {
-      if (q.ring.pushRequestsAndCheckNotify()) {
+    if (produced === 0 || this.pushQueued) return;
+    // Published once the I/Os submitted together are on the ring (Linux blkfront flushes at the
+    // last request of a batch, bd->last): one push and at most one notification for all of them,
+    // not a push per I/O with the backend woken by the first and asking again for the next.
+    this.pushQueued = true;
+    queueMicrotask(this.push);
+  }
+
+  /** Queues with requests produced and not yet published (see pump). */
+  private readonly unpushed = new Set<Queue>();
+  private pushQueued = false;
+
+  /**
+   * RING_PUSH_REQUESTS_AND_CHECK_NOTIFY on every queue pump produced on that is still one of the
+   * connection's (a torn-down queue's ring is gone; its requests were taken back for re-issue).
+   */
+  private readonly push = (): void => {
+    this.pushQueued = false;
+    const queues = this.d.connection()?.queues ?? [];
+    for (const q of this.unpushed) {
+      if (queues.includes(q) && q.ring.pushRequestsAndCheckNotify()) {
         this.d.counters.notify_sent++;
         this.d.xen.events.notify(q.port);
       }
     }
-  }
+    this.unpushed.clear();
+  };
 
   /** The head of `c` onto `q`: false if it must wait for pages or grants (the chunk stays queued). */
   private issue(conn: Connection, q: Queue, c: Chunk): boolean {
