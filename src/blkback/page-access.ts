@@ -13,6 +13,7 @@ import {
   BLKIF_SEGMENT_SIZE,
   BLKIF_SEGS_PER_INDIRECT_FRAME,
   SECTOR_SHIFT,
+  XEN_PAGE_SIZE,
   decodeSegment,
   type BlkifSegment,
 } from '../abi/index.js';
@@ -51,16 +52,24 @@ interface Deps {
   readonly counters: VbdCounters;
 }
 
+/** Sectors in a page: a segment covering them all is the page itself. */
+const PAGE_SECTORS = XEN_PAGE_SIZE >> SECTOR_SHIFT;
+
 function segmentView(page: Uint8Array, s: BlkifSegment): Uint8Array {
+  if (s.first_sect === 0 && s.last_sect === PAGE_SECTORS - 1 && page.byteLength === XEN_PAGE_SIZE) return page;
   return page.subarray(s.first_sect << SECTOR_SHIFT, (s.last_sect + 1) << SECTOR_SHIFT);
 }
 
 function parseIndirect(pages: readonly Uint8Array[], count: number): BlkifSegment[] {
   const segs: BlkifSegment[] = new Array(count);
+  let view: DataView | undefined;
   for (let j = 0; j < count; j++) {
-    const page = pages[Math.floor(j / BLKIF_SEGS_PER_INDIRECT_FRAME)]!;
-    const view = new DataView(page.buffer, page.byteOffset, page.byteLength);
-    segs[j] = decodeSegment(view, (j % BLKIF_SEGS_PER_INDIRECT_FRAME) * BLKIF_SEGMENT_SIZE);
+    const k = j % BLKIF_SEGS_PER_INDIRECT_FRAME;
+    if (k === 0) {
+      const page = pages[j / BLKIF_SEGS_PER_INDIRECT_FRAME]!;
+      view = new DataView(page.buffer, page.byteOffset, page.byteLength);
+    }
+    segs[j] = decodeSegment(view!, k * BLKIF_SEGMENT_SIZE);
   }
   return segs;
 }

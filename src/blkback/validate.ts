@@ -61,41 +61,51 @@ export interface Rejection {
 
 const reject = (why: string, status: Rejection['status'] = BLKIF_RSP_ERROR): Rejection => ({ status, why });
 
+/** u64 sector numbers beyond this cannot be on any disk (made once: classifyRequest runs per request). */
+const MAX_SECTOR = BigInt(Number.MAX_SAFE_INTEGER);
+
+/** One object shape for every request (no spread per request on the hot path). */
+function backendRequest(
+  kind: RequestKind, id: bigint, operation: number, sector: number, segs: BlkifSegment[], nrSegments: number,
+  indirectGrefs?: readonly number[], discardSectors = 0, secure = false,
+): BackendRequest {
+  return { kind, id, operation, sector, segs, indirectGrefs, nrSegments, discardSectors, secure };
+}
+
 /** Turns a decoded request into a backend request, or says why it is refused. */
 export function classifyRequest(req: BlkifRequest, vbd: VbdLimits): BackendRequest | Rejection {
-  const base = { id: req.id, sector: 0, segs: [] as BlkifSegment[], indirectGrefs: undefined, nrSegments: 0, discardSectors: 0, secure: false };
   // u64 sector numbers beyond 2^53 cannot be on any disk; refuse before converting.
-  if (req.sector_number > BigInt(Number.MAX_SAFE_INTEGER)) return reject(`sector ${req.sector_number} beyond the disk`);
+  if (req.sector_number > MAX_SECTOR) return reject(`sector ${req.sector_number} beyond the disk`);
   const sector = Number(req.sector_number);
   switch (req.operation) {
     case BLKIF_OP_READ:
-      return { ...base, kind: 'read', operation: BLKIF_OP_READ, sector, segs: req.seg, nrSegments: req.nr_segments };
+      return backendRequest('read', req.id, BLKIF_OP_READ, sector, req.seg, req.nr_segments);
     case BLKIF_OP_WRITE:
       // CVE-2013-2140: a read-only VBD is never written, whatever the frontend asks.
       if (vbd.readOnly) return reject('write to a read-only VBD');
-      return { ...base, kind: 'write', operation: BLKIF_OP_WRITE, sector, segs: req.seg, nrSegments: req.nr_segments };
+      return backendRequest('write', req.id, BLKIF_OP_WRITE, sector, req.seg, req.nr_segments);
     case BLKIF_OP_WRITE_BARRIER:
       if (vbd.readOnly) return reject('barrier on a read-only VBD');
       if (!vbd.barrier) return reject('barrier not offered', BLKIF_RSP_EOPNOTSUPP);
-      return { ...base, kind: 'barrier', operation: BLKIF_OP_WRITE_BARRIER, sector, segs: req.seg, nrSegments: req.nr_segments };
+      return backendRequest('barrier', req.id, BLKIF_OP_WRITE_BARRIER, sector, req.seg, req.nr_segments);
     case BLKIF_OP_FLUSH_DISKCACHE:
       if (!vbd.flush) return reject('flush not offered', BLKIF_RSP_EOPNOTSUPP);
       if (vbd.readOnly && req.nr_segments > 0) return reject('flush with data on a read-only VBD');
-      return { ...base, kind: 'flush', operation: BLKIF_OP_FLUSH_DISKCACHE, sector, segs: req.seg, nrSegments: req.nr_segments };
+      return backendRequest('flush', req.id, BLKIF_OP_FLUSH_DISKCACHE, sector, req.seg, req.nr_segments);
     case BLKIF_OP_DISCARD: {
       if (vbd.readOnly) return reject('discard on a read-only VBD');
       if (!vbd.discard) return reject('discard not offered', BLKIF_RSP_EOPNOTSUPP);
-      if (req.nr_sectors > BigInt(Number.MAX_SAFE_INTEGER)) return reject(`discard of ${req.nr_sectors} sectors beyond the disk`);
+      if (req.nr_sectors > MAX_SECTOR) return reject(`discard of ${req.nr_sectors} sectors beyond the disk`);
       const n = Number(req.nr_sectors);
       const why = rangeProblem(sector, n, vbd);
       if (why !== undefined) return reject(`discard: ${why}`);
       const secure = (req.flag & BLKIF_DISCARD_SECURE) !== 0 && vbd.discardSecure;
-      return { ...base, kind: 'discard', operation: BLKIF_OP_DISCARD, sector, discardSectors: n, secure };
+      return backendRequest('discard', req.id, BLKIF_OP_DISCARD, sector, [], 0, undefined, n, secure);
     }
     case BLKIF_OP_INDIRECT: {
       if (req.indirect_op === BLKIF_OP_WRITE && vbd.readOnly) return reject('indirect write to a read-only VBD');
       const kind = req.indirect_op === BLKIF_OP_WRITE ? 'write' : 'read';
-      return { ...base, kind, operation: req.indirect_op, sector, indirectGrefs: req.indirect_grefs, nrSegments: req.nr_segments };
+      return backendRequest(kind, req.id, req.indirect_op, sector, [], req.nr_segments, req.indirect_grefs);
     }
   }
 }

@@ -69,7 +69,6 @@ export class DataPath {
     if (conn === undefined || this.d.phase() !== 'connected') return;
     const nq = conn.queues.length;
     let produced = 0;
-    const touched = new Set<Queue>();
     while (this.queue.length > 0) {
       const c = this.queue[0]!;
       if (c.op.failed) {
@@ -83,18 +82,37 @@ export class DataPath {
       }
       if (q === undefined || !this.issue(conn, q, c)) break;
       conn.next = (q.index + 1) % nq;
-      touched.add(q);
+      this.unpushed.add(q);
       produced++;
     }
     this.wakeDrained();
-    if (produced === 0) return;
-    for (const q of touched) {
-      if (q.ring.pushRequestsAndCheckNotify()) {
+    if (produced === 0 || this.pushQueued) return;
+    // Published once the I/Os submitted together are on the ring (Linux blkfront flushes at the
+    // last request of a batch, bd->last): one push and at most one notification for all of them,
+    // not a push per I/O with the backend woken by the first and asking again for the next.
+    this.pushQueued = true;
+    queueMicrotask(this.push);
+  }
+
+  /** Queues with requests produced and not yet published (see pump). */
+  private readonly unpushed = new Set<Queue>();
+  private pushQueued = false;
+
+  /**
+   * RING_PUSH_REQUESTS_AND_CHECK_NOTIFY on every queue pump produced on that is still one of the
+   * connection's (a torn-down queue's ring is gone; its requests were taken back for re-issue).
+   */
+  private readonly push = (): void => {
+    this.pushQueued = false;
+    const queues = this.d.connection()?.queues ?? [];
+    for (const q of this.unpushed) {
+      if (queues.includes(q) && q.ring.pushRequestsAndCheckNotify()) {
         this.d.counters.notify_sent++;
         this.d.xen.events.notify(q.port);
       }
     }
-  }
+    this.unpushed.clear();
+  };
 
   /** The head of `c` onto `q`: false if it must wait for pages or grants (the chunk stays queued). */
   private issue(conn: Connection, q: Queue, c: Chunk): boolean {
@@ -127,17 +145,36 @@ export class DataPath {
 
   /** A queue's backend notified us: take its responses, then issue what they made room for. */
   onEvent(conn: Connection, q: Queue): void {
-    const live = () => this.d.connection() === conn && this.d.phase() !== 'broken';
-    if (!live()) return;
+    if (!this.live(conn)) return;
     this.d.counters.notify_received++;
+    this.service(conn, q);
+  }
+
+  private live(conn: Connection): boolean {
+    return this.d.connection() === conn && this.d.phase() !== 'broken';
+  }
+
+  /**
+   * Consumes, completes, refills; the final check (which arms the next notification) waits for
+   * the turn of the event loop after, once the completed I/Os' callers have issued their next
+   * ones, so the batch it asks for counts them (Queue.finalCheck). Until then rsp_event stays
+   * behind rsp_prod: the backend does not notify, and the final check looks at the ring itself.
+   */
+  private service(conn: Connection, q: Queue): void {
     const why = q.consumeResponses((s, status) => {
       this.d.counters.responses++;
       this.complete(conn, q, s, status);
-      return live();
+      return this.live(conn);
     });
     if (why !== undefined) return this.d.onBroken(why);
-    if (!live()) return;
+    if (!this.live(conn)) return;
     this.pump();
+    if (q.checkQueued) return;
+    q.checkQueued = true;
+    setImmediate(() => {
+      q.checkQueued = false;
+      if (this.live(conn) && q.finalCheck() !== 0) this.service(conn, q);
+    });
   }
 
   /** One request answered: release its grants and pages, then account it to its I/O. */
@@ -157,10 +194,13 @@ export class DataPath {
       return;
     }
     if (status === BLKIF_RSP_OKAY && op.kind === 'read' && !op.failed) {
+      const buf = op.buf!;
       for (let i = 0; i < s.frames.length; i++) {
         const at = c.start + i * XEN_PAGE_SIZE;
-        const len = Math.min(XEN_PAGE_SIZE, c.length - i * XEN_PAGE_SIZE);
-        op.buf!.set(pool.page(s.frames[i]!).subarray(0, len), at);
+        const len = c.length - i * XEN_PAGE_SIZE;
+        const page = pool.page(s.frames[i]!);
+        // A whole page is copied as it is: no view made per page of a 1 MiB read.
+        buf.set(len >= XEN_PAGE_SIZE ? page : page.subarray(0, len), at);
       }
     }
     givePages(pool, s);

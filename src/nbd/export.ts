@@ -21,6 +21,11 @@ export interface NbdExportDevice {
   readonly multiConn: boolean;
   /** Exactly `length` bytes from `offset`. */
   read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Optional: reads `buf.length` bytes from `offset` into `buf`. When offered, the server reads
+   * into buffers it reuses once their reply is on the socket (no fresh buffer per read).
+   */
+  readInto?(offset: number, buf: Uint8Array): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Makes every completed write durable. */
   flush(): Promise<void>;

@@ -91,11 +91,17 @@ export class FrontRing {
   /**
    * `RING_FINAL_CHECK_FOR_RESPONSES`: before sleeping, ask to be notified of the very next
    * response (`rsp_event = rsp_cons + 1`) and look once more; returns the unconsumed count.
+   *
+   * `batch` > 1 is the customised final check ring.h invites "to create batches of work": the
+   * notification comes with the `batch`-th response instead, at most with the last one the
+   * published requests can bring (so it always comes); 1 is ring.h's macro.
    */
-  finalCheckForResponses(): number {
+  finalCheckForResponses(batch = 1): number {
     let work = this.unconsumedResponses();
     if (work !== 0) return work;
-    this.sring.rspEvent = (this.rspCons + 1) >>> 0;
+    const outstanding = (this.sring.reqProd - this.rspCons) >>> 0;
+    const ahead = batch <= 1 || outstanding <= 1 ? 1 : Math.min(batch, outstanding);
+    this.sring.rspEvent = (this.rspCons + ahead) >>> 0;
     work = this.unconsumedResponses(); // Atomics are sequentially consistent: the mb() of ring.h
     return work;
   }

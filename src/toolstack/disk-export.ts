@@ -13,6 +13,8 @@ const ZERO_CHUNK = 1024 * 1024;
 export interface ExportableDisk {
   info(): DeviceInfo;
   read(offset: number, length: number): Promise<Uint8Array>;
+  /** Into the caller's buffer (a local disk only: a remote one's bytes arrive in a message anyway). */
+  readInto?(offset: number, buf: Uint8Array): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
   flush(): Promise<void>;
   discard(offset: number, length: number, secure: boolean): Promise<void>;
@@ -22,6 +24,7 @@ export function localDisk(f: Blkfront): ExportableDisk {
   return {
     info: () => f.info,
     read: (o, l) => f.read(o, l),
+    readInto: (o, b) => f.readInto(o, b),
     write: (o, d) => f.write(o, d),
     flush: () => f.flush(),
     discard: (o, l, secure) => f.discard(o, l, { secure }),
@@ -60,6 +63,12 @@ export function exportDevice(disk: ExportableDisk): NbdExportDevice {
       aligned(offset, length);
       return disk.read(offset, length);
     },
+    ...(disk.readInto !== undefined ? {
+      readInto(offset: number, buf: Uint8Array) {
+        aligned(offset, buf.length);
+        return disk.readInto!(offset, buf);
+      },
+    } : {}),
     write(offset, data) {
       aligned(offset, data.length);
       return disk.write(offset, data);

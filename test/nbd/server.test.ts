@@ -693,3 +693,101 @@ describe('shutdown', () => {
     }
   });
 });
+
+describe('reads into reused buffers (a device with readInto)', () => {
+  const firstDiff = (a: Uint8Array, b: Uint8Array) => {
+    if (a.length !== b.length) return 0;
+    for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
+    return -1;
+  };
+  /** A MemoryDevice that also reads into the server's buffers, and notes each buffer it is given. */
+  class IntoDevice extends MemoryDevice {
+    readonly given: Uint8Array[] = [];
+    failAt: number | undefined;
+    readInto(offset: number, buf: Uint8Array): Promise<void> {
+      this.given.push(buf);
+      if (offset === this.failAt) return Promise.reject(new NbdDeviceError(NBD_EIO, 'bad sector'));
+      return this.read(offset, buf.length).then((b) => buf.set(b));
+    }
+  }
+  let server: NbdServer;
+  let dev: IntoDevice;
+  let port: number;
+  before(async () => {
+    dev = new IntoDevice(8 * MiB);
+    dev.bytes.set(randomBytes(8 * MiB, 41));
+    server = new NbdServer({ exports: [{ name: 'disk', device: dev }] });
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    port = (addr as { port: number }).port;
+  });
+  after(() => server.close());
+
+  test('pipelined reads each get their own bytes, and buffers come back only once their reply is sent', async () => {
+    const c = await RawClient.connect({ port });
+    clients.push(c);
+    await c.go('disk', { structured: true });
+    const len = 64 * 1024;
+    const rounds = 12;
+    const depth = 8;
+    for (let r = 0; r < rounds; r++) {
+      // Distinct blocks each round: a buffer lent again too early would carry another read's bytes.
+      const offsets = Array.from({ length: depth }, (_, i) => ((r * depth + i) * len) % (8 * MiB));
+      const byHandle = new Map(offsets.map((o) => [c.request(NBD_CMD_READ, o, len), o]));
+      for (let i = 0; i < depth; i++) {
+        const m = await chunk(c);
+        const d = decodeOffsetData(m.payload)!;
+        const off = byHandle.get(m.handle)!;
+        assert.equal(Number(d.offset), off);
+        assert.deepEqual(d.data, dev.bytes.subarray(off, off + len), `read at ${off}`);
+      }
+    }
+    const reads = rounds * depth;
+    assert.equal(dev.given.length, reads);
+    const distinct = new Set(dev.given).size;
+    assert.ok(distinct < reads / 2, `${distinct} buffers for ${reads} reads: reused`);
+  });
+
+  test('a buffer whose reply still waits for the socket is not lent to the next read', async () => {
+    const c = await RawClient.connect({ port });
+    clients.push(c);
+    await c.go('disk', { structured: true });
+    // The client stops reading: the first wave's 1 MiB replies wait behind the socket (more than
+    // its buffers take) while a second wave, of other blocks, wants buffers of the same size.
+    c.socket.pause();
+    const g0 = dev.given.length;
+    const first = [0, 1, 2, 3, 4, 5, 6, 7].map((i) => i * MiB);
+    const byHandle = new Map(first.map((o) => [c.request(NBD_CMD_READ, o, MiB), o]));
+    await until(() => dev.given.length - g0 >= byHandle.size, 5000, 'the first wave read');
+    await sleep(50);
+    const second = [7, 6, 5, 4, 3, 2, 1, 0].map((i) => i * MiB);
+    for (const o of second) byHandle.set(c.request(NBD_CMD_READ, o, MiB), o);
+    await until(() => dev.given.length - g0 >= byHandle.size, 5000, 'the second wave read');
+    await sleep(50);
+    c.socket.resume();
+    const offsets = [...first, ...second];
+    for (let i = 0; i < offsets.length; i++) {
+      const m = await chunk(c);
+      const d = decodeOffsetData(m.payload)!;
+      const off = byHandle.get(m.handle)!;
+      assert.ok(firstDiff(d.data, dev.bytes.subarray(off, off + MiB)) < 0, `the reply for ${off} carries its own bytes`);
+    }
+  });
+
+  test('a failed readInto answers the error, and the next reads are whole', async () => {
+    const c = await RawClient.connect({ port });
+    clients.push(c);
+    await c.go('disk', { structured: true });
+    dev.failAt = 4096;
+    try {
+      c.request(NBD_CMD_READ, 4096, 4096);
+      const m = await chunk(c);
+      assert.equal(m.type, NBD_REPLY_TYPE_ERROR);
+      assert.equal(decodeErrorChunk(m.type, m.payload)!.error, NBD_EIO);
+    } finally {
+      dev.failAt = undefined;
+    }
+    c.request(NBD_CMD_READ, 4096, 4096);
+    const d = decodeOffsetData((await chunk(c)).payload)!;
+    assert.deepEqual(d.data, dev.bytes.subarray(4096, 8192));
+  });
+});

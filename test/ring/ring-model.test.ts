@@ -1,8 +1,9 @@
 /**
  * The ring against a model: random interleavings of produce / push / consume / final-check on
  * both sides, starting anywhere (also just below 2^32), never lose, duplicate or reorder an
- * entry, and a push asks for a notification exactly when the consumer armed its event index
- * (a final check that found nothing) and the push published something since.
+ * entry, and a push asks for a notification exactly when it publishes the entry the consumer's
+ * event index names (set by a final check that found nothing: the next one, or with a batched
+ * final check the batch-th, never beyond what the published requests can bring).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,7 +18,7 @@ type Op =
   | { k: 'pushRsp' }
   | { k: 'consumeRsp'; n: number }
   | { k: 'finalReq' }
-  | { k: 'finalRsp' };
+  | { k: 'finalRsp'; batch: number };
 
 const op: fc.Arbitrary<Op> = fc.oneof(
   fc.record({ k: fc.constant('produce' as const), n: fc.integer({ min: 1, max: 40 }) }),
@@ -27,7 +28,8 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   fc.constant({ k: 'pushRsp' as const }),
   fc.record({ k: fc.constant('consumeRsp' as const), n: fc.integer({ min: 1, max: 40 }) }),
   fc.constant({ k: 'finalReq' as const }),
-  fc.constant({ k: 'finalRsp' as const }),
+  // batch 0 and 1: ring.h's RING_FINAL_CHECK_FOR_RESPONSES; more: a batched final check.
+  fc.record({ k: fc.constant('finalRsp' as const), batch: fc.oneof(fc.constant(1), fc.integer({ min: 0, max: 40 })) }),
 );
 
 test('ring vs model', () => {
@@ -36,7 +38,7 @@ test('ring vs model', () => {
       fc.oneof(fc.constant(0), fc.integer({ min: 0xffffff00, max: 0xffffffff }), fc.integer({ min: 0, max: 0xffffffff })),
       fc.integer({ min: 0, max: 2 }),
       fc.constantFrom(112, 108),
-      fc.array(op, { minLength: 1, maxLength: 300 }),
+      fc.array(op, { minLength: 1, maxLength: 300, size: 'max' }),
       (start, order, entrySize, ops) => {
         const s = SharedRing.allocate(order, entrySize);
         s.init();
@@ -58,7 +60,11 @@ test('ring vs model', () => {
         const rspPublished: number[] = []; // responses published, not consumed
         let inFlight = 0; // requests produced whose responses the frontend has not consumed
         let backArmed = true; // SHARED_RING_INIT: req_event = req_prod + 1
-        let frontArmed = true;
+        // The frontend's event index as a count of responses: a push notifies when it publishes
+        // the response numbered armAt (SHARED_RING_INIT: rsp_event = rsp_prod + 1, the first).
+        let armAt: number | undefined = 1;
+        let rspPushed = 0;
+        let reqPushed = 0;
         let received = 0;
         const tag = (seq: number) => {
           e.words.fill(0);
@@ -85,6 +91,7 @@ test('ring vs model', () => {
               const notify = front.pushRequestsAndCheckNotify();
               assert.equal(notify, backArmed && produced.length > 0);
               if (produced.length > 0) backArmed = false;
+              reqPushed += produced.length;
               published.push(...produced.splice(0));
               break;
             }
@@ -113,8 +120,11 @@ test('ring vs model', () => {
               break;
             case 'pushRsp': {
               const notify = back.pushResponsesAndCheckNotify();
-              assert.equal(notify, frontArmed && answered.length > 0);
-              if (answered.length > 0) frontArmed = false;
+              const was = rspPushed;
+              rspPushed += answered.length;
+              const crossed: boolean = armAt !== undefined && was < armAt && armAt <= rspPushed;
+              assert.equal(notify, crossed);
+              if (crossed) armAt = undefined;
               rspPublished.push(...answered.splice(0));
               break;
             }
@@ -139,9 +149,14 @@ test('ring vs model', () => {
               break;
             }
             case 'finalRsp': {
-              const work = front.finalCheckForResponses();
+              const work = front.finalCheckForResponses(o.batch);
               assert.equal(work, rspPublished.length);
-              if (work === 0) frontArmed = true;
+              if (work === 0) {
+                // Asked for the batch-th response, capped by the requests published: it always comes.
+                const outstanding = reqPushed - received;
+                armAt = received + (o.batch <= 1 || outstanding <= 1 ? 1 : Math.min(o.batch, outstanding));
+                if (outstanding >= 1) assert.ok(armAt <= reqPushed, 'the response asked for is one a published request brings');
+              }
               break;
             }
           }

@@ -67,6 +67,46 @@ test('RING_FINAL_CHECK_FOR_REQUESTS / RESPONSES vectors', () => {
   assert.equal(s.rspEvent, 5);
 });
 
+test('a batched final check for responses: notified with the batch-th answer, never past the requests published', () => {
+  const start = 0xfffffff0; // across the 2^32 wrap
+  const { s, front, back } = rings(start);
+  s.reqProd = s.rspProd = start;
+  const e = new RingEntry(BLKIF_ENTRY);
+  for (let i = 0; i < 32; i++) assert.ok(front.produceRequest(e));
+  front.pushRequests();
+  assert.equal(front.finalCheckForResponses(20), 0);
+  assert.equal(s.rspEvent, (start + 20) >>> 0, 'rsp_event = rsp_cons + batch');
+  for (let i = 0; i < 32; i++) assert.equal(back.consumeRequest(e), RING_CONSUMED);
+  const pushes: boolean[] = [];
+  for (let i = 0; i < 32; i++) {
+    back.produceResponse(e);
+    pushes.push(back.pushResponsesAndCheckNotify());
+  }
+  assert.deepEqual(pushes.map((n, i) => (n ? i + 1 : 0)).filter((n) => n > 0), [20], 'one notification, with the 20th answer');
+  for (let i = 0; i < 32; i++) assert.equal(front.consumeResponse(e), RING_CONSUMED);
+
+  // A batch beyond the requests out is cut to them; with none or one out it is ring.h's + 1.
+  for (let i = 0; i < 5; i++) front.produceRequest(e);
+  front.pushRequests();
+  assert.equal(front.finalCheckForResponses(20), 0);
+  assert.equal(s.rspEvent, (front.rspCons + 5) >>> 0, 'the last of the 5 published requests');
+  for (let i = 0; i < 3; i++) front.produceRequest(e); // produced, not published: not counted
+  assert.equal(front.finalCheckForResponses(20), 0);
+  assert.equal(s.rspEvent, (front.rspCons + 5) >>> 0);
+  for (const batch of [0, 1, -3]) {
+    assert.equal(front.finalCheckForResponses(batch), 0);
+    assert.equal(s.rspEvent, (front.rspCons + 1) >>> 0);
+  }
+  // Answers already waiting: nothing armed, the count returned.
+  for (let i = 0; i < 5; i++) back.consumeRequest(e);
+  back.produceResponse(e);
+  back.produceResponse(e);
+  back.pushResponses();
+  s.rspEvent = 7;
+  assert.equal(front.finalCheckForResponses(20), 2);
+  assert.equal(s.rspEvent, 7, 'left unchanged when there is work');
+});
+
 test('RING_FREE_REQUESTS / RING_FULL, also across the 2^32 wrap', () => {
   const { front } = rings();
   front.reqProdPvt = 32;
