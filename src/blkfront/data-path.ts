@@ -12,7 +12,7 @@ import { givePages } from './grants.js';
 import { BlkfrontError, type BlkfrontCounters, type Chunk, type IoOp, type Phase } from './io.js';
 import type { DiskInfo } from './negotiate.js';
 import type { PagePool } from './page-pool.js';
-import type { Queue } from './queue.js';
+import { BATCH_WAIT_MS, type Queue } from './queue.js';
 import { issueRequest } from './request.js';
 import type { ShadowEntry } from './shadow.js';
 
@@ -173,8 +173,26 @@ export class DataPath {
     q.checkQueued = true;
     setImmediate(() => {
       q.checkQueued = false;
-      if (this.live(conn) && q.finalCheck() !== 0) this.service(conn, q);
+      if (!this.live(conn)) return;
+      if (q.finalCheck() !== 0) this.service(conn, q);
+      else if (q.batchArmed) this.awaitBatch(conn, q);
     });
+  }
+
+  /**
+   * A batch was asked for: should it not come within BATCH_WAIT_MS (the rest of it is slow), the
+   * answers already there are taken and every later one notified. Each final check restarts the
+   * wait, so while batches keep coming it never fires.
+   */
+  private awaitBatch(conn: Connection, q: Queue): void {
+    if (q.batchTimer !== undefined) {
+      q.batchTimer.refresh();
+      return;
+    }
+    q.batchTimer = setTimeout(() => {
+      if (this.live(conn) && q.ring.finalCheckForResponses(1) !== 0) this.service(conn, q);
+    }, BATCH_WAIT_MS);
+    q.batchTimer.unref();
   }
 
   /** One request answered: release its grants and pages, then account it to its I/O. */

@@ -18,6 +18,11 @@ import { ShadowTable, type ShadowEntry } from './shadow.js';
  * request); at 13 requests out or fewer every answer is notified, as ring.h's macro does.
  */
 const RESPONSE_RESERVE = 12;
+/**
+ * How long answers already published may wait for the rest of a batch: backends answer out of
+ * order, and a slow request (a stalled disk, a long discard) must not hold back the fast ones.
+ */
+export const BATCH_WAIT_MS = 1;
 
 export class Queue {
   /** Request ids are shadow indexes: one per ring slot. */
@@ -26,6 +31,10 @@ export class Queue {
   readonly entry: RingEntry;
   /** The data path's final check for this ring is scheduled (DataPath.service). */
   checkQueued = false;
+  /** The last final check asked the backend for a batch rather than every answer. */
+  batchArmed = false;
+  /** Looks at the ring when a batch has not come within BATCH_WAIT_MS (DataPath.awaitBatch). */
+  batchTimer: NodeJS.Timeout | undefined;
   private offEvent: () => void = () => undefined;
 
   private constructor(
@@ -87,8 +96,9 @@ export class Queue {
    * still has that many to work on. Returns the responses already waiting (look again).
    */
   finalCheck(): number {
-    const outstanding = (this.ring.sring.reqProd - this.ring.rspCons) >>> 0;
-    return this.ring.finalCheckForResponses(outstanding - RESPONSE_RESERVE);
+    const batch = ((this.ring.sring.reqProd - this.ring.rspCons) >>> 0) - RESPONSE_RESERVE;
+    this.batchArmed = batch > 1;
+    return this.ring.finalCheckForResponses(batch);
   }
 
   /**
@@ -98,6 +108,7 @@ export class Queue {
    */
   close(xen: XenDomain, unanswered: (s: ShadowEntry<Chunk>) => void, stuck: (frame: number, ref: number) => void): number {
     this.offEvent();
+    clearTimeout(this.batchTimer);
     xen.events.close(this.port);
     for (const s of this.shadow.pendingEntries()) {
       unanswered(s);

@@ -114,6 +114,18 @@ class ScriptedBackend {
     if (c.ring.pushResponsesAndCheckNotify()) this.B.events.notify(c.port);
   }
 
+  /** Answers the held requests `which` picks (OKAY), keeping the others held. */
+  answerWhere(which: (r: BlkifRequest) => boolean): number {
+    const c = this.conn!;
+    const now = this.held.filter((h) => which(h.req));
+    for (const h of now) {
+      this.held.splice(this.held.indexOf(h), 1);
+      this.respond(c.ring, h, BLKIF_RSP_OKAY);
+    }
+    if (c.ring.pushResponsesAndCheckNotify()) this.B.events.notify(c.port);
+    return now.length;
+  }
+
   private async setState(s: number): Promise<void> {
     this.state = s;
     await ts.xs.write(`${this.paths.backDir}/${XS_STATE}`, String(s));
@@ -298,4 +310,29 @@ test('a backend that goes Closing and stays there holding requests: they fail wi
     await within(f.close(), 'close()');
     assert.equal(f.leakedPages, 4, 'the pages the backend still maps are reported leaked');
   }, 300);
+});
+
+test('answers to fast requests are not held back by slow ones while blkfront waits for a batch of answers', { timeout: 60_000 }, async () => {
+  await withScriptedBackend(64, async (f, be) => {
+    for (let p = 0; p < 64; p++) be.disk.fill(p + 1, p * PAGE, (p + 1) * PAGE);
+    const pageOf = (r: BlkifRequest) => Number(r.sector_number) / (PAGE / 512);
+    // 22 reads the backend sits on (a stalled disk, a long discard).
+    const slow = Array.from({ length: 22 }, (_, i) => f.read(i * PAGE, PAGE));
+    await until(() => be.held.length === 22, '22 slow reads on the ring');
+    // One answered: blkfront's final check then asks for a batch (22 out, all but 12: 10).
+    const one = f.read(40 * PAGE, PAGE);
+    await until(() => be.held.length === 23, 'a fast read on the ring');
+    assert.equal(be.answerWhere((r) => pageOf(r) === 40), 1);
+    assert.equal((await within(one, 'the first fast read'))[0], 41);
+    await new Promise((r) => setImmediate(r));
+    // Nine more, answered at once: fewer than the batch, and the rest of it is stuck.
+    const fast = Array.from({ length: 9 }, (_, i) => f.read((41 + i) * PAGE, PAGE));
+    await until(() => be.held.length === 31, 'nine more fast reads on the ring');
+    assert.equal(be.answerWhere((r) => pageOf(r) >= 41), 9);
+    const got = await within(Promise.all(fast), 'nine fast reads answered while 22 slow ones are held');
+    got.forEach((b, i) => assert.equal(b[0], 42 + i, `fast read ${i} has its page`));
+    be.answerHeld();
+    const rest = await within(Promise.all(slow), 'the slow reads');
+    rest.forEach((b, i) => assert.equal(b[0], i + 1, `slow read ${i} has its page`));
+  });
 });
