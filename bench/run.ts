@@ -7,7 +7,8 @@
  */
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { runBench, SECTIONS, type Section } from './harness/run.js';
+import { runBench } from './harness/run.js';
+import { SECTIONS, type Section } from './harness/types.js';
 import { benchRing } from './ring.js';
 import { benchXen } from './xen.js';
 import { benchXenstore } from './xenstore.js';

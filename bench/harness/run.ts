@@ -27,7 +27,7 @@ import { measureThreads, THREADS_BUFFER_PAGES, THREADS_LAYOUTS, THREADS_WORKLOAD
 import { linkBaselines, computeTargets, renderText, writeReport } from './report.js';
 import {
   KiB, MiB, sizeLabel, workloadId, workloadLabel, type BenchDocument, type BenchResults, type ExtraSuite, type InflightRow,
-  type MachineInfo, type Row, type StorageKind, type Workload,
+  type MachineInfo, type Row, type Section, type StorageKind, type Workload,
 } from './types.js';
 
 export interface BenchOptions {
@@ -47,9 +47,6 @@ export interface BenchOptions {
   readonly only?: readonly Section[];
 }
 
-/** Sections of a run, as `--only` names them. */
-export const SECTIONS = ['baselines', 'api', 'matrix', 'inflight', 'threads', 'time', 'startup', 'scaling', 'isolation', 'nbd', 'inflight-nbd', 'micro'] as const;
-export type Section = typeof SECTIONS[number];
 /** Sections that run in this process's toolstack (started only for them). */
 const TOOLSTACK_SECTIONS: readonly Section[] = ['api', 'matrix', 'inflight', 'threads', 'time'];
 

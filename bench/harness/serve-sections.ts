@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import type { Cleanup } from './cleanup.js';
 import { createImage } from './cleanup.js';
 import { NBD_WORKLOADS, SCALING_WORKLOAD } from './matrix.js';
-import type { Section } from './run.js';
+import type { Section } from './types.js';
 import { fioJobs, idleOf, observe, scrape, sparseImages, startDelayedMemory, startNbdkitFile, startQemuNbd, startServe, type Server } from './serve.js';
 import {
   MiB, sizeLabel, workloadId, workloadLabel, type BenchResults, type Perf, type Row, type TimeRow, type Workload,

@@ -327,3 +327,7 @@ export function xorshift(seed = 0x9e3779b9): () => number {
     return s;
   };
 }
+
+/** Sections of a run, as `--only` names them. */
+export const SECTIONS = ['baselines', 'api', 'matrix', 'inflight', 'threads', 'time', 'startup', 'scaling', 'isolation', 'nbd', 'inflight-nbd', 'micro'] as const;
+export type Section = typeof SECTIONS[number];
