@@ -1,7 +1,7 @@
 /**
- * `blkif serve [IMAGE...]`: the emulated Xen, a driver domain serving each image as a VBD, a guest
- * per VBD whose blkfront connects to it, and an NBD server exporting the guests' disks to
- * qemu-img, qemu-io, nbdcopy, fio and friends. Every byte goes through blkfront, grants, the ring
+ * `blkif serve [IMAGE...]`: the emulated Xen, a driver domain serving each image as a VBD, one
+ * guest holding every VBD as a disk (xvda, xvdb, ...), and an NBD server in that guest exporting
+ * its disks to qemu-img, qemu-io, nbdcopy, fio and friends. Every byte goes through blkfront, grants, the ring
  * and blkback. Ctrl-C or SIGTERM stops in order; a second Ctrl-C forces the exit.
  *
  * As a service (nbdkit's conventions): --tls with PSK or X.509, --bind (repeatable), systemd
@@ -90,11 +90,11 @@ async function prepareImage(path: string, size: number | undefined, force: boole
 
 export function serveCommand(): Command {
   return new Command('serve')
-    .description('export Xen PV disks over NBD: IMAGE files served by blkback in a driver domain, attached by blkfront in guests')
+    .description('export Xen PV disks over NBD: IMAGE files served by blkback in a driver domain, attached by blkfront in one guest')
     .argument('[image...]', `raw image files or remote NBD exports (nbd[s]://HOST[:PORT]/EXPORT, nbd[s]+unix:///EXPORT?socket=PATH), one VBD each (default: ${join(defaultDataDir(), 'vbd0.img')}, created at 1 GiB)`)
     .option('--size <size>', 'size of a new image (e.g. 1G, 512M); with --force, resize an existing one')
     .option('--force', 'allow --size to resize an existing image (shrinking loses its end)')
-    .option('--vbds <n>', 'number of VBDs (guests), exported as vbd0, vbd1, ...; default images vbdN.img', int('--vbds', 1, 16))
+    .option('--vbds <n>', 'number of VBDs (disks xvda, xvdb, ... of the guest), exported as vbd0, vbd1, ...; default images vbdN.img', int('--vbds', 1, 16))
     .addOption(new Option('--max-indirect-segments <n>', `segments per indirect request the backend offers (0 = no indirect; max ${BLKIF_MAX_INDIRECT_SEGMENTS})`)
       .default(DEFAULT_MAX_INDIRECT_SEGMENTS).argParser((v) => {
         const n = int('--max-indirect-segments', 0, BLKIF_MAX_INDIRECT_SEGMENTS)(v);

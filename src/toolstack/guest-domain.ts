@@ -1,24 +1,22 @@
 /**
  * A guest's thread: attaches blkfront to the VBDs the toolstack plugged in and does I/O on them
- * when asked over the control channel (the guest's "applications" in tests and tools).
+ * when asked over the control channel (the guest's "applications" in tests and tools), or
+ * exports them over NBD from here.
  */
-import { parentPort, type MessagePort } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
 import { Blkfront, type BlkfrontCounters, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import { attachDomain } from '../xen/index.js';
 import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
 import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig } from '../nbd/index.js';
-import { exportDevice, localDisk, remoteDisk, type ExportableDisk } from './disk-export.js';
-import { RpcClient, serveRpc, type RpcHandlers } from './rpc.js';
+import { exportDevice } from './disk-export.js';
+import { serveRpc, type RpcHandlers } from './rpc.js';
 import { runWorkload, type WorkloadResult, type WorkloadSpec } from './workload.js';
 
-/** An export the NBD server in this guest offers: a disk attached here, or in another guest. */
+/** An export the NBD server in this guest offers: a disk attached here, at `frontDir`. */
 export interface GuestExportSpec {
   name: string;
   description: string;
   frontDir: string;
-  /** The channel to the guest holding the disk, if not this one (see `attach-port`). */
-  remote?: string;
-  info?: DeviceInfo;
 }
 
 const xen = await attachDomain();
@@ -32,7 +30,6 @@ function disk(frontDir: string): Blkfront {
   return d;
 }
 
-const remotes = new Map<string, RpcClient>();
 let nbd: NbdServer | undefined;
 
 const handlers: RpcHandlers = {
@@ -70,16 +67,7 @@ const handlers: RpcHandlers = {
       log: (level, msg) => { if (level !== 'debug') log(`nbd ${level}: ${msg}`); },
       ...(tls !== undefined ? { tls } : {}),
     });
-    for (const e of exports) {
-      let d: ExportableDisk;
-      if (e.remote === undefined) d = localDisk(disk(e.frontDir));
-      else {
-        const rpc = remotes.get(e.remote);
-        if (rpc === undefined || e.info === undefined) throw new Error(`no channel "${e.remote}" for export ${e.name}`);
-        d = remoteDisk(rpc, e.frontDir, e.info);
-      }
-      server.addExport({ name: e.name, description: e.description, device: exportDevice(d) });
-    }
+    for (const e of exports) server.addExport({ name: e.name, description: e.description, device: exportDevice(disk(e.frontDir)) });
     const addresses: NbdAddress[] = [];
     try {
       for (const l of Array.isArray(listen) ? listen : [listen]) {
@@ -113,10 +101,3 @@ const handlers: RpcHandlers = {
 };
 serveRpc(parentPort!, handlers);
 
-// Channels to other guests: this guest either answers on one (its disks exported elsewhere) or
-// calls through one (exporting another guest's disk).
-parentPort!.on('message', (m: { kind?: string; role?: 'serve' | 'client'; name?: string; port?: MessagePort }) => {
-  if (m?.kind !== 'attach-port' || m.port === undefined) return;
-  if (m.role === 'serve') serveRpc(m.port, handlers);
-  else remotes.set(m.name!, new RpcClient(m.port));
-});

@@ -1,17 +1,18 @@
 /**
- * The main job's machinery: a driver domain serving one VBD per image, one guest per VBD whose
- * blkfront connects to it, and an NBD server in the first guest exporting every guest's disk as
- * `vbd0`, `vbd1`, ... (the first is also the default export). Stops in order: the NBD server
- * drains, each disk flushes, frontends close, backends close, domains go.
+ * The main job's machinery: a driver domain serving one VBD per image, one guest holding every
+ * VBD as a disk (xvda, xvdb, ...; a VM with many disks), and an NBD server in that guest's thread
+ * exporting them as `vbd0`, `vbd1`, ... (the first is also the default export), each straight
+ * from its blkfront. Stops in order: the NBD server drains, each disk flushes, frontends close,
+ * backends close, domains go.
  */
 import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../blkback/index.js';
 import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST } from '../abi/index.js';
-import type { BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
+import { DEFAULT_BLKFRONT_OPTIONS, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import type { GuestExportSpec } from './guest-domain.js';
 import type { StorageSpec } from '../storage/index.js';
-import { MAX_DOMAINS } from '../xen/index.js';
+import { xvdName } from '../xenbus/index.js';
 import { DEFAULT_QUOTAS } from '../xenstore/index.js';
 import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
 
@@ -50,6 +51,19 @@ export function backendMemory(features: Partial<BlkbackOptions>, vbds: number): 
   return BACKEND_BASE_PAGES + vbds * (BACKEND_COPY_PAGES + (o.queueThreads ? o.maxQueues * perQueue : 0));
 }
 
+/** A guest's own pages besides its disks' (xenstore ring, slack). */
+export const GUEST_BASE_PAGES = 512;
+
+/**
+ * Memory for a guest holding `disks` disks attached with `frontend` options: each disk's page pool
+ * (blkfront's `bufferPages`) and room for its rings twice over (a reconnection allocates new
+ * rings while the old ones' pages may still be mapped by a backend that has not let go).
+ */
+export function guestMemory(frontend: Partial<BlkfrontOptions>, disks: number): number {
+  const o = { ...DEFAULT_BLKFRONT_OPTIONS, ...frontend };
+  return GUEST_BASE_PAGES + disks * (o.bufferPages + 2 * o.queues * (1 << o.ringPageOrder));
+}
+
 /** Backend features a migration may pick (`randomBackendFeatures`). */
 export function randomBackendFeatures(rand: () => number = Math.random): Partial<BlkbackOptions> {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
@@ -84,7 +98,8 @@ export class DiskExport {
   private constructor(
     readonly ts: Toolstack,
     backend: DomainProxy,
-    readonly guests: readonly DomainProxy[],
+    /** The guest holding every disk; the NBD server runs in its thread. */
+    readonly guest: DomainProxy,
     disks: GuestDisk[],
     readonly uri: string,
     /** Every address the NBD server listens on, in the order given. */
@@ -129,41 +144,36 @@ export class DiskExport {
 
   static async start(o: DiskExportOptions): Promise<DiskExport> {
     if (o.images.length === 0) throw new Error('nothing to serve: no image');
-    // A guest per image, dom0, the driver domain, and room for the next one while a migration
-    // hands over and for zombies whose grants are still mapped.
     // The driver domain owns every VBD's backend directory (about 25 nodes) and watches every
-    // frontend: raise xenstored's per-domain quotas with the VBD count, as a host with many
-    // disks per driver domain runs xenstored with larger -E and -W.
+    // frontend, and the guest owns every frontend directory and watches every backend: raise
+    // xenstored's per-domain quotas with the VBD count, as a host with many disks per domain
+    // runs xenstored with larger -E and -W.
     const n = o.images.length;
     const ts = await Toolstack.start({
       log: o.log,
-      maxDomains: Math.max(MAX_DOMAINS, n + 8),
       quotas: { nodesPerDomain: Math.max(DEFAULT_QUOTAS.nodesPerDomain, 200 + 40 * n), watchesPerDomain: Math.max(DEFAULT_QUOTAS.watchesPerDomain, 32 + 4 * n) },
     });
     try {
-      const backend = await ts.createBackendDomain('driver-domain', backendMemory(o.backendOptions ?? {}, o.images.length));
+      const backend = await ts.createBackendDomain('driver-domain', backendMemory(o.backendOptions ?? {}, n));
       o.progress?.(`driver domain ${backend.domid} started`);
-      const guests: DomainProxy[] = [];
+      const guest = await ts.createGuest('guest', guestMemory(o.frontendOptions ?? {}, n));
+      o.progress?.(`guest ${guest.domid} started`);
       const disks: GuestDisk[] = [];
-      for (let i = 0; i < o.images.length; i++) {
-        const guest = await ts.createGuest(`guest${i}`);
-        guests.push(guest);
+      for (let i = 0; i < n; i++) {
         const disk = await ts.plug({
           guest, backend, storage: o.images[i]!, readOnly: o.readOnly,
           backendOptions: o.backendOptions, frontendOptions: o.frontendOptions,
         });
         disks.push(disk);
-        o.progress?.(`vbd${i}: guest ${guest.domid} connected to ${disk.paths.backDir}`);
-        if (i > 0) ts.linkGuests(guests[0]!, guest, `vbd${i}`);
+        o.progress?.(`vbd${i}: ${xvdName(i)} of guest ${guest.domid} connected to ${disk.paths.backDir}`);
       }
       const exports: GuestExportSpec[] = disks.map((d, i) => ({
         name: `vbd${i}`,
-        description: `Xen PV disk of guest ${d.guest.domid} (${describe(d.info)})`,
+        description: `Xen PV disk ${xvdName(i)} of guest ${guest.domid} (${describe(d.info)})`,
         frontDir: d.paths.frontDir,
-        ...(i > 0 ? { remote: `vbd${i}`, info: d.info } : {}),
       }));
-      const { uri, addresses } = await guests[0]!.rpc.call<{ uri: string; addresses: NbdAddress[] }>('serveNbd', exports, o.listen, o.tls);
-      return new DiskExport(ts, backend, guests, disks, uri, addresses);
+      const { uri, addresses } = await guest.rpc.call<{ uri: string; addresses: NbdAddress[] }>('serveNbd', exports, o.listen, o.tls);
+      return new DiskExport(ts, backend, guest, disks, uri, addresses);
     } catch (e) {
       await ts.shutdown().catch(() => undefined);
       throw e;
@@ -172,7 +182,7 @@ export class DiskExport {
 
   async status(): Promise<DiskExportStatus> {
     const vbds = await Promise.all(this.disks.map(async (d, i) => ({ name: `vbd${i}`, backend: await d.backendStatus() })));
-    const nbd = await this.guests[0]!.rpc.call<NbdServerStats | undefined>('nbdStats');
+    const nbd = await this.guest.rpc.call<NbdServerStats | undefined>('nbdStats');
     return { vbds, nbd };
   }
 
@@ -180,7 +190,7 @@ export class DiskExport {
   stop(progress?: (step: string) => void): Promise<void> {
     this.stopping ??= (async () => {
       await this.moving;
-      await this.guests[0]!.rpc.call('stopNbd').catch(() => undefined);
+      await this.guest.rpc.call('stopNbd').catch(() => undefined);
       progress?.('NBD server stopped; in-flight requests finished');
       for (const [i, d] of this.disks.entries()) {
         await d.flush().catch(() => undefined);

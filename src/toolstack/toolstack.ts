@@ -6,7 +6,6 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { MessageChannel } from 'node:worker_threads';
 import type { BlkbackOptions } from '../blkback/index.js';
 import type { BlkfrontCounters, BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import { Hypervisor, type DomainHandle } from '../xen/index.js';
@@ -224,16 +223,6 @@ export class Toolstack {
     this.plugged.delete(disk);
     this.plugged.add(moved);
     return moved;
-  }
-
-  /**
-   * A private channel from `exporter` into `holder` under `name`: the exporter can then call the
-   * holder's disks (guest-domain's `attach-port`). Posted before any call that uses it, so ordered.
-   */
-  linkGuests(exporter: DomainProxy, holder: DomainProxy, name: string): void {
-    const { port1, port2 } = new MessageChannel();
-    holder.handle.worker.postMessage({ kind: 'attach-port', role: 'serve', port: port1 }, [port1]);
-    exporter.handle.worker.postMessage({ kind: 'attach-port', role: 'client', name, port: port2 }, [port2]);
   }
 
   /** @internal A disk was unplugged: the checked hypervisor's leak check at device close. */

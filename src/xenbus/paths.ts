@@ -30,8 +30,17 @@ export const XS_HOTPLUG_STATUS = 'hotplug-status';
 
 /**
  * A Linux-style `virtual-device` number for xvd disks (docs/misc/vbd-interface.txt): major 202,
- * 16 minors per disk, so xvda = 51712, xvdb = 51728.
+ * 16 minors per disk, so xvda = 51712, xvdb = 51728, up to xvdp; disks 16 onwards take the
+ * extended form `1 << 28 | disk << 8` (the 202 form has no room for them).
  */
 export function xvdVirtualDevice(disk: number): number {
-  return (202 << 8) | (disk << 4);
+  if (!Number.isInteger(disk) || disk < 0 || disk >= 1 << 20) throw new RangeError(`xvd disk ${disk}: 0..${(1 << 20) - 1}`);
+  return disk < 16 ? (202 << 8) | (disk << 4) : (1 << 28) | (disk << 8);
+}
+
+/** The disk's name in the guest, as Linux names it: xvda .. xvdz, xvdaa, ... */
+export function xvdName(disk: number): string {
+  let letters = '';
+  for (let n = disk + 1; n > 0; n = Math.floor((n - 1) / 26)) letters = String.fromCharCode(97 + ((n - 1) % 26)) + letters;
+  return `xvd${letters}`;
 }

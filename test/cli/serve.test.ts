@@ -139,7 +139,7 @@ test('a read-only export refuses writes; a Unix socket works', async () => {
   assert.ok(readFileSync(image).every((b) => b === 0), 'never written');
 });
 
-test('--vbds 2 exports vbd0 and vbd1 from two guests', async () => {
+test('--vbds 2 exports vbd0 and vbd1, disks xvda and xvdb of one guest', async () => {
   const data = join(tmp.dir, 'two');
   const s = await serve(['--port', '0', '--vbds', '2', '--size', '16M', '--data-dir', data]);
   try {
@@ -149,6 +149,10 @@ test('--vbds 2 exports vbd0 and vbd1 from two guests', async () => {
     const r0 = await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 1 0 64k', `${base}/vbd0`]);
     const r1 = await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 2 0 64k', `${base}/vbd1`]);
     assert.doesNotMatch(r0.stdout + r1.stdout, /fail/i);
+    const list = JSON.parse((await execFileP('nbdinfo', ['--list', '--json', s.uri])).stdout) as { exports: { 'export-name': string; description: string }[] };
+    const guests = list.exports.map((e) => /^Xen PV disk (xvd[a-z]+) of guest (\d+) /.exec(e.description)?.slice(1));
+    assert.deepEqual(guests.map((g) => g?.[0]), ['xvda', 'xvdb'], JSON.stringify(list.exports));
+    assert.equal(guests[0]![1], guests[1]![1], 'both in the same guest');
   } finally {
     assert.equal(await s.stop(), 0);
   }

@@ -11,7 +11,7 @@ import {
   xenbusMayMove,
   xenbusStateName,
 } from '../../src/xenbus/state.js';
-import { backendPath, frontendPath, xvdVirtualDevice } from '../../src/xenbus/paths.js';
+import { backendPath, frontendPath, xvdName, xvdVirtualDevice } from '../../src/xenbus/paths.js';
 
 test('xenbus.h state values', () => {
   assert.deepEqual(
@@ -46,4 +46,9 @@ test('device paths', () => {
   assert.equal(backendPath(0, 5, 51712), '/local/domain/0/backend/vbd/5/51712');
   assert.equal(xvdVirtualDevice(0), 51712);
   assert.equal(xvdVirtualDevice(1), 51728);
+  assert.equal(xvdVirtualDevice(15), (202 << 8) | (15 << 4), 'xvdp, the last of the 202 form');
+  assert.equal(xvdVirtualDevice(16), (1 << 28) | (16 << 8), 'xvdq: the extended form (vbd-interface.txt)');
+  assert.equal(xvdVirtualDevice(63), 268451584);
+  assert.throws(() => xvdVirtualDevice(1 << 20), RangeError);
+  assert.deepEqual([0, 1, 25, 26, 27, 63, 701, 702].map(xvdName), ['xvda', 'xvdb', 'xvdz', 'xvdaa', 'xvdab', 'xvdbl', 'xvdzz', 'xvdaaa']);
 });
