@@ -2,11 +2,11 @@
  * The script of a queue thread (a vCPU of the driver domain, see queue-thread.ts): opens its own
  * storage handle, connects one queue and serves it until told to stop.
  */
-import { performance } from 'node:perf_hooks';
 import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, abiByName } from '../abi/index.js';
 import { openStorage } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
 import { attachDomain } from '../xen/index.js';
+import { everyPeriod } from '../xenbus/periodic.js';
 import { sharedVbdCounters } from './counters.js';
 import { BouncePool } from './page-access.js';
 import { Queue, type QueueAccess } from './queue.js';
@@ -61,8 +61,7 @@ if ('why' in opened) {
   xen.dispose();
 } else {
   const { storage, queue, bounce } = opened;
-  const timer = d.housekeepingMs > 0 ? setInterval(() => queue.tick(performance.now()), d.housekeepingMs) : undefined;
-  timer?.unref();
+  const stopHousekeeping = d.housekeepingMs > 0 ? everyPeriod(d.housekeepingMs, (now) => queue.tick(now)) : undefined;
   port.on('message', (m: ToQueueThread) => {
     if (m.t === 'limits') {
       // The storage's size first, so that its own range check agrees with the new limits.
@@ -71,7 +70,7 @@ if ('why' in opened) {
         send({ t: 'limits', seq: m.seq });
       });
     } else if (m.t === 'stop') {
-      clearInterval(timer);
+      stopHousekeeping?.();
       void (async () => {
         await queue.stop();
         bounce?.dispose();

@@ -39,6 +39,7 @@ import {
   XenbusStateInitialised,
   XenbusStateInitialising,
   XenbusDevice,
+  everyPeriod,
   type XenbusState,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
@@ -78,7 +79,7 @@ export class Blkback {
   private readonly dev: XenbusDevice;
   private closed = false;
   private lastError: string | undefined;
-  private timer: NodeJS.Timeout | undefined;
+  private stopHousekeeping: (() => void) | undefined;
   private sectorsPublished = 0;
 
   private constructor(
@@ -292,13 +293,16 @@ export class Blkback {
 
   private threadsRefusedLogged = false;
 
-  /** Housekeeping while connected: purge idle persistent grants, notice a resized image. */
+  /**
+   * Housekeeping while connected: purge idle persistent grants, notice a resized image. On the
+   * thread's one timer for every VBD (everyPeriod), and the state queue is only entered when the
+   * size changed: an idle driver domain's cost hardly grows with its VBDs.
+   */
   private startTimer(): void {
     this.stopTimer();
     const every = this.options.housekeepingMs;
     if (every <= 0) return;
-    this.timer = setInterval(() => {
-      const now = performance.now();
+    this.stopHousekeeping = everyPeriod(every, (now) => {
       for (const q of this.conn?.local ?? []) q.tick(now);
       if (this.options.watchSize && !this.sizeChecking) {
         // The storage is asked outside the state queue: an NBD server may take seconds to answer,
@@ -306,18 +310,18 @@ export class Blkback {
         this.sizeChecking = true;
         // A storage that fails here is fatal (the state queue's catch), as any control-path error.
         void this.d.storage.refreshSize()
-          .then(() => this.dev.enqueue(() => this.checkSize()), (e: unknown) => this.dev.enqueue(() => Promise.reject(e)))
+          .then(() => (this.limits().sectors === this.sectorsPublished ? undefined : this.dev.enqueue(() => this.checkSize())),
+            (e: unknown) => this.dev.enqueue(() => Promise.reject(e)))
           .finally(() => { this.sizeChecking = false; });
       }
-    }, every);
-    this.timer.unref();
+    });
   }
 
   private sizeChecking = false;
 
   private stopTimer(): void {
-    clearInterval(this.timer);
-    this.timer = undefined;
+    this.stopHousekeeping?.();
+    this.stopHousekeeping = undefined;
   }
 
   /**

@@ -31,6 +31,7 @@ import {
   XenbusStateInitWait,
   XenbusStateInitialised,
   XenbusStateInitialising,
+  everyPeriod,
   waitForState,
   xenbusStateName,
   type XenbusState,
@@ -87,7 +88,8 @@ export class BlkfrontXenbus {
   private readonly dev: XenbusDevice;
   private backDir = '';
   private waitTimer: NodeJS.Timeout | undefined;
-  private purgeTimer: NodeJS.Timeout | undefined;
+  /** Ends this device's share of the thread's one purge timer (everyPeriod, as Linux's one blkfront_delay_work). */
+  private stopPurge: (() => void) | undefined;
   private connectedWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private brokenReason: string | undefined;
   private userClosing = false;
@@ -295,11 +297,9 @@ export class BlkfrontXenbus {
     this.log(`connected to ${this.backDir}: ${c.abi.protocol}, ${c.queues.length} queue(s) of ${c.queues[0]!.ring.size} slots, ` +
       `${c.indirect ? `indirect ${c.maxSegments}` : 'no indirect'} segments, ${c.persistent ? 'persistent grants' : 'grant per request'}, ${disk.sectors} sectors of ${disk.sectorSize}`);
     for (const w of this.connectedWaiters.splice(0)) w.resolve();
-    clearInterval(this.purgeTimer);
-    if (c.persistent && this.d.options.purgeIntervalMs > 0) {
-      this.purgeTimer = setInterval(() => this.purgePersistentGrants(), this.d.options.purgeIntervalMs);
-      this.purgeTimer.unref();
-    }
+    this.stopPurge?.();
+    this.stopPurge = c.persistent && this.d.options.purgeIntervalMs > 0
+      ? everyPeriod(this.d.options.purgeIntervalMs, () => this.purgePersistentGrants()) : undefined;
     this.io.pump();
   }
 
@@ -312,8 +312,8 @@ export class BlkfrontXenbus {
     const conn = this.conn;
     if (conn === undefined) return;
     this.conn = undefined;
-    clearInterval(this.purgeTimer);
-    this.purgeTimer = undefined;
+    this.stopPurge?.();
+    this.stopPurge = undefined;
     if (this.phase === 'connected') this.phase = 'connecting';
     const { again, held, ringLeaked } = releaseConnection(conn, this.d.xen, this.d.pool);
     if (ringLeaked > 0) this.log(`backend still maps the ring: ${ringLeaked} page(s) not reused`);
@@ -391,7 +391,8 @@ export class BlkfrontXenbus {
     this.phase = 'closed';
     this.failAll(new BlkfrontError('ESHUTDOWN', 'device closed'));
     clearTimeout(this.waitTimer);
-    clearInterval(this.purgeTimer);
+    this.stopPurge?.();
+    this.stopPurge = undefined;
     // The last chance to end grants a backend kept mapped: one that has let go since gets them
     // ended now, so nothing stays granted to it once we are gone.
     this.d.pool.retryStuck();

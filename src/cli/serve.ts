@@ -253,15 +253,19 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   process.on('SIGUSR2', migrate);
   const mover = o.migrateEvery !== undefined ? setInterval(migrate, o.migrateEvery * 1000) : undefined;
 
+  // The counters are read only for someone: the live line on a terminal every second, a JSON
+  // status record every 5 s (rates over those 5 s); plain lines to a file or pipe have no status.
   const meter = new RateMeter();
-  let ticks = 0;
-  const timer = setInterval(() => {
+  const statusEvery = tty ? 1000 : json ? 5000 : 0;
+  const timer = statusEvery === 0 ? undefined : setInterval(() => {
     void exp.status().then((s) => {
       const r = meter.sample(s);
       if (tty) process.stderr.write(`${clearLine()}${formatRates(r)}`);
-      else if (json && ++ticks % 5 === 0) jlog!.info({ ...r }, 'status');
+      else jlog!.info({ ...r }, 'status');
     }, () => undefined);
-  }, 1000);
+  }, statusEvery);
+  // The first record's rates then cover its whole period.
+  if (timer !== undefined) void exp.status().then((s) => meter.sample(s), () => undefined);
 
   let unwatch: (() => void) | undefined;
   await new Promise<void>((done) => {

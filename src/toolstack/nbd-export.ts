@@ -181,7 +181,16 @@ export class DiskExport {
   }
 
   async status(): Promise<DiskExportStatus> {
-    const vbds = await Promise.all(this.disks.map(async (d, i) => ({ name: `vbd${i}`, backend: await d.backendStatus() })));
+    // One call per driver domain (two while a migration moves the disks), not one per VBD.
+    const disks = this.disks;
+    const byBackend = new Map<DomainProxy, number[]>();
+    for (const [i, d] of disks.entries()) byBackend.set(d.backend, [...(byBackend.get(d.backend) ?? []), i]);
+    const backend: BackendVbdStatus[] = new Array(disks.length);
+    await Promise.all([...byBackend].map(async ([be, idx]) => {
+      const got = await be.rpc.call<BackendVbdStatus[]>('statuses', idx.map((i) => disks[i]!.paths.backDir));
+      idx.forEach((i, k) => { backend[i] = got[k]!; });
+    }));
+    const vbds = backend.map((b, i) => ({ name: `vbd${i}`, backend: b }));
     const nbd = await this.guest.rpc.call<NbdServerStats | undefined>('nbdStats');
     return { vbds, nbd };
   }

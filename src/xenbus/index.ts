@@ -3,3 +3,4 @@ export * from './paths.js';
 export * from './xenbus.js';
 export * from './xenstore-link.js';
 export * from './device.js';
+export * from './periodic.js';
