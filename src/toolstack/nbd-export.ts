@@ -12,6 +12,7 @@ import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig }
 import type { BackendVbdStatus } from './backend-domain.js';
 import type { GuestExportSpec } from './guest-domain.js';
 import type { StorageSpec } from '../storage/index.js';
+import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../xen/index.js';
 import { xvdName } from '../xenbus/index.js';
 import { DEFAULT_QUOTAS } from '../xenstore/index.js';
 import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
@@ -54,14 +55,34 @@ export function backendMemory(features: Partial<BlkbackOptions>, vbds: number): 
 /** A guest's own pages besides its disks' (xenstore ring, slack). */
 export const GUEST_BASE_PAGES = 512;
 
+/** Grant entries a guest keeps for itself beside its disks' (the reserved ones and slack). */
+const GUEST_OWN_GRANTS = GNTTAB_NR_RESERVED_ENTRIES + 56;
+
+/** Ring pages of one disk, twice over (a reconnection grants new rings while a backend may still map the old). */
+function ringPages(o: BlkfrontOptions): number {
+  return 2 * o.queues * (1 << o.ringPageOrder);
+}
+
 /**
- * Memory for a guest holding `disks` disks attached with `frontend` options: each disk's page pool
- * (blkfront's `bufferPages`) and room for its rings twice over (a reconnection allocates new
- * rings while the old ones' pages may still be mapped by a backend that has not let go).
+ * The frontend options of each of `disks` disks sharing one guest: every page of a disk's pool
+ * may hold a grant (a persistent one stays while the backend maps it), and the guest has one
+ * grant table (NR_GRANT_ENTRIES, Xen's max_grant_frames), so the pools share it instead of
+ * each taking the default 8192 pages: a disk then never fails for want of a grant another disk
+ * holds. One disk keeps the default; 16 get about 2040 pages (8 MiB in flight) each.
+ */
+export function sharedFrontendOptions(frontend: Partial<BlkfrontOptions>, disks: number): Partial<BlkfrontOptions> {
+  const o = { ...DEFAULT_BLKFRONT_OPTIONS, ...frontend };
+  const share = Math.floor((NR_GRANT_ENTRIES - GUEST_OWN_GRANTS) / disks) - ringPages(o);
+  return { ...frontend, bufferPages: Math.max(16, Math.min(o.bufferPages, share)) };
+}
+
+/**
+ * Memory for a guest holding `disks` disks attached with `frontend` options: each disk's page
+ * pool (blkfront's `bufferPages`) and its rings.
  */
 export function guestMemory(frontend: Partial<BlkfrontOptions>, disks: number): number {
   const o = { ...DEFAULT_BLKFRONT_OPTIONS, ...frontend };
-  return GUEST_BASE_PAGES + disks * (o.bufferPages + 2 * o.queues * (1 << o.ringPageOrder));
+  return GUEST_BASE_PAGES + disks * (o.bufferPages + ringPages(o));
 }
 
 /** Backend features a migration may pick (`randomBackendFeatures`). */
@@ -156,13 +177,14 @@ export class DiskExport {
     try {
       const backend = await ts.createBackendDomain('driver-domain', backendMemory(o.backendOptions ?? {}, n));
       o.progress?.(`driver domain ${backend.domid} started`);
-      const guest = await ts.createGuest('guest', guestMemory(o.frontendOptions ?? {}, n));
+      const frontendOptions = sharedFrontendOptions(o.frontendOptions ?? {}, n);
+      const guest = await ts.createGuest('guest', guestMemory(frontendOptions, n));
       o.progress?.(`guest ${guest.domid} started`);
       const disks: GuestDisk[] = [];
       for (let i = 0; i < n; i++) {
         const disk = await ts.plug({
           guest, backend, storage: o.images[i]!, readOnly: o.readOnly,
-          backendOptions: o.backendOptions, frontendOptions: o.frontendOptions,
+          backendOptions: o.backendOptions, frontendOptions,
         });
         disks.push(disk);
         o.progress?.(`vbd${i}: ${xvdName(i)} of guest ${guest.domid} connected to ${disk.paths.backDir}`);
