@@ -1,8 +1,8 @@
 /**
  * `blkif serve [IMAGE...]`: the emulated Xen, a driver domain serving each image as a VBD, one
  * guest holding every VBD as a disk (xvda, xvdb, ...), and an NBD server in that guest exporting
- * its disks to qemu-img, qemu-io, nbdcopy, fio and friends. Every byte goes through blkfront, grants, the ring
- * and blkback. Ctrl-C or SIGTERM stops in order; a second Ctrl-C forces the exit.
+ * its disks to qemu-img, qemu-io, nbdcopy, fio and friends. Every byte goes through blkfront,
+ * grants, the ring and blkback. Ctrl-C or SIGTERM stops in order; a second Ctrl-C forces the exit.
  *
  * As a service (nbdkit's conventions): --tls with PSK or X.509, --bind (repeatable), systemd
  * socket activation, --pid-file, --exit-with-parent, --log to a file.

@@ -100,4 +100,3 @@ const handlers: RpcHandlers = {
   },
 };
 serveRpc(parentPort!, handlers);
-
