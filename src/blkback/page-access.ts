@@ -278,11 +278,7 @@ export class BouncePool {
     const want = Math.min(this.limit - this.owned.length, Math.max(short, BOUNCE_CHUNK));
     if (want <= 0) return;
     // Out of the domain's memory: take what is left, and grow no further.
-    const left = this.xen.memory.freePages;
-    let got: number[] = [];
-    try {
-      if (left > 0) got = this.xen.memory.alloc(Math.min(want, left));
-    } catch { /* the domain is going: no memory to add */ }
+    const got = this.xen.memory.allocUpTo(want);
     if (got.length < want) this.limit = this.owned.length + got.length;
     this.owned.push(...got);
     this.free.push(...got);

@@ -49,12 +49,8 @@ export class PagePool {
     const room = this.limit - this.owned.length;
     if (room <= 0) return false;
     const want = Math.min(room, Math.max(short, GROW_CHUNK));
-    // Out of guest memory: take what is left, and grow no further.
-    const left = this.xen.memory.freePages;
-    let got: number[] = [];
-    try {
-      if (left > 0) got = this.xen.memory.alloc(Math.min(want, left));
-    } catch { /* the domain is going: no memory to add */ }
+    // Out of the domain's memory: take what is left, and grow no further.
+    const got = this.xen.memory.allocUpTo(want);
     if (got.length < want) this.limit = this.owned.length + got.length;
     for (const f of got) {
       const page = this.xen.memory.page(f);

@@ -201,6 +201,20 @@ export class DomainMemory {
     return false;
   }
 
+  /**
+   * Allocates up to `count` frames: as many as are left when fewer are (pools that grow as the
+   * load asks take what the domain still has, then grow no further); none once the domain is going.
+   */
+  allocUpTo(count: number): number[] {
+    const n = Math.min(count, this.freePages);
+    if (n <= 0) return [];
+    try {
+      return this.alloc(n);
+    } catch {
+      return []; // the domain is going: no memory to add
+    }
+  }
+
   /** Checked mode: told of a frame freed while granted (the free is refused either way). */
   private onGrantedFree: ((frame: number) => void) | undefined;
 
