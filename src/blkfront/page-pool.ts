@@ -22,6 +22,12 @@ export class PagePool {
    * yet. `pooled`: one of the pool's pages (else a ring page, the domain's once set free).
    */
   private readonly stuck = new Map<number, { readonly ref: number; readonly pooled: boolean }>();
+  /**
+   * Pages a finished read lent to its caller (Blkfront.readPages), by frame: neither free nor on
+   * a request until the caller gives them back (`giveBack`).
+   */
+  private readonly onLoan = new Set<number>();
+  private disposed = false;
 
   constructor(private readonly xen: XenDomain, count: number) {
     if (!Number.isInteger(count) || count < 1) throw new RangeError(`pool of ${count} pages`);
@@ -93,7 +99,8 @@ export class PagePool {
     for (const [frame, s] of this.stuck) {
       if (!this.xen.grants.endAccess(s.ref)) continue;
       this.stuck.delete(frame);
-      if (s.pooled) this.free.push(frame);
+      // A page on loan comes back with giveBack.
+      if (s.pooled) { if (!this.onLoan.has(frame)) this.free.push(frame); }
       else this.xen.memory.free([frame]);
       n++;
     }
@@ -117,6 +124,29 @@ export class PagePool {
     this.free.push(frame);
   }
 
+  /** Lends an answered read's page to the I/O's caller (out of the pool until `giveBack`). */
+  lend(frame: number): void {
+    this.onLoan.add(frame);
+  }
+
+  /**
+   * A lent page comes back: free again, unless its grant could not be ended meanwhile (it waits
+   * in the stuck list, as any page a backend still maps) or the pool was disposed (the page goes
+   * back to the domain).
+   */
+  giveBack(frame: number): void {
+    if (!this.onLoan.delete(frame) || this.stuck.has(frame)) return;
+    if (!this.disposed) {
+      this.free.push(frame);
+      return;
+    }
+    this.views.delete(frame);
+    this.dataViews.delete(frame);
+    const i = this.owned.indexOf(frame);
+    if (i >= 0) this.owned.splice(i, 1);
+    this.xen.memory.free([frame]);
+  }
+
   /** Takes a frame out of use for good (the backend kept it mapped). */
   retire(frame: number): void {
     const i = this.free.lastIndexOf(frame);
@@ -131,8 +161,9 @@ export class PagePool {
     return this.dataViews.get(frame)!;
   }
 
-  /** Returns every frame that is not leaked to the domain's allocator. */
+  /** Returns every frame that is not leaked to the domain's allocator (a lent one once given back). */
   dispose(): void {
+    this.disposed = true;
     const back = new Set(this.free.splice(0));
     this.xen.memory.free([...back]);
     const kept = this.owned.filter((f) => !back.has(f));
