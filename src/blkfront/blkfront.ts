@@ -13,6 +13,7 @@
  * A new request kind: its `IoKind` and check in io.ts, its method here, its operation and
  * encoding in request.ts, its answer in data-path.ts `complete`, its feature in negotiate.ts.
  */
+import { XEN_PAGE_SIZE } from '../abi/index.js';
 import type { XenbusState } from '../xenbus/index.js';
 import { DataPath } from './data-path.js';
 import { checkIo, newBlkfrontCounters, type BlkfrontCounters, type IoKind } from './io.js';
@@ -23,6 +24,12 @@ import { BlkfrontXenbus, type BlkfrontDeps, type DeviceInfo } from './xenbus.js'
 export type { BlkfrontDeps, DeviceInfo } from './xenbus.js';
 
 export { BlkfrontError, type BlkfrontErrorCode, type BlkfrontCounters, type HeldRequest } from './io.js';
+
+/** Pages a read lends its caller (Blkfront.readPages): the data in order, and how to give them back. */
+export interface LentPages {
+  readonly pages: readonly Uint8Array[];
+  release(): void;
+}
 
 export class Blkfront {
   readonly counters: BlkfrontCounters = newBlkfrontCounters();
@@ -109,6 +116,32 @@ export class Blkfront {
     return this.submit('read', offset, buf.length, buf, false);
   }
 
+  /**
+   * Reads `length` bytes without copying them out of the pages the backend filled: resolves to
+   * those pages (the last one cut to the length) on loan to the caller, who reads them and calls
+   * `release` once done — until then they carry no other request, so a caller that never releases
+   * starves the device. Release once; later calls do nothing.
+   */
+  readPages(offset: number, length: number): Promise<LentPages> {
+    const lent = new Array<number>(Math.ceil(length / XEN_PAGE_SIZE)).fill(-1);
+    return this.submit('read', offset, length, undefined, false, lent).then(() => {
+      const pages = lent.map((f, i) => {
+        const page = this.pool.page(f);
+        const rest = length - i * XEN_PAGE_SIZE;
+        return rest >= XEN_PAGE_SIZE ? page : page.subarray(0, rest);
+      });
+      let released = false;
+      return {
+        pages,
+        release: () => {
+          if (released) return;
+          released = true;
+          this.io.giveBack(lent);
+        },
+      };
+    });
+  }
+
   write(offset: number, data: Uint8Array): Promise<void> {
     return this.submit('write', offset, data.length, data, false);
   }
@@ -137,12 +170,12 @@ export class Blkfront {
     return this.closing;
   }
 
-  private submit(kind: IoKind, offset: number, length: number, buf: Uint8Array | undefined, secure: boolean): Promise<void> {
+  private submit(kind: IoKind, offset: number, length: number, buf: Uint8Array | undefined, secure: boolean, lent?: number[]): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       const bad = checkIo(kind, offset, length, this.ctl.gate);
       if (bad !== undefined) return reject(bad);
       if (length === 0 && kind !== 'flush') return resolve();
-      this.io.submit({ kind, offset, length, buf, secure, doneBytes: 0, failed: false, resolve, reject });
+      this.io.submit({ kind, offset, length, buf, lent, secure, doneBytes: 0, failed: false, resolve, reject });
     });
   }
 }

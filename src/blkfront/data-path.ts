@@ -211,7 +211,16 @@ export class DataPath {
       this.finish(op, new BlkfrontError('EIO', `backend misbehaved: ${why}`));
       return;
     }
-    if (status === BLKIF_RSP_OKAY && op.kind === 'read' && !op.failed) {
+    if (status === BLKIF_RSP_OKAY && op.lent !== undefined && !op.failed) {
+      // Lent, not copied: the caller gets the pages themselves and gives them back (giveBack).
+      const first = c.start / XEN_PAGE_SIZE;
+      for (let i = 0; i < s.frames.length; i++) {
+        const f = s.frames[i]!;
+        pool.lend(f);
+        op.lent[first + i] = f;
+        s.frames[i] = -1;
+      }
+    } else if (status === BLKIF_RSP_OKAY && op.kind === 'read' && !op.failed) {
       const buf = op.buf!;
       for (let i = 0; i < s.frames.length; i++) {
         const at = c.start + i * XEN_PAGE_SIZE;
@@ -242,6 +251,8 @@ export class DataPath {
     if (!op.failed) {
       if (err !== undefined) {
         op.failed = true;
+        // Pages already lent by this read's answered requests: the caller never sees them.
+        if (op.lent !== undefined) this.giveBack(op.lent);
         op.reject(err);
       } else {
         op.doneBytes = op.length;
@@ -249,6 +260,16 @@ export class DataPath {
       }
     }
     this.wakeDrained();
+  }
+
+  /**
+   * Pages a read lent (`IoOp.lent`) come back: free for requests again, and queued I/O waiting
+   * for pages is issued. Each frame once: the list is emptied.
+   */
+  giveBack(frames: number[]): void {
+    for (const f of frames) if (f >= 0) this.d.pool.giveBack(f);
+    frames.fill(-1);
+    this.pump();
   }
 
   /** Fails every I/O queued or in flight, and wakes close() (nothing it waits for will come). */

@@ -89,21 +89,27 @@ export class GrantPerRequest implements GrantPolicy {
 
 export class PersistentGrants implements GrantPolicy {
   readonly persistent = true;
-  /** Persistent grants by frame. */
-  private readonly byFrame = new Map<number, number>();
+  /**
+   * Persistent grants by frame, -1 or a hole for none: a dense array, as the pool's views (a
+   * lookup per page of every request). Walked through the pool's frames, every one of them.
+   */
+  private readonly refs: number[] = [];
+  private count = 0;
 
   constructor(private readonly d: GrantDeps) {}
 
   get kept(): number {
-    return this.byFrame.size;
+    return this.count;
   }
 
   /** The page's lasting writable grant, made on first use. */
   grant(frame: number, _readOnly: boolean): number {
-    const ref = this.byFrame.get(frame);
-    if (ref !== undefined) return ref;
+    const ref = this.refs[frame];
+    if (ref !== undefined && ref >= 0) return ref;
     const made = grantPage(this.d, frame, false, true);
-    this.byFrame.set(frame, made);
+    while (this.refs.length <= frame) this.refs.push(-1);
+    this.refs[frame] = made;
+    this.count++;
     return made;
   }
 
@@ -113,13 +119,14 @@ export class PersistentGrants implements GrantPolicy {
   }
 
   purge(): number {
-    if (this.byFrame.size === 0) return 0;
+    if (this.count === 0) return 0;
     const free = new Set(this.d.pool.freeFrames());
     let n = 0;
-    for (const [frame, ref] of this.byFrame) {
+    for (const frame of this.granted()) {
       // A page lent to a request keeps its grant; one the backend still maps cannot be ended.
-      if (!free.has(frame) || !this.d.xen.grants.endAccess(ref)) continue;
-      this.byFrame.delete(frame);
+      if (!free.has(frame) || !this.d.xen.grants.endAccess(this.refs[frame]!)) continue;
+      this.refs[frame] = -1;
+      this.count--;
       n++;
     }
     return n;
@@ -127,10 +134,22 @@ export class PersistentGrants implements GrantPolicy {
 
   /** Persistent grants end with the connection; a page the backend still maps waits in the pool's stuck list. */
   endAll(): void {
-    for (const [frame, ref] of this.byFrame) {
+    for (const frame of this.granted()) {
+      const ref = this.refs[frame]!;
+      this.refs[frame] = -1;
       if (this.d.xen.grants.endAccess(ref)) continue;
       this.d.pool.stick(frame, ref);
     }
-    this.byFrame.clear();
+    this.count = 0;
+  }
+
+  /** The frames holding a persistent grant now (a copy: the caller may end them). */
+  private granted(): number[] {
+    const out: number[] = [];
+    for (const f of this.d.pool.frames) {
+      const ref = this.refs[f];
+      if (ref !== undefined && ref >= 0) out.push(f);
+    }
+    return out;
   }
 }

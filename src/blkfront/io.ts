@@ -54,6 +54,11 @@ export interface IoOp {
   offset: number;
   length: number;
   buf: Uint8Array | undefined;
+  /**
+   * A read whose pages are lent to the caller instead of copied into `buf` (Blkfront.readPages):
+   * the frame of each page of the I/O, by page index, -1 until its request is answered.
+   */
+  lent?: number[];
   secure: boolean;
   doneBytes: number;
   failed: boolean;

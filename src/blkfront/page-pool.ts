@@ -11,8 +11,13 @@ export const GROW_CHUNK = 64;
 
 export class PagePool {
   private readonly free: number[] = [];
-  private readonly views = new Map<number, Uint8Array>();
-  private readonly dataViews = new Map<number, DataView>();
+  /**
+   * Views by frame number (dense arrays: a lookup per page of every request; a Map's hashing
+   * showed in the profiles of 1 MiB requests). Holes are filled in order, so that the arrays
+   * stay fast however high the pool's first frame.
+   */
+  private readonly views: (Uint8Array | undefined)[] = [];
+  private readonly dataViews: (DataView | undefined)[] = [];
   private readonly owned: number[] = [];
   /** The most pages the pool holds: its size, or fewer once the domain ran out of memory. */
   private limit: number;
@@ -22,6 +27,12 @@ export class PagePool {
    * yet. `pooled`: one of the pool's pages (else a ring page, the domain's once set free).
    */
   private readonly stuck = new Map<number, { readonly ref: number; readonly pooled: boolean }>();
+  /**
+   * Pages a finished read lent to its caller (Blkfront.readPages), by frame: neither free nor on
+   * a request until the caller gives them back (`giveBack`).
+   */
+  private readonly onLoan: number[] = [];
+  private disposed = false;
 
   constructor(private readonly xen: XenDomain, count: number) {
     if (!Number.isInteger(count) || count < 1) throw new RangeError(`pool of ${count} pages`);
@@ -54,8 +65,13 @@ export class PagePool {
     if (got.length < want) this.limit = this.owned.length + got.length;
     for (const f of got) {
       const page = this.xen.memory.page(f);
-      this.views.set(f, page);
-      this.dataViews.set(f, new DataView(page.buffer, page.byteOffset, page.byteLength));
+      while (this.views.length <= f) {
+        this.views.push(undefined);
+        this.dataViews.push(undefined);
+        this.onLoan.push(0);
+      }
+      this.views[f] = page;
+      this.dataViews[f] = new DataView(page.buffer, page.byteOffset, page.byteLength);
       this.owned.push(f);
       this.free.push(f);
     }
@@ -89,7 +105,8 @@ export class PagePool {
     for (const [frame, s] of this.stuck) {
       if (!this.xen.grants.endAccess(s.ref)) continue;
       this.stuck.delete(frame);
-      if (s.pooled) this.free.push(frame);
+      // A page on loan comes back with giveBack.
+      if (s.pooled) { if (this.onLoan[frame] !== 1) this.free.push(frame); }
       else this.xen.memory.free([frame]);
       n++;
     }
@@ -113,6 +130,31 @@ export class PagePool {
     this.free.push(frame);
   }
 
+  /** Lends an answered read's page to the I/O's caller (out of the pool until `giveBack`). */
+  lend(frame: number): void {
+    this.onLoan[frame] = 1;
+  }
+
+  /**
+   * A lent page comes back: free again, unless its grant could not be ended meanwhile (it waits
+   * in the stuck list, as any page a backend still maps) or the pool was disposed (the page goes
+   * back to the domain).
+   */
+  giveBack(frame: number): void {
+    if (this.onLoan[frame] !== 1) return;
+    this.onLoan[frame] = 0;
+    if (this.stuck.size > 0 && this.stuck.has(frame)) return;
+    if (!this.disposed) {
+      this.free.push(frame);
+      return;
+    }
+    this.views[frame] = undefined;
+    this.dataViews[frame] = undefined;
+    const i = this.owned.indexOf(frame);
+    if (i >= 0) this.owned.splice(i, 1);
+    this.xen.memory.free([frame]);
+  }
+
   /** Takes a frame out of use for good (the backend kept it mapped). */
   retire(frame: number): void {
     const i = this.free.lastIndexOf(frame);
@@ -120,21 +162,22 @@ export class PagePool {
   }
 
   page(frame: number): Uint8Array {
-    return this.views.get(frame)!;
+    return this.views[frame]!;
   }
 
   view(frame: number): DataView {
-    return this.dataViews.get(frame)!;
+    return this.dataViews[frame]!;
   }
 
-  /** Returns every frame that is not leaked to the domain's allocator. */
+  /** Returns every frame that is not leaked to the domain's allocator (a lent one once given back). */
   dispose(): void {
+    this.disposed = true;
     const back = new Set(this.free.splice(0));
     this.xen.memory.free([...back]);
     const kept = this.owned.filter((f) => !back.has(f));
     for (const f of back) {
-      this.views.delete(f);
-      this.dataViews.delete(f);
+      this.views[f] = undefined;
+      this.dataViews[f] = undefined;
     }
     this.owned.splice(0, this.owned.length, ...kept);
   }

@@ -26,6 +26,12 @@ export interface NbdExportDevice {
    * into buffers it reuses once their reply is on the socket (no fresh buffer per read).
    */
   readInto?(offset: number, buf: Uint8Array): Promise<void>;
+  /**
+   * Optional, preferred over both reads: the data in the device's own buffers, lent until
+   * `release` (the server calls it once the socket is done with them, sent or not), so a read
+   * is not copied before the socket copies it.
+   */
+  readPages?(offset: number, length: number): Promise<{ readonly pages: readonly Uint8Array[]; release(): void }>;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Makes every completed write durable. */
   flush(): Promise<void>;

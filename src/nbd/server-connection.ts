@@ -231,11 +231,14 @@ export class Connection {
    * done: the requests one notification completes are answered in one writev, not one each.
    */
   private send(...parts: Uint8Array[]): boolean {
-    return this.sendThen(undefined, ...parts);
+    return this.sendThen(undefined, false, ...parts);
   }
 
-  /** `send`, and `written` once the socket has taken the last part (in transmission only). */
-  private sendThen(written: (() => void) | undefined, ...parts: Uint8Array[]): boolean {
+  /**
+   * `send`, and `written` once the socket has taken the last part (in transmission only); with
+   * `always`, also once that write failed (the socket is done with the parts either way).
+   */
+  private sendThen(written: (() => void) | undefined, always: boolean, ...parts: Uint8Array[]): boolean {
     const s = this.socket;
     if (this.gone || s.destroyed || s.writableEnded) return false;
     if (this.phase === 'transmission') {
@@ -250,7 +253,7 @@ export class Connection {
       for (let i = 0; i <= last; i++) {
         const p = parts[i]!;
         // A write that fails (the socket destroyed) never gives its buffer back: it is dropped.
-        if (i === last && written !== undefined) s.write(p, (err) => { if (err == null) written(); });
+        if (i === last && written !== undefined) s.write(p, (err) => { if (err == null || always) written(); });
         else if (p.length > 0) s.write(p);
       }
       return true;
@@ -611,6 +614,13 @@ export class Connection {
     try {
       switch (req.command) {
         case NBD_CMD_READ: {
+          if (length > 0 && dev.readPages !== undefined) {
+            const { pages, release } = await dev.readPages(offset, length);
+            stat.bytesRead += length;
+            // The pages go back once the socket is done with the reply, or at once if it is not sent.
+            this.answerRead(req, pages, release, true);
+            return;
+          }
           if (length > 0 && dev.readInto !== undefined) {
             const buf = this.readBuffers.take(length);
             try {
@@ -665,17 +675,26 @@ export class Connection {
     }
   }
 
-  /** `written`: called once the socket is done with `data` (not at all if the reply is not sent). */
-  private answerRead(req: RequestMessage, data: Uint8Array, written?: () => void): void {
+  /**
+   * `data`: one buffer, or the pieces of the read in order. `written`: called once the socket is
+   * done with `data` — with `always`, also when the write failed or the reply was not sent (lent
+   * pages must come back); without, not then (a reused buffer is simply dropped).
+   */
+  private answerRead(req: RequestMessage, data: Uint8Array | readonly Uint8Array[], written?: () => void, always = false): void {
+    const parts = data instanceof Uint8Array ? [data] : data;
+    let length = 0;
+    for (const p of parts) length += p.length;
+    let sent: boolean;
     if (!this.structured) {
-      this.sendThen(written, encodeSimpleReply(0, req.handle), data);
-    } else if (data.length === 0) {
-      this.sendThen(written, encodeStructuredNone(req.handle));
+      sent = this.sendThen(written, always, encodeSimpleReply(0, req.handle), ...parts);
+    } else if (length === 0) {
+      sent = this.sendThen(written, always, encodeStructuredNone(req.handle));
     } else {
       // One content chunk covering the whole read, marked final: the data is all here, so no
       // error can follow it (and NBD_CMD_FLAG_DF is satisfied whatever the length).
-      this.sendThen(written, encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, req.handle, req.offset, data.length), data);
+      sent = this.sendThen(written, always, encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, req.handle, req.offset, length), ...parts);
     }
+    if (!sent && always) written?.();
   }
 
   private answerError(req: RequestMessage, errno: number, message: string): void {

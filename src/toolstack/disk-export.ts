@@ -33,6 +33,10 @@ export function exportDevice(f: Blkfront): NbdExportDevice {
       aligned(offset, buf.length);
       return f.readInto(offset, buf);
     },
+    readPages(offset: number, length: number) {
+      aligned(offset, length);
+      return f.readPages(offset, length);
+    },
     write(offset, data) {
       aligned(offset, data.length);
       return f.write(offset, data);

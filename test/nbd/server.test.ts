@@ -791,3 +791,81 @@ describe('reads into reused buffers (a device with readInto)', () => {
     assert.deepEqual(d.data, dev.bytes.subarray(4096, 8192));
   });
 });
+
+describe('reads lent by the device (a device with readPages)', () => {
+  /** A MemoryDevice that lends each read as 4 KiB pieces and counts the loans not yet released. */
+  class LendingDevice extends MemoryDevice {
+    out = 0;
+    lent = 0;
+    readPages(offset: number, length: number): Promise<{ pages: Uint8Array[]; release(): void }> {
+      return this.read(offset, length).then((b) => {
+        const pages: Uint8Array[] = [];
+        // Fresh copies: what the socket sends must be these pieces, in order.
+        for (let at = 0; at < length; at += 4096) pages.push(b.slice(at, Math.min(length, at + 4096)));
+        this.out++;
+        this.lent++;
+        let released = false;
+        return { pages, release: () => { assert.equal(released, false, 'released once'); released = true; this.out--; } };
+      });
+    }
+  }
+  let server: NbdServer;
+  let dev: LendingDevice;
+  let port: number;
+  before(async () => {
+    dev = new LendingDevice(8 * MiB);
+    dev.bytes.set(randomBytes(8 * MiB, 43));
+    server = new NbdServer({ exports: [{ name: 'disk', device: dev }] });
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    port = (addr as { port: number }).port;
+  });
+  after(() => server.close());
+
+  for (const structured of [true, false]) {
+    test(`pipelined reads are the lent pieces in order, and every loan is released (${structured ? 'structured' : 'simple'} replies)`, async () => {
+      const c = await RawClient.connect({ port });
+      clients.push(c);
+      await c.go('disk', { structured });
+      const l0 = dev.lent;
+      const lens = [4096, 64 * 1024 + 512, MiB, 512, 3 * 4096];
+      for (let r = 0; r < 4; r++) {
+        const byHandle = new Map(lens.map((len, i) => {
+          const off = ((r * lens.length + i) * 131072) % (7 * MiB);
+          return [c.request(NBD_CMD_READ, off, len), [off, len] as const];
+        }));
+        for (let i = 0; i < lens.length; i++) {
+          let handle: bigint;
+          let data: Uint8Array;
+          if (structured) {
+            const m = await chunk(c);
+            handle = m.handle;
+            data = decodeOffsetData(m.payload)!.data;
+          } else {
+            const m = await simple(c);
+            handle = m.handle;
+            assert.equal(m.error, 0);
+            data = m.data!;
+          }
+          const [off, len] = byHandle.get(handle)!;
+          assert.deepEqual(data, dev.bytes.subarray(off, off + len), `read of ${len} at ${off}`);
+        }
+      }
+      assert.equal(dev.lent - l0, 4 * lens.length, 'every read went through readPages');
+      await until(() => dev.out === 0, 5000, 'every loan released');
+    });
+  }
+
+  test('a client that goes away with replies unsent: every loan is released still', async () => {
+    const c = await RawClient.connect({ port });
+    clients.push(c);
+    await c.go('disk', { structured: true });
+    const l0 = dev.lent;
+    c.socket.pause();
+    for (let i = 0; i < 16; i++) c.request(NBD_CMD_READ, (i % 8) * MiB, MiB);
+    await until(() => dev.lent - l0 === 16, 5000, 'all 16 reads lent');
+    await sleep(50);
+    assert.ok(dev.out > 0, 'replies wait behind the paused socket, their pages on loan');
+    c.socket.destroy();
+    await until(() => dev.out === 0, 5000, 'every loan released once the socket is gone');
+  });
+});
