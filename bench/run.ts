@@ -1,14 +1,17 @@
 /**
  * `npm run bench` (`--quick` for a short run, `--json` for one JSON document, `--out DIR`,
- * `--only SECTION,...` for some sections, e.g. `--only nbd,scaling`): the
+ * `--only SECTION,...` for some sections, e.g. `--only nbd,scaling`; `--render RESULTS.json` writes
+ * bench/REPORT.md again from a run's saved results, measuring nothing): the
  * protocol harness (bench/harness/: development code, not shipped in the package) plus the
  * micro-benchmarks (wire format and ring, the emulated Xen, xenstore). Reports go to bench/results/<timestamp>/ and the latest
  * is copied to bench/REPORT.md (charts in bench/report/). Benchmarks assert nothing about speed.
  */
+import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { writeReport } from './harness/report.js';
 import { runBench } from './harness/run.js';
-import { SECTIONS, type Section } from './harness/types.js';
+import { SECTIONS, type BenchDocument, type Section } from './harness/types.js';
 import { benchRing } from './ring.js';
 import { benchXen } from './xen.js';
 import { benchXenstore } from './xenstore.js';
@@ -20,6 +23,7 @@ const argv = process.argv.slice(2);
 let out = resolve(benchDir, 'results');
 const flags = new Set<string>();
 let only: Section[] | undefined;
+let render: string | undefined;
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i]!;
   if (a === '--out' && argv[i + 1] !== undefined) out = resolve(argv[++i]!);
@@ -31,11 +35,19 @@ for (let i = 0; i < argv.length; i++) {
       process.exit(2);
     }
   }
+  else if (a === '--render' && argv[i + 1] !== undefined) render = resolve(argv[++i]!);
   else if (a === '--quick' || a === '--json') flags.add(a);
   else {
-    process.stderr.write(`bench: unknown argument ${a} (use --quick, --json, --out DIR, --only SECTION[,SECTION...])\n`);
+    process.stderr.write(`bench: unknown argument ${a} (use --quick, --json, --out DIR, --only SECTION[,SECTION...], --render RESULTS.json)\n`);
     process.exit(2);
   }
+}
+
+if (render !== undefined) {
+  // A full run's document only: a run of some sections never replaces bench/REPORT.md.
+  const doc = JSON.parse(readFileSync(render, 'utf8')) as BenchDocument;
+  process.stdout.write(`report: ${await writeReport(doc, out, doc.quick || doc.command.includes('--only') ? undefined : benchDir)}\n`);
+  process.exit(0);
 }
 
 await runBench({

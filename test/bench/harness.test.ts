@@ -12,10 +12,10 @@ import { builtInSvg, labelFormat, renderChart, shortNumber } from '../../bench/h
 import { Cleanup, createImage, tempDir } from '../../bench/harness/cleanup.js';
 import { GRANT_POOL_CAP, poolPagesFor, reachableInflight } from '../../bench/harness/guest.js';
 import { configLabel, DEFAULT_CONFIG_LABEL, matrixConfigs, PROTOCOL_MATRIX } from '../../bench/harness/matrix.js';
-import { computeTargets, fmtInt, fmtMiBps, linkBaselines, renderText, threadsReading, writeReport } from '../../bench/harness/report.js';
+import { computeTargets, fmtInt, fmtMiBps, linkBaselines, missedReading, renderText, threadsReading, writeReport } from '../../bench/harness/report.js';
 import { GuestBench } from '../../bench/harness/guest.js';
 import { measureThreads, THREADS_BUFFER_PAGES, THREADS_LAYOUTS, THREADS_WORKLOADS, ThreadsRuns } from '../../bench/harness/threads.js';
-import { MiB, perfOf, type BenchDocument, type BenchResults, type Row } from '../../bench/harness/types.js';
+import { MiB, perfOf, type BenchDocument, type BenchResults, type Row, type Target, type TimeRow } from '../../bench/harness/types.js';
 
 let dir: string;
 before(() => (dir = mkdtempSync(join(tmpdir(), 'blkif-bench-test-'))));
@@ -248,4 +248,23 @@ test('queues in threads: both layouts run in both modes, and the backend uses qu
   } finally {
     await c.run();
   }
+});
+
+test('a speed target not met is read against the profile row of its own path and workload', () => {
+  const target = (name: string, met: boolean): Target => ({ name, goal: '>= 1.0x', value: 0.3, threshold: 1, kind: '>=', met, detail: '' });
+  const row = (where: string, pattern: 'randread' | 'read', blockSize: number, guest: number): TimeRow => ({
+    where, workload: { pattern, blockSize, depth: 32 }, perf: perfOf(1000, 1000 * blockSize, 1, 1, 2), per: 'I/O', count: 1000,
+    cpuUs: { guest, backend: 10 }, sleeps: { guest: 1, backend: 1 }, grantMaps: 200,
+  });
+  const rows = [row('blkif serve', 'randread', 4096, 40), row('blkif serve', 'read', MiB, 500), row('blkfront API', 'randread', 4096, 7)];
+  const lines = missedReading([
+    target('NBD: blkif serve vs nbdkit file, 4 KiB random read QD32', false),
+    target('NBD: blkif serve vs nbdkit file, 1 MiB sequential read QD32', false),
+    target('scaling: 16 VBDs aggregate vs one VBD', true),
+  ], rows);
+  assert.equal(lines.length, 2, 'one line per target not met, none for one met');
+  assert.match(lines[0]!, /4 KiB random read QD32.*: 50\.0 µs of CPU per I\/O/, 'the 4 KiB target reads the serve 4 KiB row (40 + 10 µs)');
+  assert.match(lines[0]!, /three threads/);
+  assert.match(lines[1]!, /: 510 µs of CPU per I\/O.*200 grant maps/, 'the 1 MiB target reads the serve 1 MiB row');
+  assert.match(lines[1]!, /persistent-grant cache/);
 });
