@@ -4,15 +4,11 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Blkback } from '../../src/blkback/index.js';
-import { Blkfront } from '../../src/blkfront/index.js';
 import { GROW_CHUNK, PagePool } from '../../src/blkfront/page-pool.js';
 import { MemoryStorage } from '../../src/storage/index.js';
-import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
 import { Hypervisor, type XenDomain } from '../../src/xen/index.js';
-import { xvdVirtualDevice } from '../../src/xenbus/index.js';
 import { within } from '../e2e/raw-frontend.js';
-import { fileToolstack } from '../e2e/helpers.js';
+import { fileToolstack, withLocalDisk } from '../e2e/helpers.js';
 
 const suite = fileToolstack();
 const PAGE = 4096;
@@ -67,39 +63,24 @@ test('the pool grows in chunks as asked, never beyond its size, and gives back a
 
 test('through blkfront: a small workload takes a chunk, a big one at most bufferPages, and close gives them back', { timeout: 60_000 }, async () => {
   const bufferPages = 1024;
-  const G = suite.ts.hv.createLocalDomain({ memoryPages: 8192, pollMicros: 0 });
-  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
-  const size = 64 * 1024 * 1024;
-  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
-  let be: Blkback | undefined;
-  let f: Blkfront | undefined;
-  try {
-    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage: new MemoryStorage(size), options: { housekeepingMs: 0 } });
-    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { bufferPages, ringPageOrder: 0 } }), 'attach');
+  await withLocalDisk(suite.ts, { storage: new MemoryStorage(64 * 1024 * 1024), guestPages: 8192, front: { bufferPages, ringPageOrder: 0 } }, async ({ G, f }) => {
     const base = used(G); // the ring
     assert.ok(base < 16, `attached with ${base} pages: the pool took none yet`);
     // 4 KiB writes and reads, 8 at a time.
     for (let round = 0; round < 4; round++) {
-      await Promise.all(Array.from({ length: 8 }, (_, i) => f!.write((round * 8 + i) * PAGE, new Uint8Array(PAGE).fill(i + 1))));
-      const back = await Promise.all(Array.from({ length: 8 }, (_, i) => f!.read((round * 8 + i) * PAGE, PAGE)));
+      await Promise.all(Array.from({ length: 8 }, (_, i) => f.write((round * 8 + i) * PAGE, new Uint8Array(PAGE).fill(i + 1))));
+      const back = await Promise.all(Array.from({ length: 8 }, (_, i) => f.read((round * 8 + i) * PAGE, PAGE)));
       back.forEach((b, i) => assert.ok(new Uint8Array(b).every((x) => x === i + 1)));
     }
     assert.equal(used(G) - base, GROW_CHUNK, 'a small workload took one chunk');
     // 1 MiB writes, 16 at a time: more than the pool holds at once (16 x 257 pages).
     const big = new Uint8Array(1 << 20);
     for (let i = 0; i < big.length; i++) big[i] = (i * 7) & 0xff;
-    await Promise.all(Array.from({ length: 16 }, (_, i) => f!.write(i << 20, big)));
+    await Promise.all(Array.from({ length: 16 }, (_, i) => f.write(i << 20, big)));
     const grown = used(G) - base;
     assert.ok(grown > GROW_CHUNK && grown <= bufferPages, `the pool grew to ${grown} pages (at most ${bufferPages})`);
     assert.deepEqual(new Uint8Array(await f.read(5 << 20, 1 << 20)), big);
     await within(f.close(), 'close()');
-    f = undefined;
     assert.equal(used(G), 0, 'close gave every page back');
-  } finally {
-    if (f !== undefined) await within(f.close(), 'close() after the test').catch(() => undefined);
-    await be?.close();
-    await removeVbdNodes(suite.ts.xs, paths);
-    await suite.ts.hv.destroyDomain(G.domid);
-    await suite.ts.hv.destroyDomain(B.domid);
-  }
+  });
 });

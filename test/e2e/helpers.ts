@@ -2,8 +2,12 @@
 import { writeFileSync, openSync, ftruncateSync, closeSync } from 'node:fs';
 import assert from 'node:assert/strict';
 import { after, before } from 'node:test';
-import { Toolstack } from '../../src/toolstack/index.js';
-import type { Hypervisor } from '../../src/xen/index.js';
+import { Blkback, type BlkbackOptions } from '../../src/blkback/index.js';
+import { Blkfront, type BlkfrontOptions } from '../../src/blkfront/index.js';
+import type { BlockStorage, StorageSpec } from '../../src/storage/index.js';
+import { createVbdNodes, removeVbdNodes, Toolstack, type VbdPaths } from '../../src/toolstack/index.js';
+import type { Hypervisor, XenDomain } from '../../src/xen/index.js';
+import { xvdVirtualDevice } from '../../src/xenbus/index.js';
 export { tempDir } from '../support/common.js';
 
 /** Every grant, mapping and event channel the hypervisor handed out is back. */
@@ -91,4 +95,53 @@ export async function verifiedBatch(disk: ByteDisk, model: Uint8Array, rng: Rng,
       if (at !== -1) throw new Error(`read ${len} at ${off}: byte ${at} differs (seed ${rng.seed})`);
     }
   }));
+}
+
+/** A blkfront and a blkback in two domains local to this thread, on one VBD (`withLocalDisk`). */
+export interface LocalDisk {
+  readonly G: XenDomain;
+  readonly B: XenDomain;
+  readonly paths: VbdPaths;
+  readonly be: Blkback;
+  readonly f: Blkfront;
+}
+
+export interface LocalDiskOptions {
+  readonly storage: BlockStorage;
+  /** The spec queue threads open the storage again from. */
+  readonly storageSpec?: StorageSpec;
+  readonly guestPages?: number;
+  readonly backendPages?: number;
+  readonly backendVcpus?: number;
+  readonly back?: Partial<BlkbackOptions>;
+  readonly front?: Partial<BlkfrontOptions>;
+}
+
+/**
+ * Plugs `storage` between a guest and a driver domain created in this thread, runs `body`, then
+ * closes both ends and destroys both domains whatever `body` did. Attaching is bounded in time.
+ */
+export async function withLocalDisk(ts: Toolstack, o: LocalDiskOptions, body: (d: LocalDisk) => Promise<void>): Promise<void> {
+  const G = ts.hv.createLocalDomain({ memoryPages: o.guestPages ?? 1024, pollMicros: 0 });
+  const B = ts.hv.createLocalDomain({ memoryPages: o.backendPages ?? 64, pollMicros: 0, ...(o.backendVcpus === undefined ? {} : { maxVcpus: o.backendVcpus }) });
+  const paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size: o.storage.size }, false);
+  let be: Blkback | undefined;
+  let f: Blkfront | undefined;
+  try {
+    be = await Blkback.start({ xen: B, xs: ts.xs, backDir: paths.backDir, storage: o.storage, ...(o.storageSpec === undefined ? {} : { storageSpec: o.storageSpec }), options: { housekeepingMs: 0, ...o.back } });
+    f = await bounded(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { ...o.front } }), 'attach', 10_000);
+    await body({ G, B, paths, be, f });
+  } finally {
+    await f?.close();
+    await be?.close();
+    await removeVbdNodes(ts.xs, paths);
+    await ts.hv.destroyDomain(G.domid);
+    await ts.hv.destroyDomain(B.domid);
+  }
+}
+
+function bounded<T>(p: Promise<T>, what: string, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what} did not settle in ${ms} ms`)), ms); });
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
 }

@@ -6,13 +6,10 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Blkback, XEN_BLKIF_REQS_PER_PAGE } from '../../src/blkback/index.js';
-import { Blkfront } from '../../src/blkfront/index.js';
+import { XEN_BLKIF_REQS_PER_PAGE } from '../../src/blkback/index.js';
 import { MemoryStorage } from '../../src/storage/index.js';
-import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
-import { xvdVirtualDevice } from '../../src/xenbus/index.js';
 import { eventually, within } from './raw-frontend.js';
-import { fileToolstack } from './helpers.js';
+import { fileToolstack, withLocalDisk } from './helpers.js';
 
 const suite = fileToolstack();
 
@@ -39,37 +36,26 @@ class HeldReads extends MemoryStorage {
 }
 
 for (const reqsPerPage of [XEN_BLKIF_REQS_PER_PAGE, 4]) test(`a 2-page ring, ${reqsPerPage} pending requests per ring page`, { timeout: 60_000 }, async () => {
-  const G = suite.ts.hv.createLocalDomain({ memoryPages: 1024, pollMicros: 0 });
-  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
-  const size = 4 * 1024 * 1024;
-  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
-  const storage = new HeldReads(size);
-  let be: Blkback | undefined;
-  let f: Blkfront | undefined;
-  try {
-    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, options: { reqsPerPage, housekeepingMs: 0 } });
-    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { ringPageOrder: 1, bufferPages: 512 } }), 'attach');
-    assert.equal(f.info.ringPageOrder, 1);
-    const slots = f.info.ringSize;
-    const pool = reqsPerPage * 2;
-    // More 4 KiB reads than the ring holds: the ring fills, the backend takes what its pool allows.
-    const reads = Array.from({ length: slots + 16 }, (_, i) => f!.read(i * 4096, 4096));
-    await eventually(() => storage.held.length === Math.min(pool, slots) && f!.inFlight === slots, `${Math.min(pool, slots)} reads at the storage, ${slots} on the ring`);
-    if (pool >= slots) assert.equal(be.counters.oo_req, 0, 'a pool of 32 per ring page never runs dry before the ring');
-    else assert.equal(be.counters.oo_req, 1, 'the backend found the pool empty with requests on the ring');
-    storage.release();
-    await within(Promise.all(reads), 'every read completes');
-    assert.equal(storage.maxActive, Math.min(pool, slots), 'never more at the storage than the pool');
-    // How many more waits follow depends on how completions interleave (exact counts: test/blkback/data-path.test.ts).
-    if (pool < slots) assert.ok(be.counters.oo_req >= 1 && be.counters.oo_req <= reads.length - pool, `waits counted: ${be.counters.oo_req}`);
-    assert.equal(be.counters.rd_req, reads.length);
-    assert.equal(be.counters.rd_sect, reads.length * 8);
-  } finally {
-    storage.release();
-    await f?.close();
-    await be?.close();
-    await removeVbdNodes(suite.ts.xs, paths);
-    await suite.ts.hv.destroyDomain(G.domid);
-    await suite.ts.hv.destroyDomain(B.domid);
-  }
+  const storage = new HeldReads(4 * 1024 * 1024);
+  await withLocalDisk(suite.ts, { storage, back: { reqsPerPage }, front: { ringPageOrder: 1, bufferPages: 512 } }, async ({ be, f }) => {
+    try {
+      assert.equal(f.info.ringPageOrder, 1);
+      const slots = f.info.ringSize;
+      const pool = reqsPerPage * 2;
+      // More 4 KiB reads than the ring holds: the ring fills, the backend takes what its pool allows.
+      const reads = Array.from({ length: slots + 16 }, (_, i) => f.read(i * 4096, 4096));
+      await eventually(() => storage.held.length === Math.min(pool, slots) && f.inFlight === slots, `${Math.min(pool, slots)} reads at the storage, ${slots} on the ring`);
+      if (pool >= slots) assert.equal(be.counters.oo_req, 0, 'a pool of 32 per ring page never runs dry before the ring');
+      else assert.equal(be.counters.oo_req, 1, 'the backend found the pool empty with requests on the ring');
+      storage.release();
+      await within(Promise.all(reads), 'every read completes');
+      assert.equal(storage.maxActive, Math.min(pool, slots), 'never more at the storage than the pool');
+      // How many more waits follow depends on how completions interleave (exact counts: test/blkback/data-path.test.ts).
+      if (pool < slots) assert.ok(be.counters.oo_req >= 1 && be.counters.oo_req <= reads.length - pool, `waits counted: ${be.counters.oo_req}`);
+      assert.equal(be.counters.rd_req, reads.length);
+      assert.equal(be.counters.rd_sect, reads.length * 8);
+    } finally {
+      storage.release();
+    }
+  });
 });

@@ -6,28 +6,16 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Blkback } from '../../src/blkback/index.js';
-import { Blkfront } from '../../src/blkfront/index.js';
 import { MemoryStorage } from '../../src/storage/index.js';
-import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
-import { xvdVirtualDevice } from '../../src/xenbus/index.js';
-import { Rng, firstDifference, fileToolstack } from './helpers.js';
-import { eventually, within } from './raw-frontend.js';
+import { Rng, firstDifference, fileToolstack, withLocalDisk } from './helpers.js';
+import { eventually } from './raw-frontend.js';
 
 const suite = fileToolstack();
 
 test('grants the backend purged are ended by the frontend, and granted again on use', { timeout: 60_000 }, async () => {
-  const G = suite.ts.hv.createLocalDomain({ memoryPages: 1024, pollMicros: 0 });
-  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
-  const size = 8 * 1024 * 1024;
-  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
-  const storage = new MemoryStorage(size);
-  let be: Blkback | undefined;
-  let f: Blkfront | undefined;
-  try {
-    // The backend drops a mapping idle for 300 ms; the frontend looks every 20 ms.
-    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, options: { persistentIdleMs: 300, housekeepingMs: 20 } });
-    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { bufferPages: 512, purgeIntervalMs: 20 } }), 'attach');
+  // The backend drops a mapping idle for 300 ms; the frontend looks every 20 ms.
+  const storage = new MemoryStorage(8 * 1024 * 1024);
+  await withLocalDisk(suite.ts, { storage, back: { persistentIdleMs: 300, housekeepingMs: 20 }, front: { bufferPages: 512, purgeIntervalMs: 20 } }, async ({ be, f }) => {
     assert.equal(f.info.persistent, true);
     const rng = new Rng(21);
     const a = rng.bytes(256 * 1024);
@@ -40,8 +28,8 @@ test('grants the backend purged are ended by the frontend, and granted again on 
     assert.equal(f.persistentGrants, granted);
 
     // The backend's idle purge unmaps them; the frontend's next purge ends them all.
-    await eventually(() => be!.counters.persistent_grants === 0, 'the backend purges its idle mappings');
-    await eventually(() => f!.persistentGrants === 0, 'the frontend ends the grants the backend let go of');
+    await eventually(() => be.counters.persistent_grants === 0, 'the backend purges its idle mappings');
+    await eventually(() => f.persistentGrants === 0, 'the frontend ends the grants the backend let go of');
     assert.equal(f.counters.persistent_purged, granted);
 
     // Used again: granted afresh, mapped afresh, data as written.
@@ -50,11 +38,5 @@ test('grants the backend purged are ended by the frontend, and granted again on 
     assert.ok(f.counters.grants > grantsBefore, 'pages are granted again');
     assert.ok(f.persistentGrants > 0);
     assert.equal(be.counters.persistent_grants, f.persistentGrants);
-  } finally {
-    await f?.close();
-    await be?.close();
-    await removeVbdNodes(suite.ts.xs, paths);
-    await suite.ts.hv.destroyDomain(G.domid);
-    await suite.ts.hv.destroyDomain(B.domid);
-  }
+  });
 });

@@ -7,12 +7,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Blkback } from '../../src/blkback/index.js';
-import { Blkfront, BlkfrontError } from '../../src/blkfront/index.js';
+import { type Blkfront, BlkfrontError } from '../../src/blkfront/index.js';
 import { MemoryStorage } from '../../src/storage/index.js';
-import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
-import { xvdVirtualDevice } from '../../src/xenbus/index.js';
-import { Rng, firstDifference, fileToolstack } from './helpers.js';
+import { Rng, firstDifference, fileToolstack, withLocalDisk } from './helpers.js';
 import { within } from './raw-frontend.js';
 
 const suite = fileToolstack();
@@ -29,26 +26,12 @@ function joined(pages: readonly Uint8Array[]): Uint8Array {
   return out;
 }
 
-async function withDisk(persistent: boolean, body: (f: Blkfront, G: { memory: { freePages: number } }) => Promise<void>): Promise<void> {
-  const G = suite.ts.hv.createLocalDomain({ memoryPages: 1024, pollMicros: 0 });
-  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
-  const size = 4 * 1024 * 1024;
-  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size }, false);
-  let be: Blkback | undefined;
-  let f: Blkfront | undefined;
-  try {
-    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage: new MemoryStorage(size), options: { persistent } });
-    // 16 segments a request: a 64 KiB read is four requests, answered one by one.
-    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { bufferPages: POOL, persistent, maxIndirectSegments: 16 } }), 'attach');
+function withDisk(persistent: boolean, body: (f: Blkfront, G: { memory: { freePages: number } }) => Promise<void>): Promise<void> {
+  // 16 segments a request: a 64 KiB read is four requests, answered one by one.
+  return withLocalDisk(suite.ts, { storage: new MemoryStorage(4 * 1024 * 1024), back: { persistent, housekeepingMs: 1000 }, front: { bufferPages: POOL, persistent, maxIndirectSegments: 16 } }, async ({ f, G }) => {
     assert.equal(f.info.persistent, persistent);
     await body(f, G);
-  } finally {
-    await f?.close();
-    await be?.close();
-    await removeVbdNodes(suite.ts.xs, paths);
-    await suite.ts.hv.destroyDomain(G.domid);
-    await suite.ts.hv.destroyDomain(B.domid);
-  }
+  });
 }
 
 for (const persistent of [true, false]) {

@@ -12,13 +12,11 @@ import assert from 'node:assert/strict';
 import { truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { XS_PHYSICAL_SECTOR_SIZE } from '../../src/abi/index.js';
-import { Blkback, type BlkbackOptions } from '../../src/blkback/index.js';
-import { Blkfront, BlkfrontError } from '../../src/blkfront/index.js';
+import type { Blkback, BlkbackOptions } from '../../src/blkback/index.js';
+import { BlkfrontError, type Blkfront, type BlkfrontOptions } from '../../src/blkfront/index.js';
 import { NbdServer, type NbdExportDevice } from '../../src/nbd/index.js';
 import { FileStorage, NbdStorage, type BlockStorage, type StorageSpec } from '../../src/storage/index.js';
-import { createVbdNodes, removeVbdNodes } from '../../src/toolstack/index.js';
-import { xvdVirtualDevice } from '../../src/xenbus/index.js';
-import { Rng, fileToolstack, firstDifference, sparseImage, tempDir } from './helpers.js';
+import { Rng, fileToolstack, firstDifference, sparseImage, tempDir, withLocalDisk } from './helpers.js';
 import { eventually, within } from './raw-frontend.js';
 
 const MiB = 1024 * 1024;
@@ -54,25 +52,18 @@ class Gate implements BlockStorage {
 }
 
 /** Blkback (over `storage`) and Blkfront in two local domains; `body` gets the frontend. */
-async function withDisk(storage: BlockStorage, o: { front?: Parameters<typeof Blkfront.attach>[0]['options']; back?: Partial<BlkbackOptions>; source?: StorageSpec },
+function withDisk(storage: BlockStorage, o: { front?: Partial<BlkfrontOptions>; back?: Partial<BlkbackOptions>; source?: StorageSpec },
   body: (f: Blkfront, backDir: string, be: Blkback) => Promise<void>): Promise<void> {
-  const G = suite.ts.hv.createLocalDomain({ memoryPages: 2048, pollMicros: 0 });
-  const B = suite.ts.hv.createLocalDomain({ memoryPages: 64, pollMicros: 0, maxVcpus: 4 });
-  const paths = await createVbdNodes(suite.ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(0) }, { kind: 'memory', size: storage.size }, false);
-  let be: Blkback | undefined;
-  let f: Blkfront | undefined;
-  try {
-    be = await Blkback.start({ xen: B, xs: suite.ts.xs, backDir: paths.backDir, storage, storageSpec: o.source, options: { housekeepingMs: 20, ...o.back } });
-    f = await within(Blkfront.attach({ xen: G, xs: suite.ts.xs, frontDir: paths.frontDir, options: { bufferPages: 1024, connectTimeoutMs: 10_000, ...o.front } }), 'attach');
-    await body(f, paths.backDir, be);
-  } finally {
-    if (storage instanceof Gate) storage.release();
-    await f?.close();
-    await be?.close();
-    await removeVbdNodes(suite.ts.xs, paths);
-    await suite.ts.hv.destroyDomain(G.domid);
-    await suite.ts.hv.destroyDomain(B.domid);
-  }
+  return withLocalDisk(suite.ts, {
+    storage, ...(o.source === undefined ? {} : { storageSpec: o.source }), guestPages: 2048, backendVcpus: 4,
+    back: { housekeepingMs: 20, ...o.back }, front: { bufferPages: 1024, connectTimeoutMs: 10_000, ...o.front },
+  }, async ({ f, paths, be }) => {
+    try {
+      await body(f, paths.backDir, be);
+    } finally {
+      if (storage instanceof Gate) storage.release();
+    }
+  });
 }
 
 const code = (e: unknown) => (e instanceof BlkfrontError ? e.code : `not a BlkfrontError: ${String(e)}`);
