@@ -16,16 +16,6 @@ const suite = fileToolstack();
 const PAGE = 4096;
 const POOL = 80;
 
-function joined(pages: readonly Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(pages.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of pages) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
 function withDisk(persistent: boolean, body: (f: Blkfront, G: { memory: { freePages: number } }) => Promise<void>): Promise<void> {
   // 16 segments a request: a 64 KiB read is four requests, answered one by one.
   return withLocalDisk(suite.ts, { storage: new MemoryStorage(4 * 1024 * 1024), back: { persistent, housekeepingMs: 1000 }, front: { bufferPages: POOL, persistent, maxIndirectSegments: 16 } }, async ({ f, G }) => {
@@ -45,7 +35,7 @@ for (const persistent of [true, false]) {
         const lent = await f.readPages(offset, length);
         assert.equal(lent.pages.length, Math.ceil(length / PAGE), `${length} bytes: one page per 4 KiB`);
         assert.ok(lent.pages.every((p, i) => p.length === Math.min(PAGE, length - i * PAGE)));
-        assert.equal(firstDifference(joined(lent.pages), a.subarray(offset, offset + length)), -1, `${length} bytes at ${offset}`);
+        assert.equal(firstDifference(Buffer.concat(lent.pages), a.subarray(offset, offset + length)), -1, `${length} bytes at ${offset}`);
         lent.release();
         lent.release();
       }
@@ -64,7 +54,7 @@ for (const persistent of [true, false]) {
       const fresh = new Uint8Array(old.length).fill(0x22);
       await f.write(0, fresh);
       for (let i = 0; i < 8; i++) assert.equal(firstDifference(await f.read(0, fresh.length), fresh), -1);
-      assert.equal(firstDifference(joined(held.pages), old), -1, 'the lent pages still hold what was read');
+      assert.equal(firstDifference(Buffer.concat(held.pages), old), -1, 'the lent pages still hold what was read');
       // With all but 4 pages on loan, a read needing a request of 16 (+1 indirect) waits for
       // a loan to end, then goes.
       const more = await f.readPages(0, (POOL - 16 - 4) * PAGE);
@@ -74,7 +64,7 @@ for (const persistent of [true, false]) {
       assert.equal(done, false, 'the read waits for pages on loan');
       more.release();
       const got = await within(waiting, 'the read once the pages came back');
-      assert.equal(firstDifference(joined(held.pages), old), -1, 'the first loan is still intact');
+      assert.equal(firstDifference(Buffer.concat(held.pages), old), -1, 'the first loan is still intact');
       held.release();
       assert.equal(firstDifference(got.subarray(0, fresh.length), fresh), -1);
     });
