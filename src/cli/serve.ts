@@ -94,7 +94,7 @@ export function serveCommand(): Command {
     .argument('[image...]', `raw image files or remote NBD exports (nbd[s]://HOST[:PORT]/EXPORT, nbd[s]+unix:///EXPORT?socket=PATH), one VBD each (default: ${join(defaultDataDir(), 'vbd0.img')}, created at 1 GiB)`)
     .option('--size <size>', 'size of a new image (e.g. 1G, 512M); with --force, resize an existing one')
     .option('--force', 'allow --size to resize an existing image (shrinking loses its end)')
-    .option('--vbds <n>', 'number of VBDs (disks xvda, xvdb, ... of the guest), exported as vbd0, vbd1, ...; default images vbdN.img', int('--vbds', 1, 16))
+    .option('--vbds <n>', 'number of VBDs (disks xvda, xvdb, ... of the guest), exported as vbd0, vbd1, ...; default images vbdN.img', int('--vbds', 1, 64))
     .addOption(new Option('--max-indirect-segments <n>', `segments per indirect request the backend offers (0 = no indirect; max ${BLKIF_MAX_INDIRECT_SEGMENTS})`)
       .default(DEFAULT_MAX_INDIRECT_SEGMENTS).argParser((v) => {
         const n = int('--max-indirect-segments', 0, BLKIF_MAX_INDIRECT_SEGMENTS)(v);

@@ -175,6 +175,10 @@ export const NBD_MAX_STRING = 4096;
 
 /** Default cap on one option's data. */
 export const DEFAULT_MAX_OPTION_LENGTH = 64 * 1024;
+/** Default cap on the options of one connection before it chooses an export, with no export. */
+export const DEFAULT_MAX_OPTIONS = 128;
+/** What each export adds to that cap: a client listing the exports asks about each of them. */
+export const OPTIONS_PER_EXPORT = 4;
 /** Default cap on one request's payload (NBD_CMD_WRITE) and on NBD_CMD_READ lengths: 32 MiB. */
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
 

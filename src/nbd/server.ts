@@ -19,7 +19,7 @@
  */
 import { createServer, type Server, type Socket } from 'node:net';
 import { lstatSync, rmSync } from 'node:fs';
-import { DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_PAYLOAD } from './constants.js';
+import { DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_OPTIONS, DEFAULT_MAX_PAYLOAD, OPTIONS_PER_EXPORT } from './constants.js';
 import { validateDevice, type NbdExport } from './export.js';
 import { serverTlsOptions, type NbdServerTlsConfig } from './tls.js';
 import { Connection } from './server-connection.js';
@@ -38,8 +38,10 @@ export interface NbdServerOptions {
   /** Largest option data accepted; a longer option drops the connection (default 64 KiB). */
   maxOptionLength?: number;
   /**
-   * Options one connection may send before choosing an export; one more drops it (default 128;
-   * nbdkit allows 32). Bounds what a client can make the server do without ever using an export.
+   * Options one connection may send before choosing an export; one more drops it (default 128,
+   * and 4 more per export: a client listing every export asks about each, as `nbdinfo --list`
+   * does with NBD_OPT_INFO; nbdkit allows 32). Bounds what a client can make the server do
+   * without ever using an export.
    */
   maxOptions?: number;
   /**
@@ -98,6 +100,7 @@ export class NbdServer implements ConnectionHost {
   private closing = false;
   private closed: Promise<void> | undefined;
   private idleWaiters: (() => void)[] = [];
+  private readonly maxOptionsGiven: boolean;
   readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'maxConnections' | 'tls'>> & {
     maxConnections: number | undefined;
   };
@@ -119,9 +122,10 @@ export class NbdServer implements ConnectionHost {
     if (!Number.isInteger(maxPayload) || maxPayload < 65536 || maxPayload % 65536 !== 0 || maxPayload > 0x80000000) {
       throw new RangeError(`maxPayload ${maxPayload} must be a multiple of 64 KiB from 64 KiB to 2 GiB`);
     }
+    this.maxOptionsGiven = options.maxOptions !== undefined;
     this.options = {
       maxOptionLength: options.maxOptionLength ?? DEFAULT_MAX_OPTION_LENGTH,
-      maxOptions: options.maxOptions ?? 128,
+      maxOptions: options.maxOptions ?? DEFAULT_MAX_OPTIONS,
       maxPayload,
       maxInFlight: Math.max(1, options.maxInFlight ?? 64),
       maxInFlightBytes: Math.max(1, options.maxInFlightBytes ?? 64 * 1024 * 1024),
@@ -142,6 +146,7 @@ export class NbdServer implements ConnectionHost {
     validateDevice(exp.name, exp.device);
     if (exp.device.blockSize > this.options.maxPayload) throw new RangeError(`export "${exp.name}": block size exceeds maxPayload`);
     this.exportMap.set(exp.name, { name: exp.name, description: exp.description ?? '', device: exp.device });
+    if (!this.maxOptionsGiven) this.options.maxOptions = DEFAULT_MAX_OPTIONS + OPTIONS_PER_EXPORT * this.exportMap.size;
   }
 
   /** Stops offering an export to new clients; connections using it carry on. */

@@ -79,6 +79,18 @@ describe('nbdinfo', () => {
     );
   });
 
+  test('--list of a server with 64 exports: every one listed (the option cap grows with the exports)', async () => {
+    const many = new NbdServer({ exports: Array.from({ length: 64 }, (_, i) => ({ name: `vbd${i}`, device: new MemoryDevice(MiB) })) });
+    try {
+      const at = await many.listen({ host: '127.0.0.1', port: 0 });
+      const l = nbdinfoJson((await runOk('nbdinfo', ['--list', '--json', '--no-content', nbdUri(at)])).stdout);
+      assert.deepEqual(l.exports.map((e) => e['export-name']), Array.from({ length: 64 }, (_, i) => `vbd${i}`));
+      assert.equal(many.stats().protocolErrors, 0, 'listing every export is no flood');
+    } finally {
+      await many.close();
+    }
+  });
+
   test('the empty name is the default export; an unknown name is refused', async () => {
     const d = nbdinfoJson((await runOk('nbdinfo', ['--json', '--no-content', nbdUri(tcp)])).stdout);
     assert.equal(d.exports[0]!['export-size'], 32 * MiB);
