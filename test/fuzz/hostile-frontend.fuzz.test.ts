@@ -530,7 +530,11 @@ class FrontCase {
     for (let at = 0; at + SECTOR <= this.storageSize; at += SECTOR) this.allowed.add(sectorKey(this.original, at));
     this.allowed.add(sectorKey(new Uint8Array(SECTOR)));
 
-    const storage: StorageSpec = { kind: 'file', path: this.imagePath, sectorSize: s.sectorSize, readOnly: s.readOnly === 'storage' };
+    // Served synchronously: the data check judges where each sector's bytes came from, and with the
+    // pool's concurrent preadv/pwritev a frontend that lends one page to a read and a write in flight
+    // at once tears that page's sectors (its own business, as with DMA on real hardware), so they
+    // could come from nowhere whole. The asynchronous path has tests of its own (storage, isolation).
+    const storage: StorageSpec = { kind: 'file', path: this.imagePath, sectorSize: s.sectorSize, readOnly: s.readOnly === 'storage', io: 'sync' };
     const devid = 0x10000 + ++devSeq;
     this.paths = await createVbdNodes(ts.xs, { frontDomid: L.domid, backDomid: back.domid, devid }, storage, this.readOnly);
     await within(back.rpc.call('addVbd', this.paths.backDir, storage, {
