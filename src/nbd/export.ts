@@ -22,12 +22,7 @@ export interface NbdExportDevice {
   /** Exactly `length` bytes from `offset`. */
   read(offset: number, length: number): Promise<Uint8Array>;
   /**
-   * Optional: reads `buf.length` bytes from `offset` into `buf`. When offered, the server reads
-   * into buffers it reuses once their reply is on the socket (no fresh buffer per read).
-   */
-  readInto?(offset: number, buf: Uint8Array): Promise<void>;
-  /**
-   * Optional, preferred over both reads: the data in the device's own buffers, lent until
+   * Optional, preferred over `read`: the data in the device's own buffers, lent until
    * `release` (the server calls it once the socket is done with them, sent or not), so a read
    * is not copied before the socket copies it.
    */

@@ -30,33 +30,6 @@ import type { ConnectionHost, NbdConnectionInfo, NbdLogLevel, ResolvedExport } f
 
 const EMPTY = new Uint8Array(0);
 
-/** Bytes of idle read buffers a connection keeps for reuse (a 1 MiB read at QD32 keeps 32). */
-const READ_BUFFERS_KEPT_BYTES = 32 * 1024 * 1024;
-
-/**
- * Buffers for reads, reused once their reply has left (Node's socket write callback): a fresh
- * 1 MiB buffer per read costs its page faults and its collection, more than the read's copy.
- */
-class ReadBuffers {
-  private readonly free = new Map<number, Uint8Array[]>();
-  private kept = 0;
-
-  take(length: number): Uint8Array {
-    const b = this.free.get(length)?.pop();
-    if (b === undefined) return Buffer.allocUnsafeSlow(length);
-    this.kept -= length;
-    return b;
-  }
-
-  give(buf: Uint8Array): void {
-    if (this.kept + buf.length > READ_BUFFERS_KEPT_BYTES) return;
-    let list = this.free.get(buf.length);
-    if (list === undefined) this.free.set(buf.length, (list = []));
-    list.push(buf);
-    this.kept += buf.length;
-  }
-}
-
 /** Transmission flags for `device`, given whether structured replies were negotiated. */
 function transmissionFlags(device: NbdExportDevice, structured: boolean): number {
   let f = NBD_FLAG_HAS_FLAGS;
@@ -231,14 +204,14 @@ export class Connection {
    * done: the requests one notification completes are answered in one writev, not one each.
    */
   private send(...parts: Uint8Array[]): boolean {
-    return this.sendThen(undefined, false, ...parts);
+    return this.sendThen(undefined, ...parts);
   }
 
   /**
-   * `send`, and `written` once the socket has taken the last part (in transmission only); with
-   * `always`, also once that write failed (the socket is done with the parts either way).
+   * `send`, and `written` once the socket is done with the last part, taken or failed (in
+   * transmission only).
    */
-  private sendThen(written: (() => void) | undefined, always: boolean, ...parts: Uint8Array[]): boolean {
+  private sendThen(written: (() => void) | undefined, ...parts: Uint8Array[]): boolean {
     const s = this.socket;
     if (this.gone || s.destroyed || s.writableEnded) return false;
     if (this.phase === 'transmission') {
@@ -252,8 +225,7 @@ export class Connection {
       while (last > 0 && parts[last]!.length === 0) last--;
       for (let i = 0; i <= last; i++) {
         const p = parts[i]!;
-        // A write that fails (the socket destroyed) never gives its buffer back: it is dropped.
-        if (i === last && written !== undefined) s.write(p, (err) => { if (err == null || always) written(); });
+        if (i === last && written !== undefined) s.write(p, () => written());
         else if (p.length > 0) s.write(p);
       }
       return true;
@@ -267,9 +239,6 @@ export class Connection {
     s.uncork();
     return true;
   }
-
-  /** Read buffers whose replies are sent, by length, for the next reads (see ReadBuffers). */
-  private readonly readBuffers = new ReadBuffers();
 
   /** The socket `send` corked, if its batch of replies is still gathering. */
   private corked: Socket | undefined;
@@ -618,20 +587,7 @@ export class Connection {
             const { pages, release } = await dev.readPages(offset, length);
             stat.bytesRead += length;
             // The pages go back once the socket is done with the reply, or at once if it is not sent.
-            this.answerRead(req, pages, release, true);
-            return;
-          }
-          if (length > 0 && dev.readInto !== undefined) {
-            const buf = this.readBuffers.take(length);
-            try {
-              await dev.readInto(offset, buf);
-            } catch (e) {
-              this.readBuffers.give(buf);
-              throw e;
-            }
-            stat.bytesRead += length;
-            // The buffer is reused once the socket has taken the reply (its write callback).
-            this.answerRead(req, buf, () => this.readBuffers.give(buf));
+            this.answerRead(req, pages, release);
             return;
           }
           const data = length === 0 ? EMPTY : await dev.read(offset, length);
@@ -677,24 +633,24 @@ export class Connection {
 
   /**
    * `data`: one buffer, or the pieces of the read in order. `written`: called once the socket is
-   * done with `data` — with `always`, also when the write failed or the reply was not sent (lent
-   * pages must come back); without, not then (a reused buffer is simply dropped).
+   * done with `data`, whether the write went out or failed, or at once if the reply was not sent
+   * (lent pages must come back).
    */
-  private answerRead(req: RequestMessage, data: Uint8Array | readonly Uint8Array[], written?: () => void, always = false): void {
+  private answerRead(req: RequestMessage, data: Uint8Array | readonly Uint8Array[], written?: () => void): void {
     const parts = data instanceof Uint8Array ? [data] : data;
     let length = 0;
     for (const p of parts) length += p.length;
     let sent: boolean;
     if (!this.structured) {
-      sent = this.sendThen(written, always, encodeSimpleReply(0, req.handle), ...parts);
+      sent = this.sendThen(written, encodeSimpleReply(0, req.handle), ...parts);
     } else if (length === 0) {
-      sent = this.sendThen(written, always, encodeStructuredNone(req.handle));
+      sent = this.sendThen(written, encodeStructuredNone(req.handle));
     } else {
       // One content chunk covering the whole read, marked final: the data is all here, so no
       // error can follow it (and NBD_CMD_FLAG_DF is satisfied whatever the length).
-      sent = this.sendThen(written, always, encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, req.handle, req.offset, length), ...parts);
+      sent = this.sendThen(written, encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, req.handle, req.offset, length), ...parts);
     }
-    if (!sent && always) written?.();
+    if (!sent) written?.();
   }
 
   private answerError(req: RequestMessage, errno: number, message: string): void {

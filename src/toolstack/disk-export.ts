@@ -29,10 +29,6 @@ export function exportDevice(f: Blkfront): NbdExportDevice {
       aligned(offset, length);
       return f.read(offset, length);
     },
-    readInto(offset: number, buf: Uint8Array) {
-      aligned(offset, buf.length);
-      return f.readInto(offset, buf);
-    },
     readPages(offset: number, length: number) {
       aligned(offset, length);
       return f.readPages(offset, length);
