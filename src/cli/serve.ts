@@ -23,7 +23,7 @@ import { startMetrics } from './metrics.js';
 import { formatSize, parseSize } from './size.js';
 import { RateMeter, formatRates } from './status.js';
 import { bareHost, exposureWarning, inheritedSockets, removePidFile, watchParent, writePidFile } from './service.js';
-import { SPARE_THREADS, effectiveThreadpool, serveThreadpoolShare } from './threadpool.cjs';
+import { SPARE_THREADS, effectiveThreadpool, imageHandles, serveThreadpoolShare } from './threadpool.cjs';
 
 export const DEFAULT_IMAGE_SIZE = 1024 ** 3;
 export const DEFAULT_NBD_PORT = 10809;
@@ -191,7 +191,7 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   }
   // Each image file's share of libuv's threadpool, the pool being what the blkif executable sized
   // it to (threadpool.cts): a stalled image then holds its share, never every thread.
-  const handles = storage.filter((s) => s.kind === 'file').length * (o.queueThreads === true ? o.queues + 1 : 1);
+  const handles = imageHandles(storage.filter((s) => s.kind === 'file').length, o.queueThreads === true, o.queues);
   const threads = effectiveThreadpool(process.env.UV_THREADPOOL_SIZE);
   const pool = serveThreadpoolShare(threads, handles);
   if (pool.tight) warn(`libuv's threadpool has ${threads} threads: too few for ${handles} image file handles should their disks stall (run the blkif executable, which sizes it, or set UV_THREADPOOL_SIZE=${handles * pool.slots + SPARE_THREADS})`);

@@ -52,9 +52,13 @@ export function serveThreadpool(args: readonly string[]): number {
     if (m !== null) vbds = Math.max(vbds, Number(m[1] ?? args[i + 1]) || 0);
     if (!a.startsWith('-')) words++;
   }
-  const images = Math.max(1, words, vbds);
-  const handles = images * (args.includes('--queue-threads') ? MAX_QUEUES + 1 : 1);
+  const handles = imageHandles(Math.max(1, words, vbds), args.includes('--queue-threads'), MAX_QUEUES);
   return Math.min(LIBUV_MAX_THREADS, SPARE_THREADS + SLOTS_PER_HANDLE * handles);
+}
+
+/** Handles `images` image files open: one each, and one more per queue with queue threads. */
+export function imageHandles(images: number, queueThreads: boolean, queues: number): number {
+  return images * (queueThreads ? queues + 1 : 1);
 }
 
 export interface ThreadpoolShare {
