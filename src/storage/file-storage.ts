@@ -12,22 +12,11 @@
  * asynchronous either way.
  */
 import {
-  close,
-  closeSync,
-  constants,
-  existsSync,
-  fstat,
-  fdatasyncSync,
-  fstatSync,
-  ftruncateSync,
-  open,
-  openSync,
-  readvSync,
-  unlinkSync,
-  writevSync,
-  type Stats,
+  close, closeSync, constants, existsSync, fstat, fdatasyncSync, fstatSync, ftruncateSync, open, openSync,
+  readvSync, unlinkSync, writevSync,
 } from 'node:fs';
 import { resolve } from 'node:path';
+import { promisify } from 'node:util';
 import { FileIo } from './file-io.js';
 import { HolePuncher } from './hole-punch.js';
 import { checkRange, totalLength } from './range.js';
@@ -66,13 +55,9 @@ function why(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
-function openFd(path: string, flags: number): Promise<number> {
-  return new Promise((res, rej) => open(path, flags, (e, fd) => (e ? rej(e) : res(fd))));
-}
-
-function closeFd(fd: number): Promise<void> {
-  return new Promise((res, rej) => close(fd, (e) => (e ? rej(e) : res())));
-}
+const openFd = promisify(open);
+const closeFd = promisify(close);
+const fstatFd = promisify(fstat);
 
 export class FileStorage implements BlockStorage {
   readonly sectorSize: number;
@@ -120,7 +105,7 @@ export class FileStorage implements BlockStorage {
       throw new StorageError(errnoCode(e), `cannot open image ${path}: ${why(e)}`);
     }
     try {
-      const st = await new Promise<Stats>((res, rej) => fstat(fd, (e, x) => (e ? rej(e) : res(x))));
+      const st = await fstatFd(fd);
       if (!st.isFile()) throw new StorageError('EINVAL', `${path} is not a regular file`);
       const s = new FileStorage(path, fd, st.size, ss, opts);
       // A read-only image refuses discard, so it never frees anything: no need to probe.
