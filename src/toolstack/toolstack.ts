@@ -20,8 +20,6 @@ import { createVbdNodes, removeVbdNodes, type VbdPaths } from './vbd.js';
 export interface ToolstackOptions {
   /** Where domains' log lines go (default: kept, see `logs`). */
   readonly log?: (domid: number, msg: string) => void;
-  /** Domain slots in the hypervisor (default MAX_DOMAINS): room for every guest and driver domain. */
-  readonly maxDomains?: number;
   /** xenstored's per-domain quotas (default cxenstored's: -E 1000 nodes, -W 128 watches). */
   readonly quotas?: Partial<XenstoreQuotas>;
 }
@@ -136,7 +134,7 @@ export class Toolstack {
   static async start(opts: ToolstackOptions = {}): Promise<Toolstack> {
     const dir = mkdtempSync(join(tmpdir(), 'blkif-xen-'));
     const socketPath = join(dir, 'xenstored.socket');
-    const hv = new Hypervisor(opts.maxDomains === undefined ? {} : { maxDomains: opts.maxDomains });
+    const hv = new Hypervisor();
     const daemon = new XenstoreDaemon(opts.quotas === undefined ? {} : { quotas: opts.quotas });
     const server = await XenstoreSocketServer.listen(daemon, socketPath);
     const xs = await XenstoreClient.connectSocket(socketPath);
