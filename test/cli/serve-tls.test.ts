@@ -50,6 +50,7 @@ before(() => {
 });
 
 afterEach(async () => {
+  // static-check: allow cleanup: the tests check their own stops; this one ends what a failed test left
   await Promise.all(running.splice(0).map((s) => s.stop('SIGKILL').catch(() => undefined)));
   await Promise.all(kits.splice(0).map((k) => k.kill()));
   for (const c of children.splice(0)) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');

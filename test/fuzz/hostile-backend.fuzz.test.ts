@@ -70,6 +70,7 @@ import { Toolstack, createVbdNodes, removeVbdNodes, type VbdPaths } from '../../
 import { GNTMAP_host_map, GNTMAP_readonly, GNTST_okay, type XenDomain } from '../../src/xen/index.js';
 import { XS_STATE, parseXenbusState } from '../../src/xenbus/index.js';
 import { Prng, firstDifference, fuzzRuns, runProperty, sleep, within } from './support.js';
+import { unlessGone } from '../support/common.js';
 
 const SECTOR = 512;
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
@@ -354,7 +355,7 @@ class RawBackend {
   }
 
   async stop(): Promise<void> {
-    await ts.xs.unwatch(`${this.paths.frontDir}/${XS_STATE}`, this.token).catch(() => undefined);
+    await ts.xs.unwatch(`${this.paths.frontDir}/${XS_STATE}`, this.token);
     await this.serial;
   }
 
@@ -364,7 +365,7 @@ class RawBackend {
   }
 
   private async frontendChanged(): Promise<void> {
-    const fs = parseXenbusState(await ts.xs.read(`${this.paths.frontDir}/${XS_STATE}`).catch(() => undefined));
+    const fs = parseXenbusState(await unlessGone(ts.xs.read(`${this.paths.frontDir}/${XS_STATE}`)));
     switch (fs) {
       case 3:
       case 4:
@@ -385,7 +386,7 @@ class RawBackend {
   private async connect(): Promise<void> {
     const { xs } = ts;
     const fd = this.paths.frontDir;
-    const opt = (k: string) => xs.read(`${fd}/${k}`).catch(() => undefined);
+    const opt = (k: string) => unlessGone(xs.read(`${fd}/${k}`));
     const abi = abiByName((await opt(XS_PROTOCOL)) ?? 'x86_32-abi');
     if (abi === undefined) return this.violate('blkfront wrote an unknown protocol');
     const orderText = await opt(XS_RING_PAGE_ORDER);
