@@ -79,7 +79,7 @@ const sent = (from: number) => `${messages - from} xenstore messages`;
 after(() => {
   console.log(`xenstore suite: ${messages} xenstore messages sent`);
 });
-import { fuzzRuns, runProperty, sleep, within } from './support.js';
+import { assertChecksRan, fuzzRuns, runProperty, sleep, within } from './support.js';
 import { unlessGone } from '../support/common.js';
 
 const WAIT = 5000;
@@ -351,6 +351,7 @@ test('xenstored against malformed and oversized traffic on both transports: one 
       await sd.close();
     }
   }, fuzzRuns(40), () => `${sent(from)}, ${replies} raw requests`);
+  assertChecksRan(fuzzRuns(40), replies > 0, 'no raw request was answered');
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -628,6 +629,7 @@ test('an unprivileged guest never reads, hears of or changes what its permission
       await sd.close();
     }
   }, fuzzRuns(40), () => `${sent(from)}, ${ops} guest operations, ${denied} refused`);
+  assertChecksRan(fuzzRuns(40), denied > 0 && ops > denied, `${ops} guest operations, ${denied} refused: both kinds wanted`);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -771,6 +773,7 @@ test('transaction storms over both transports: every commit counted once, every 
       await sd.close();
     }
   }, fuzzRuns(30), () => `${sent(from)}, ${commits} commits, ${conflicts} conflicts`);
+  assertChecksRan(fuzzRuns(30), commits > 0, 'no transaction committed');
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -793,6 +796,7 @@ const tokenCase: fc.Arbitrary<TokenCase> = fc.record({
 
 test('a watch token of any length costs at most its own event: the change is made and answered OK, other watchers hear it, the daemon lives', async (t) => {
   const from = messages;
+  let heardChecked = 0;
   await runProperty(t, 'xenstore long tokens', tokenCase, async (c, n) => {
     const uncaught: unknown[] = [];
     const onUncaught = (e: unknown) => uncaught.push(e);
@@ -853,11 +857,13 @@ test('a watch token of any length costs at most its own event: the change is mad
         `case ${n} (${JSON.stringify(c)}): a watcher registered before the long token heard ${target} (heard ${heardEarly.join(', ')})`);
       assert.ok(heardLate.includes(target), `case ${n} (${JSON.stringify(c)}): a watcher registered after the long token heard ${target} (heard ${heardLate.join(', ')})`);
       assert.ok(await within(dom0.exists(home), 'the daemon still serves dom0', WAIT));
+      heardChecked++;
     } finally {
       process.off('uncaughtException', onUncaught);
       for (const o of others) o.close();
       dom0.close();
       await sd.close();
     }
-  }, fuzzRuns(30), () => sent(from));
+  }, fuzzRuns(30), () => `${sent(from)}, ${heardChecked} cases' events checked`);
+  assertChecksRan(fuzzRuns(30), heardChecked > 0, 'no case reached its watch checks');
 });
