@@ -921,7 +921,8 @@ async function runCase(c: BeCase, n: number): Promise<void> {
     await removeVbdNodes(ts.xs, paths);
     await ts.hv.destroyDomain(B.domid);
     await ts.hv.destroyDomain(G.domid);
-    // Let the frontend's timers and watches of this case run out before the next.
+    // Let the frontend's timers and watches of this case run out before the next (isolation
+    // between cases; nothing is asserted on it).
     await sleep(1);
   }
 }

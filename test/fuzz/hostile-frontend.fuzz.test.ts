@@ -491,6 +491,8 @@ class FrontCase {
     const deadline = Date.now() + WAIT;
     for (;;) {
       await eventually(want, `${what}: blkback ${state}`, Math.max(1, deadline - Date.now()));
+      // Steadiness, not synchronisation: the state must hold across two windows in which a
+      // racing change would show (a busy machine only makes the windows look quieter).
       await sleep(20);
       if (await want()) {
         await sleep(20);
@@ -590,6 +592,7 @@ class FrontCase {
     for (const st of s.statesA) {
       await this.writeState(st);
       this.log.push(`state ${JSON.stringify(st)}`);
+      // Jitter between the hostile state writes: part of the sequence the case generates.
       if (this.prng.chance(0.5)) await sleep(this.prng.int(0, 3));
       await this.status(); // the backend domain still answers
     }
@@ -983,6 +986,7 @@ class FrontCase {
       const st = await this.status();
       assert.equal(st.connected, false);
       assert.ok(st.error?.includes('req_prod'), `the error names req_prod: ${st.error}`);
+      // A window in which an answer that must not come would land (no event marks its absence).
       await sleep(20);
       assert.equal(sring.rspProd, P, 'nothing is answered once req_prod is bogus');
       assert.equal(this.responses.length, 0);
@@ -1143,6 +1147,7 @@ class FrontCase {
   private async checkQuietOnceClosed(what: string): Promise<void> {
     for (const ref of this.refs) assert.equal(L.grants.isMapped(ref), false, `${what}: ref ${ref} still mapped by a Closed backend`);
     const before = this.ringFrames.map((f) => new Uint8Array(L.memory.page(f)));
+    // A window in which a Closed backend that still wrote the ring would show (no event marks its absence).
     await sleep(30);
     this.ringFrames.forEach((f, i) => assert.equal(firstDifference(L.memory.page(f), before[i]!), -1, `${what}: ring page ${i} changed after blkback went Closed`));
     for (const ref of this.refs) assert.equal(L.grants.isMapped(ref), false, `${what}: ref ${ref} mapped again after blkback went Closed`);
@@ -1155,9 +1160,12 @@ class FrontCase {
     for (const st of this.spec.statesC) {
       await this.writeState(st);
       this.log.push(`late state ${JSON.stringify(st)}`);
+      // Jitter between the hostile state writes: part of the sequence the case generates.
       if (this.prng.chance(0.5)) await sleep(this.prng.int(0, 5));
       await this.status();
     }
+    // Room for blkback to act on the late states before the checks; these hold whatever it did
+    // (or had not yet done) with them, so this is scenario, not synchronisation.
     await sleep(20);
   }
 

@@ -316,6 +316,8 @@ async function pageAttackRun(sd: SocketDaemon, dom0: XenstoreClient, a: Extract<
     }
     await new Promise<void>((r) => setImmediate(r));
   }
+  // A timer's turn for the daemon to act on the last attack before dom0's round trip below
+  // (which would see its effect either way): scenario, not synchronisation.
   await sleep(1);
   // The guest's home is still there for dom0, and the daemon answers dom0.
   assert.ok(await within(dom0.exists(`/local/domain/${domid}`), `${what}: dom0 still served`, WAIT));
@@ -840,6 +842,8 @@ test('a watch token of any length costs at most its own event: the change is mad
         case 'setPerms': r = await code(dom0.setPerms(deep, [{ domid: 0, perm: 'r' }])); break;
         default: r = await code(dom0.release(D));
       }
+      // A window for an exception the daemon throws asynchronously to surface (no event marks
+      // its absence); the events themselves are waited for by round trips below.
       await sleep(5);
       assert.deepEqual(uncaught.map(String), [], `case ${n} (${JSON.stringify(c)}): the daemon threw`);
       assert.equal(r, 'OK', `case ${n} (${JSON.stringify(c)}): the ${c.trigger} is answered OK`);
