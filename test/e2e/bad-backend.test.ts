@@ -40,7 +40,7 @@ async function withRawBackend(answer: Answer, body: (f: Blkfront, sent: BlkifReq
     await ts.xs.write(`${paths.backDir}/${XS_SECTOR_SIZE}`, '512');
     await ts.xs.write(`${paths.backDir}/${XS_FEATURE_FLUSH_CACHE}`, '1');
     await ts.xs.write(`${paths.backDir}/${XS_STATE}`, '2');
-    await waitForState(ts.xs, paths.frontDir, (s) => s === XenbusStateInitialised, 5000);
+    await waitForState(ts.xs, paths.frontDir, (s) => s === XenbusStateInitialised, 30_000);
     const ref = Number(await ts.xs.read(`${paths.frontDir}/${XS_RING_REF}`));
     const map = B.grants.map([{ dom: G.domid, ref, flags: GNTMAP_host_map }])[0]!;
     handle = map.handle;

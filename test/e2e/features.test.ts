@@ -55,7 +55,7 @@ test('the persistent-grant cache keeps to its bound, purges idle grants and ends
   await disk.write(0, rng.bytes(64 * 1024));
   assert.ok((await disk.backendStatus()).counters.persistent_grants > 0);
   await guest.rpc.call('detach', disk.paths.frontDir);
-  await waitForState(ts.xs, disk.paths.backDir, (s) => s === XenbusStateClosed, 5000);
+  await waitForState(ts.xs, disk.paths.backDir, (s) => s === XenbusStateClosed, 30_000);
   bs = await disk.backendStatus();
   assert.equal(bs.counters.persistent_grants, 0, 'nothing left mapped after disconnect');
   assert.equal(bs.counters.grant_map_ops, bs.counters.grant_unmap_ops);

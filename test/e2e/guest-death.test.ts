@@ -58,7 +58,7 @@ test('a guest killed mid-I/O leaves nothing mapped; the other guest keeps going'
   // Each writer's outstanding write failed, and because the domain died.
   assert.equal(failures.length, 64);
   for (const m of failures) assert.match(m, /domain thread exited|no disk attached/);
-  await waitForState(ts.xs, dv.paths.backDir, (s) => s === XenbusStateClosed, 5000);
+  await waitForState(ts.xs, dv.paths.backDir, (s) => s === XenbusStateClosed, 30_000);
   const st = await back.rpc.call<{ counters: { inflight_req: number; grant_map_ops: number; grant_unmap_ops: number; persistent_grants: number } }>('status', dv.paths.backDir);
   assert.equal(st.counters.inflight_req, 0);
   assert.equal(st.counters.persistent_grants, 0);

@@ -75,7 +75,7 @@ import { Rng, tempDir } from '../e2e/helpers.js';
 import { Prng, assertChecksRan, eventually, firstDifference, fuzzRuns, runProperty, sectorKey, sleep, within } from './support.js';
 
 /** Bound on any single wait (generous: CI machines are slow, a hang is still caught). */
-const WAIT = 10_000;
+const WAIT = 30_000;
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 const SECTOR = 512;
 

@@ -82,7 +82,7 @@ after(() => {
 import { assertChecksRan, fuzzRuns, runProperty, sleep, within } from './support.js';
 import { unlessGone } from '../support/common.js';
 
-const WAIT = 5000;
+const WAIT = 30_000;
 const KNOWN_ERRORS = new Set<string>([...XSD_ERRORS.map((e) => e.errstring), 'EQUOTA']);
 
 async function code(p: Promise<unknown>): Promise<string> {

@@ -185,7 +185,7 @@ describe('worker-thread domains', () => {
     assert.equal(threadComm('a-long-domain-name', 0), 'a-long-domain-n');
     assert.equal(threadComm('a-long-domain-name', 3), 'a-long-domain/3');
     // A GC observer reports after the collection: give it the event loop's next turn.
-    await eventually(() => hv!.domainCounters(g.domid)!.scavenges > before, 'a scavenge counted', 5000);
+    await eventually(() => hv!.domainCounters(g.domid)!.scavenges > before, 'a scavenge counted', 30_000);
   });
 });
 

@@ -16,7 +16,7 @@ const VCPU = new URL('./fixtures/vcpu.js', import.meta.url);
 const DOMAIN = new URL('./fixtures/vcpu-domain.js', import.meta.url);
 const TEARDOWN = new URL('./fixtures/vcpu-teardown.js', import.meta.url);
 /** Upper bound for an event that must come; only reached when the test is failing. */
-const MUST_COME_MS = 10_000;
+const MUST_COME_MS = 30_000;
 
 
 /** The hypervisor's shared tables (private), to observe a vCPU's upcall word. */
