@@ -242,6 +242,9 @@ for (const variant of ['fuse', 'nbd'] as const) {
       // vbd0's requests reach its disk and hang there (which of them get there first is up to the
       // clients: on a file, its share of libuv's pool may go to reads only, the rest waiting).
       await eventually(() => [...disk!.unanswered().values()].some((n) => n > 0), 'vbd0 requests waiting at the paused nbdkit', 30_000, 20);
+      // And more of them in blkback than libuv has threads, before vbd1 is exercised (the clients
+      // submit them at their own pace: on a loaded machine, later than the first arrive).
+      await eventually(async () => (await inflight(s!, 'vbd0')) >= STUCK_AT_LEAST, `${STUCK_AT_LEAST} vbd0 requests in flight in blkback`, 60_000, 50);
 
       await exerciseVbd1(s.uri, dir, 4 * MiB);
 
