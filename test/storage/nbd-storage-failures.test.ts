@@ -106,8 +106,8 @@ describe('nbdkit failures', () => {
       await write;
       await rejectsWith(read, 'EIO', /NBD_CMD_READ of 4096 bytes at 0 lost its connection 3 times \(last: no reply in 250 ms/);
       // Each of the 3 sends waited out its timeout: counted, not clocked (a busy machine only
-      // makes it later).
-      assert.equal(s.stats.timeouts, 3);
+      // makes it later). At least 3: on a loaded machine the undelayed write may time out too.
+      assert.ok(s.stats.timeouts >= 3, `timeouts ${s.stats.timeouts}`);
       assert.match(logs.join('\n'), /lost \(no reply in 250 ms to NBD_CMD_READ/);
       await s.write(0, [new Uint8Array(4096)]); // the storage carries on
     } finally {
