@@ -435,6 +435,7 @@ describe('blkback against a hostile raw frontend', () => {
     try {
       const st0 = await v.status();
       assert.equal(st0.readOnly, true);
+      // VDISK_READONLY is blkif.h's, compiled (test/conformance/xen-constants.test.ts).
       assert.equal(Number(await ts.xs.read(`${v.backDir}/${XS_INFO}`)) & VDISK_READONLY, VDISK_READONLY);
       for (const key of [XS_FEATURE_FLUSH_CACHE, XS_FEATURE_BARRIER, XS_FEATURE_DISCARD]) {
         assert.equal(await ts.xs.read(`${v.backDir}/${key}`), '0', `${key} is not offered`);
