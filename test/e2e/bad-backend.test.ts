@@ -125,7 +125,7 @@ test('a flush refused with EOPNOTSUPP is not asked again', async () => {
   });
 });
 
-test('close() during a split I/O that fails: the answers for the already failed I/O still let close() finish', { timeout: 30_000 }, async () => {
+test('close() during a split I/O that fails: the answers for the already failed I/O still let close() finish', { timeout: 120_000 }, async () => {
   // Found by the hostile-backend fuzzer: the last answer belonged to an I/O an earlier answer had
   // failed, and close() waited for a drain nobody announced.
   await withRawBackend((req, ring, out) => reply(ring, out, req.id, req.operation, BLKIF_RSP_ERROR), async (f, sent) => {
