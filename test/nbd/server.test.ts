@@ -661,7 +661,7 @@ describe('shutdown', () => {
     await c.closedByServer();
     await closing;
     assert.equal(t.disk.bytes[0], 3);
-    await assert.rejects(RawClient.connect({ port: t.port }));
+    await assert.rejects(RawClient.connect({ port: t.port }), /ECONNREFUSED/);
   });
 
   test('close() gives up on a stuck device after closeTimeoutMs', async (tc) => {

@@ -26,11 +26,12 @@ test('a >= 0 on a count, in an assertion, is flagged', () => {
   assert.deepEqual(flags('assert.ok(ref >= 0);\nassert.ok(log.indexOf(e) >= 0);\nassert.ok(refs.every((r) => r >= 0));'), []);
 });
 
-test('assert.rejects and assert.throws with a string second argument are flagged', () => {
+test('assert.rejects and assert.throws with a string second argument, or none, are flagged', () => {
   assert.deepEqual(flags("await assert.rejects(p, 'no such node');"), [[1, 'string-expectation']]);
   assert.deepEqual(flags('assert.throws(() => f(), `bad ${x}`);'), [[1, 'string-expectation']]);
   assert.deepEqual(flags('await assert.rejects(\n  run(a, b),\n  "refused",\n);'), [[3, 'string-expectation']]);
   assert.deepEqual(flags("await assert.rejects(p, /refused/, 'why');"), []);
+  assert.deepEqual(flags('await assert.rejects(run(a, b));\nassert.throws(() => f());'), [[1, 'no-expectation'], [2, 'no-expectation']]);
   assert.deepEqual(flags("assert.throws(() => f('a, b'), (e) => e instanceof E);"), []);
 });
 

@@ -1,9 +1,9 @@
 /**
  * A cheap static check of the test suite's own sources for checks that cannot fail or that fail
  * because the machine is busy (issue 26): `>= 0` on a count inside an assertion (a count is never
- * negative),
- * `assert.rejects`/`assert.throws` given a string as their second argument (that string is the
- * failure message, not an expectation: any error passes), a `.catch` or `catch` that swallows
+ * negative), `assert.rejects`/`assert.throws` given a string as their second argument (that
+ * string is the failure message, not an expectation: any error passes) or no expectation at
+ * all, a `.catch` or `catch` that swallows
  * what it caught, and wall-clock readings (Date.now(), performance.now(), process.hrtime,
  * cpuUsage, eventLoopUtilization, and values derived from them) compared in an assertion — speed
  * is measured in bench/, not asserted in tests.
@@ -14,7 +14,7 @@
 import { readFileSync, readdirSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
 
-export type Rule = 'count-ge-0' | 'string-expectation' | 'swallowed-error' | 'wall-clock';
+export type Rule = 'count-ge-0' | 'string-expectation' | 'no-expectation' | 'swallowed-error' | 'wall-clock';
 
 export interface Finding {
   file: string;
@@ -199,7 +199,7 @@ export function checkSource(file: string, src: string, opts: { wallClock?: boole
     if (a.length >= 2) {
       const second = code.slice(a[1]![0], a[1]![1]).trim();
       if (/^['"`]/.test(second)) report(a[1]![0] + code.slice(a[1]![0]).search(/\S/), 'string-expectation');
-    }
+    } else report(m.index, 'no-expectation');
   }
 
   for (const re of [SWALLOW_CATCH, EMPTY_CATCH_BLOCK]) {
@@ -233,6 +233,7 @@ export function formatFinding(f: Finding): string {
   const why: Record<Rule, string> = {
     'count-ge-0': '`>= 0` in an assertion cannot fail on a count',
     'string-expectation': 'a string second argument is a message, not an expectation: any error passes',
+    'no-expectation': 'no expectation of the error: any error passes',
     'swallowed-error': 'an error swallowed: a failure here is never seen',
     'wall-clock': 'a wall-clock reading asserted: speed belongs in bench/',
   };

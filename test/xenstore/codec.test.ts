@@ -126,5 +126,5 @@ test('garbage never throws out of the parser; oversized length is reported once'
   const p = new MessageParser();
   p.push(encodeHeader({ type: XS_READ, reqId: 1, txId: 0, len: XENSTORE_PAYLOAD_MAX + 1 }));
   assert.equal(p.next()?.kind, 'oversized');
-  assert.throws(() => encodeMessage({ type: XS_READ, reqId: 1, txId: 0, payload: new Uint8Array(XENSTORE_PAYLOAD_MAX + 1) }));
+  assert.throws(() => encodeMessage({ type: XS_READ, reqId: 1, txId: 0, payload: new Uint8Array(XENSTORE_PAYLOAD_MAX + 1) }), /payload 4097 exceeds XENSTORE_PAYLOAD_MAX/);
 });
