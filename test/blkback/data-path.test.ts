@@ -64,7 +64,7 @@ class ScriptedStorage implements BlockStorage {
     try {
       if (this.hold) await new Promise<void>((r) => this.held.push(r));
       const ms = this.delays.get(offset)?.shift() ?? 0;
-      if (ms > 0) await new Promise((r) => setTimeout(r, ms));
+      if (ms > 0) await new Promise((r) => setTimeout(r, ms)); // the latency the test gives this operation: scenario
       await io();
     } finally {
       this.active--;
