@@ -8,7 +8,7 @@ import { Blkfront, type BlkfrontCounters, type BlkfrontOptions, type DeviceInfo 
 import { attachDomain } from '../xen/index.js';
 import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
 import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig } from '../nbd/index.js';
-import { exportDevice } from './disk-export.js';
+import { exportDevice } from '../product/nbd-device.js';
 import { serveRpc, type RpcHandlers } from './rpc.js';
 import { runWorkload, type WorkloadResult, type WorkloadSpec } from './workload.js';
 
