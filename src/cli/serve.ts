@@ -16,7 +16,7 @@ import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MA
 import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
 import { FileStorage, describeStorage, storageFromArgument, type StorageSpec } from '../storage/index.js';
 import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
-import { DiskExport } from '../toolstack/index.js';
+import { DiskExport } from '../product/index.js';
 import { checkedByDefault } from '../xen/index.js';
 import { UsageError } from './errors.js';
 import { startMetrics } from './metrics.js';

@@ -2,6 +2,5 @@ export * from './rpc.js';
 export * from './vbd.js';
 export * from './toolstack.js';
 export type { BackendVbdStatus } from './backend-domain.js';
-export * from './nbd-export.js';
 export type { GuestExportSpec } from './guest-domain.js';
 export * from './workload.js';

@@ -10,7 +10,8 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Toolstack, backendMemory, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
+import { backendMemory } from '../../src/product/index.js';
+import { Toolstack, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
 import type { XenCounters } from '../../src/xen/index.js';
 import { Rng, firstDifference, sparseImage, tempDir, verifiedBatch } from './helpers.js';
 

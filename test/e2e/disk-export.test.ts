@@ -9,7 +9,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NbdClient } from '../../src/nbd/index.js';
-import { DiskExport, sharedFrontendOptions } from '../../src/toolstack/index.js';
+import { DiskExport, sharedFrontendOptions } from '../../src/product/index.js';
 import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../../src/xen/index.js';
 import { frontendPath, xvdVirtualDevice } from '../../src/xenbus/index.js';
 import { assertReleased } from './helpers.js';

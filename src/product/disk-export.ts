@@ -9,13 +9,13 @@ import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../blkback/index.j
 import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST } from '../abi/index.js';
 import { DEFAULT_BLKFRONT_OPTIONS, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
-import type { BackendVbdStatus } from './backend-domain.js';
-import type { GuestExportSpec } from './guest-domain.js';
+import type { BackendVbdStatus } from '../toolstack/backend-domain.js';
+import type { GuestExportSpec } from '../toolstack/guest-domain.js';
 import type { StorageSpec } from '../storage/index.js';
 import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../xen/index.js';
 import { xvdName } from '../xenbus/index.js';
 import { DEFAULT_QUOTAS } from '../xenstore/index.js';
-import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
+import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from '../toolstack/toolstack.js';
 
 export interface DiskExportOptions {
   readonly images: readonly StorageSpec[];

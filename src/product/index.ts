@@ -1,0 +1,2 @@
+export * from './disk-export.js';
+export * from './nbd-device.js';
