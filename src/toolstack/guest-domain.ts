@@ -10,7 +10,7 @@ import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
 import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig } from '../nbd/index.js';
 import { exportDevice } from '../product/nbd-device.js';
 import { serveRpc, type RpcHandlers } from './rpc.js';
-import { runWorkload, type WorkloadResult, type WorkloadSpec } from './workload.js';
+import { runWorkload, type WorkloadResult, type WorkloadSpec } from '../../bench/harness/workload.js';
 
 /** An export the NBD server in this guest offers: a disk attached here, at `frontDir`. */
 export interface GuestExportSpec {

@@ -3,4 +3,3 @@ export * from './vbd.js';
 export * from './toolstack.js';
 export type { BackendVbdStatus } from './backend-domain.js';
 export type { GuestExportSpec } from './guest-domain.js';
-export * from './workload.js';

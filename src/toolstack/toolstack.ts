@@ -14,7 +14,7 @@ import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer, type XenstoreQuot
 import type { BackendVbdStatus } from './backend-domain.js';
 import { RpcClient } from './rpc.js';
 import type { StorageSpec } from '../storage/index.js';
-import type { WorkloadResult, WorkloadSpec } from './workload.js';
+import type { WorkloadResult, WorkloadSpec } from '../../bench/harness/workload.js';
 import { createVbdNodes, removeVbdNodes, type VbdPaths } from './vbd.js';
 
 export interface ToolstackOptions {

@@ -3,7 +3,7 @@
  * VM: random or sequential reads or writes of one block size at a fixed queue depth, for a time
  * or an operation count. Returns what it measured; the benchmarks put that beside baselines.
  */
-import type { Blkfront } from '../blkfront/index.js';
+import type { Blkfront } from '../../src/blkfront/index.js';
 
 export interface WorkloadSpec {
   readonly pattern: 'randread' | 'randwrite' | 'read' | 'write';
