@@ -9,13 +9,12 @@ import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../blkback/index.j
 import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST } from '../abi/index.js';
 import { DEFAULT_BLKFRONT_OPTIONS, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
-import type { BackendVbdStatus } from '../toolstack/backend-domain.js';
-import type { GuestExportSpec } from '../toolstack/guest-domain.js';
+import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type BackendVbdStatus, type DomainProxy, type GuestDisk } from '../toolstack/index.js';
 import type { StorageSpec } from '../storage/index.js';
 import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../xen/index.js';
 import { xvdName } from '../xenbus/index.js';
 import { DEFAULT_QUOTAS } from '../xenstore/index.js';
-import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from '../toolstack/toolstack.js';
+import { NBD_GUEST_APPLICATION, type GuestExportSpec } from './nbd-guest.js';
 
 export interface DiskExportOptions {
   readonly images: readonly StorageSpec[];
@@ -29,6 +28,8 @@ export interface DiskExportOptions {
   readonly log?: (domid: number, msg: string) => void;
   /** Called as each step completes, for progress output. */
   readonly progress?: (step: string) => void;
+  /** More applications for the guest beside the NBD server (guest-application.ts; tests, benchmarks). */
+  readonly guestApplications?: readonly URL[];
 }
 
 export interface VbdStatus {
@@ -178,7 +179,7 @@ export class DiskExport {
       const backend = await ts.createBackendDomain('driver-domain', backendMemory(o.backendOptions ?? {}, n));
       o.progress?.(`driver domain ${backend.domid} started`);
       const frontendOptions = sharedFrontendOptions(o.frontendOptions ?? {}, n);
-      const guest = await ts.createGuest('guest', guestMemory(frontendOptions, n));
+      const guest = await ts.createGuest('guest', guestMemory(frontendOptions, n), { applications: [NBD_GUEST_APPLICATION, ...(o.guestApplications ?? [])] });
       o.progress?.(`guest ${guest.domid} started`);
       const disks: GuestDisk[] = [];
       for (let i = 0; i < n; i++) {
