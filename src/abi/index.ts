@@ -5,3 +5,4 @@ export * from './request.js';
 export * from './response.js';
 export * from './json.js';
 export * from './xenstore-keys.js';
+export * from './negotiation.js';

@@ -7,18 +7,7 @@
  * the XenbusDevice. Also the timers: how long I/O may wait for a backend, and the persistent-grant
  * purge.
  */
-import {
-  BLKIF_MAX_SEGMENTS_PER_REQUEST,
-  XS_EVENT_CHANNEL,
-  XS_FEATURE_PERSISTENT,
-  XS_MULTI_QUEUE_NUM_QUEUES,
-  XS_PROTOCOL,
-  XS_RING_PAGE_ORDER,
-  XS_RING_REF,
-  xsQueueDir,
-  xsRingRefN,
-} from '../abi/index.js';
-import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+import { BLKIF_MAX_SEGMENTS_PER_REQUEST, frontendRingNodes } from '../abi/index.js';
 import type { XenDomain } from '../xen/index.js';
 import {
   XS_BACKEND,
@@ -33,6 +22,7 @@ import {
   XenbusStateInitialising,
   everyPeriod,
   waitForState,
+  writeNodes,
   xenbusStateName,
   type XenbusState,
 } from '../xenbus/index.js';
@@ -254,26 +244,11 @@ export class BlkfrontXenbus {
       adopt: (c) => (this.conn = c),
       onEvent: (c, q) => this.io.onEvent(c, q),
     });
-    const nq = conn.queues.length;
-    const order = conn.ringPageOrder;
-    await xs.transaction(async (tx) => {
-      const rm = (key: string) => xs.rm(`${frontDir}/${key}`, tx).catch(() => undefined);
-      // Nodes of an earlier connection with another shape must not linger.
-      for (const key of [XS_RING_REF, XS_EVENT_CHANNEL, XS_RING_PAGE_ORDER, XS_MULTI_QUEUE_NUM_QUEUES]) await rm(key);
-      for (let i = 0; i < 1 << MAX_RING_PAGE_ORDER; i++) await rm(xsRingRefN(i));
-      for (let i = 0; i < 64; i++) await rm(xsQueueDir(i));
-      if (order > 0) await xs.write(`${frontDir}/${XS_RING_PAGE_ORDER}`, String(order), tx);
-      if (nq > 1) await xs.write(`${frontDir}/${XS_MULTI_QUEUE_NUM_QUEUES}`, String(nq), tx);
-      for (const q of conn.queues) {
-        // One queue: top-level nodes; several: under queue-N (blkif.h "Multi-queue").
-        const dir = nq === 1 ? frontDir : `${frontDir}/${xsQueueDir(q.index)}`;
-        if (order === 0) await xs.write(`${dir}/${XS_RING_REF}`, String(q.ringRefs[0]), tx);
-        else for (let i = 0; i < q.ringRefs.length; i++) await xs.write(`${dir}/${xsRingRefN(i)}`, String(q.ringRefs[i]), tx);
-        await xs.write(`${dir}/${XS_EVENT_CHANNEL}`, String(q.port), tx);
-      }
-      await xs.write(`${frontDir}/${XS_PROTOCOL}`, conn.abi.protocol, tx);
-      await xs.write(`${frontDir}/${XS_FEATURE_PERSISTENT}`, options.persistent ? '1' : '0', tx);
+    const rings = frontendRingNodes({
+      abi: conn.abi, order: conn.ringPageOrder, persistent: options.persistent,
+      queues: conn.queues.map((q) => ({ refs: q.ringRefs, port: q.port })),
     });
+    await xs.transaction((tx) => writeNodes(xs, frontDir, rings, tx));
     await this.dev.switchState(XenbusStateInitialised);
   }
 

@@ -12,8 +12,7 @@ import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { pino } from 'pino';
 import { xdgData } from 'xdg-basedir';
-import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS } from '../abi/index.js';
-import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER, indirectOfferError } from '../abi/index.js';
 import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
 import { DiskExport, ExportSetupError, exportStorage, prepareImages } from '../product/index.js';
 import type { StorageSpec } from '../storage/index.js';
@@ -77,7 +76,7 @@ export function serveCommand(): Command {
     .addOption(new Option('--max-indirect-segments <n>', `segments per indirect request the backend offers (0 = no indirect; max ${BLKIF_MAX_INDIRECT_SEGMENTS})`)
       .default(DEFAULT_MAX_INDIRECT_SEGMENTS).argParser((v) => {
         const n = int('--max-indirect-segments', 0, BLKIF_MAX_INDIRECT_SEGMENTS)(v);
-        if (n !== 0 && n <= BLKIF_MAX_SEGMENTS_PER_REQUEST) throw new InvalidArgumentError(`use 0 or more than ${BLKIF_MAX_SEGMENTS_PER_REQUEST}`);
+        if (indirectOfferError(n) !== undefined) throw new InvalidArgumentError(`use 0 or more than ${BLKIF_MAX_SEGMENTS_PER_REQUEST}`);
         return n;
       }))
     .addOption(new Option('--sector-size <bytes>', 'logical sector size of the disks').choices(['512', '4096']).default(512).argParser(Number))
