@@ -6,3 +6,4 @@ export * from './response.js';
 export * from './json.js';
 export * from './xenstore-keys.js';
 export * from './negotiation.js';
+export * from './errno.js';

@@ -7,6 +7,7 @@
  * (what to offer, what to ask for) stay in blkback and blkfront.
  */
 import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE } from './constants.js';
+import { EINVAL, ENOSYS } from './errno.js';
 import { abiByName, type BlkifAbi } from './layout.js';
 import {
   XS_DISCARD_ALIGNMENT,
@@ -41,10 +42,11 @@ export const MAX_QUEUES = 64;
 export type XsNodes = readonly (readonly [key: string, value: string | undefined])[];
 /** The other end's nodes: relative key -> value, undefined when absent. */
 export type XsLookup = (key: string) => string | undefined;
-export type NegotiationResult<T> = { readonly ok: true; readonly value: T } | { readonly ok: false; readonly error: string };
+/** A record read, or why not with the errno Linux reports for it (what `xenbus_dev_fatal` is given). */
+export type NegotiationResult<T> = { readonly ok: true; readonly value: T } | { readonly ok: false; readonly errno: number; readonly error: string };
 
 const ok = <T>(value: T): NegotiationResult<T> => ({ ok: true, value });
-const fail = <T>(error: string): NegotiationResult<T> => ({ ok: false, error });
+const fail = <T>(errno: number, error: string): NegotiationResult<T> => ({ ok: false, errno, error });
 
 /** A decimal unsigned integer as xenstore holds it (at most `max`), or undefined. */
 export function parseXsUint(text: string | undefined, max = Number.MAX_SAFE_INTEGER): number | undefined {
@@ -170,18 +172,19 @@ export interface RingLimits {
 /**
  * The frontend's rings as a backend reads them (Linux blkback `connect_ring`, `read_per_ring_refs`):
  * more queues or a larger order than offered, a missing or malformed ref or port, or an unknown
- * protocol is refused, as from a "buggy or malicious guest".
+ * protocol is refused, as from a "buggy or malicious guest" (ENOSYS for a protocol or a queue
+ * count we do not serve, EINVAL for the rest, as Linux says).
  */
 export function readFrontendRings(get: XsLookup, limits: RingLimits): NegotiationResult<FrontendRings> {
   const protocol = get(XS_PROTOCOL) ?? limits.defaultProtocol;
   const abi = abiByName(protocol);
-  if (abi === undefined) return fail(`frontend protocol "${protocol}" is not one we speak`);
+  if (abi === undefined) return fail(ENOSYS, `frontend protocol "${protocol}" is not one we speak`);
   const queuesText = get(XS_MULTI_QUEUE_NUM_QUEUES);
   const nq = queuesText === undefined ? 1 : parseXsUint(queuesText, U32);
-  if (nq === undefined || nq < 1 || nq > limits.maxQueues) return fail(`${XS_MULTI_QUEUE_NUM_QUEUES} "${queuesText}" (offered 1..${limits.maxQueues})`);
+  if (nq === undefined || nq < 1 || nq > limits.maxQueues) return fail(ENOSYS, `${XS_MULTI_QUEUE_NUM_QUEUES} "${queuesText}" (offered 1..${limits.maxQueues})`);
   const orderText = get(XS_RING_PAGE_ORDER);
   const order = orderText === undefined ? 0 : parseXsUint(orderText, U32);
-  if (order === undefined || order > limits.maxRingPageOrder) return fail(`${XS_RING_PAGE_ORDER} "${orderText}" (max ${limits.maxRingPageOrder})`);
+  if (order === undefined || order > limits.maxRingPageOrder) return fail(EINVAL, `${XS_RING_PAGE_ORDER} "${orderText}" (max ${limits.maxRingPageOrder})`);
   const queues: QueueRingNodes[] = [];
   for (let q = 0; q < nq; q++) {
     const dir = nq === 1 ? '' : `${xsQueueDir(q)}/`;
@@ -190,12 +193,12 @@ export function readFrontendRings(get: XsLookup, limits: RingLimits): Negotiatio
       // Without `ring-page-order` the one page is `ring-ref` (blkif.h: the single-page layout).
       const key = orderText === undefined ? `${dir}${XS_RING_REF}` : `${dir}${xsRingRefN(i)}`;
       const ref = parseXsUint(get(key), U32);
-      if (ref === undefined) return fail(`${key} missing or malformed (${get(key)})`);
+      if (ref === undefined) return fail(EINVAL, `${key} missing or malformed (${get(key)})`);
       refs.push(ref);
     }
     const portKey = `${dir}${XS_EVENT_CHANNEL}`;
     const port = parseXsUint(get(portKey), U32);
-    if (port === undefined) return fail(`${portKey} missing or malformed (${get(portKey)})`);
+    if (port === undefined) return fail(EINVAL, `${portKey} missing or malformed (${get(portKey)})`);
     queues.push({ refs, port });
   }
   return ok({ abi, order, queues, persistent: get(XS_FEATURE_PERSISTENT) === '1' });
@@ -248,10 +251,10 @@ export function diskNodes(d: DiskProperties): XsNodes {
  */
 export function readDiskProperties(get: XsLookup): NegotiationResult<DiskProperties> {
   const sectors = parseXsUint(get(XS_SECTORS));
-  if (sectors === undefined) return fail(`no usable "${XS_SECTORS}" (${get(XS_SECTORS)})`);
+  if (sectors === undefined) return fail(EINVAL, `no usable "${XS_SECTORS}" (${get(XS_SECTORS)})`);
   const sectorSize = parseXsUint(get(XS_SECTOR_SIZE)) ?? SECTOR_SIZE;
   if (sectorSize < SECTOR_SIZE || sectorSize > 4096 || (sectorSize & (sectorSize - 1)) !== 0) {
-    return fail(`${XS_SECTOR_SIZE} ${sectorSize}: must be a power of two 512..4096`);
+    return fail(EINVAL, `${XS_SECTOR_SIZE} ${sectorSize}: must be a power of two 512..4096`);
   }
   let physicalSectorSize = parseXsUint(get(XS_PHYSICAL_SECTOR_SIZE)) ?? sectorSize;
   if (physicalSectorSize < sectorSize || physicalSectorSize % sectorSize !== 0) physicalSectorSize = sectorSize;

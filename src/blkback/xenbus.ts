@@ -4,7 +4,7 @@
  * the disk's properties and go Connected; drain, unmap and go Closed when it closes; back to
  * InitWait when it comes again. Event source, xenstore, grant table and storage are injected.
  */
-import { SECTOR_SHIFT, XS_MODE, XS_SECTORS, backendOfferNodes, diskFeatureNodes, diskNodes, type DiskFeatures } from '../abi/index.js';
+import { EIO, SECTOR_SHIFT, XS_MODE, XS_SECTORS, backendOfferNodes, diskFeatureNodes, diskNodes, type DiskFeatures } from '../abi/index.js';
 import { storageShareable, type StorageSpec } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
 import type { XenDomain } from '../xen/index.js';
@@ -72,7 +72,7 @@ export class Blkback {
     this.options = blkbackOptions(d.options);
     this.frontDir = frontDir;
     this.frontDomid = frontDomid;
-    this.dev = new XenbusDevice({ xs: d.xs, side: 'backend', nodename: d.backDir, onError: (e) => this.fatal(e.message) });
+    this.dev = new XenbusDevice({ xs: d.xs, side: 'backend', nodename: d.backDir, onError: (e) => this.fatal(EIO, e.message) });
   }
 
   /** Reads the toolstack's nodes, advertises features, goes to InitWait and follows the frontend. */
@@ -198,8 +198,9 @@ export class Blkback {
   /** Maps the frontend's rings, binds their channels, publishes the disk and goes Connected (startup step 4). */
   private async connect(): Promise<void> {
     const { xen, xs, storage } = this.d;
-    const fr = await readFrontendRings(xs, this.frontDir, this.options);
-    if (typeof fr === 'string') return this.fatal(fr);
+    const read = await readFrontendRings(xs, this.frontDir, this.options);
+    if (!read.ok) return this.fatal(read.errno, read.error);
+    const fr = read.value;
     const { abi, order, rings } = fr;
     const persistent = this.options.persistent && !this.options.grantCopy && fr.frontendPersistent;
     const threaded = this.threadsWanted();
@@ -210,9 +211,9 @@ export class Blkback {
     const why = await startQueues(conn, {
       xen, frontDomid: this.frontDomid, abi, order, rings, access, threaded, storage, storageSpec: this.d.storageSpec,
       options: this.options, limits: () => this.limits(), counters: this.own,
-      onFatal: (w) => void this.dev.enqueue(() => this.fatal(w)), log: (m) => this.log(m),
+      onFatal: (w) => void this.dev.enqueue(() => this.fatal(EIO, w)), log: (m) => this.log(m),
     });
-    if (why !== undefined) return this.fatal(why);
+    if (why !== undefined) return this.fatal(why.errno, why.why);
     this.startTimer();
     const l = await this.publishDisk();
     this.log(`connected: ${abi.protocol}, ${rings.length} queue(s)${threaded ? ' in threads of their own' : ''}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
@@ -312,16 +313,15 @@ export class Blkback {
   }
 
   /**
-   * `xenbus_dev_fatal`: record why, stop serving the frontend and move to Closing; the
-   * frontend's Closing/Closed then finishes the teardown. Never affects another VBD.
+   * `xenbus_dev_fatal`: stop serving the frontend, say why in our `error` node ("<errno>
+   * <message>", where the toolstack reads it) and move to Closing; the frontend's Closing/Closed
+   * then finishes the teardown. Never affects another VBD.
    */
-  private async fatal(why: string): Promise<void> {
+  private async fatal(errno: number, why: string): Promise<void> {
     this.lastError = why;
     this.log(`fatal: ${why}`);
     await this.disconnect().catch(() => undefined);
-    if (this.dev.state !== XenbusStateClosing && this.dev.state !== XenbusStateClosed) {
-      await this.dev.switchState(XenbusStateClosing).catch(() => undefined);
-    }
+    await this.dev.fatal(errno, why);
   }
 
   private log(msg: string): void {

@@ -18,21 +18,25 @@ export interface BackendTransport extends BackendOffer {
 /** The disk as the backend describes it once Connected (`sectors` follows an online resize). */
 export type DiskInfo = { -readonly [K in keyof DiskProperties]: DiskProperties[K] };
 
+/** The backend's nodes are unusable; `errno` is what Linux would report (`xenbus_dev_fatal`). */
 export class NegotiationError extends Error {
   override name = 'NegotiationError';
+  constructor(readonly errno: number, message: string) {
+    super(message);
+  }
 }
 
 export async function readBackendTransport(xs: XenstoreClient, backDir: string, ourMaxIndirect: number): Promise<BackendTransport> {
   const nodes = await readNodes(xs, backDir, 1);
   const offer = readBackendOffer((k) => nodes.get(k));
   // Every value has a default: the offer always reads.
-  if (!offer.ok) throw new NegotiationError(`backend ${backDir}: ${offer.error}`);
+  if (!offer.ok) throw new NegotiationError(offer.errno, `backend ${backDir}: ${offer.error}`);
   return { ...offer.value, maxIndirectSegments: negotiatedIndirectSegments(offer.value.maxIndirectSegments, ourMaxIndirect) };
 }
 
 export async function readDiskInfo(xs: XenstoreClient, backDir: string): Promise<DiskInfo> {
   const nodes = await readNodes(xs, backDir, 1);
   const disk = readDiskProperties((k) => nodes.get(k));
-  if (!disk.ok) throw new NegotiationError(`backend ${backDir}: ${disk.error}`);
+  if (!disk.ok) throw new NegotiationError(disk.errno, `backend ${backDir}: ${disk.error}`);
   return { ...disk.value };
 }

@@ -7,7 +7,7 @@
  * the XenbusDevice. Also the timers: how long I/O may wait for a backend, and the persistent-grant
  * purge.
  */
-import { BLKIF_MAX_SEGMENTS_PER_REQUEST, frontendRingNodes } from '../abi/index.js';
+import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, frontendRingNodes } from '../abi/index.js';
 import type { XenDomain } from '../xen/index.js';
 import {
   XS_BACKEND,
@@ -30,7 +30,7 @@ import type { XenstoreClient } from '../xenstore/index.js';
 import { openConnection, releaseConnection, type Connection } from './connection.js';
 import type { DataPath, RefusedFeature } from './data-path.js';
 import { BlkfrontError, type BlkfrontCounters, type HeldRequest, type IoGate, type Phase } from './io.js';
-import { readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
+import { NegotiationError, readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
 import type { BlkfrontOptions } from './options.js';
 import type { PagePool } from './page-pool.js';
 
@@ -87,7 +87,11 @@ export class BlkfrontXenbus {
   private infoCacheConn: Connection | undefined;
 
   constructor(private readonly d: ControlDeps) {
-    this.dev = new XenbusDevice({ xs: d.xs, side: 'frontend', nodename: d.frontDir, onError: async (e) => this.log(`xenbus: ${e.message}`) });
+    this.dev = new XenbusDevice({ xs: d.xs, side: 'frontend', nodename: d.frontDir, onError: async (e) => {
+      // Linux blkfront's `xenbus_dev_error`/`_fatal` on a failed step: say why in our `error` node.
+      this.log(`xenbus: ${e.message}`);
+      await this.dev.error(e instanceof NegotiationError ? e.errno : EIO, e.message);
+    } });
   }
 
   private get io(): DataPath {

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import type { BlkbackOptions } from '../blkback/index.js';
 import type { BlkfrontCounters, BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import { Hypervisor, type DomainHandle } from '../xen/index.js';
-import { XenbusStateConnected, acceptGuestXenstore, waitForState, xvdVirtualDevice } from '../xenbus/index.js';
+import { XS_ERROR_DIR, XenbusStateConnected, acceptGuestXenstore, domainPath, waitForState, xvdVirtualDevice } from '../xenbus/index.js';
 import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer, type XenstoreQuotas } from '../xenstore/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
 import type { GuestWorkerData } from './guest-application.js';
@@ -170,6 +170,10 @@ export class Toolstack {
       }
     });
     const rpc = new RpcClient(handle.worker);
+    // As libxl__domain_make: the domain's own `error` directory, where its drivers say why they
+    // gave up (xenbus_dev_fatal writes error/<device path>/error under the domain's home).
+    await this.xs.mkdir(`${domainPath(handle.domid)}/${XS_ERROR_DIR}`);
+    await this.xs.setPerms(`${domainPath(handle.domid)}/${XS_ERROR_DIR}`, [{ domid: handle.domid, perm: 'n' }]);
     const release = await acceptGuestXenstore(this.hv, this.daemon, handle.domid, handle.worker);
     const d = new DomainProxy(handle, role, rpc, release);
     this.domains.push(d);
