@@ -49,7 +49,7 @@ const ok = <T>(value: T): NegotiationResult<T> => ({ ok: true, value });
 const fail = <T>(errno: number, error: string): NegotiationResult<T> => ({ ok: false, errno, error });
 
 /** A decimal unsigned integer as xenstore holds it (at most `max`), or undefined. */
-export function parseXsUint(text: string | undefined, max = Number.MAX_SAFE_INTEGER): number | undefined {
+function parseXsUint(text: string | undefined, max = Number.MAX_SAFE_INTEGER): number | undefined {
   if (text === undefined) return undefined;
   const t = text.trim();
   if (!/^\d{1,16}$/.test(t)) return undefined;

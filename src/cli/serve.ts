@@ -24,7 +24,7 @@ import { RateMeter, formatRates } from './status.js';
 import { bareHost, exposureWarning, inheritedSockets, removePidFile, watchParent, writePidFile } from './service.js';
 import { SPARE_THREADS, effectiveThreadpool, imageHandles, serveThreadpoolShare } from './threadpool.cjs';
 
-export const DEFAULT_NBD_PORT = 10809;
+const DEFAULT_NBD_PORT = 10809;
 
 interface ServeOptions {
   size?: string;
@@ -62,7 +62,7 @@ const int = (what: string, min: number, max: number) => (v: string): number => {
 };
 
 /** XDG data dir (`$XDG_DATA_HOME/blkif`, else `~/.local/share/blkif`), or ./blkif-data without a home. */
-export function defaultDataDir(): string {
+function defaultDataDir(): string {
   return xdgData !== undefined ? join(xdgData, 'blkif') : resolve('blkif-data');
 }
 

@@ -82,7 +82,7 @@ async function prepareImage(path: string, size: number | undefined, force: boole
 }
 
 /** 1073741824 -> "1 GiB", for messages. */
-export function formatSize(n: number): string {
+function formatSize(n: number): string {
   const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB'];
   let i = 0;
   let v = n;
