@@ -28,11 +28,11 @@ import {
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
 import { openConnection, releaseConnection, type Connection } from './connection.js';
-import type { DataPath, RefusedFeature } from './data-path.js';
-import { BlkfrontError, type BlkfrontCounters, type HeldRequest, type IoGate, type Phase } from './io.js';
+import { BlkfrontError, type BlkfrontCounters, type Chunk, type HeldRequest, type IoGate, type Phase, type RefusedFeature } from './io.js';
 import { NegotiationError, readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
 import type { BlkfrontOptions } from './options.js';
 import type { PagePool } from './page-pool.js';
+import type { Queue } from './queue.js';
 
 export interface BlkfrontDeps {
   readonly xen: XenDomain;
@@ -66,8 +66,20 @@ export interface ControlDeps extends BlkfrontDeps {
   readonly options: BlkfrontOptions;
   readonly pool: PagePool;
   readonly counters: BlkfrontCounters;
-  /** The data path, which knows the control path in turn (read when used, not at construction). */
-  readonly dataPath: () => DataPath;
+}
+
+/**
+ * What the control path asks of the data path (data-path.ts implements it; Blkfront attaches it
+ * once): a connection's events, issue what waits, take back what a backend left unanswered, fail
+ * everything, wait for the rings to drain. The data path reads the control path's state through
+ * the getters below; neither file imports the other.
+ */
+export interface RequestPipe {
+  onEvent(conn: Connection, q: Queue): void;
+  pump(): void;
+  requeue(again: readonly Chunk[]): void;
+  failAll(err: Error): void;
+  drained(): Promise<void>;
 }
 
 export class BlkfrontXenbus {
@@ -94,8 +106,16 @@ export class BlkfrontXenbus {
     } });
   }
 
-  private get io(): DataPath {
-    return this.d.dataPath();
+  private pipe: RequestPipe | undefined;
+
+  /** The data path, attached once before `start`. */
+  attach(pipe: RequestPipe): void {
+    if (this.pipe !== undefined) throw new Error('blkfront: a data path is attached already');
+    this.pipe = pipe;
+  }
+
+  private get dataPath(): RequestPipe {
+    return this.pipe!;
   }
 
   get state(): XenbusState {
@@ -246,7 +266,7 @@ export class BlkfrontXenbus {
     const conn = openConnection({
       xen, pool: this.d.pool, counters: this.d.counters, options, transport, backDomid, backDir: this.backDir,
       adopt: (c) => (this.conn = c),
-      onEvent: (c, q) => this.io.onEvent(c, q),
+      onEvent: (c, q) => this.dataPath.onEvent(c, q),
     });
     const rings = frontendRingNodes({
       abi: conn.abi, order: conn.ringPageOrder, persistent: options.persistent,
@@ -279,7 +299,7 @@ export class BlkfrontXenbus {
     this.stopPurge?.();
     this.stopPurge = c.persistent && this.d.options.purgeIntervalMs > 0
       ? everyPeriod(this.d.options.purgeIntervalMs, () => this.purgePersistentGrants()) : undefined;
-    this.io.pump();
+    this.dataPath.pump();
   }
 
   /**
@@ -298,7 +318,7 @@ export class BlkfrontXenbus {
     if (ringLeaked > 0) this.log(`backend still maps the ring: ${ringLeaked} page(s) not reused`);
     if (again.length > 0) {
       this.d.counters.reissued += again.length;
-      this.io.requeue(again);
+      this.dataPath.requeue(again);
     }
     if (held.length > 0) this.d.onReissue?.(held);
     // Closing: no backend will come for them.
@@ -345,7 +365,7 @@ export class BlkfrontXenbus {
   }
 
   private failAll(err: Error): void {
-    this.io.failAll(err);
+    this.dataPath.failAll(err);
     for (const w of this.connectedWaiters.splice(0)) w.reject(err);
   }
 
@@ -355,7 +375,7 @@ export class BlkfrontXenbus {
    */
   async shutdown(): Promise<void> {
     this.userClosing = true;
-    if (this.phase === 'connected') await this.io.drained();
+    if (this.phase === 'connected') await this.dataPath.drained();
     await this.dev.unwatchAll();
     await this.dev.enqueue(async () => {
       // Also when the device stopped on a protocol violation: a correct backend still maps the
