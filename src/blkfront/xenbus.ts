@@ -6,6 +6,11 @@
  * what it never answered to be issued again (`blkif_recover`). Every step runs one at a time on
  * the XenbusDevice. Also the timers: how long I/O may wait for a backend, and the persistent-grant
  * purge.
+ *
+ * One file (about 400 lines) on purpose, as Linux keeps it in xen-blkfront.c: the state dance,
+ * the connection's set-up and teardown and the recovery share the one phase and connection they
+ * change, step by step on the XenbusDevice; the records it reads and writes live in
+ * abi/negotiation.ts, the data path in data-path.ts (RequestPipe).
  */
 import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, frontendRingNodes } from '../abi/index.js';
 import type { XenDomain } from '../xen/index.js';
