@@ -10,7 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { pino } from 'pino';
+import { pino, type Logger } from 'pino';
 import { xdgData } from 'xdg-basedir';
 import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER, indirectOfferError } from '../abi/index.js';
 import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
@@ -125,28 +125,37 @@ Ctrl-C or SIGTERM: stop accepting, finish in-flight I/O, flush, close the device
     .action(async (images: string[], opts: ServeOptions) => serve(images, opts));
 }
 
-async function serve(images: string[], o: ServeOptions): Promise<void> {
+type LogLine = (msg: string, fields?: Record<string, unknown>) => void;
+
+/**
+ * Where serve's lines go (--log, --json): human lines on stderr (after clearing a live status
+ * line on a terminal), or JSON lines on stderr or in a file; warnings also reach a terminal.
+ */
+function serveLog(o: ServeOptions): { info: LogLine; warn: LogLine; jlog: Logger | undefined; json: boolean; tty: boolean; clearLine: () => string } {
   const logTo = o.log ?? (o.json === true ? 'json' : 'stderr');
   const json = logTo !== 'stderr';
   const jlog = json
     ? pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime },
       pino.destination(logTo === 'json' ? 2 : { dest: resolve(logTo), append: true, mkdir: true, sync: true }))
     : undefined;
-  const info = (msg: string, fields: Record<string, unknown> = {}) => {
+  const tty = !json && process.stderr.isTTY === true;
+  const clearLine = () => (tty ? '\r\x1b[K' : '');
+  const info: LogLine = (msg, fields = {}) => {
     if (jlog !== undefined) jlog.info(fields, msg);
     else process.stderr.write(`${clearLine()}blkif: ${msg}\n`);
   };
-  const tty = !json && process.stderr.isTTY === true;
-  const warn = (msg: string, fields: Record<string, unknown> = {}) => {
+  const warn: LogLine = (msg, fields = {}) => {
     if (jlog !== undefined) jlog.warn(fields, msg);
     // A warning also reaches a terminal when the log goes to a file.
     if (jlog === undefined || logTo !== 'json') process.stderr.write(`${clearLine()}blkif: ${msg}\n`);
   };
+  return { info, warn, jlog, json, tty, clearLine };
+}
 
+async function serve(images: string[], o: ServeOptions): Promise<void> {
+  const { info, warn, jlog, json, tty, clearLine } = serveLog(o);
   const tls = serverTls(o);
-  const inherited = inheritedSockets();
-  const listen = listenAddresses(o, inherited);
-  const clearLine = () => (tty ? '\r\x1b[K' : '');
+  const listen = listenAddresses(o, inheritedSockets());
 
   const size = o.size === undefined ? undefined : parseSize(o.size, '--size');
   const sectorSize = o.sectorSize as 512 | 4096;
