@@ -1,13 +1,14 @@
 /**
  * Measurements through the PV protocol itself: a toolstack with one driver domain, guests whose
- * blkfront runs the workload in their own thread (`GuestDisk.workload`, no NBD, no control-channel
+ * blkfront runs the workload in their own thread (`guestWorkload`, no NBD, no control-channel
  * hop per I/O), and the frontend's and backend's counters read before and after each run.
  */
 import { indirectPagesFor } from '../../src/abi/index.js';
 import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../../src/xen/index.js';
 import type { BlkbackOptions } from '../../src/blkback/index.js';
 import type { BlkfrontOptions } from '../../src/blkfront/index.js';
-import { Toolstack, type DomainProxy, type GuestDisk, type WorkloadResult } from '../../src/toolstack/index.js';
+import { Toolstack, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
+import { WORKLOAD_APPLICATION, guestWorkload, type WorkloadResult } from './workload.js';
 import type { StorageSpec } from '../../src/storage/index.js';
 import type { Cleanup } from './cleanup.js';
 import { MiB, perfOf, type Perf, type ProtocolCost, type Workload } from './types.js';
@@ -63,7 +64,7 @@ export class GuestBench {
   async guest(name: string, memoryPages?: number): Promise<DomainProxy> {
     let g = this.guests.get(name);
     if (g === undefined) {
-      g = await this.ts.createGuest(name, memoryPages);
+      g = await this.ts.createGuest(name, memoryPages, { applications: [WORKLOAD_APPLICATION] });
       this.guests.set(name, g);
     }
     return g;
@@ -82,7 +83,7 @@ export class GuestBench {
    */
   async run(disk: GuestDisk, w: Workload, ms: number, span?: number, ops?: number): Promise<Measured> {
     const [f0, b0] = await Promise.all([disk.status(), disk.backendStatus()]);
-    const r: WorkloadResult = await disk.workload({ ...w, ms: ms + allocationSlackMs(w), span: span ?? disk.info.size, ...(ops !== undefined ? { ops } : {}) });
+    const r: WorkloadResult = await guestWorkload(disk, { ...w, ms: ms + allocationSlackMs(w), span: span ?? disk.info.size, ...(ops !== undefined ? { ops } : {}) });
     const [f1, b1] = await Promise.all([disk.status(), disk.backendStatus()]);
     const fe = (k: keyof typeof f0.counters) => f1.counters[k] - f0.counters[k];
     const be = (k: keyof typeof b0.counters) => b1.counters[k] - b0.counters[k];
@@ -108,7 +109,7 @@ export class GuestBench {
 /** A memory disk reads zeroes where never written: write all of it first, so reads copy data. */
 async function prefill(disk: GuestDisk): Promise<void> {
   const bs = Math.min(4 * MiB, disk.info.size);
-  await disk.workload({ pattern: 'write', blockSize: bs, depth: 4, ops: Math.floor(disk.info.size / bs) });
+  await guestWorkload(disk, { pattern: 'write', blockSize: bs, depth: 4, ops: Math.floor(disk.info.size / bs) });
 }
 
 /**

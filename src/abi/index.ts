@@ -5,3 +5,5 @@ export * from './request.js';
 export * from './response.js';
 export * from './json.js';
 export * from './xenstore-keys.js';
+export * from './negotiation.js';
+export * from './errno.js';

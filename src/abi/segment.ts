@@ -37,11 +37,6 @@ export function segmentProblem(first_sect: number, last_sect: number): string | 
   return undefined;
 }
 
-/** Bytes a valid segment covers. */
-export function segmentBytes(seg: BlkifSegment): number {
-  return (seg.last_sect - seg.first_sect + 1) << 9;
-}
-
 /** Where segment `j` of an indirect request lives: indirect page `j / 512`, offset `(j % 512) * 8`. */
 export function indirectSegmentPage(j: number): number {
   return Math.floor(j / BLKIF_SEGS_PER_INDIRECT_FRAME);

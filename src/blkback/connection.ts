@@ -3,7 +3,7 @@
  * (queue.ts) or in a queue thread of its own (queue-thread.ts), and grant copy's bounce pages.
  * Linux blkback's `xen_blkif` with its rings, set up by `connect_ring`.
  */
-import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST, type BlkifAbi } from '../abi/index.js';
+import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST, EINVAL, EIO, ENOMEM, type BlkifAbi } from '../abi/index.js';
 import { ringSizeFor } from '../ring/index.js';
 import type { BlockStorage } from '../storage/storage.js';
 import { XEN_PAGE_SIZE, type XenDomain } from '../xen/index.js';
@@ -47,11 +47,19 @@ export interface ConnectionSetup {
   readonly log: (msg: string) => void;
 }
 
+/** Why a connection cannot be served, with the errno `xenbus_dev_fatal` reports. */
+export interface ConnectRefusal {
+  readonly errno: number;
+  readonly why: string;
+}
+
 /**
  * Sets up every queue into `conn` (already the VBD's, so a disconnect releases whatever came up);
- * returns why the connection cannot be served, if it cannot.
+ * returns why the connection cannot be served, if it cannot: ENOMEM for want of pages, EINVAL
+ * for rings or channels of the frontend that would not map or bind, EIO for a queue thread
+ * that could not serve its storage.
  */
-export async function startQueues(conn: Connection, s: ConnectionSetup): Promise<string | undefined> {
+export async function startQueues(conn: Connection, s: ConnectionSetup): Promise<ConnectRefusal | undefined> {
   const { xen, options: o } = s;
   const nq = s.rings.length;
   const maxSegs = Math.max(o.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
@@ -69,7 +77,7 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
       else conn.pools.push(new BouncePool(xen, [], want));
     } catch (e) {
       for (const f of lend) xen.memory.free(f);
-      return `no memory for ${s.threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}`;
+      return { errno: ENOMEM, why: `no memory for ${s.threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}` };
     }
   }
   // Queue threads start together (each is a new thread: a few tens of ms); the ones that
@@ -84,7 +92,7 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
     else if (lend[q] !== undefined) xen.memory.free(lend[q]);
   }
   const refused = started.find((t) => 'why' in t && !t.noThread);
-  if (refused !== undefined && 'why' in refused) return refused.why;
+  if (refused !== undefined && 'why' in refused) return { errno: EIO, why: refused.why };
   for (const [q, r] of s.rings.entries()) {
     // Each queue has its own ring, channel, page access and cache: nothing shared to lock.
     const t = started[q];
@@ -97,7 +105,7 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
           if (xen.memory.freePages < maxSegs + 8) throw new Error(`out of memory: ${maxSegs + 8} pages wanted, ${xen.memory.freePages} free`);
           conn.pools.push(new BouncePool(xen, [], maxSegs + 8));
         } catch (e) {
-          return `no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}`;
+          return { errno: ENOMEM, why: `no memory for queue ${q}'s grant-copy pages: ${(e as Error).message}` };
         }
       }
     }
@@ -106,7 +114,7 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
       xen, frontDomid: s.frontDomid, abi: s.abi, storage: s.storage, access, limits: s.limits,
       maxIndirectSegments: o.maxIndirectSegments, reqsPerPage: o.reqsPerPage, counters: s.counters, onFatal: s.onFatal, log: s.log,
     }, r, q);
-    if (typeof queue === 'string') return queue;
+    if (typeof queue === 'string') return { errno: EINVAL, why: queue };
     conn.local.push(queue);
   }
   return undefined;

@@ -1,7 +1,6 @@
-export * from './options.js';
-export * from './counters.js';
-export * from './validate.js';
-export * from './data-path.js';
-export * from './xenbus.js';
-export * from './queue.js';
-export { QueueThread } from './queue-thread.js';
+// The blkback layer's front door: what other layers (and their tests) use; the rest is internal.
+export { DEFAULT_BLKBACK_OPTIONS, XEN_BLKIF_REQS_PER_PAGE, type BlkbackOptions } from './options.js';
+export { VBD_COUNTER_NAMES, newVbdCounters, sharedVbdCounters, sumVbdCounters, type VbdCounters } from './counters.js';
+export { classifyRequest, dataProblem, isRejection, type VbdLimits } from './validate.js';
+export { DataPath } from './data-path.js';
+export { Blkback, type BlkbackDeps } from './xenbus.js';

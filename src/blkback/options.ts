@@ -4,11 +4,12 @@
  */
 import {
   BLKIF_MAX_INDIRECT_SEGMENTS,
-  BLKIF_MAX_SEGMENTS_PER_REQUEST,
   DEFAULT_MAX_INDIRECT_SEGMENTS,
+  MAX_QUEUES,
+  MAX_RING_PAGE_ORDER,
   XEN_IO_PROTO_ABI_X86_32,
+  indirectOfferError,
 } from '../abi/index.js';
-import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
 
 /**
  * Linux xen-blkback common.h: pending requests allocated per ring page. A ring page holds 32
@@ -96,15 +97,12 @@ export class BlkbackConfigError extends Error {
 /** Fills defaults and rejects impossible values with a message naming the option. */
 export function blkbackOptions(given: Partial<BlkbackOptions> = {}): BlkbackOptions {
   const o: BlkbackOptions = { ...DEFAULT_BLKBACK_OPTIONS, ...given };
-  const m = o.maxIndirectSegments;
-  // Linux blkfront ignores a maximum of 11 or less: indirect buys nothing below a plain request.
-  if (!Number.isInteger(m) || (m !== 0 && (m <= BLKIF_MAX_SEGMENTS_PER_REQUEST || m > BLKIF_MAX_INDIRECT_SEGMENTS))) {
-    throw new BlkbackConfigError(`max indirect segments ${m}: use 0 (off) or ${BLKIF_MAX_SEGMENTS_PER_REQUEST + 1}..${BLKIF_MAX_INDIRECT_SEGMENTS}`);
-  }
+  const indirect = indirectOfferError(o.maxIndirectSegments);
+  if (indirect !== undefined) throw new BlkbackConfigError(indirect);
   if (!Number.isInteger(o.maxRingPageOrder) || o.maxRingPageOrder < 0 || o.maxRingPageOrder > MAX_RING_PAGE_ORDER) {
     throw new BlkbackConfigError(`max ring page order ${o.maxRingPageOrder}: use 0..${MAX_RING_PAGE_ORDER}`);
   }
-  if (!Number.isInteger(o.maxQueues) || o.maxQueues < 1 || o.maxQueues > 64) throw new BlkbackConfigError(`max queues ${o.maxQueues}: use 1..64`);
+  if (!Number.isInteger(o.maxQueues) || o.maxQueues < 1 || o.maxQueues > MAX_QUEUES) throw new BlkbackConfigError(`max queues ${o.maxQueues}: use 1..${MAX_QUEUES}`);
   if (!Number.isInteger(o.reqsPerPage) || o.reqsPerPage < 1) throw new BlkbackConfigError(`requests per ring page ${o.reqsPerPage}: at least 1`);
   if (!Number.isInteger(o.maxPersistentGrants) || o.maxPersistentGrants < 0) throw new BlkbackConfigError(`max persistent grants ${o.maxPersistentGrants}`);
   if (!Number.isInteger(o.grantCopyPages) || o.grantCopyPages < BLKIF_MAX_INDIRECT_SEGMENTS + 8) {

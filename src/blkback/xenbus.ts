@@ -4,27 +4,7 @@
  * the disk's properties and go Connected; drain, unmap and go Closed when it closes; back to
  * InitWait when it comes again. Event source, xenstore, grant table and storage are injected.
  */
-import {
-  SECTOR_SHIFT,
-  VDISK_CDROM,
-  VDISK_READONLY,
-  VDISK_REMOVABLE,
-  XS_DISCARD_ALIGNMENT,
-  XS_DISCARD_GRANULARITY,
-  XS_DISCARD_SECURE,
-  XS_FEATURE_BARRIER,
-  XS_FEATURE_DISCARD,
-  XS_FEATURE_FLUSH_CACHE,
-  XS_FEATURE_MAX_INDIRECT_SEGMENTS,
-  XS_INFO,
-  XS_MAX_RING_PAGE_ORDER,
-  XS_MODE,
-  XS_MULTI_QUEUE_MAX_QUEUES,
-  XS_FEATURE_PERSISTENT,
-  XS_PHYSICAL_SECTOR_SIZE,
-  XS_SECTORS,
-  XS_SECTOR_SIZE,
-} from '../abi/index.js';
+import { EIO, SECTOR_SHIFT, XS_MODE, XS_SECTORS, backendOfferNodes, diskFeatureNodes, diskNodes, type DiskFeatures } from '../abi/index.js';
 import { storageShareable, type StorageSpec } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
 import type { XenDomain } from '../xen/index.js';
@@ -40,6 +20,7 @@ import {
   XenbusStateInitialising,
   XenbusDevice,
   everyPeriod,
+  writeNodes,
   type XenbusState,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
@@ -91,7 +72,7 @@ export class Blkback {
     this.options = blkbackOptions(d.options);
     this.frontDir = frontDir;
     this.frontDomid = frontDomid;
-    this.dev = new XenbusDevice({ xs: d.xs, side: 'backend', nodename: d.backDir, onError: (e) => this.fatal(e.message) });
+    this.dev = new XenbusDevice({ xs: d.xs, side: 'backend', nodename: d.backDir, onError: (e) => this.fatal(EIO, e.message) });
   }
 
   /** Reads the toolstack's nodes, advertises features, goes to InitWait and follows the frontend. */
@@ -199,36 +180,27 @@ export class Blkback {
   private async advertise(): Promise<void> {
     const { xs, backDir } = this.d;
     const o = this.options;
+    const offer = { maxIndirectSegments: o.maxIndirectSegments, maxRingPageOrder: o.maxRingPageOrder, maxQueues: o.maxQueues, persistent: o.persistent && !o.grantCopy };
     await xs.transaction(async (tx) => {
-      if (o.maxIndirectSegments > 0) await xs.write(`${backDir}/${XS_FEATURE_MAX_INDIRECT_SEGMENTS}`, String(o.maxIndirectSegments), tx);
-      else await xs.rm(`${backDir}/${XS_FEATURE_MAX_INDIRECT_SEGMENTS}`, tx).catch(() => undefined);
-      await xs.write(`${backDir}/${XS_MAX_RING_PAGE_ORDER}`, String(o.maxRingPageOrder), tx);
-      await xs.write(`${backDir}/${XS_MULTI_QUEUE_MAX_QUEUES}`, String(o.maxQueues), tx);
-      await xs.write(`${backDir}/${XS_FEATURE_PERSISTENT}`, o.persistent && !o.grantCopy ? '1' : '0', tx);
-      await this.writeFeatures(tx);
+      await writeNodes(xs, backDir, backendOfferNodes(offer), tx);
+      await writeNodes(xs, backDir, diskFeatureNodes(this.features()), tx);
     });
     this.lastError = undefined;
     await this.dev.switchState(XenbusStateInitWait);
   }
 
-  private async writeFeatures(tx: number): Promise<void> {
-    const { xs, backDir } = this.d;
+  /** The disk's features as offered now: discard in whole sectors (Linux: the queue's discard granularity). */
+  private features(): DiskFeatures {
     const l = this.limits();
-    await xs.write(`${backDir}/${XS_FEATURE_FLUSH_CACHE}`, l.flush ? '1' : '0', tx);
-    await xs.write(`${backDir}/${XS_FEATURE_BARRIER}`, l.barrier ? '1' : '0', tx);
-    await xs.write(`${backDir}/${XS_FEATURE_DISCARD}`, l.discard ? '1' : '0', tx);
-    if (l.discard) {
-      await xs.write(`${backDir}/${XS_DISCARD_GRANULARITY}`, String(l.sectorSize), tx);
-      await xs.write(`${backDir}/${XS_DISCARD_ALIGNMENT}`, '0', tx);
-      await xs.write(`${backDir}/${XS_DISCARD_SECURE}`, l.discardSecure ? '1' : '0', tx);
-    }
+    return { flush: l.flush, barrier: l.barrier, discard: l.discard, discardSecure: l.discardSecure, discardGranularity: l.sectorSize, discardAlignment: 0 };
   }
 
   /** Maps the frontend's rings, binds their channels, publishes the disk and goes Connected (startup step 4). */
   private async connect(): Promise<void> {
     const { xen, xs, storage } = this.d;
-    const fr = await readFrontendRings(xs, this.frontDir, this.options);
-    if (typeof fr === 'string') return this.fatal(fr);
+    const read = await readFrontendRings(xs, this.frontDir, this.options);
+    if (!read.ok) return this.fatal(read.errno, read.error);
+    const fr = read.value;
     const { abi, order, rings } = fr;
     const persistent = this.options.persistent && !this.options.grantCopy && fr.frontendPersistent;
     const threaded = this.threadsWanted();
@@ -239,9 +211,9 @@ export class Blkback {
     const why = await startQueues(conn, {
       xen, frontDomid: this.frontDomid, abi, order, rings, access, threaded, storage, storageSpec: this.d.storageSpec,
       options: this.options, limits: () => this.limits(), counters: this.own,
-      onFatal: (w) => void this.dev.enqueue(() => this.fatal(w)), log: (m) => this.log(m),
+      onFatal: (w) => void this.dev.enqueue(() => this.fatal(EIO, w)), log: (m) => this.log(m),
     });
-    if (why !== undefined) return this.fatal(why);
+    if (why !== undefined) return this.fatal(why.errno, why.why);
     this.startTimer();
     const l = await this.publishDisk();
     this.log(`connected: ${abi.protocol}, ${rings.length} queue(s)${threaded ? ' in threads of their own' : ''}, ring order ${order}, indirect ${this.options.maxIndirectSegments}, ` +
@@ -254,15 +226,15 @@ export class Blkback {
     const { xs, backDir, storage } = this.d;
     const l = this.limits();
     this.sectorsPublished = l.sectors;
-    const info = (this.readOnly ? VDISK_READONLY : 0) | (this.options.cdrom ? VDISK_CDROM : 0) | (this.options.removable ? VDISK_REMOVABLE : 0);
-    await xs.transaction(async (tx) => {
-      await xs.write(`${backDir}/${XS_SECTORS}`, String(l.sectors), tx);
-      await xs.write(`${backDir}/${XS_SECTOR_SIZE}`, String(l.sectorSize), tx);
+    const disk = diskNodes({
+      ...this.features(),
+      sectors: l.sectors,
+      sectorSize: l.sectorSize,
       // Linux: bdev_physical_block_size of the backing device; ours asks the storage.
-      await xs.write(`${backDir}/${XS_PHYSICAL_SECTOR_SIZE}`, String(this.options.physicalSectorSize ?? storage.physicalSectorSize ?? l.sectorSize), tx);
-      await xs.write(`${backDir}/${XS_INFO}`, String(info), tx);
-      await this.writeFeatures(tx);
+      physicalSectorSize: this.options.physicalSectorSize ?? storage.physicalSectorSize ?? l.sectorSize,
+      readOnly: this.readOnly, cdrom: this.options.cdrom, removable: this.options.removable,
     });
+    await xs.transaction((tx) => writeNodes(xs, backDir, disk, tx));
     return l;
   }
 
@@ -341,16 +313,15 @@ export class Blkback {
   }
 
   /**
-   * `xenbus_dev_fatal`: record why, stop serving the frontend and move to Closing; the
-   * frontend's Closing/Closed then finishes the teardown. Never affects another VBD.
+   * `xenbus_dev_fatal`: stop serving the frontend, say why in our `error` node ("<errno>
+   * <message>", where the toolstack reads it) and move to Closing; the frontend's Closing/Closed
+   * then finishes the teardown. Never affects another VBD.
    */
-  private async fatal(why: string): Promise<void> {
+  private async fatal(errno: number, why: string): Promise<void> {
     this.lastError = why;
     this.log(`fatal: ${why}`);
     await this.disconnect().catch(() => undefined);
-    if (this.dev.state !== XenbusStateClosing && this.dev.state !== XenbusStateClosed) {
-      await this.dev.switchState(XenbusStateClosing).catch(() => undefined);
-    }
+    await this.dev.fatal(errno, why);
   }
 
   private log(msg: string): void {

@@ -37,7 +37,7 @@ export class Blkfront {
   readonly handle: number;
   private readonly pool: PagePool;
   private readonly ctl: BlkfrontXenbus;
-  private readonly io: DataPath;
+  private readonly dataPath: DataPath;
   private closing: Promise<void> | undefined;
 
   private constructor(d: BlkfrontDeps) {
@@ -45,8 +45,8 @@ export class Blkfront {
     this.handle = Number(d.frontDir.slice(d.frontDir.lastIndexOf('/') + 1)) & 0xffff;
     this.pool = new PagePool(d.xen, this.options.bufferPages);
     const { pool, counters, options } = this;
-    const ctl = new BlkfrontXenbus({ ...d, options, pool, counters, dataPath: () => io });
-    const io = new DataPath({
+    const ctl = new BlkfrontXenbus({ ...d, options, pool, counters });
+    const dataPath = new DataPath({
       xen: d.xen, pool, counters, handle: this.handle,
       connection: () => ctl.connection,
       phase: () => ctl.phaseNow,
@@ -55,8 +55,9 @@ export class Blkfront {
       onBroken: (why) => ctl.broken(why),
       onRefused: (f) => ctl.dropFeature(f),
     });
+    ctl.attach(dataPath);
     this.ctl = ctl;
-    this.io = io;
+    this.dataPath = dataPath;
   }
 
   /** Connects to the backend named in `frontDir` and resolves once the disk is usable. */
@@ -83,7 +84,7 @@ export class Blkfront {
 
   /** Requests on the ring now. */
   get inFlight(): number {
-    return this.io.inFlight;
+    return this.dataPath.inFlight;
   }
 
   /** Pages holding a persistent grant now. */
@@ -136,7 +137,7 @@ export class Blkfront {
         release: () => {
           if (released) return;
           released = true;
-          this.io.giveBack(lent);
+          this.dataPath.giveBack(lent);
         },
       };
     });
@@ -175,7 +176,7 @@ export class Blkfront {
       const bad = checkIo(kind, offset, length, this.ctl.gate);
       if (bad !== undefined) return reject(bad);
       if (length === 0 && kind !== 'flush') return resolve();
-      this.io.submit({ kind, offset, length, buf, lent, secure, doneBytes: 0, failed: false, resolve, reject });
+      this.dataPath.submit({ kind, offset, length, buf, lent, secure, doneBytes: 0, failed: false, resolve, reject });
     });
   }
 }

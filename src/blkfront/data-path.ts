@@ -9,14 +9,12 @@ import { BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_OKAY, XEN_PAG
 import type { XenDomain } from '../xen/index.js';
 import type { Connection } from './connection.js';
 import { givePages } from './grants.js';
-import { BlkfrontError, type BlkfrontCounters, type Chunk, type IoOp, type Phase } from './io.js';
+import { BlkfrontError, type BlkfrontCounters, type Chunk, type IoOp, type Phase, type RefusedFeature } from './io.js';
 import type { DiskInfo } from './negotiate.js';
 import type { PagePool } from './page-pool.js';
 import { BATCH_WAIT_MS, type Queue } from './queue.js';
 import { issueRequest } from './request.js';
 import type { ShadowEntry } from './shadow.js';
-
-export type RefusedFeature = 'flush' | 'barrier' | 'discard';
 
 export interface DataPathDeps {
   readonly xen: XenDomain;

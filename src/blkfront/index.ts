@@ -1,5 +1,5 @@
-export * from './options.js';
-export * from './negotiate.js';
-export * from './shadow.js';
-export * from './page-pool.js';
-export * from './blkfront.js';
+// The blkfront layer's front door: what other layers (and their tests) use; the rest is internal.
+export { DEFAULT_BLKFRONT_OPTIONS, type BlkfrontOptions } from './options.js';
+export type { DiskInfo } from './negotiate.js';
+export { ShadowTable } from './shadow.js';
+export { Blkfront, BlkfrontError, type BlkfrontCounters, type BlkfrontDeps, type DeviceInfo, type HeldRequest } from './blkfront.js';

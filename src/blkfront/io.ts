@@ -5,6 +5,9 @@
  */
 import type { DiskInfo } from './negotiate.js';
 
+/** A feature the backend refused with BLKIF_RSP_EOPNOTSUPP: the control path stops using it. */
+export type RefusedFeature = 'flush' | 'barrier' | 'discard';
+
 export type BlkfrontErrorCode = 'EIO' | 'EINVAL' | 'EROFS' | 'EOPNOTSUPP' | 'ETIMEDOUT' | 'ESHUTDOWN';
 
 export class BlkfrontError extends Error {

@@ -1,6 +1,5 @@
 /** What a frontend asks for, with defaults; validated once here. */
-import { BLKIF_MAX_INDIRECT_SEGMENTS, XEN_IO_PROTO_ABI_X86_64, DEFAULT_MAX_INDIRECT_SEGMENTS } from '../abi/index.js';
-import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+import { BLKIF_MAX_INDIRECT_SEGMENTS, XEN_IO_PROTO_ABI_X86_64, DEFAULT_MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER } from '../abi/index.js';
 
 export interface BlkfrontOptions {
   /**

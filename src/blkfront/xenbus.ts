@@ -6,19 +6,13 @@
  * what it never answered to be issued again (`blkif_recover`). Every step runs one at a time on
  * the XenbusDevice. Also the timers: how long I/O may wait for a backend, and the persistent-grant
  * purge.
+ *
+ * One file (about 400 lines) on purpose, as Linux keeps it in xen-blkfront.c: the state dance,
+ * the connection's set-up and teardown and the recovery share the one phase and connection they
+ * change, step by step on the XenbusDevice; the records it reads and writes live in
+ * abi/negotiation.ts, the data path in data-path.ts (RequestPipe).
  */
-import {
-  BLKIF_MAX_SEGMENTS_PER_REQUEST,
-  XS_EVENT_CHANNEL,
-  XS_FEATURE_PERSISTENT,
-  XS_MULTI_QUEUE_NUM_QUEUES,
-  XS_PROTOCOL,
-  XS_RING_PAGE_ORDER,
-  XS_RING_REF,
-  xsQueueDir,
-  xsRingRefN,
-} from '../abi/index.js';
-import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
+import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, frontendRingNodes } from '../abi/index.js';
 import type { XenDomain } from '../xen/index.js';
 import {
   XS_BACKEND,
@@ -33,16 +27,17 @@ import {
   XenbusStateInitialising,
   everyPeriod,
   waitForState,
+  writeNodes,
   xenbusStateName,
   type XenbusState,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
 import { openConnection, releaseConnection, type Connection } from './connection.js';
-import type { DataPath, RefusedFeature } from './data-path.js';
-import { BlkfrontError, type BlkfrontCounters, type HeldRequest, type IoGate, type Phase } from './io.js';
-import { readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
+import { BlkfrontError, type BlkfrontCounters, type Chunk, type HeldRequest, type IoGate, type Phase, type RefusedFeature } from './io.js';
+import { NegotiationError, readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
 import type { BlkfrontOptions } from './options.js';
 import type { PagePool } from './page-pool.js';
+import type { Queue } from './queue.js';
 
 export interface BlkfrontDeps {
   readonly xen: XenDomain;
@@ -76,8 +71,20 @@ export interface ControlDeps extends BlkfrontDeps {
   readonly options: BlkfrontOptions;
   readonly pool: PagePool;
   readonly counters: BlkfrontCounters;
-  /** The data path, which knows the control path in turn (read when used, not at construction). */
-  readonly dataPath: () => DataPath;
+}
+
+/**
+ * What the control path asks of the data path (data-path.ts implements it; Blkfront attaches it
+ * once): a connection's events, issue what waits, take back what a backend left unanswered, fail
+ * everything, wait for the rings to drain. The data path reads the control path's state through
+ * the getters below; neither file imports the other.
+ */
+export interface RequestPipe {
+  onEvent(conn: Connection, q: Queue): void;
+  pump(): void;
+  requeue(again: readonly Chunk[]): void;
+  failAll(err: Error): void;
+  drained(): Promise<void>;
 }
 
 export class BlkfrontXenbus {
@@ -97,11 +104,23 @@ export class BlkfrontXenbus {
   private infoCacheConn: Connection | undefined;
 
   constructor(private readonly d: ControlDeps) {
-    this.dev = new XenbusDevice({ xs: d.xs, side: 'frontend', nodename: d.frontDir, onError: async (e) => this.log(`xenbus: ${e.message}`) });
+    this.dev = new XenbusDevice({ xs: d.xs, side: 'frontend', nodename: d.frontDir, onError: async (e) => {
+      // Linux blkfront's `xenbus_dev_error`/`_fatal` on a failed step: say why in our `error` node.
+      this.log(`xenbus: ${e.message}`);
+      await this.dev.error(e instanceof NegotiationError ? e.errno : EIO, e.message);
+    } });
   }
 
-  private get io(): DataPath {
-    return this.d.dataPath();
+  private pipe: RequestPipe | undefined;
+
+  /** The data path, attached once before `start`. */
+  attach(pipe: RequestPipe): void {
+    if (this.pipe !== undefined) throw new Error('blkfront: a data path is attached already');
+    this.pipe = pipe;
+  }
+
+  private get dataPath(): RequestPipe {
+    return this.pipe!;
   }
 
   get state(): XenbusState {
@@ -252,28 +271,13 @@ export class BlkfrontXenbus {
     const conn = openConnection({
       xen, pool: this.d.pool, counters: this.d.counters, options, transport, backDomid, backDir: this.backDir,
       adopt: (c) => (this.conn = c),
-      onEvent: (c, q) => this.io.onEvent(c, q),
+      onEvent: (c, q) => this.dataPath.onEvent(c, q),
     });
-    const nq = conn.queues.length;
-    const order = conn.ringPageOrder;
-    await xs.transaction(async (tx) => {
-      const rm = (key: string) => xs.rm(`${frontDir}/${key}`, tx).catch(() => undefined);
-      // Nodes of an earlier connection with another shape must not linger.
-      for (const key of [XS_RING_REF, XS_EVENT_CHANNEL, XS_RING_PAGE_ORDER, XS_MULTI_QUEUE_NUM_QUEUES]) await rm(key);
-      for (let i = 0; i < 1 << MAX_RING_PAGE_ORDER; i++) await rm(xsRingRefN(i));
-      for (let i = 0; i < 64; i++) await rm(xsQueueDir(i));
-      if (order > 0) await xs.write(`${frontDir}/${XS_RING_PAGE_ORDER}`, String(order), tx);
-      if (nq > 1) await xs.write(`${frontDir}/${XS_MULTI_QUEUE_NUM_QUEUES}`, String(nq), tx);
-      for (const q of conn.queues) {
-        // One queue: top-level nodes; several: under queue-N (blkif.h "Multi-queue").
-        const dir = nq === 1 ? frontDir : `${frontDir}/${xsQueueDir(q.index)}`;
-        if (order === 0) await xs.write(`${dir}/${XS_RING_REF}`, String(q.ringRefs[0]), tx);
-        else for (let i = 0; i < q.ringRefs.length; i++) await xs.write(`${dir}/${xsRingRefN(i)}`, String(q.ringRefs[i]), tx);
-        await xs.write(`${dir}/${XS_EVENT_CHANNEL}`, String(q.port), tx);
-      }
-      await xs.write(`${frontDir}/${XS_PROTOCOL}`, conn.abi.protocol, tx);
-      await xs.write(`${frontDir}/${XS_FEATURE_PERSISTENT}`, options.persistent ? '1' : '0', tx);
+    const rings = frontendRingNodes({
+      abi: conn.abi, order: conn.ringPageOrder, persistent: options.persistent,
+      queues: conn.queues.map((q) => ({ refs: q.ringRefs, port: q.port })),
     });
+    await xs.transaction((tx) => writeNodes(xs, frontDir, rings, tx));
     await this.dev.switchState(XenbusStateInitialised);
   }
 
@@ -300,7 +304,7 @@ export class BlkfrontXenbus {
     this.stopPurge?.();
     this.stopPurge = c.persistent && this.d.options.purgeIntervalMs > 0
       ? everyPeriod(this.d.options.purgeIntervalMs, () => this.purgePersistentGrants()) : undefined;
-    this.io.pump();
+    this.dataPath.pump();
   }
 
   /**
@@ -319,7 +323,7 @@ export class BlkfrontXenbus {
     if (ringLeaked > 0) this.log(`backend still maps the ring: ${ringLeaked} page(s) not reused`);
     if (again.length > 0) {
       this.d.counters.reissued += again.length;
-      this.io.requeue(again);
+      this.dataPath.requeue(again);
     }
     if (held.length > 0) this.d.onReissue?.(held);
     // Closing: no backend will come for them.
@@ -366,7 +370,7 @@ export class BlkfrontXenbus {
   }
 
   private failAll(err: Error): void {
-    this.io.failAll(err);
+    this.dataPath.failAll(err);
     for (const w of this.connectedWaiters.splice(0)) w.reject(err);
   }
 
@@ -376,7 +380,7 @@ export class BlkfrontXenbus {
    */
   async shutdown(): Promise<void> {
     this.userClosing = true;
-    if (this.phase === 'connected') await this.io.drained();
+    if (this.phase === 'connected') await this.dataPath.drained();
     await this.dev.unwatchAll();
     await this.dev.enqueue(async () => {
       // Also when the device stopped on a protocol violation: a correct backend still maps the

@@ -5,7 +5,7 @@
 import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { VbdCounters } from '../blkback/index.js';
-import type { DiskExportStatus } from '../toolstack/index.js';
+import type { DiskExportStatus } from '../product/index.js';
 
 const GAUGES: ReadonlySet<keyof VbdCounters> = new Set(['inflight_req', 'inflight_bytes', 'peak_inflight_bytes']);
 const HELP: Partial<Record<keyof VbdCounters, string>> = {

@@ -7,26 +7,24 @@
  * As a service (nbdkit's conventions): --tls with PSK or X.509, --bind (repeatable), systemd
  * socket activation, --pid-file, --exit-with-parent, --log to a file.
  */
-import { existsSync, mkdirSync, readFileSync, statSync, truncateSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { pino } from 'pino';
+import { pino, type Logger } from 'pino';
 import { xdgData } from 'xdg-basedir';
-import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS } from '../abi/index.js';
-import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
-import { FileStorage, describeStorage, storageFromArgument, type StorageSpec } from '../storage/index.js';
+import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER, indirectOfferError } from '../abi/index.js';
 import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
-import { DiskExport } from '../toolstack/index.js';
+import { DiskExport, ExportSetupError, exportStorage, prepareImages } from '../product/index.js';
+import type { StorageSpec } from '../storage/index.js';
 import { checkedByDefault } from '../xen/index.js';
 import { UsageError } from './errors.js';
 import { startMetrics } from './metrics.js';
-import { formatSize, parseSize } from './size.js';
+import { parseSize } from './size.js';
 import { RateMeter, formatRates } from './status.js';
 import { bareHost, exposureWarning, inheritedSockets, removePidFile, watchParent, writePidFile } from './service.js';
 import { SPARE_THREADS, effectiveThreadpool, imageHandles, serveThreadpoolShare } from './threadpool.cjs';
 
-export const DEFAULT_IMAGE_SIZE = 1024 ** 3;
-export const DEFAULT_NBD_PORT = 10809;
+const DEFAULT_NBD_PORT = 10809;
 
 interface ServeOptions {
   size?: string;
@@ -64,28 +62,8 @@ const int = (what: string, min: number, max: number) => (v: string): number => {
 };
 
 /** XDG data dir (`$XDG_DATA_HOME/blkif`, else `~/.local/share/blkif`), or ./blkif-data without a home. */
-export function defaultDataDir(): string {
+function defaultDataDir(): string {
   return xdgData !== undefined ? join(xdgData, 'blkif') : resolve('blkif-data');
-}
-
-/**
- * Makes sure `path` is an image of the wanted size: creates it (sparse) if missing and allowed,
- * reuses it as it is, and changes an existing image's size only with `force`.
- */
-async function prepareImage(path: string, size: number | undefined, force: boolean, createIfMissing: boolean): Promise<string> {
-  if (!existsSync(path)) {
-    if (!createIfMissing && size === undefined) throw new UsageError(`${path} does not exist (give --size to create it)`);
-    await FileStorage.create(path, size ?? DEFAULT_IMAGE_SIZE);
-    return `created ${path} (${formatSize(size ?? DEFAULT_IMAGE_SIZE)}, sparse)`;
-  }
-  const st = statSync(path);
-  if (!st.isFile()) throw new UsageError(`${path} is not a regular file`);
-  if (size === undefined || size === st.size) return `using ${path} (${formatSize(st.size)})`;
-  if (!force) {
-    throw new UsageError(`${path} holds ${formatSize(st.size)}; refusing to ${size < st.size ? 'shrink' : 'resize'} it to ${formatSize(size)} without --force`);
-  }
-  truncateSync(path, size);
-  return `resized ${path} from ${formatSize(st.size)} to ${formatSize(size)}`;
 }
 
 export function serveCommand(): Command {
@@ -98,7 +76,7 @@ export function serveCommand(): Command {
     .addOption(new Option('--max-indirect-segments <n>', `segments per indirect request the backend offers (0 = no indirect; max ${BLKIF_MAX_INDIRECT_SEGMENTS})`)
       .default(DEFAULT_MAX_INDIRECT_SEGMENTS).argParser((v) => {
         const n = int('--max-indirect-segments', 0, BLKIF_MAX_INDIRECT_SEGMENTS)(v);
-        if (n !== 0 && n <= BLKIF_MAX_SEGMENTS_PER_REQUEST) throw new InvalidArgumentError(`use 0 or more than ${BLKIF_MAX_SEGMENTS_PER_REQUEST}`);
+        if (indirectOfferError(n) !== undefined) throw new InvalidArgumentError(`use 0 or more than ${BLKIF_MAX_SEGMENTS_PER_REQUEST}`);
         return n;
       }))
     .addOption(new Option('--sector-size <bytes>', 'logical sector size of the disks').choices(['512', '4096']).default(512).argParser(Number))
@@ -147,47 +125,50 @@ Ctrl-C or SIGTERM: stop accepting, finish in-flight I/O, flush, close the device
     .action(async (images: string[], opts: ServeOptions) => serve(images, opts));
 }
 
-async function serve(images: string[], o: ServeOptions): Promise<void> {
+type LogLine = (msg: string, fields?: Record<string, unknown>) => void;
+
+/**
+ * Where serve's lines go (--log, --json): human lines on stderr (after clearing a live status
+ * line on a terminal), or JSON lines on stderr or in a file; warnings also reach a terminal.
+ */
+function serveLog(o: ServeOptions): { info: LogLine; warn: LogLine; jlog: Logger | undefined; json: boolean; tty: boolean; clearLine: () => string } {
   const logTo = o.log ?? (o.json === true ? 'json' : 'stderr');
   const json = logTo !== 'stderr';
   const jlog = json
     ? pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime },
       pino.destination(logTo === 'json' ? 2 : { dest: resolve(logTo), append: true, mkdir: true, sync: true }))
     : undefined;
-  const info = (msg: string, fields: Record<string, unknown> = {}) => {
+  const tty = !json && process.stderr.isTTY === true;
+  const clearLine = () => (tty ? '\r\x1b[K' : '');
+  const info: LogLine = (msg, fields = {}) => {
     if (jlog !== undefined) jlog.info(fields, msg);
     else process.stderr.write(`${clearLine()}blkif: ${msg}\n`);
   };
-  const tty = !json && process.stderr.isTTY === true;
-  const warn = (msg: string, fields: Record<string, unknown> = {}) => {
+  const warn: LogLine = (msg, fields = {}) => {
     if (jlog !== undefined) jlog.warn(fields, msg);
     // A warning also reaches a terminal when the log goes to a file.
     if (jlog === undefined || logTo !== 'json') process.stderr.write(`${clearLine()}blkif: ${msg}\n`);
   };
+  return { info, warn, jlog, json, tty, clearLine };
+}
 
+async function serve(images: string[], o: ServeOptions): Promise<void> {
+  const { info, warn, jlog, json, tty, clearLine } = serveLog(o);
   const tls = serverTls(o);
-  const inherited = inheritedSockets();
-  const listen = listenAddresses(o, inherited);
-  const clearLine = () => (tty ? '\r\x1b[K' : '');
+  const listen = listenAddresses(o, inheritedSockets());
 
   const size = o.size === undefined ? undefined : parseSize(o.size, '--size');
-  if (images.length > 0 && o.vbds !== undefined && o.vbds !== images.length) {
-    throw new UsageError(`--vbds ${o.vbds} but ${images.length} image(s) given: give one image per VBD, or none`);
-  }
   const sectorSize = o.sectorSize as 512 | 4096;
   const readOnly = o.readonly === true;
   let storage: StorageSpec[];
-  // Each IMAGE is whatever kind of storage recognises it (storage/registry.ts): a path, an NBD URI.
-  if (images.length > 0) {
-    storage = images.map((p) => {
-      const spec = storageFromArgument(p, { sectorSize, readOnly, connections: o.connections });
-      if (spec === undefined) throw new UsageError(`${p}: neither an image file nor an NBD export (nbd://, nbds://, nbd+unix://, nbds+unix://)`);
-      return spec;
+  try {
+    storage = exportStorage({
+      images, sectorSize, readOnly, connections: o.connections,
+      dataDir: o.dataDir !== undefined ? resolve(o.dataDir) : defaultDataDir(),
+      ...(o.vbds !== undefined ? { vbds: o.vbds } : {}),
     });
-  } else {
-    const dir = o.dataDir !== undefined ? resolve(o.dataDir) : defaultDataDir();
-    mkdirSync(dir, { recursive: true });
-    storage = Array.from({ length: o.vbds ?? 1 }, (_, i) => ({ kind: 'file', path: join(dir, `vbd${i}.img`), sectorSize, readOnly }));
+  } catch (e) {
+    asUsage(e);
   }
   // Each image file's share of libuv's threadpool, the pool being what the blkif executable sized
   // it to (threadpool.cts): a stalled image then holds its share, never every thread.
@@ -196,15 +177,9 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   const pool = serveThreadpoolShare(threads, handles);
   if (pool.tight) warn(`libuv's threadpool has ${threads} threads: too few for ${handles} image file handles should their disks stall (run the blkif executable, which sizes it, or set UV_THREADPOOL_SIZE=${handles * pool.slots + SPARE_THREADS})`);
   storage = storage.map((s) => (s.kind === 'file' ? { ...s, poolSlots: pool.slots } : s));
-  for (const s of storage) {
-    if (s.kind === 'file') {
-      info(await prepareImage(s.path, size, o.force === true, images.length === 0), { image: s.path });
-    } else {
-      const name = describeStorage(s);
-      if (size !== undefined) throw new UsageError(`--size does not apply to a remote export (${name})`);
-      info(`using remote export ${name}`, { image: name });
-    }
-  }
+  const prepared = await prepareImages(storage, { ...(size !== undefined ? { size } : {}), force: o.force === true, createIfMissing: images.length === 0 })
+    .catch(asUsage);
+  for (const p of prepared) info(p.done, { image: p.image });
 
   // Slower (about half the throughput without persistent grants), so only when asked (or under node --test).
   if (checkedByDefault()) info('checked hypervisor: Xen protocol violations are recorded and fail the stop (BLKIF_XEN_CHECKED)');
@@ -294,6 +269,11 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   if (o.pidFile !== undefined) removePidFile(resolve(o.pidFile));
   info('stopped');
   jlog?.flush();
+}
+
+/** What the export's set-up refuses is reported as a usage error. */
+function asUsage(e: unknown): never {
+  throw e instanceof ExportSetupError ? new UsageError(e.message) : e;
 }
 
 /** The TLS configuration from --tls, --tls-psk, --tls-certificates, --tls-verify-peer; undefined when off. */

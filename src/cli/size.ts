@@ -14,12 +14,3 @@ export function parseSize(text: string, what = 'size'): number {
   if (!Number.isSafeInteger(Math.round(n)) || n <= 0) throw new UsageError(`${what} "${text}" is out of range`);
   return Math.round(n);
 }
-
-/** 1073741824 -> "1 GiB", for messages. */
-export function formatSize(n: number): string {
-  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  let v = n;
-  while (v >= 1024 && i < units.length - 1 && v % 1024 === 0) { v /= 1024; i++; }
-  return `${v} ${units[i]}`;
-}

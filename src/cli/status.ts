@@ -3,7 +3,7 @@
  * counters (IOPS, MiB/s, queue depth, the share of indirect requests, notifications per request),
  * as a live line on a terminal or as structured log records.
  */
-import type { DiskExportStatus } from '../toolstack/index.js';
+import type { DiskExportStatus } from '../product/index.js';
 
 export interface Rates {
   iops: number;

@@ -10,8 +10,10 @@
  * published with `Atomics`, which orders the entry bytes around them for the other thread
  * (ring.h's wmb()/rmb()/mb()).
  *
- * This layer knows nothing of blkif: entry size is a parameter, as with DEFINE_RING_TYPES.
+ * This layer knows nothing of blkif: entry size is a parameter, as with DEFINE_RING_TYPES (only
+ * the largest order, which both ends negotiate, comes from abi/negotiation.ts).
  */
+import { MAX_RING_PAGE_ORDER } from '../abi/negotiation.js';
 
 export const XEN_PAGE_SIZE = 4096;
 /** Offsets in the shared header (identical on every ABI). */
@@ -21,8 +23,8 @@ export const SRING_RSP_PROD = 8;
 export const SRING_RSP_EVENT = 12;
 /** Entries start after `pvt` and `__pad[44]`: 64 bytes of header. */
 export const SRING_HEADER_SIZE = 64;
-/** Largest ring page order we speak (Linux's XENBUS_MAX_RING_GRANT_ORDER). */
-export const MAX_RING_PAGE_ORDER = 4;
+/** Largest ring page order we speak: the negotiation's limit (abi/negotiation.ts). */
+export { MAX_RING_PAGE_ORDER };
 
 /**
  * `__CONST_RING_SIZE`: the largest power of two of entries that fit after the header.

@@ -1,23 +1,15 @@
 /**
  * A guest's thread: attaches blkfront to the VBDs the toolstack plugged in and does I/O on them
- * when asked over the control channel (the guest's "applications" in tests and tools), or
- * exports them over NBD from here.
+ * when asked over the control channel (the guest's "applications" in tests and tools). Other
+ * applications (the product's NBD server, the bench's workload) are modules it loads
+ * (guest-application.ts).
  */
 import { parentPort } from 'node:worker_threads';
 import { Blkfront, type BlkfrontCounters, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import { attachDomain } from '../xen/index.js';
 import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
-import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig } from '../nbd/index.js';
-import { exportDevice } from './disk-export.js';
+import type { GuestApplicationModule, GuestContext, GuestWorkerData } from './guest-application.js';
 import { serveRpc, type RpcHandlers } from './rpc.js';
-import { runWorkload, type WorkloadResult, type WorkloadSpec } from './workload.js';
-
-/** An export the NBD server in this guest offers: a disk attached here, at `frontDir`. */
-export interface GuestExportSpec {
-  name: string;
-  description: string;
-  frontDir: string;
-}
 
 const xen = await attachDomain();
 const link = await connectGuestXenstore(xen);
@@ -29,8 +21,6 @@ function disk(frontDir: string): Blkfront {
   if (d === undefined) throw new Error(`no disk attached at ${frontDir}`);
   return d;
 }
-
-let nbd: NbdServer | undefined;
 
 const handlers: RpcHandlers = {
   async attach(frontDir: string, options: Partial<BlkfrontOptions>): Promise<DeviceInfo> {
@@ -49,48 +39,12 @@ const handlers: RpcHandlers = {
   flush: (frontDir: string) => disk(frontDir).flush(),
   discard: (frontDir: string, offset: number, length: number, secure: boolean) => disk(frontDir).discard(offset, length, { secure }),
   info: (frontDir: string): DeviceInfo => disk(frontDir).info,
-  workload: (frontDir: string, spec: WorkloadSpec): Promise<WorkloadResult> => runWorkload(disk(frontDir), spec),
   status(frontDir: string): { state: string; inFlight: number; leakedPages: number; counters: BlkfrontCounters } {
     const d = disk(frontDir);
     return { state: xenbusStateName(d.xenbusState), inFlight: d.inFlight, leakedPages: d.leakedPages, counters: { ...d.counters } };
   },
-  /**
-   * Starts an NBD server in this guest exporting `exports` on every address of `listen` (a TCP
-   * port 0 after the first is the port the first got); returns the addresses and the first's URI.
-   */
-  async serveNbd(
-    exports: GuestExportSpec[], listen: NbdListenOptions | NbdListenOptions[], tls?: NbdServerTlsConfig,
-  ): Promise<{ uri: string; address: NbdAddress; addresses: NbdAddress[] }> {
-    if (nbd !== undefined) throw new Error('an NBD server already runs in this guest');
-    const server = new NbdServer({
-      defaultExport: exports[0]?.name,
-      log: (level, msg) => { if (level !== 'debug') log(`nbd ${level}: ${msg}`); },
-      ...(tls !== undefined ? { tls } : {}),
-    });
-    for (const e of exports) server.addExport({ name: e.name, description: e.description, device: exportDevice(disk(e.frontDir)) });
-    const addresses: NbdAddress[] = [];
-    try {
-      for (const l of Array.isArray(listen) ? listen : [listen]) {
-        const first = addresses[0];
-        const where = 'port' in l && l.port === 0 && first !== undefined && 'port' in first ? { ...l, port: first.port } : l;
-        addresses.push(await server.listen(where));
-      }
-    } catch (e) {
-      await server.close();
-      throw e;
-    }
-    nbd = server;
-    return { uri: nbdUri(addresses[0]!), address: addresses[0]!, addresses };
-  },
-  /** Stops accepting, lets in-flight requests finish, closes the connections. */
-  async stopNbd() {
-    const s = nbd;
-    nbd = undefined;
-    await s?.close();
-  },
-  nbdStats: () => nbd?.stats(),
   async shutdown() {
-    if (nbd !== undefined) await handlers.stopNbd!();
+    for (const close of closers) await close();
     for (const [k, d] of [...disks]) {
       disks.delete(k);
       await d.close();
@@ -99,4 +53,14 @@ const handlers: RpcHandlers = {
     xen.dispose();
   },
 };
+// The applications the toolstack named: their methods join the guest's (a name clash is a bug).
+const context: GuestContext = { xen, disk, log };
+const closers: (() => Promise<void> | void)[] = [];
+for (const url of (xen.workerData as GuestWorkerData | undefined)?.applications ?? []) {
+  const app = (await import(url)) as GuestApplicationModule;
+  const { close, ...more } = app.guestHandlers(context);
+  for (const name of Object.keys(more)) if (name in handlers) throw new Error(`guest application ${url}: method ${name} exists already`);
+  Object.assign(handlers, more);
+  if (close !== undefined) closers.push(close);
+}
 serveRpc(parentPort!, handlers);

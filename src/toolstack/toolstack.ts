@@ -9,12 +9,12 @@ import { join } from 'node:path';
 import type { BlkbackOptions } from '../blkback/index.js';
 import type { BlkfrontCounters, BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import { Hypervisor, type DomainHandle } from '../xen/index.js';
-import { XenbusStateConnected, acceptGuestXenstore, waitForState, xvdVirtualDevice } from '../xenbus/index.js';
+import { XS_ERROR_DIR, XenbusStateConnected, acceptGuestXenstore, domainPath, waitForState, xvdVirtualDevice } from '../xenbus/index.js';
 import { XenstoreClient, XenstoreDaemon, XenstoreSocketServer, type XenstoreQuotas } from '../xenstore/index.js';
 import type { BackendVbdStatus } from './backend-domain.js';
+import type { GuestWorkerData } from './guest-application.js';
 import { RpcClient } from './rpc.js';
 import type { StorageSpec } from '../storage/index.js';
-import type { WorkloadResult, WorkloadSpec } from './workload.js';
 import { createVbdNodes, removeVbdNodes, type VbdPaths } from './vbd.js';
 
 export interface ToolstackOptions {
@@ -81,10 +81,6 @@ export class GuestDisk {
   }
   discard(offset: number, length: number, secure = false): Promise<void> {
     return this.guest.rpc.call('discard', this.paths.frontDir, offset, length, secure);
-  }
-  /** Runs a synthetic workload inside the guest, against this disk (no control-channel hop per I/O). */
-  workload(spec: WorkloadSpec): Promise<WorkloadResult> {
-    return this.guest.rpc.call('workload', this.paths.frontDir, spec);
   }
   status(): Promise<GuestStatus> {
     return this.guest.rpc.call('status', this.paths.frontDir);
@@ -153,16 +149,18 @@ export class Toolstack {
   /**
    * A guest running blkfront; `memoryPages` must hold blkfront's buffer pages and rings. Only the
    * pages it allocates cost memory (src/xen/memory.ts), so sizing it for the largest pool is free.
+   * `applications` are modules its thread loads to use its disks (guest-application.ts).
    */
-  createGuest(name = 'guest', memoryPages = 16384 + 512): Promise<DomainProxy> {
-    return this.createDomain(new URL('./guest-domain.js', import.meta.url), 'guest', name, memoryPages);
+  createGuest(name = 'guest', memoryPages = 16384 + 512, opts: { applications?: readonly URL[] } = {}): Promise<DomainProxy> {
+    const workerData: GuestWorkerData = { applications: (opts.applications ?? []).map((u) => u.href) };
+    return this.createDomain(new URL('./guest-domain.js', import.meta.url), 'guest', name, memoryPages, undefined, workerData);
   }
 
-  private async createDomain(script: URL, role: 'guest' | 'backend', name: string, memoryPages: number | undefined, maxVcpus?: number): Promise<DomainProxy> {
+  private async createDomain(script: URL, role: 'guest' | 'backend', name: string, memoryPages: number | undefined, maxVcpus?: number, workerData?: unknown): Promise<DomainProxy> {
     // A guest grants its pages and maps nobody's: it need not learn other domains' memory (which
     // would make each plug slower than the last); a driver domain maps from every frontend.
     const memoryOf = role === 'guest' ? [] : 'all';
-    const handle = await this.hv.createDomain({ script, name, memoryPages, memoryOf, ...(maxVcpus === undefined ? {} : { maxVcpus }) });
+    const handle = await this.hv.createDomain({ script, name, memoryPages, memoryOf, ...(maxVcpus === undefined ? {} : { maxVcpus }), ...(workerData === undefined ? {} : { workerData }) });
     handle.worker.on('message', (m: { kind?: string; domid?: number; msg?: string }) => {
       if (m?.kind !== 'log') return;
       if (this.opts.log !== undefined) this.opts.log(m.domid!, m.msg!);
@@ -172,6 +170,10 @@ export class Toolstack {
       }
     });
     const rpc = new RpcClient(handle.worker);
+    // As libxl__domain_make: the domain's own `error` directory, where its drivers say why they
+    // gave up (xenbus_dev_fatal writes error/<device path>/error under the domain's home).
+    await this.xs.mkdir(`${domainPath(handle.domid)}/${XS_ERROR_DIR}`);
+    await this.xs.setPerms(`${domainPath(handle.domid)}/${XS_ERROR_DIR}`, [{ domid: handle.domid, perm: 'n' }]);
     const release = await acceptGuestXenstore(this.hv, this.daemon, handle.domid, handle.worker);
     const d = new DomainProxy(handle, role, rpc, release);
     this.domains.push(d);

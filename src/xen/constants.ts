@@ -85,13 +85,8 @@ export const EVTCHNSTAT_pirq = 3;
 export const EVTCHNSTAT_virq = 4;
 export const EVTCHNSTAT_ipi = 5;
 
-// Linux errno values (asm-generic/errno-base.h): event-channel hypercalls return -errno.
-export const EPERM = 1;
-export const ESRCH = 3;
-export const EBUSY = 16;
-export const EINVAL = 22;
-export const ENOSPC = 28;
-export const ENOENT = 2;
+// Linux errno values: event-channel hypercalls return -errno (one list, abi/errno.ts).
+export { EBUSY, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH } from '../abi/errno.js';
 
 // ---- Emulator sizing (ours, not Xen ABI) ----
 /**

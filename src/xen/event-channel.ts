@@ -5,6 +5,9 @@
 // A send sets the remote pending bit; only a 0 -> 1 transition of an unmasked port raises the
 // upcall, and only a raised upcall of a sleeping domain costs an Atomics.notify, so repeated
 // sends before the peer runs coalesce into one wake-up as on Xen.
+// One file (about 500 lines) on purpose: every operation here (alloc/bind/send/close/mask and the
+// wait loop) reads and writes the same per-port and per-vCPU words with the same memory-ordering
+// rules, as Xen keeps them in one event_channel.c; split, the ordering argument would span files.
 import { performance } from 'node:perf_hooks';
 import {
   DEFAULT_POLL_MICROS, DOMID_SELF, EINVAL, ENOENT, ENOSPC, ESRCH, EVTCHNSTAT_closed, EVTCHNSTAT_interdomain,

@@ -5,8 +5,8 @@
  * time and in order, as Linux runs them on its xenwatch thread. blkback and blkfront both sit on it.
  */
 import type { XenstoreClient } from '../xenstore/index.js';
-import { XS_STATE } from './paths.js';
-import { XenbusStateInitialising, type XenbusSide, type XenbusState } from './state.js';
+import { XS_STATE, errorNodePath } from './paths.js';
+import { XenbusStateClosed, XenbusStateClosing, XenbusStateInitialising, type XenbusSide, type XenbusState } from './state.js';
 import { readState, switchState } from './xenbus.js';
 
 export interface XenbusDeviceDeps {
@@ -90,5 +90,20 @@ export class XenbusDevice {
   async switchState(to: XenbusState): Promise<void> {
     await switchState(this.d.xs, this.d.nodename, this.d.side, to);
     this.current = to;
+  }
+
+  /**
+   * `xenbus_dev_error`: says why in our `error` node ("<errno> <message>", errorNodePath), where
+   * the toolstack and an administrator read it. Best effort: a node that cannot be written is
+   * only not written (Linux logs it).
+   */
+  async error(errno: number, message: string): Promise<void> {
+    await this.d.xs.write(errorNodePath(this.d.nodename), `${errno} ${message}`).catch(() => undefined);
+  }
+
+  /** `xenbus_dev_fatal`: the `error` node, then Closing (unless closing or closed already). */
+  async fatal(errno: number, message: string): Promise<void> {
+    await this.error(errno, message);
+    if (this.current !== XenbusStateClosing && this.current !== XenbusStateClosed) await this.switchState(XenbusStateClosing).catch(() => undefined);
   }
 }

@@ -1,6 +1,7 @@
+// The xenbus layer's front door: Xen's states and paths whole, the rest as other layers use it.
 export * from './state.js';
 export * from './paths.js';
-export * from './xenbus.js';
-export * from './xenstore-link.js';
-export * from './device.js';
-export * from './periodic.js';
+export { allocEvtchn, grantRing, readNodes, readState, switchState, waitForState, writeNodes } from './xenbus.js';
+export { acceptGuestXenstore, connectGuestXenstore } from './xenstore-link.js';
+export { XenbusDevice } from './device.js';
+export { everyPeriod, periodicJobs } from './periodic.js';

@@ -9,6 +9,19 @@ export function domainPath(domid: number): string {
   return `/local/domain/${domid}`;
 }
 
+/**
+ * Where a xenbus device says why it failed (Linux `xenbus_va_dev_error`): `error/<nodename>/error`
+ * relative to the domain's home, `nodename` being the device's directory there (so
+ * `/local/domain/<d>/error/backend/vbd/<front>/<devid>/error`): a node the domain may write.
+ */
+export function errorNodePath(dir: string): string {
+  const m = /^\/local\/domain\/(\d+)\/(.+)$/.exec(dir);
+  return m === null ? `/${XS_ERROR_DIR}${dir.startsWith('/') ? '' : '/'}${dir}/error` : `${domainPath(Number(m[1]))}/${XS_ERROR_DIR}/${m[2]}/error`;
+}
+
+/** The domain's `error` directory, which the toolstack creates writable by the domain (as libxl does). */
+export const XS_ERROR_DIR = 'error';
+
 /** The frontend's directory: `/local/domain/<front>/device/vbd/<devid>`. */
 export function frontendPath(frontDomid: number, devid: number, cls = DEVICE_CLASS_VBD): string {
   return `${domainPath(frontDomid)}/device/${cls}/${devid}`;

@@ -84,3 +84,31 @@ export function allocEvtchn(xen: XenDomain, otherend: number): number {
   if (port < 0) throw new XenbusError(`allocating an event channel for domain ${otherend} failed (${port})`);
   return port;
 }
+
+/**
+ * Every node under `dir` down to `depth` levels, as relative key -> value (a directory's own
+ * value too): the other end's nodes for a negotiation record to read (abi/negotiation.ts). A node
+ * removed while listing is simply absent.
+ */
+export async function readNodes(xs: XenstoreClient, dir: string, depth = 2): Promise<Map<string, string>> {
+  const nodes = new Map<string, string>();
+  const walk = async (rel: string, level: number): Promise<void> => {
+    const children = await xs.directory(rel === '' ? dir : `${dir}/${rel}`).catch(() => [] as string[]);
+    await Promise.all(children.map(async (c) => {
+      const key = rel === '' ? c : `${rel}/${c}`;
+      const value = await xs.read(`${dir}/${key}`).catch(() => undefined);
+      if (value !== undefined) nodes.set(key, value);
+      if (level + 1 < depth) await walk(key, level + 1);
+    }));
+  };
+  await walk('', 0);
+  return nodes;
+}
+
+/** Writes a negotiation record's nodes under `dir` (an undefined value removes the node), in `tx`. */
+export async function writeNodes(xs: XenstoreClient, dir: string, nodes: readonly (readonly [string, string | undefined])[], tx = 0): Promise<void> {
+  for (const [key, value] of nodes) {
+    if (value === undefined) await xs.rm(`${dir}/${key}`, tx).catch(() => undefined);
+    else await xs.write(`${dir}/${key}`, value, tx);
+  }
+}

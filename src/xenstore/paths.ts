@@ -27,10 +27,6 @@ export function isAtOrBelow(path: string, ancestor: string): boolean {
   return path === ancestor || path.startsWith(ancestor + '/');
 }
 
-export function isSpecialPath(path: string): boolean {
-  return path.startsWith('@');
-}
-
 /**
  * Absolute, validated form of a request path, or undefined when xenstored
  * would answer EINVAL. Relative paths are taken below /local/domain/<domid>;

@@ -30,32 +30,6 @@ export const XS_DIRECTORY_PART = 22;
 export const XS_TYPE_COUNT = 23;
 export const XS_INVALID = 0xffff;
 
-// Names used in logs and errors (xenstored's wire_funcs[] strings).
-export const XS_TYPE_NAMES: Readonly<Record<number, string>> = {
-  [XS_CONTROL]: 'CONTROL',
-  [XS_DIRECTORY]: 'DIRECTORY',
-  [XS_READ]: 'READ',
-  [XS_GET_PERMS]: 'GET_PERMS',
-  [XS_WATCH]: 'WATCH',
-  [XS_UNWATCH]: 'UNWATCH',
-  [XS_TRANSACTION_START]: 'TRANSACTION_START',
-  [XS_TRANSACTION_END]: 'TRANSACTION_END',
-  [XS_INTRODUCE]: 'INTRODUCE',
-  [XS_RELEASE]: 'RELEASE',
-  [XS_GET_DOMAIN_PATH]: 'GET_DOMAIN_PATH',
-  [XS_WRITE]: 'WRITE',
-  [XS_MKDIR]: 'MKDIR',
-  [XS_RM]: 'RM',
-  [XS_SET_PERMS]: 'SET_PERMS',
-  [XS_WATCH_EVENT]: 'WATCH_EVENT',
-  [XS_ERROR]: 'ERROR',
-  [XS_IS_DOMAIN_INTRODUCED]: 'IS_DOMAIN_INTRODUCED',
-  [XS_RESUME]: 'RESUME',
-  [XS_SET_TARGET]: 'SET_TARGET',
-  [XS_RESET_WATCHES]: 'RESET_WATCHES',
-  [XS_DIRECTORY_PART]: 'DIRECTORY_PART',
-};
-
 // enum xs_watch_type: index of each string in an XS_WATCH_EVENT payload.
 export const XS_WATCH_PATH = 0;
 export const XS_WATCH_TOKEN = 1;

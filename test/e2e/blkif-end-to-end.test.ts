@@ -10,7 +10,9 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Toolstack, backendMemory, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
+import { WORKLOAD_APPLICATION, guestWorkload } from '../../bench/harness/workload.js';
+import { backendMemory } from '../../src/product/index.js';
+import { Toolstack, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
 import type { XenCounters } from '../../src/xen/index.js';
 import { Rng, firstDifference, sparseImage, tempDir, verifiedBatch } from './helpers.js';
 
@@ -25,7 +27,7 @@ const tmp = tempDir('blkif-e2e-');
 before(async () => {
   ts = await Toolstack.start();
   back = await ts.createBackendDomain('driver-domain', backendMemory({ grantCopy: true }, 1));
-  guest = await ts.createGuest();
+  guest = await ts.createGuest(undefined, undefined, { applications: [WORKLOAD_APPLICATION] });
 });
 
 after(async () => {
@@ -166,7 +168,7 @@ describe('blkfront <-> blkback over real domains and files', () => {
     const disk = await ts.plug({ guest, backend: back, storage: { kind: 'file', path, sectorSize: 512 }, backendOptions: {}, frontendOptions: {} });
     try {
       const [f0, b0] = await Promise.all([disk.status(), disk.backendStatus()]);
-      const r = await disk.workload({ pattern: 'randread', blockSize: 4096, depth: 32, ops: 6000 });
+      const r = await guestWorkload(disk, { pattern: 'randread', blockSize: 4096, depth: 32, ops: 6000 });
       const [f1, b1] = await Promise.all([disk.status(), disk.backendStatus()]);
       assert.equal(r.ops, 6000);
       const requests = b1.counters.rd_req - b0.counters.rd_req;

@@ -9,7 +9,8 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NbdClient } from '../../src/nbd/index.js';
-import { DiskExport, sharedFrontendOptions } from '../../src/toolstack/index.js';
+import { WORKLOAD_APPLICATION, guestWorkload } from '../../bench/harness/workload.js';
+import { DiskExport, sharedFrontendOptions } from '../../src/product/index.js';
 import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../../src/xen/index.js';
 import { frontendPath, xvdVirtualDevice } from '../../src/xenbus/index.js';
 import { assertReleased } from './helpers.js';
@@ -75,9 +76,10 @@ test('the disks\' page pools share the guest\'s grant table: six disks at 1 MiB 
   const six = await DiskExport.start({
     images: Array.from({ length: 6 }, () => ({ kind: 'memory' as const, size: 16 * MiB })),
     listen: { host: '127.0.0.1', port: 0 },
+    guestApplications: [WORKLOAD_APPLICATION],
   });
   try {
-    const results = await Promise.allSettled(six.disks.map((d) => d.workload({ pattern: 'write', blockSize: MiB, depth: 32, ops: 96 })));
+    const results = await Promise.allSettled(six.disks.map((d) => guestWorkload(d, { pattern: 'write', blockSize: MiB, depth: 32, ops: 96 })));
     const failed = results.flatMap((r, i) => (r.status === 'rejected' ? [`vbd${i}: ${String(r.reason)}`] : []));
     assert.deepEqual(failed, []);
     for (const r of results) assert.equal((r as PromiseFulfilledResult<{ ops: number }>).value.ops, 96);

@@ -10,7 +10,8 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BlkbackOptions } from '../../src/blkback/index.js';
-import { Toolstack, backendMemory, createVbdNodes, type GuestDisk } from '../../src/toolstack/index.js';
+import { backendMemory } from '../../src/product/index.js';
+import { Toolstack, createVbdNodes, type GuestDisk } from '../../src/toolstack/index.js';
 import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
 import { eventually } from '../support/common.js';
 

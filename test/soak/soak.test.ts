@@ -8,7 +8,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Toolstack, backendMemory, randomBackendFeatures, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
+import { backendMemory, randomBackendFeatures } from '../../src/product/index.js';
+import { Toolstack, type DomainProxy, type GuestDisk } from '../../src/toolstack/index.js';
 import { Rng, firstDifference, sparseImage, tempDir } from '../e2e/helpers.js';
 
 const SECONDS = Number(process.env.BLKIF_SOAK_SECONDS ?? 8);

@@ -3,7 +3,25 @@
  * VM: random or sequential reads or writes of one block size at a fixed queue depth, for a time
  * or an operation count. Returns what it measured; the benchmarks put that beside baselines.
  */
-import type { Blkfront } from '../blkfront/index.js';
+import type { Blkfront } from '../../src/blkfront/index.js';
+import type { GuestApplicationModule, GuestContext, GuestDisk } from '../../src/toolstack/index.js';
+
+/** This module as a guest application (`Toolstack.createGuest`): the workload runs in the guest's thread. */
+export const WORKLOAD_APPLICATION = new URL(import.meta.url);
+
+export function guestHandlers(guest: GuestContext) {
+  return {
+    workload: (frontDir: string, spec: WorkloadSpec): Promise<WorkloadResult> => runWorkload(guest.disk(frontDir), spec),
+  } satisfies ReturnType<GuestApplicationModule['guestHandlers']>;
+}
+
+/**
+ * Runs a synthetic workload inside the guest, against `disk` (no control-channel hop per I/O);
+ * its guest was created with WORKLOAD_APPLICATION.
+ */
+export function guestWorkload(disk: GuestDisk, spec: WorkloadSpec): Promise<WorkloadResult> {
+  return disk.guest.rpc.call('workload', disk.paths.frontDir, spec);
+}
 
 export interface WorkloadSpec {
   readonly pattern: 'randread' | 'randwrite' | 'read' | 'write';

@@ -5,17 +5,16 @@
  * from its blkfront. Stops in order: the NBD server drains, each disk flushes, frontends close,
  * backends close, domains go.
  */
-import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../blkback/index.js';
-import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST } from '../abi/index.js';
-import { DEFAULT_BLKFRONT_OPTIONS, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
+import type { BlkbackOptions } from '../blkback/index.js';
+import type { BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
 import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
-import type { BackendVbdStatus } from './backend-domain.js';
-import type { GuestExportSpec } from './guest-domain.js';
+import { Toolstack, type BackendVbdStatus, type DomainProxy, type GuestDisk } from '../toolstack/index.js';
 import type { StorageSpec } from '../storage/index.js';
-import { GNTTAB_NR_RESERVED_ENTRIES, NR_GRANT_ENTRIES } from '../xen/index.js';
 import { xvdName } from '../xenbus/index.js';
 import { DEFAULT_QUOTAS } from '../xenstore/index.js';
-import { BACKEND_BASE_PAGES, BACKEND_COPY_PAGES, Toolstack, type DomainProxy, type GuestDisk } from './toolstack.js';
+import { describeChange, randomBackendFeatures } from './migration.js';
+import { NBD_GUEST_APPLICATION, type GuestExportSpec } from './nbd-guest.js';
+import { backendMemory, guestMemory, sharedFrontendOptions } from './sizing.js';
 
 export interface DiskExportOptions {
   readonly images: readonly StorageSpec[];
@@ -29,6 +28,8 @@ export interface DiskExportOptions {
   readonly log?: (domid: number, msg: string) => void;
   /** Called as each step completes, for progress output. */
   readonly progress?: (step: string) => void;
+  /** More applications for the guest beside the NBD server (guest-application.ts; tests, benchmarks). */
+  readonly guestApplications?: readonly URL[];
 }
 
 export interface VbdStatus {
@@ -39,75 +40,6 @@ export interface VbdStatus {
 export interface DiskExportStatus {
   vbds: VbdStatus[];
   nbd: NbdServerStats | undefined;
-}
-
-/**
- * Memory for a driver domain serving `vbds` VBDs with `features`: grant copy needs bounce pages,
- * and with queue threads each queue's share holds at least one largest request.
- */
-export function backendMemory(features: Partial<BlkbackOptions>, vbds: number): number {
-  if (features.grantCopy !== true) return BACKEND_BASE_PAGES;
-  const o = { ...DEFAULT_BLKBACK_OPTIONS, ...features };
-  const perQueue = Math.max(o.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST) + 8 + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST;
-  return BACKEND_BASE_PAGES + vbds * (BACKEND_COPY_PAGES + (o.queueThreads ? o.maxQueues * perQueue : 0));
-}
-
-/** A guest's own pages besides its disks' (xenstore ring, slack). */
-export const GUEST_BASE_PAGES = 512;
-
-/** Grant entries a guest keeps for itself beside its disks' (the reserved ones and slack). */
-const GUEST_OWN_GRANTS = GNTTAB_NR_RESERVED_ENTRIES + 56;
-
-/** Ring pages of one disk, twice over (a reconnection grants new rings while a backend may still map the old). */
-function ringPages(o: BlkfrontOptions): number {
-  return 2 * o.queues * (1 << o.ringPageOrder);
-}
-
-/**
- * The frontend options of each of `disks` disks sharing one guest: every page of a disk's pool
- * may hold a grant (a persistent one stays while the backend maps it), and the guest has one
- * grant table (NR_GRANT_ENTRIES, Xen's max_grant_frames), so the pools share it instead of
- * each taking the default 8192 pages: a disk then never fails for want of a grant another disk
- * holds. One disk keeps the default; 16 get about 2040 pages (8 MiB in flight) each.
- */
-export function sharedFrontendOptions(frontend: Partial<BlkfrontOptions>, disks: number): Partial<BlkfrontOptions> {
-  const o = { ...DEFAULT_BLKFRONT_OPTIONS, ...frontend };
-  const share = Math.floor((NR_GRANT_ENTRIES - GUEST_OWN_GRANTS) / disks) - ringPages(o);
-  return { ...frontend, bufferPages: Math.max(16, Math.min(o.bufferPages, share)) };
-}
-
-/**
- * Memory for a guest holding `disks` disks attached with `frontend` options: each disk's page
- * pool (blkfront's `bufferPages`) and its rings.
- */
-export function guestMemory(frontend: Partial<BlkfrontOptions>, disks: number): number {
-  const o = { ...DEFAULT_BLKFRONT_OPTIONS, ...frontend };
-  return GUEST_BASE_PAGES + disks * (o.bufferPages + ringPages(o));
-}
-
-/** Backend features a migration may pick (`randomBackendFeatures`). */
-export function randomBackendFeatures(rand: () => number = Math.random): Partial<BlkbackOptions> {
-  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
-  const grantCopy = rand() < 0.2;
-  return {
-    maxIndirectSegments: pick([0, 32, 256, 4096]),
-    maxRingPageOrder: pick([0, 1, 2, 4]),
-    maxQueues: pick([1, 2, 4]),
-    persistent: !grantCopy && rand() < 0.5,
-    grantCopy,
-    queueThreads: rand() < 0.5,
-  };
-}
-
-function describeChange(a: DeviceInfo, b: DeviceInfo): string {
-  const parts: string[] = [];
-  const seg = (i: DeviceInfo) => (i.indirect ? String(i.maxSegments) : 'off');
-  if (seg(a) !== seg(b)) parts.push(`indirect ${seg(a)} -> ${seg(b)}`);
-  if (a.ringPageOrder !== b.ringPageOrder) parts.push(`ring order ${a.ringPageOrder} -> ${b.ringPageOrder}`);
-  if (a.queues !== b.queues) parts.push(`queues ${a.queues} -> ${b.queues}`);
-  if (a.persistent !== b.persistent) parts.push(`persistent grants ${a.persistent ? 'on' : 'off'} -> ${b.persistent ? 'on' : 'off'}`);
-  if (a.flush !== b.flush) parts.push(`flush ${a.flush ? 'on' : 'off'} -> ${b.flush ? 'on' : 'off'}`);
-  return parts.length > 0 ? parts.join(', ') : 'same features';
 }
 
 export class DiskExport {
@@ -178,7 +110,7 @@ export class DiskExport {
       const backend = await ts.createBackendDomain('driver-domain', backendMemory(o.backendOptions ?? {}, n));
       o.progress?.(`driver domain ${backend.domid} started`);
       const frontendOptions = sharedFrontendOptions(o.frontendOptions ?? {}, n);
-      const guest = await ts.createGuest('guest', guestMemory(frontendOptions, n));
+      const guest = await ts.createGuest('guest', guestMemory(frontendOptions, n), { applications: [NBD_GUEST_APPLICATION, ...(o.guestApplications ?? [])] });
       o.progress?.(`guest ${guest.domid} started`);
       const disks: GuestDisk[] = [];
       for (let i = 0; i < n; i++) {
