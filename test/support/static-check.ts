@@ -130,7 +130,7 @@ function leftOperand(body: string, at: number): string {
 function isCount(operand: string): boolean {
   if (/[^+]\+[^+=]/.test(operand)) return true;
   const last = /(\w+)\s*(?:\(\s*\))?$/.exec(operand)?.[1] ?? '';
-  return /^(?:n|length|size|count|total|inFlight|queued|pending|bytes|ios|sent|received|checked|resolved|verified)$|(?:Count|Total|Bytes|Percent|Size|Length|Checked|Resolved|Verified|Sent)$|^(?:count|total|num)[A-Z]/.test(last);
+  return /^(?:length|size|count|total|inFlight|queued|pending|bytes|ios|sent|received|checked|resolved|verified)$|(?:Count|Total|Bytes|Percent|Size|Length|Checked|Resolved|Verified|Sent)$|^(?:count|total|num)[A-Z]/.test(last);
 }
 
 /** Every finding in one file's source; `file` is how findings name it. */
