@@ -13,14 +13,28 @@ export interface BenchResult { name: string; value: number; unit: string }
 
 type PingCmd =
   | { readonly role: 'initiator'; readonly peer: number; readonly rounds: number; readonly warmup: number }
-  | { readonly role: 'responder'; readonly peer: number; readonly port: number; readonly events: number };
-type PingReply = { readonly port: number } | { readonly ready: true } | { readonly elapsedMs: number };
+  | { readonly role: 'responder'; readonly peer: number; readonly port: number; readonly events: number }
+  | { readonly role: 'idle'; readonly idleMs: number; readonly pollMicros: number };
+type PingReply = { readonly port: number } | { readonly ready: true } | { readonly elapsedMs: number }
+  | { readonly cpuMicros: number; readonly elu: number; readonly elapsedMs: number };
 
 async function pingDomain(): Promise<void> {
   const xen = await attachDomain();
   const port = parentPort!;
   const cmd = await new Promise<PingCmd>((r) => port.once('message', r));
   const post = (m: PingReply) => port.postMessage(m);
+  if (cmd.role === 'idle') {
+    // A wait nothing ends but its abort: the CPU it burns is what idling costs.
+    const ac = new AbortController();
+    const t0 = performance.now();
+    const cpu0 = process.cpuUsage();
+    const elu0 = performance.eventLoopUtilization();
+    setTimeout(() => ac.abort(), cmd.idleMs);
+    await xen.events.wait({ pollMicros: cmd.pollMicros, signal: ac.signal });
+    const cpu = process.cpuUsage(cpu0);
+    post({ cpuMicros: cpu.user + cpu.system, elu: performance.eventLoopUtilization(elu0).utilization, elapsedMs: performance.now() - t0 });
+    return;
+  }
   if (cmd.role === 'responder') {
     const p = xen.events.bindInterdomain(cmd.peer, cmd.port);
     await xen.events.wait(); // the bind-time event (Xen marks a fresh binding pending)
@@ -74,6 +88,21 @@ async function pingPong(pollMicros: number, rounds: number): Promise<{ oneWayMic
     await Promise.all([a.exited, b.exited]);
     // The counters span the warm-up rounds too.
     return { oneWayMicros: (elapsedMs * 1000) / rounds / 2, pollHits, sleeps, roundTrips: rounds + warmup };
+  } finally {
+    await hv.shutdown();
+  }
+}
+
+/** One domain idle in a wait for `idleMs`: the CPU it used (process-wide) and its event-loop utilization. */
+async function idleWait(idleMs: number, pollMicros: number): Promise<{ cpuPercent: number; eluPercent: number }> {
+  const hv = new Hypervisor({ dom0MemoryPages: 1 });
+  try {
+    const d = await hv.createDomain({ script: new URL(import.meta.url), memoryPages: 1, pollMicros, workerData: 'xen-bench' });
+    const done = nextMessage<{ cpuMicros: number; elu: number; elapsedMs: number }>(d.worker);
+    d.worker.postMessage({ role: 'idle', idleMs, pollMicros } satisfies PingCmd);
+    const r = await done;
+    await d.exited;
+    return { cpuPercent: (100 * r.cpuMicros) / (r.elapsedMs * 1000), eluPercent: 100 * r.elu };
   } finally {
     await hv.shutdown();
   }
@@ -150,6 +179,10 @@ export async function benchXen(quick = false): Promise<BenchResult[]> {
   results.push({ name: 'xen polling saved a sleep (polling 50 us)', value: round2(waits === 0 ? 0 : (100 * on.pollHits) / waits), unit: '% of waits' });
   results.push({ name: 'xen sleeps per round trip, polling off (both domains)', value: round2(off.sleeps / off.roundTrips), unit: 'sleeps' });
   results.push({ name: 'xen sleeps per round trip, polling 50 us (both domains)', value: round2(on.sleeps / on.roundTrips), unit: 'sleeps' });
+  // An idle domain sleeps instead of spinning (test/xen/domains.test.ts checks it sleeps once).
+  const idle = await idleWait(quick ? 200 : 1000, 50);
+  results.push({ name: 'xen idle wait, CPU used (polling 50 us)', value: round2(idle.cpuPercent), unit: '% of a core' });
+  results.push({ name: 'xen idle wait, event-loop utilization (polling 50 us)', value: round2(idle.eluPercent), unit: '%' });
   results.push(...grantBench(quick ? 100 : 300));
   return results;
 }

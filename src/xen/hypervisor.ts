@@ -21,7 +21,7 @@ import { MemoryRegistry, placePages, type ControlMessage, type Pages } from './m
 import { threadComm } from './thread-name.js';
 import {
   C_STRIDE, D_DOMID, D_PAGES, D_STATE, D_STRIDE, G_DOMID, G_FLAGS, G_FRAME, G_STRIDE, M_DOMID, M_FLAGS, M_IN_USE, M_REF,
-  M_STRIDE, P_REMOTE_DOMID, P_STATE, P_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE, SLOT_RUNNING, V_ONLINE, V_STRIDE,
+  M_STRIDE, P_REMOTE_DOMID, P_STATE, P_STRIDE, SharedTables, SLOT_DYING, SLOT_FREE, SLOT_RUNNING, V_ONLINE, V_POLLING, V_STRIDE,
   vcpuWord, type XenCounters,
 } from './shared-tables.js';
 
@@ -219,6 +219,12 @@ export class Hypervisor {
 
   /** Counters of a running or dying domain (or dom0); undefined once its slot is gone. */
   domainCounters(domid: number): XenCounters | undefined { return this.dom0.counters.domain(domid); }
+
+  /** Whether a vCPU of `domid` is polling its upcall right now (an observer's view, for tests). */
+  isPolling(domid: number, vcpu = 0): boolean {
+    const slot = this.t.slotOf(domid);
+    return slot >= 0 && Atomics.load(this.t.dom, vcpuWord(slot, vcpu, V_POLLING)) !== 0;
+  }
 
   /**
    * Pages a domain has created so far (each costs its 4 KiB from then on; the rest of its

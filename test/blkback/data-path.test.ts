@@ -12,7 +12,7 @@ import {
   BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SEGMENT_SIZE, BLKIF_SEGS_PER_INDIRECT_FRAME, X86_64_ABI, XEN_PAGE_SIZE,
   decodeResponse, encodeRequest, encodeSegment, type BlkifRequest, type BlkifResponse, type BlkifSegment,
 } from '../../src/abi/index.js';
-import { DataPath, newVbdCounters, type VbdCounters } from '../../src/blkback/index.js';
+import { DataPath, newVbdCounters, type VbdCounters, type VbdLimits } from '../../src/blkback/index.js';
 import { MapPerRequest } from '../../src/blkback/page-access.js';
 import { BackRing, FrontRing, RING_CONSUMED, RingEntry, SharedRing } from '../../src/ring/index.js';
 import { MemoryStorage, type BlockStorage } from '../../src/storage/index.js';
@@ -64,7 +64,7 @@ class ScriptedStorage implements BlockStorage {
     try {
       if (this.hold) await new Promise<void>((r) => this.held.push(r));
       const ms = this.delays.get(offset)?.shift() ?? 0;
-      if (ms > 0) await new Promise((r) => setTimeout(r, ms));
+      if (ms > 0) await new Promise((r) => setTimeout(r, ms)); // the latency the test gives this operation: scenario
       await io();
     } finally {
       this.active--;
@@ -107,7 +107,7 @@ class Rig {
   private readonly entry = new RingEntry(abi.entrySize);
   private waiters: (() => void)[] = [];
 
-  constructor(readonly storage: ScriptedStorage, maxPending = 32) {
+  constructor(readonly storage: ScriptedStorage, maxPending = 32, limits: Partial<VbdLimits> = {}) {
     this.F = hv.createLocalDomain({ memoryPages: 256, pollMicros: 0 });
     this.B = hv.createLocalDomain({ memoryPages: 64, pollMicros: 0 });
     [this.ringFrame] = this.F.memory.alloc(1) as [number];
@@ -128,7 +128,7 @@ class Rig {
     const deps = { xen: this.B, frontDomid: this.F.domid, counters: this.counters };
     this.dp = new DataPath({
       xen: this.B, frontDomid: this.F.domid, ring: this.back, abi, port: this.bport, storage, access: new MapPerRequest(deps),
-      limits: () => ({ sectors: SECTORS, sectorSize: 512, readOnly: false, flush: true, barrier: true, discard: true, discardSecure: true }),
+      limits: () => ({ sectors: SECTORS, sectorSize: 512, readOnly: false, flush: true, barrier: true, discard: true, discardSecure: true, ...limits }),
       maxIndirectSegments: 32, maxPending, counters: this.counters, onFatal: (why) => assert.fail(why), log: () => undefined,
     });
   }
@@ -191,6 +191,38 @@ class Rig {
 const full = (refs: readonly number[]): BlkifSegment[] => refs.map((gref) => ({ gref, first_sect: 0, last_sect: 7 }));
 const rw = (operation: typeof BLKIF_OP_READ | typeof BLKIF_OP_WRITE | typeof BLKIF_OP_WRITE_BARRIER | typeof BLKIF_OP_FLUSH_DISKCACHE, id: number, sector: number, seg: BlkifSegment[]): BlkifRequest =>
   ({ operation, nr_segments: seg.length, handle: 0, id: BigInt(id), sector_number: BigInt(sector), seg });
+
+test('a read-only VBD that advertises discard: validate.ts alone refuses a hostile discard, write, barrier and indirect write (CVE-2013-2140)', TIMEOUT, async () => {
+  // Nothing else stands in the way here: the limits advertise discard (xenbus.ts never would on
+  // a read-only VBD, a frontend may send one regardless) and the storage underneath is writable.
+  const storage = new ScriptedStorage();
+  const before = new Uint8Array(SIZE).fill(0x5a);
+  await storage.mem.write(0, [before]);
+  const rig = new Rig(storage, 32, { readOnly: true, discard: true, discardSecure: true, flush: true, barrier: true });
+  try {
+    const p = (n: number) => rig.pages(n, new Uint8Array(n * XEN_PAGE_SIZE).fill(0xc3)).refs;
+    const reqs: BlkifRequest[] = [
+      { operation: BLKIF_OP_DISCARD, flag: 0, handle: 0, id: 1n, sector_number: 0n, nr_sectors: BigInt(SECTORS) },
+      { operation: BLKIF_OP_DISCARD, flag: 1, handle: 0, id: 2n, sector_number: 8n, nr_sectors: 8n },
+      rw(BLKIF_OP_WRITE, 3, 0, full(p(2))),
+      rw(BLKIF_OP_WRITE_BARRIER, 4, 16, full(p(1))),
+      { operation: BLKIF_OP_INDIRECT, indirect_op: BLKIF_OP_WRITE, nr_segments: 12, id: 5n, sector_number: 64n, handle: 0, indirect_grefs: [rig.indirectPage(full(p(12)))] },
+      rw(BLKIF_OP_READ, 6, 0, full(p(1))),
+    ];
+    rig.push(reqs);
+    const rsps = await rig.responsesFor(reqs.length);
+    const status = (id: bigint) => rsps.find((r) => r.id === id)?.status;
+    for (const id of [1n, 2n, 3n, 4n, 5n]) assert.equal(status(id), BLKIF_RSP_ERROR, `request ${id} refused as an error (not EOPNOTSUPP: the feature is advertised)`);
+    assert.equal(status(6n), BLKIF_RSP_OKAY, 'reads still served');
+    assert.deepEqual(storage.log.filter((e) => e.startsWith('w')), [], 'storage never asked to write');
+    const after = new Uint8Array(SIZE);
+    await storage.mem.read(0, [after]);
+    assert.equal(firstDifference(after, before), -1, 'the disk is as it was: nothing discarded or written');
+    assert.equal(rig.counters.ds_req + rig.counters.wr_req, 0);
+  } finally {
+    await rig.close();
+  }
+});
 
 test('a WRITE_BARRIER waits for every earlier request, and no later request overtakes it', TIMEOUT, async () => {
   const storage = new ScriptedStorage();

@@ -63,6 +63,25 @@ test('a read-only VBD refuses writes, barriers, discards and indirect writes (CV
   assert.equal(verdict({ ...read(0n, []), operation: BLKIF_OP_FLUSH_DISKCACHE } as BlkifRequest, ro), 'eopnotsupp');
 });
 
+test('a read-only VBD that advertises discard, barrier and flush still refuses discard and writes of any kind (CVE-2013-2140)', () => {
+  // The guard in validate.ts alone: every feature on, so no "not offered" refusal can stand in for it.
+  const roAll: VbdLimits = { ...rw, readOnly: true };
+  const refused = (req: BlkifRequest, why: RegExp) => {
+    const r = classifyRequest(req, roAll);
+    assert.ok(isRejection(r), `${why}: accepted`);
+    assert.equal(r.status, BLKIF_RSP_ERROR, `${why}: ${r.why}`);
+    assert.match(r.why, why);
+  };
+  refused({ operation: BLKIF_OP_DISCARD, flag: 0, handle: 0, id: 1n, sector_number: 0n, nr_sectors: 8n }, /discard on a read-only VBD/);
+  refused({ operation: BLKIF_OP_DISCARD, flag: BLKIF_DISCARD_SECURE, handle: 0, id: 1n, sector_number: 0n, nr_sectors: 2048n }, /discard on a read-only VBD/);
+  refused(write(0n, [[0, 7]]), /write to a read-only VBD/);
+  refused({ ...read(0n, [[0, 7]]), operation: BLKIF_OP_WRITE_BARRIER } as BlkifRequest, /barrier on a read-only VBD/);
+  refused({ ...read(0n, [[0, 7]]), operation: BLKIF_OP_FLUSH_DISKCACHE } as BlkifRequest, /flush with data on a read-only VBD/);
+  refused({ operation: BLKIF_OP_INDIRECT, indirect_op: BLKIF_OP_WRITE, nr_segments: 20, id: 1n, sector_number: 0n, handle: 0, indirect_grefs: [1] }, /indirect write to a read-only VBD/);
+  assert.equal(verdict(read(0n, [[0, 7]]), roAll), 'ok');
+  assert.equal(verdict({ ...read(0n, []), operation: BLKIF_OP_FLUSH_DISKCACHE } as BlkifRequest, roAll), 'ok', 'an empty flush is harmless');
+});
+
 test('features not offered answer EOPNOTSUPP', () => {
   const none: VbdLimits = { ...rw, flush: false, barrier: false, discard: false, discardSecure: false };
   assert.equal(verdict({ ...read(0n, []), operation: BLKIF_OP_FLUSH_DISKCACHE } as BlkifRequest, none), 'eopnotsupp');

@@ -27,29 +27,42 @@ import {
   XS_STATE, XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait, XenbusStateInitialised,
   XenbusStateInitialising, parseXenbusState, xvdVirtualDevice,
 } from '../../src/xenbus/index.js';
+import { eventually, unlessGone } from '../support/common.js';
 
 const abi = abiByName('x86_64-abi')!;
 const SECTORS = 2048;
 const PAGE = 4096;
 /** Bound on anything that must settle (a hang fails the test instead of stalling the run). */
-const BOUND_MS = 10_000;
+const BOUND_MS = 30_000;
 
 let ts: Toolstack;
 before(async () => { ts = await Toolstack.start(); });
 after(async () => { await ts?.shutdown(); });
 
+/**
+ * The scripted backend's own failure (an assertion of its, a xenstore error): whatever the test
+ * waits for fails with it at once, instead of as a timeout that hides it.
+ */
+let backendFailed: { promise: Promise<never>; reject: (e: unknown) => void; error?: unknown } = newBackendFailure();
+function newBackendFailure(): typeof backendFailed {
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<never>((_, r) => { reject = r; });
+  promise.catch(() => {}); // static-check: allow observed through `within` and `until`, which rethrow it
+  const f: typeof backendFailed = { promise, reject: (e) => { f.error ??= e; reject(e); } };
+  return f;
+}
+
 function within<T>(p: Promise<T>, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const t = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`never settled: ${what}`)), BOUND_MS); });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+  return Promise.race([p, t, backendFailed.promise]).finally(() => clearTimeout(timer));
 }
 
 async function until(cond: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + BOUND_MS;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out: ${what}`);
-    await new Promise((r) => setTimeout(r, 2));
-  }
+  await within(eventually(() => {
+    if (backendFailed.error !== undefined) throw backendFailed.error;
+    return cond();
+  }, what, BOUND_MS, 2), what);
 }
 
 interface Held { req: BlkifRequest; pages: Uint8Array[]; handles: number[] }
@@ -81,12 +94,12 @@ class ScriptedBackend {
     await ts.xs.write(`${this.paths.backDir}/${XS_SECTOR_SIZE}`, '512');
     await this.setState(XenbusStateInitWait);
     await ts.xs.watch(`${this.paths.frontDir}/${XS_STATE}`, this.token, () => {
-      this.serial = this.serial.then(() => this.frontendChanged()).catch(() => undefined);
+      this.serial = this.serial.then(() => this.frontendChanged()).catch((e: unknown) => backendFailed.reject(e));
     });
   }
 
   async stop(): Promise<void> {
-    await ts.xs.unwatch(`${this.paths.frontDir}/${XS_STATE}`, this.token).catch(() => undefined);
+    await ts.xs.unwatch(`${this.paths.frontDir}/${XS_STATE}`, this.token);
     await this.serial;
     this.disconnect(false);
     this.B.grants.unmap(this.kept.splice(0));
@@ -132,7 +145,7 @@ class ScriptedBackend {
   }
 
   private async frontendChanged(): Promise<void> {
-    const fs = parseXenbusState(await ts.xs.read(`${this.paths.frontDir}/${XS_STATE}`).catch(() => undefined));
+    const fs = parseXenbusState(await unlessGone(ts.xs.read(`${this.paths.frontDir}/${XS_STATE}`)));
     if (fs === XenbusStateInitialised && this.conn === undefined && this.state === XenbusStateInitWait) await this.connect();
     else if ((fs === XenbusStateClosing || fs === XenbusStateClosed) && this.state !== XenbusStateClosed) {
       if (this.stuckClosing) return;
@@ -209,15 +222,20 @@ async function withScriptedBackend(bufferPages: number, body: (f: Blkfront, be: 
   const G = ts.hv.createLocalDomain({ memoryPages: bufferPages + 64 });
   const B = ts.hv.createLocalDomain({ memoryPages: 16 });
   const paths = await createVbdNodes(ts.xs, { frontDomid: G.domid, backDomid: B.domid, devid: xvdVirtualDevice(1) }, { kind: 'memory', size: 1 << 20 }, false);
+  backendFailed = newBackendFailure();
   const be = new ScriptedBackend(G, B, paths);
   let f: Blkfront | undefined;
+  let passed = false;
   try {
     await be.start();
     f = await within(Blkfront.attach({ xen: G, xs: ts.xs, frontDir: paths.frontDir, options: { bufferPages, queues: 1, ringPageOrder: 0, connectTimeoutMs } }), 'attach');
     await body(f, be);
+    passed = true;
   } finally {
-    if (f !== undefined) await within(f.close(), 'close() after the test').catch(() => undefined);
+    // After a passing body, close() must work; after a failing one, its error is the one to see.
+    if (f !== undefined) await within(f.close(), 'close() after the test').catch((e: unknown) => { if (passed) throw e; });
     await be.stop();
+    if (backendFailed.error !== undefined) throw backendFailed.error;
     await removeVbdNodes(ts.xs, paths);
     await ts.hv.destroyDomain(G.domid);
     await ts.hv.destroyDomain(B.domid);

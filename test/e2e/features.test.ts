@@ -14,7 +14,7 @@ import { backendMemory } from '../../src/product/index.js';
 import { Toolstack, type DomainProxy } from '../../src/toolstack/index.js';
 import { XenbusStateClosed, waitForState } from '../../src/xenbus/index.js';
 import { Rng, firstDifference, sparseImage, tempDir } from './helpers.js';
-import { sleep } from '../support/common.js';
+import { eventually } from '../support/common.js';
 
 let ts: Toolstack;
 let back: DomainProxy;
@@ -49,15 +49,14 @@ test('the persistent-grant cache keeps to its bound, purges idle grants and ends
   let bs = await disk.backendStatus();
   assert.ok(bs.counters.persistent_grants_peak > 0 && bs.counters.persistent_grants_peak <= 64, `peak ${bs.counters.persistent_grants_peak}`);
   assert.ok(bs.counters.grant_map_ops > 64, 'grants past the bound were mapped per request');
-  await sleep(800);
-  bs = await disk.backendStatus();
-  assert.equal(bs.counters.persistent_grants, 0, 'idle grants purged');
+  // Idle past persistentIdleMs: the housekeeping purges them, however late it runs.
+  await eventually(async () => (bs = await disk.backendStatus()).counters.persistent_grants === 0, 'idle grants purged', 30_000, 25);
   assert.ok(bs.counters.persistent_purged > 0);
   // Used again, then a disconnect: the cache is emptied before the backend says Closed.
   await disk.write(0, rng.bytes(64 * 1024));
   assert.ok((await disk.backendStatus()).counters.persistent_grants > 0);
   await guest.rpc.call('detach', disk.paths.frontDir);
-  await waitForState(ts.xs, disk.paths.backDir, (s) => s === XenbusStateClosed, 5000);
+  await waitForState(ts.xs, disk.paths.backDir, (s) => s === XenbusStateClosed, 30_000);
   bs = await disk.backendStatus();
   assert.equal(bs.counters.persistent_grants, 0, 'nothing left mapped after disconnect');
   assert.equal(bs.counters.grant_map_ops, bs.counters.grant_unmap_ops);
@@ -89,20 +88,16 @@ for (const threads of [false, true]) test(`an image that grows during verified I
       ios++;
     }
   })();
-  await sleep(100);
+  await eventually(() => ios >= 5, 'verified I/O running before the image grows', 30_000);
+  const before = ios;
   truncateSync(path, 4 * small);
-  let info = await guest.rpc.call<DeviceInfo>('info', disk.paths.frontDir);
-  for (let i = 0; i < 100 && info.size !== 4 * small; i++) {
-    await sleep(50);
-    info = await guest.rpc.call<DeviceInfo>('info', disk.paths.frontDir);
-  }
-  assert.equal(info.size, 4 * small, 'the frontend sees the new size');
+  await eventually(async () => (await guest.rpc.call<DeviceInfo>('info', disk.paths.frontDir)).size === 4 * small, 'the frontend sees the new size', 30_000, 25);
   const tail = rng.bytes(1024 * 1024);
   await disk.write(3 * small, tail);
   model.set(tail, 3 * small);
+  await eventually(() => ios > before, 'verified I/O going on across the growth', 30_000);
   running = false;
   await load;
-  assert.ok(ios > 0);
   assert.equal(firstDifference(await disk.read(0, 4 * small), model), -1, 'every byte as written, old end and new');
   const bs = await disk.backendStatus();
   assert.equal(bs.counters.errors, 0);
@@ -137,16 +132,16 @@ test('a queue thread that dies mid-I/O: the VBD reconnects, nothing is lost, not
       ios++;
     }
   }));
-  while (ios < 20) await sleep(5);
+  await eventually(() => ios >= 20, 'the load running', 30_000);
   const exit = await ts.hv.stopVcpu(back.domid, vcpus[0]!);
   assert.equal(exit.stopped, true);
   const at = ios;
   // The backend goes fatal for that VBD, the frontend closes and comes back, with new threads.
   let bs = await disk.backendStatus();
-  for (let i = 0; i < 200 && !(bs.connected && bs.queueVcpus.length === 2 && ios > at + 20); i++) {
-    await sleep(25);
+  await eventually(async () => {
     bs = await disk.backendStatus();
-  }
+    return bs.connected && bs.queueVcpus.length === 2 && ios > at + 20;
+  }, 'reconnected with two queue threads and I/O going on', 60_000, 25).catch((e: Error) => { throw new Error(`${e.message}: ${JSON.stringify(bs)}`); });
   running = false;
   await load;
   assert.ok(bs.connected && bs.queueVcpus.length === 2, `reconnected with two queue threads: ${JSON.stringify(bs)}`);

@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { Toolstack, type DomainProxy } from '../../src/toolstack/index.js';
 import { XenbusStateClosed, waitForState } from '../../src/xenbus/index.js';
 import { Rng, firstDifference } from './helpers.js';
+import { eventually } from '../support/common.js';
 
 let ts: Toolstack;
 let back: DomainProxy;
@@ -39,12 +40,25 @@ test('a guest killed mid-I/O leaves nothing mapped; the other guest keeps going'
     }
     return n;
   })();
-  // The victim has plenty in flight when its domain is destroyed.
-  const doomed = Array.from({ length: 64 }, (_, i) => dv.write((i % 64) * 256 * 1024, rng.bytes(256 * 1024)).catch(() => undefined));
-  await new Promise((r) => setTimeout(r, 20));
+  // The victim has plenty in flight when its domain is destroyed: 64 writers each keep a write
+  // issued (the ring and the buffer pages stay full), and it dies once I/O has been flowing.
+  let done = 0;
+  const failures: string[] = [];
+  const writer = async (i: number) => {
+    for (;;) {
+      const failed = await dv.write((i % 64) * 256 * 1024, rng.bytes(256 * 1024)).then(() => { done++; return false; }, (e: Error) => { failures.push(e.message); return true; });
+      if (failed) return;
+    }
+  };
+  const victimIo = Array.from({ length: 64 }, (_, i) => writer(i));
+  await eventually(() => done >= 64, 'the victim\'s writes flowing', 30_000);
+  assert.deepEqual(failures, [], 'no write failed before the domain died');
   await ts.hv.destroyDomain(victim.domid);
-  await Promise.all(doomed);
-  await waitForState(ts.xs, dv.paths.backDir, (s) => s === XenbusStateClosed, 5000);
+  await Promise.all(victimIo);
+  // Each writer's outstanding write failed, and because the domain died.
+  assert.equal(failures.length, 64);
+  for (const m of failures) assert.match(m, /domain thread exited|no disk attached/);
+  await waitForState(ts.xs, dv.paths.backDir, (s) => s === XenbusStateClosed, 30_000);
   const st = await back.rpc.call<{ counters: { inflight_req: number; grant_map_ops: number; grant_unmap_ops: number; persistent_grants: number } }>('status', dv.paths.backDir);
   assert.equal(st.counters.inflight_req, 0);
   assert.equal(st.counters.persistent_grants, 0);

@@ -206,7 +206,7 @@ for (const variant of ['fuse', 'nbd'] as const) {
     afterEach(async () => {
       // Resume first, so that nothing is left hanging in the kernel or in nbdkit, then stop
       // everything even when the test failed half way (children.ts SIGKILLs what is left).
-      await disk?.command('r').catch(() => undefined);
+      await disk?.command('r').catch(() => undefined); // static-check: allow cleanup after a test that may have failed half way
       await s?.stop('SIGTERM', 30_000).catch(() => s?.proc.kill('SIGKILL'));
       fuse?.unmount();
       disk?.stop();
@@ -242,6 +242,9 @@ for (const variant of ['fuse', 'nbd'] as const) {
       // vbd0's requests reach its disk and hang there (which of them get there first is up to the
       // clients: on a file, its share of libuv's pool may go to reads only, the rest waiting).
       await eventually(() => [...disk!.unanswered().values()].some((n) => n > 0), 'vbd0 requests waiting at the paused nbdkit', 30_000, 20);
+      // And more of them in blkback than libuv has threads, before vbd1 is exercised (the clients
+      // submit them at their own pace: on a loaded machine, later than the first arrive).
+      await eventually(async () => (await inflight(s!, 'vbd0')) >= STUCK_AT_LEAST, `${STUCK_AT_LEAST} vbd0 requests in flight in blkback`, 60_000, 50);
 
       await exerciseVbd1(s.uri, dir, 4 * MiB);
 

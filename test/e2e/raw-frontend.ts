@@ -62,7 +62,7 @@ import {
 import { eventually as pollUntil } from '../support/common.js';
 
 /** How long any single wait may take before the test fails. */
-export const WAIT_MS = 5000;
+export const WAIT_MS = 30_000;
 
 /** Rejects with a message naming `what` if `p` has not settled within `ms`. */
 export function within<T>(p: Promise<T>, what: string, ms = WAIT_MS): Promise<T> {

@@ -60,6 +60,8 @@ for (const persistent of [true, false]) {
       const more = await f.readPages(0, (POOL - 16 - 4) * PAGE);
       let done = false;
       const waiting = f.read(0, fresh.length).then((d) => { done = true; return d; });
+      // A pause in which a read that did not wait for the loan would have finished (no event
+      // marks its waiting); a busy machine can only hide a fault here, not fail the test.
       await new Promise((r) => setTimeout(r, 50));
       assert.equal(done, false, 'the read waits for pages on loan');
       more.release();

@@ -36,7 +36,7 @@ test('a backend still Connected to a vanished frontend is reset, then serves the
   const paths = await createVbdNodes(ts.xs, { frontDomid: L.domid, backDomid: back.domid, devid }, storage, false);
   try {
     await back.rpc.call('addVbd', paths.backDir, storage, {});
-    await waitForState(ts.xs, paths.backDir, is(XenbusStateInitWait), 5000);
+    await waitForState(ts.xs, paths.backDir, is(XenbusStateInitWait), 30_000);
     // An earlier frontend: publishes a ring, connects, then is gone without closing (a crashed guest).
     const abi = abiByName('x86_64-abi')!;
     const frames = L.memory.alloc(1);
@@ -47,7 +47,7 @@ test('a backend still Connected to a vanished frontend is reset, then serves the
     await ts.xs.write(`${paths.frontDir}/${XS_EVENT_CHANNEL}`, String(port));
     await ts.xs.write(`${paths.frontDir}/${XS_PROTOCOL}`, abi.protocol);
     await ts.xs.write(`${paths.frontDir}/${XS_STATE}`, '3');
-    await waitForState(ts.xs, paths.backDir, is(XenbusStateConnected), 5000);
+    await waitForState(ts.xs, paths.backDir, is(XenbusStateConnected), 30_000);
     assert.equal(L.grants.endAccess(ref), false, 'the backend maps the old ring');
 
     // A new frontend in the same domain finds the backend Connected and resets it first.
@@ -89,7 +89,7 @@ test('a backend that closes and comes back: queued and in-flight I/O completes o
     for (let i = 0; i < 64; i++) writes.push(write(i));
     // The driver domain unplugs its end (Closing, drain, Closed) while writes are in flight...
     await back.rpc.call('removeVbd', disk.paths.backDir);
-    await waitForState(ts.xs, disk.paths.frontDir, (s) => s === XenbusStateInitialising, 5000);
+    await waitForState(ts.xs, disk.paths.frontDir, (s) => s === XenbusStateInitialising, 30_000);
     // ...more I/O arrives while there is no backend: it waits...
     for (let i = 64; i < 128; i++) writes.push(write(i));
     const early = disk.read(0, chunk);
@@ -115,7 +115,7 @@ test('a frontend that closes can attach again to the same device', async () => {
     const data = new Rng(3).bytes(256 * 1024);
     await disk.write(0, data);
     await guest.rpc.call('detach', disk.paths.frontDir);
-    await waitForState(ts.xs, disk.paths.backDir, is(XenbusStateClosed), 5000);
+    await waitForState(ts.xs, disk.paths.backDir, is(XenbusStateClosed), 30_000);
     const info = await guest.rpc.call<{ size: number }>('attach', disk.paths.frontDir, { bufferPages: 512 });
     assert.equal(info.size, 4 * 1024 * 1024);
     assert.equal(firstDifference(await disk.read(0, data.length), data), -1, 'data written before the reconnect is still there');

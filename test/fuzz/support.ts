@@ -24,6 +24,7 @@ import type { TestContext } from 'node:test';
 import { writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import assert from 'node:assert/strict';
 import fc from 'fast-check';
 export { eventually, sleep } from '../support/common.js';
 
@@ -147,4 +148,12 @@ export { firstDifference } from '../e2e/helpers.js';
 /** A 512-byte sector as a string key (latin1: one char per byte). */
 export function sectorKey(bytes: Uint8Array, at = 0): string {
   return Buffer.from(bytes.buffer, bytes.byteOffset + at, 512).toString('latin1');
+}
+
+/**
+ * After a property: its data checks ran (`ran`: reads verified, requests resolved...), asserted
+ * once there were enough cases (10) that a run without any is a fault, not chance.
+ */
+export function assertChecksRan(runs: number, ran: boolean, what: string): void {
+  if (runs >= 10) assert.ok(ran, `the property's checks never ran: ${what}`);
 }

@@ -497,6 +497,8 @@ describe('concurrency and disconnects', () => {
     try {
       const handles = Array.from({ length: 20 }, (_, i) => c.request(NBD_CMD_WRITE, i * 4096, 4096, { data: new Uint8Array(4096).fill(i) }));
       await until(() => ctx.disk.active === 4, 5000, '4 writes in progress');
+      // A pause to let a server that read past maxInFlight start a fifth write (there is no event
+      // for something that must not happen); a busy machine can only hide a fault, not fail this.
       await sleep(50);
       assert.equal(ctx.disk.active, 4, 'no more than maxInFlight at once');
       gate.resolve();
@@ -529,6 +531,8 @@ describe('concurrency and disconnects', () => {
     await c.go('disk');
     const full = encodeRequest({ flags: 0, command: NBD_CMD_WRITE, handle: 1n, offset: 0n, length: MiB, data: new Uint8Array(MiB).fill(0xcd) });
     c.send(full.subarray(0, 28 + MiB / 2));
+    // A pause for the half payload to reach the server before the client goes; had it not, the
+    // checks below still hold (nothing reaches the device), they just test less.
     await sleep(30);
     c.destroy();
     await until(() => ctx.server.stats().connections.active === 0, 5000, 'the connection to go');
@@ -551,6 +555,8 @@ describe('concurrency and disconnects', () => {
       c.request(NBD_CMD_WRITE, 3 * MiB, data.length, { data });
       await reached.promise;
       c.destroy();
+      // A pause for the server to see the close, and to abandon the write if it were going to:
+      // there is no event for that not happening.
       await sleep(30);
       assert.equal(ctx.server.stats().inFlight, 1, 'the write is not abandoned');
       gate.resolve();
@@ -578,6 +584,7 @@ describe('concurrency and disconnects', () => {
       const h = c.request(NBD_CMD_WRITE, 0, 512, { data: new Uint8Array(512).fill(1) });
       c.request(NBD_CMD_DISC, 0, 0);
       await until(() => ctx.disk.active === 1, 5000, 'the write to start');
+      // A pause for a server that closed early to do so (no event marks its not closing).
       await sleep(30);
       assert.ok(!c.closed, 'still open while the write is in flight');
       gate.resolve();
@@ -644,17 +651,17 @@ describe('shutdown', () => {
     await until(() => t.disk.active === 1);
     let closed = false;
     const closing = t.server.close().then(() => (closed = true));
-    await sleep(20);
+    // close() marks the server closing at once; the idle client being closed shows it has begun.
+    await idle.closedByServer();
     const r = c.request(NBD_CMD_READ, 0, 512);
     assert.deepEqual(await simple(c), { kind: 'simpleReply', error: NBD_ESHUTDOWN, handle: r });
-    await idle.closedByServer();
     assert.ok(!closed, 'close() waits for the in-flight write');
     gate.resolve();
     assert.deepEqual(await simple(c), { kind: 'simpleReply', error: 0, handle: w });
     await c.closedByServer();
     await closing;
     assert.equal(t.disk.bytes[0], 3);
-    await assert.rejects(RawClient.connect({ port: t.port }));
+    await assert.rejects(RawClient.connect({ port: t.port }), /ECONNREFUSED/);
   });
 
   test('close() gives up on a stuck device after closeTimeoutMs', async (tc) => {
@@ -665,9 +672,9 @@ describe('shutdown', () => {
     t.disk.hook = () => new Promise(() => {}); // never finishes
     c.request(NBD_CMD_READ, 0, 512);
     await until(() => t.disk.active === 1);
-    const start = Date.now();
+    // It gives up: close() resolves although the device never finishes (a hang would end the
+    // test). How soon after closeTimeoutMs is not asserted: a busy machine makes it later.
     await t.server.close();
-    assert.ok(Date.now() - start < 2000);
     await c.closedByServer();
   });
 
@@ -765,6 +772,8 @@ describe('reads lent by the device (a device with readPages)', () => {
     c.socket.pause();
     for (let i = 0; i < 16; i++) c.request(NBD_CMD_READ, (i % 8) * MiB, MiB);
     await until(() => dev.lent - l0 === 16, 5000, 'all 16 reads lent');
+    // A pause for the server to send what the paused socket takes: the loans left are those the
+    // socket could not take, which no event marks.
     await sleep(50);
     assert.ok(dev.out > 0, 'replies wait behind the paused socket, their pages on loan');
     c.socket.destroy();

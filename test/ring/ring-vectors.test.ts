@@ -1,12 +1,23 @@
 /**
- * ring.h macro semantics against the vectors a C program printed with Xen 4.17's genuine ring.h
- * (shared/spec/c/ring_notify.m64.out), and straddling entries of multi-page rings.
+ * ring.h's macros against ring.h itself: a C program built against Xen's genuine headers
+ * (test/conformance/ring_vectors.c, gcc -m64 and -m32, the latter under qemu-i386 where needed)
+ * answers RING_PUSH_*_AND_CHECK_NOTIFY, RING_FINAL_CHECK_FOR_*, RING_FREE_REQUESTS/RING_FULL and
+ * the overflow guards for hand-picked and random indexes (across the 2^32 wrap), and our ring
+ * must answer each the same. Also: SHARED_RING_INIT's bytes, our batched final check, the
+ * consumers' overflow handling, and straddling entries of multi-page rings.
  */
-import { test } from 'node:test';
+import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { fileURLToPath } from 'node:url';
 import { BackRing, FrontRing, RING_CONSUMED, RING_EMPTY, RING_PEER_OVERFLOW, RingEntry, SharedRing, ringSizeFor } from '../../src/ring/index.js';
+import { Rng } from '../e2e/helpers.js';
+import { buildConformance, type CBuild } from '../support/c-build.js';
+import { needTools } from '../support/tools.js';
+
+needTools('/usr/include/xen/io/ring.h', 'gcc', 'gcc-m32', 'qemu-i386');
 
 const BLKIF_ENTRY = 112;
+const RING_VECTORS_C = fileURLToPath(new URL('../../../test/conformance/ring_vectors.c', import.meta.url));
 
 function rings(start = 0) {
   const s = SharedRing.allocate(0, BLKIF_ENTRY);
@@ -14,26 +25,86 @@ function rings(start = 0) {
   return { s, front: new FrontRing(s, start), back: new BackRing(s, start) };
 }
 
-test('RING_PUSH_REQUESTS_AND_CHECK_NOTIFY vectors', () => {
-  const vectors: [number, number, number, boolean][] = [
-    [0, 1, 1, true], [0, 3, 1, true], [0, 3, 3, true], [0, 3, 4, false], [1, 3, 1, false], [2, 3, 2, false], [5, 5, 6, false],
-    [0xfffffffe, 2, 0xffffffff, true], [0xfffffffe, 2, 0, true], [0xfffffffe, 2, 3, false], [10, 20, 5, false],
-  ];
-  for (const [old, nw, ev, notify] of vectors) {
-    const { s, front, back } = rings();
-    s.reqProd = old;
-    s.reqEvent = ev;
-    front.reqProdPvt = nw;
-    assert.equal(front.pushRequestsAndCheckNotify(), notify, `old=${old} new=${nw} req_event=${ev}`);
-    assert.equal(s.reqProd, nw);
-    // The response direction is the same macro on the other indexes.
-    s.rspProd = old;
-    s.rspEvent = ev;
-    back.rspProdPvt = nw;
-    assert.equal(back.pushResponsesAndCheckNotify(), notify, `responses old=${old} new=${nw} rsp_event=${ev}`);
-    assert.equal(s.rspProd, nw);
+let c: CBuild;
+before(() => { c = buildConformance(RING_VECTORS_C); });
+after(() => c?.cleanup());
+
+/** Our ring's answer to one of ring_vectors.c's commands, in its output format. */
+function ours(cmd: string): string {
+  const [op, ...rest] = cmd.split(' ');
+  const dir = op === 'push' || op === 'final' ? rest.shift() : undefined;
+  const [a = 0, b = 0, d = 0, e = 0] = rest.map(Number);
+  const { s, front, back } = rings();
+  const bit = (x: boolean) => (x ? 1 : 0);
+  switch (`${op} ${dir ?? ''}`.trim()) {
+    case 'push req':
+      s.reqProd = a; s.reqEvent = d; front.reqProdPvt = b;
+      return `${bit(front.pushRequestsAndCheckNotify())} ${s.reqProd}`;
+    case 'push rsp':
+      s.rspProd = a; s.rspEvent = d; back.rspProdPvt = b;
+      return `${bit(back.pushResponsesAndCheckNotify())} ${s.rspProd}`;
+    case 'final req': {
+      back.reqCons = a; back.rspProdPvt = b; s.reqProd = d; s.reqEvent = e;
+      const work = back.finalCheckForRequests();
+      return `${work} ${s.reqEvent}`;
+    }
+    case 'final rsp': {
+      front.rspCons = a; s.rspProd = b; s.rspEvent = d;
+      const work = front.finalCheckForResponses();
+      return `${work} ${s.rspEvent}`;
+    }
+    case 'free':
+      front.reqProdPvt = a; front.rspCons = b;
+      return `${front.freeRequests()} ${bit(front.full())}`;
+    case 'overflow':
+      back.rspProdPvt = a; front.rspCons = b;
+      return `${bit(back.requestConsOverflow(d))} ${bit(back.requestProdOverflow(d))} ${bit(front.responseProdOverflow(d))}`;
+    default:
+      throw new Error(`no such command: ${cmd}`);
   }
-});
+}
+
+const u32 = (x: number) => x >>> 0;
+
+/** The commands: the classic vectors (event just in, just out, at the wrap) and random ones near each other. */
+function commands(): string[] {
+  const out: string[] = [];
+  const pushes: [number, number, number][] = [
+    [0, 1, 1], [0, 3, 1], [0, 3, 3], [0, 3, 4], [1, 3, 1], [2, 3, 2], [5, 5, 6], [5, 5, 5],
+    [0xfffffffe, 2, 0xffffffff], [0xfffffffe, 2, 0], [0xfffffffe, 2, 3], [10, 20, 5], [10, 20, 21], [10, 20, 20], [10, 20, 11],
+  ];
+  for (const [o, n, ev] of pushes) for (const d of ['req', 'rsp']) out.push(`push ${d} ${o} ${n} ${ev}`);
+  out.push('final req 7 7 7 1', 'final req 7 7 9 1', `final req 7 ${u32(7 - 32)} 50 1`, 'final req 0 0 32 1', 'final rsp 4 4 1', 'final rsp 4 6 1');
+  out.push('free 32 0', `free 5 ${0xfffffff0}`, 'free 0 0', 'overflow 100 100 131', 'overflow 100 100 132', 'overflow 100 100 133');
+  const rng = new Rng(2140);
+  const near = (base: number, span: number) => u32(base + rng.int(-span, span));
+  for (let i = 0; i < 3000; i++) {
+    const base = rng.int(0, 3) === 0 ? u32(0 - rng.int(0, 40)) : rng.next();
+    const k = rng.int(0, 5);
+    if (k === 0 || k === 1) out.push(`push ${k === 0 ? 'req' : 'rsp'} ${base} ${near(base, 40)} ${near(base, 40)}`);
+    // The backend's own indexes keep rsp_prod_pvt <= req_cons <= rsp_prod_pvt + RING_SIZE;
+    // req_prod and req_event are the frontend's, anything.
+    else if (k === 2) out.push(`final req ${base} ${u32(base - rng.int(0, 32))} ${near(base, 40)} ${near(base, 40)}`);
+    else if (k === 3) out.push(`final rsp ${base} ${near(base, 40)} ${near(base, 40)}`);
+    // The frontend's own indexes: never more requests out than the ring holds.
+    else if (k === 4) out.push(`free ${u32(base + rng.int(0, 32))} ${base}`);
+    else out.push(`overflow ${base} ${near(base, 40)} ${near(base, 40)}`);
+  }
+  return out;
+}
+
+for (const abiName of ['x86_64-abi', 'x86_32-abi'] as const) {
+  test(`ring.h's notify, final-check, free and overflow macros, compiled (${abiName}), answer as our ring does`, () => {
+    const cmds = commands();
+    const r = c.run(abiName, [], cmds.join('\n') + '\n');
+    assert.equal(r.status, 0, r.stderr);
+    const theirs = r.stdout.trim().split('\n');
+    assert.equal(theirs.length, cmds.length, 'one answer per command');
+    const notifies = cmds.filter((m, i) => m.startsWith('push') && theirs[i]!.startsWith('1')).length;
+    assert.ok(notifies > 100 && notifies < cmds.length / 2, `both outcomes of the notify check are covered (${notifies} notifications)`);
+    cmds.forEach((m, i) => assert.equal(ours(m), theirs[i], m));
+  });
+}
 
 test('SHARED_RING_INIT writes req_event = rsp_event = 1 and zeroes the rest of the header only', () => {
   const s = SharedRing.allocate(0, BLKIF_ENTRY);
@@ -42,29 +113,6 @@ test('SHARED_RING_INIT writes req_event = rsp_event = 1 and zeroes the rest of t
   assert.deepEqual([...s.pages[0]!.subarray(0, 16)], [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]);
   assert.ok(s.pages[0]!.subarray(16, 64).every((b) => b === 0));
   assert.ok(s.pages[0]!.subarray(64).every((b) => b === 0xab), 'the entry area is untouched');
-});
-
-test('RING_FINAL_CHECK_FOR_REQUESTS / RESPONSES vectors', () => {
-  const { s, back, front } = rings();
-  back.reqCons = 7;
-  back.rspProdPvt = 7;
-  s.reqProd = 7;
-  s.reqEvent = 1;
-  assert.equal(back.finalCheckForRequests(), 0);
-  assert.equal(s.reqEvent, 8, 'req_event = req_cons + 1');
-  s.reqProd = 9;
-  s.reqEvent = 1;
-  assert.equal(back.finalCheckForRequests(), 2);
-  assert.equal(s.reqEvent, 1, 'left unchanged when there is work');
-  back.reqCons = 7;
-  back.rspProdPvt = (7 - 32) >>> 0;
-  s.reqProd = 50;
-  assert.equal(back.unconsumedRequests(), 0, 'capped at RING_SIZE - (req_cons - rsp_prod_pvt)');
-
-  s.rspProd = 4;
-  front.rspCons = 4;
-  assert.equal(front.finalCheckForResponses(), 0);
-  assert.equal(s.rspEvent, 5);
 });
 
 test('a batched final check for responses: notified with the batch-th answer, never past the requests published', () => {
@@ -105,30 +153,6 @@ test('a batched final check for responses: notified with the batch-th answer, ne
   s.rspEvent = 7;
   assert.equal(front.finalCheckForResponses(20), 2);
   assert.equal(s.rspEvent, 7, 'left unchanged when there is work');
-});
-
-test('RING_FREE_REQUESTS / RING_FULL, also across the 2^32 wrap', () => {
-  const { front } = rings();
-  front.reqProdPvt = 32;
-  front.rspCons = 0;
-  assert.equal(front.freeRequests(), 0);
-  assert.equal(front.full(), true);
-  front.reqProdPvt = 5;
-  front.rspCons = 0xfffffff0;
-  assert.equal(front.freeRequests(), 11);
-  assert.equal(front.full(), false);
-});
-
-test('overflow guards: RING_REQUEST_CONS/PROD_OVERFLOW and RING_RESPONSE_PROD_OVERFLOW', () => {
-  const { back, front } = rings();
-  back.rspProdPvt = 100;
-  assert.equal(back.requestConsOverflow(131), false);
-  assert.equal(back.requestConsOverflow(132), true);
-  assert.equal(back.requestProdOverflow(132), false);
-  assert.equal(back.requestProdOverflow(133), true);
-  front.rspCons = 100;
-  assert.equal(front.responseProdOverflow(132), false);
-  assert.equal(front.responseProdOverflow(133), true);
 });
 
 test('a frontend that claims more requests than the ring holds is caught before anything is copied', () => {

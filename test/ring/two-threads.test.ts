@@ -10,9 +10,12 @@ test('a million requests and responses between two threads (x86_64, one page)', 
   const r = await runRingExchange({ entries: 1_000_000, protocol: 'x86_64-abi', order: 0 });
   assert.deepEqual([...r.front.errors, ...r.back.errors], []);
   assert.equal(r.ringSize, 32);
-  // Notification suppression works: far fewer kicks than entries (ring.h event indexes).
-  assert.ok(r.front.notifiesSent < r.entries / 4, `frontend kicks: ${r.front.notifiesSent}`);
-  assert.ok(r.back.notifiesSent < r.entries / 4, `backend kicks: ${r.back.notifiesSent}`);
+  // Each sleep was ended by a kick of the peer's (none slept through a missed notification).
+  // How few kicks the event indexes leave depends on scheduling: the bench measures it
+  // (bench/ring.ts, kicks per request), and test/ring/ring-vectors.test.ts checks the rule
+  // itself against ring.h.
+  assert.ok(r.back.sleeps <= r.front.notifiesSent, `backend slept ${r.back.sleeps} times, frontend kicked ${r.front.notifiesSent}`);
+  assert.ok(r.front.sleeps <= r.back.notifiesSent, `frontend slept ${r.front.sleeps} times, backend kicked ${r.back.notifiesSent}`);
 });
 
 test('x86_32 entries over a two-page ring, where entry 37 straddles the page boundary', async () => {

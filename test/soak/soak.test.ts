@@ -55,6 +55,7 @@ test(`soak: ${VBDS} VBDs, verified I/O, driver domains moved and killed for ${SE
     let moves = 0;
     let kills = 0;
     while (Date.now() < deadline) {
+      // Scenario, not synchronisation: the next move comes at a random moment of the load.
       await new Promise((r) => setTimeout(r, rng.int(200, 800)));
       const features = randomBackendFeatures(() => rng.next() / 2 ** 32);
       const next = await ts.createBackendDomain(`soak-driver-${moves + kills}`, backendMemory(features, VBDS));

@@ -58,7 +58,7 @@ async function reachable(where: Where, proc: ChildProcess, stderr: () => string,
     });
     if (ok) return;
     if (Date.now() > end) throw new Error(`server not reachable after ${ms} ms: ${stderr()}`);
-    await sleep(15);
+    await sleep(15); // the poll's interval: the condition (a connection accepted) is checked above
   }
 }
 

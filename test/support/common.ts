@@ -2,6 +2,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { XenstoreError } from '../../src/xenstore/errors.js';
 
 /** A fresh directory under the system's temporary one; `cleanup` removes it and its contents. */
 export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
@@ -19,4 +20,15 @@ export async function eventually(cond: () => Promise<boolean> | boolean, what: s
     if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms: ${what}`);
     await sleep(every);
   }
+}
+
+/**
+ * `p` (a xenstore read), or undefined when the node is gone (ENOENT, as after a device's nodes
+ * are removed while a watch still fires). Any other error is a failure and stays one.
+ */
+export function unlessGone<T>(p: Promise<T>): Promise<T | undefined> {
+  return p.catch((e: unknown) => {
+    if (e instanceof XenstoreError && e.code === 'ENOENT') return undefined;
+    throw e;
+  });
 }

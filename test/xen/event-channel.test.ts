@@ -94,6 +94,8 @@ describe('event channels', () => {
     assert.equal(b.counters.domain(b.domid)!.wakes, wakes, 'masked: no wake');
     const ac = new AbortController();
     const w = b.events.wait({ signal: ac.signal });
+    // A pause in which a masked event that wrongly ended the wait would have done so (no event
+    // marks its not happening); a busy machine can only hide a fault here, not fail the test.
     await new Promise((r) => setTimeout(r, 20));
     let settled = false;
     void w.then(() => { settled = true; });

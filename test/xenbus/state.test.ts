@@ -13,10 +13,11 @@ import {
 } from '../../src/xenbus/state.js';
 import { backendPath, frontendPath, xvdName, xvdVirtualDevice } from '../../src/xenbus/paths.js';
 
-test('xenbus.h state values', () => {
+// The state values are xenbus.h's, compiled: test/conformance/xen-constants.test.ts.
+test('xenbus.h state names and parsing', () => {
   assert.deepEqual(
-    [XenbusStateInitialising, XenbusStateInitWait, XenbusStateInitialised, XenbusStateConnected, XenbusStateClosing, XenbusStateClosed],
-    [1, 2, 3, 4, 5, 6],
+    [XenbusStateInitialising, XenbusStateInitWait, XenbusStateInitialised, XenbusStateConnected, XenbusStateClosing, XenbusStateClosed].map(xenbusStateName),
+    ['Initialising', 'InitWait', 'Initialised', 'Connected', 'Closing', 'Closed'],
   );
   assert.equal(xenbusStateName(2), 'InitWait');
   assert.equal(parseXenbusState('4'), 4);
