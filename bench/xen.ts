@@ -43,6 +43,9 @@ async function pingDomain(): Promise<void> {
       await xen.events.wait();
       xen.events.notify(p);
     }
+    // Stay until the bench has read the counters: a domain whose script ended is reaped, and its
+    // counters with it.
+    await new Promise((r) => port.once('message', r));
     xen.events.close(p);
     return;
   }
@@ -53,6 +56,7 @@ async function pingDomain(): Promise<void> {
   const t0 = performance.now();
   for (let i = 0; i < cmd.rounds; i++) { xen.events.notify(p); await xen.events.wait(); }
   post({ elapsedMs: performance.now() - t0 });
+  await new Promise((r) => port.once('message', r)); // the bench has read the counters (as the responder)
   // Not waiting for the responder's close: its last notify and the close's pending bit can
   // coalesce into the event the last round already consumed (events coalesce, as on Xen), and
   // such a wait never returns. Every round trip is done; both ends just close.
@@ -83,6 +87,8 @@ async function pingPong(pollMicros: number, rounds: number): Promise<{ oneWayMic
     a.worker.postMessage('go');
     const { elapsedMs } = await done;
     const after = [hv.domainCounters(a.domid)!, hv.domainCounters(b.domid)!];
+    a.worker.postMessage('bye');
+    b.worker.postMessage('bye');
     const pollHits = after[0]!.pollHits + after[1]!.pollHits - before[0]!.pollHits - before[1]!.pollHits;
     const sleeps = after[0]!.sleeps + after[1]!.sleeps - before[0]!.sleeps - before[1]!.sleeps;
     await Promise.all([a.exited, b.exited]);
