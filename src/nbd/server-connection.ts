@@ -82,6 +82,8 @@ export class Connection {
     private readonly server: ConnectionHost,
     socket: Socket,
     readonly id: number,
+    /** Past the server's connection cap: why, told to every option, and nothing served. */
+    private readonly refusal?: string,
   ) {
     this.socket = socket;
     this.parser = new ClientParser({ maxOptionLength: server.options.maxOptionLength, maxPayload: server.options.maxPayload });
@@ -145,7 +147,7 @@ export class Connection {
     if (t > 0) {
       this.handshakeTimer = setTimeout(() => {
         if (this.phase !== 'handshake') return;
-        this.log('warn', `no export chosen after ${t} ms`);
+        this.log('warn', `no export chosen, nothing heard for ${t} ms`);
         this.destroy();
       }, t);
       this.handshakeTimer.unref();
@@ -325,6 +327,10 @@ export class Connection {
   }
 
   private onOption({ option, data }: OptionMessage): void {
+    // The handshake limit counts from the last whole option: a peer that stalls is dropped, one
+    // that keeps negotiating (nbdinfo --list asks about each export, waiting on TCP's delayed
+    // ACKs) is bounded by maxOptions instead.
+    this.handshakeTimer?.refresh();
     if (++this.optionCount > this.server.options.maxOptions) {
       // Said once, then the session ends (what is queued is still sent, within end()'s grace).
       const why = `more than ${this.server.options.maxOptions} options without choosing an export`;
@@ -337,6 +343,11 @@ export class Connection {
     if (this.server.isClosing && option !== NBD_OPT_ABORT) {
       if (option === NBD_OPT_EXPORT_NAME) this.destroy();
       else this.replyError(option, NBD_REP_ERR_SHUTDOWN, 'server shutting down');
+      return;
+    }
+    if (this.refusal !== undefined && option !== NBD_OPT_ABORT) {
+      if (option === NBD_OPT_EXPORT_NAME) this.destroy();
+      else this.replyError(option, NBD_REP_ERR_POLICY, this.refusal);
       return;
     }
     if (this.server.tls.mode === 'require' && !this.tlsStarted && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {

@@ -19,7 +19,10 @@
  */
 import { createServer, type Server, type Socket } from 'node:net';
 import { lstatSync, rmSync } from 'node:fs';
-import { DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_OPTIONS, DEFAULT_MAX_PAYLOAD, OPTIONS_PER_EXPORT } from './constants.js';
+import {
+  DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_OPTIONS, DEFAULT_MAX_PAYLOAD,
+  OPTIONS_PER_EXPORT, REFUSED_CONNECTIONS,
+} from './constants.js';
 import { validateDevice, type NbdExport } from './export.js';
 import { serverTlsOptions, type NbdServerTlsConfig } from './tls.js';
 import { Connection } from './server-connection.js';
@@ -53,9 +56,18 @@ export interface NbdServerOptions {
   maxInFlight?: number;
   /** Read and write bytes one connection may have in progress, and unsent reply bytes, before the server stops reading it (default 64 MiB). */
   maxInFlightBytes?: number;
-  /** Connections accepted at once; more are refused (default: no limit). */
+  /**
+   * Connections served at once, negotiating or transmitting (default 100, as qemu 9.1; 0: no
+   * limit). Past it a new connection gets the greeting and NBD_REP_ERR_POLICY, saying why, to
+   * each option until it leaves or its handshake time runs out (at most 16 such at once, the
+   * oldest closed for a newer one), so a flood cannot take what served clients hold.
+   */
   maxConnections?: number;
-  /** Drop a client that has not finished negotiating after this many ms (default 0: never). */
+  /**
+   * Drop a client that has not chosen an export and has sent no whole option for this many ms
+   * (default 10 s, as qemu-nbd 9.1's --handshake-limit; 0: never): a stalled or idle peer holds
+   * nothing for long, and one that keeps negotiating is bounded by `maxOptions`.
+   */
   handshakeTimeoutMs?: number;
   /** How long `close()` waits for in-flight requests and clients before cutting connections (default 10 s). */
   closeTimeoutMs?: number;
@@ -66,6 +78,9 @@ export interface NbdServerOptions {
   /** Drop a client whose TLS handshake has not finished after this many ms (default 30 s). */
   tlsHandshakeTimeoutMs?: number;
 }
+
+/** What a server lets one peer hold: connections at once, and time to choose an export. */
+export type NbdServerLimits = Pick<NbdServerOptions, 'maxConnections' | 'handshakeTimeoutMs'>;
 
 /** A TCP address, a Unix socket path, or a listening socket already open (systemd's LISTEN_FDS). */
 export type NbdListenOptions = { host?: string; port: number; ipv6Only?: boolean } | { path: string } | { fd: number };
@@ -96,14 +111,14 @@ export class NbdServer implements ConnectionHost {
   private defaultName: string | undefined;
   private readonly listeners: Listener[] = [];
   private readonly conns = new Set<Connection>();
+  /** Connections past maxConnections, being told so (not in `conns`). */
+  private readonly refused = new Set<Connection>();
   private nextId = 1;
   private closing = false;
   private closed: Promise<void> | undefined;
   private idleWaiters: (() => void)[] = [];
   private readonly maxOptionsGiven: boolean;
-  readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'maxConnections' | 'tls'>> & {
-    maxConnections: number | undefined;
-  };
+  readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'tls'>>;
   /** @internal TLS mode and the options of each connection's TLSSocket. */
   readonly tls: { mode: 'off' } | { mode: 'on' | 'require'; socketOptions: ReturnType<typeof serverTlsOptions> };
   private readonly logFn: ((level: NbdLogLevel, message: string) => void) | undefined;
@@ -129,8 +144,8 @@ export class NbdServer implements ConnectionHost {
       maxPayload,
       maxInFlight: Math.max(1, options.maxInFlight ?? 64),
       maxInFlightBytes: Math.max(1, options.maxInFlightBytes ?? 64 * 1024 * 1024),
-      maxConnections: options.maxConnections,
-      handshakeTimeoutMs: options.handshakeTimeoutMs ?? 0,
+      maxConnections: Math.max(0, options.maxConnections ?? DEFAULT_MAX_CONNECTIONS),
+      handshakeTimeoutMs: Math.max(0, options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS),
       closeTimeoutMs: options.closeTimeoutMs ?? 10_000,
       tlsHandshakeTimeoutMs: options.tlsHandshakeTimeoutMs ?? 30_000,
     };
@@ -166,7 +181,6 @@ export class NbdServer implements ConnectionHost {
   async listen(where: NbdListenOptions): Promise<NbdAddress> {
     if (this.closing) throw new Error('NbdServer is closed');
     const server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
-    if (this.options.maxConnections !== undefined) server.maxConnections = this.options.maxConnections;
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       const done = () => {
@@ -232,6 +246,7 @@ export class NbdServer implements ConnectionHost {
     this.closing = true;
     const deadline = Date.now() + this.options.closeTimeoutMs;
     const listenersClosed = this.listeners.map((l) => new Promise<void>((resolve) => l.server.close(() => resolve())));
+    for (const c of this.refused) c.destroy();
     for (const c of this.conns) c.shutdown();
     const finished = await this.waitUntil(() => this.counters.inFlight === 0 && this.conns.size === 0, deadline);
     if (!finished) {
@@ -278,6 +293,21 @@ export class NbdServer implements ConnectionHost {
       socket.destroy();
       return;
     }
+    const max = this.options.maxConnections;
+    if (max > 0 && this.conns.size >= max) {
+      if (this.refused.size >= REFUSED_CONNECTIONS) {
+        // The oldest refused peer has had its chance to read why: the newest gets the slot, so
+        // a real client arriving during a flood is still told.
+        const oldest = this.refused.values().next().value!;
+        this.refused.delete(oldest);
+        oldest.destroy();
+      }
+      this.log('warn', `${socket.remoteAddress ?? 'unix'}: refused, ${max} connections already (the limit)`);
+      const conn = new Connection(this, socket, this.nextId++, `server busy: ${max} connections already, the limit; try again later`);
+      this.refused.add(conn);
+      conn.start();
+      return;
+    }
     const conn = new Connection(this, socket, this.nextId++);
     this.conns.add(conn);
     this.counters.connections.total++;
@@ -313,6 +343,7 @@ export class NbdServer implements ConnectionHost {
   /** @internal */
   connectionClosed(conn: Connection): void {
     this.conns.delete(conn);
+    this.refused.delete(conn);
     this.notifyIdle();
   }
 
