@@ -7,7 +7,7 @@ import { parentPort } from 'node:worker_threads';
 import { Blkfront, type BlkfrontCounters, type BlkfrontOptions, type DeviceInfo } from '../blkfront/index.js';
 import { attachDomain } from '../xen/index.js';
 import { connectGuestXenstore, xenbusStateName } from '../xenbus/index.js';
-import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig } from '../nbd/index.js';
+import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerLimits, type NbdServerTlsConfig } from '../nbd/index.js';
 import { exportDevice } from './disk-export.js';
 import { serveRpc, type RpcHandlers } from './rpc.js';
 import { runWorkload, type WorkloadResult, type WorkloadSpec } from './workload.js';
@@ -59,13 +59,14 @@ const handlers: RpcHandlers = {
    * port 0 after the first is the port the first got); returns the addresses and the first's URI.
    */
   async serveNbd(
-    exports: GuestExportSpec[], listen: NbdListenOptions | NbdListenOptions[], tls?: NbdServerTlsConfig,
+    exports: GuestExportSpec[], listen: NbdListenOptions | NbdListenOptions[], tls?: NbdServerTlsConfig, limits: NbdServerLimits = {},
   ): Promise<{ uri: string; address: NbdAddress; addresses: NbdAddress[] }> {
     if (nbd !== undefined) throw new Error('an NBD server already runs in this guest');
     const server = new NbdServer({
       defaultExport: exports[0]?.name,
       log: (level, msg) => { if (level !== 'debug') log(`nbd ${level}: ${msg}`); },
       ...(tls !== undefined ? { tls } : {}),
+      ...limits,
     });
     for (const e of exports) server.addExport({ name: e.name, description: e.description, device: exportDevice(disk(e.frontDir)) });
     const addresses: NbdAddress[] = [];

@@ -1,0 +1,63 @@
+/**
+ * `blkif serve` as a qemu-nbd user expects it: exports named and described per image
+ * (-x/--export-name, -D/--description), the ready line naming the default export, and bad
+ * names refused in one line.
+ */
+import { after, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { sparseImage, tempDir } from '../e2e/helpers.js';
+import { execFileP, serve, MAIN } from './serve-support.js';
+import { needTools } from '../support/tools.js';
+
+needTools('qemu-img', 'nbdinfo');
+
+const tmp = tempDir('blkif-serve-export-');
+after(() => tmp.cleanup());
+
+const MiB = 1024 * 1024;
+
+test('-x and -D name and describe each image in order; nbdinfo --list shows them; ready names the default', async () => {
+  const a = join(tmp.dir, 'a.img');
+  const b = join(tmp.dir, 'b.img');
+  sparseImage(a, 16 * MiB);
+  sparseImage(b, 8 * MiB);
+  const s = await serve([a, b, '--port', '0', '-x', 'sys', '-D', 'system disk', '--export-name', 'data']);
+  try {
+    assert.match(s.readyUri, /^nbd:\/\/127\.0\.0\.1:\d+\/sys$/);
+    const list = JSON.parse((await execFileP('nbdinfo', ['--list', '--json', s.uri])).stdout) as { exports: { 'export-name': string; description?: string; 'export-size': number }[] };
+    const byName = new Map(list.exports.map((e) => [e['export-name'], e]));
+    assert.deepEqual([...byName.keys()].sort(), ['data', 'sys']);
+    assert.equal(byName.get('sys')!.description, 'system disk');
+    assert.equal(byName.get('sys')!['export-size'], 16 * MiB);
+    assert.match(byName.get('data')!.description ?? '', /^Xen PV disk xvdb of guest \d+ /, 'no -D for the second: what the disk is');
+    const info = JSON.parse((await execFileP('qemu-img', ['info', '--output=json', `${s.uri}data`])).stdout) as { 'virtual-size': number };
+    assert.equal(info['virtual-size'], 8 * MiB);
+    const dflt = JSON.parse((await execFileP('qemu-img', ['info', '--output=json', s.readyUri])).stdout) as { 'virtual-size': number };
+    assert.equal(dflt['virtual-size'], 16 * MiB);
+  } finally {
+    assert.equal(await s.stop(), 0);
+  }
+});
+
+test('bad names and limits: one clear line, exit 2', async () => {
+  const image = join(tmp.dir, 'c.img');
+  sparseImage(image, MiB);
+  const cases: [string[], RegExp][] = [
+    [[image, '-x', 'a', '-x', 'b'], /2 --export-name for 1 image/],
+    [[image, image.replace('c.img', 'd.img'), '--size', '1M', '-x', 'vbd1'], /two exports named "vbd1"/],
+    [[image, '-x', ''], /cannot be empty/],
+    [[image, '-D', 'x'.repeat(4097)], /at most 4096 bytes/],
+    [[image, '--shared', '-1'], /--shared must be an integer/],
+    [[image, '--handshake-limit', 'soon'], /--handshake-limit must be an integer/],
+  ];
+  for (const [args, msg] of cases) {
+    const r = await execFileP(process.execPath, [MAIN, 'serve', ...args, '--port', '0']).then(
+      () => ({ code: 0, stderr: '' }),
+      (e: { code: number; stderr: string }) => ({ code: e.code, stderr: e.stderr }),
+    );
+    assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, msg);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  }
+});
