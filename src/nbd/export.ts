@@ -56,10 +56,14 @@ export class NbdDeviceError extends Error {
   }
 }
 
-/** errno names (Node's `code`, or a StorageError's) and the NBD error value each maps to. */
-const CODE_TO_ERRNO: Readonly<Record<string, number>> = {
+/**
+ * errno names (Node's `code`, or a StorageError's or BlkfrontError's) and the NBD error value each
+ * maps to (proto.md, Error values: EDQUOT and EFBIG are NBD_ENOSPC; NBD_EOVERFLOW and NBD_ENOTSUP
+ * are kept for the requests they answer, so a host's EOVERFLOW or EOPNOTSUPP is NBD_EINVAL).
+ */
+export const CODE_TO_ERRNO: Readonly<Record<string, number>> = {
   EPERM: NBD_EPERM, EACCES: NBD_EPERM, EROFS: NBD_EPERM,
-  EINVAL: NBD_EINVAL,
+  EINVAL: NBD_EINVAL, EOVERFLOW: NBD_EINVAL, EOPNOTSUPP: NBD_EINVAL, ENOTSUP: NBD_EINVAL, ENOSYS: NBD_EINVAL,
   ENOSPC: NBD_ENOSPC, EDQUOT: NBD_ENOSPC, EFBIG: NBD_ENOSPC,
   ENOMEM: NBD_ENOMEM,
   EIO: NBD_EIO,

@@ -8,7 +8,8 @@ import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import {
   NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ,
-  NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, NBD_ESHUTDOWN,
+  NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ENOTSUP,
+  NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN,
   NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_DF, NBD_FLAG_SEND_FLUSH,
   NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE,
@@ -635,7 +636,10 @@ export class Connection {
       }
       this.send(encodeSimpleReply(0, req.handle));
     } catch (e) {
-      const errno = deviceErrno(e);
+      let errno = deviceErrno(e);
+      // proto.md: NBD_ENOTSUP only answers a fast zero, NBD_EOVERFLOW only DF or an oversize length.
+      const fastZero = req.command === NBD_CMD_WRITE_ZEROES && (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
+      if ((errno === NBD_ENOTSUP && !fastZero) || errno === NBD_EOVERFLOW) errno = NBD_EINVAL;
       const message = e instanceof Error ? e.message : String(e);
       this.log('warn', `${commandName(req.command)} of ${length} bytes at ${offset} failed (${errnoName(errno)}): ${message}`);
       this.answerError(req, errno, message);

@@ -187,7 +187,7 @@ describe('blkif serve beyond loopback', { timeout: 240_000 }, () => {
     const s = await started([dir('log.img'), '--size', '16M', '--port', '0', '--log', logFile]);
     assert.equal(await s.stop(), 0, `${s.stderr()}\n${readFileSync(logFile, 'utf8')}`);
     const lines = readFileSync(logFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { msg: string; uri?: string });
-    assert.ok(lines.some((l) => l.msg === 'ready' && l.uri === s.uri), 'a ready line with the URI');
+    assert.ok(lines.some((l) => l.msg === 'ready' && l.uri === s.readyUri), 'a ready line with the URI');
     assert.ok(lines.some((l) => l.msg === 'stopped'));
   });
 
