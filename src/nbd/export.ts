@@ -32,8 +32,18 @@ export interface NbdExportDevice {
   flush(): Promise<void>;
   /** Drops a range (a hint: afterwards its contents are unspecified until written). */
   trim(offset: number, length: number): Promise<void>;
-  /** Makes a range read as zeroes. */
-  writeZeroes(offset: number, length: number): Promise<void>;
+  /**
+   * Makes a range read as zeroes. `mayTrim` (the client did not set NBD_CMD_FLAG_NO_HOLE): it may
+   * deallocate the range instead of writing, provided it then reads as zeroes. Resolves true when
+   * the range was deallocated and is known to read as zeroes (a hole the server may report).
+   */
+  writeZeroes(offset: number, length: number, mayTrim?: boolean): Promise<boolean | void>;
+  /**
+   * Optional: whether a zero request (`mayTrim` as for writeZeroes) would take less time than
+   * writing the zeroes, known before trying (NBD_CMD_FLAG_FAST_ZERO). Absent means never: such a
+   * request is answered NBD_ENOTSUP at once.
+   */
+  fastZero?(mayTrim: boolean): boolean;
 }
 
 /** One named export of an NbdServer. */

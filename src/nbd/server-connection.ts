@@ -12,7 +12,7 @@ import {
   NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN,
   NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_DF, NBD_FLAG_SEND_FLUSH,
-  NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE,
+  NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
   NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REP_ACK,
   NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN,
@@ -36,7 +36,8 @@ function transmissionFlags(device: NbdExportDevice, structured: boolean): number
   let f = NBD_FLAG_HAS_FLAGS;
   if (device.readOnly) f |= NBD_FLAG_READ_ONLY;
   else {
-    f |= NBD_FLAG_SEND_WRITE_ZEROES;
+    // FAST_ZERO is offered whatever the device can do: a fast NBD_ENOTSUP is a fast answer too.
+    f |= NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
     if (device.canTrim) f |= NBD_FLAG_SEND_TRIM;
   }
   if (device.canFlush) f |= NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
@@ -537,7 +538,7 @@ export class Connection {
       command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
     if (!known) return { errno: NBD_EINVAL, message: `${name} is not supported` };
     let allowed = NBD_CMD_FLAG_FUA;
-    if (command === NBD_CMD_WRITE_ZEROES) allowed |= NBD_CMD_FLAG_NO_HOLE;
+    if (command === NBD_CMD_WRITE_ZEROES) allowed |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
     if (command === NBD_CMD_READ && this.structured) allowed |= NBD_CMD_FLAG_DF;
     if ((flags & ~allowed) !== 0) return { errno: NBD_EINVAL, message: `flags 0x${flags.toString(16)} are not valid for ${name}` };
     const writes = command === NBD_CMD_WRITE || command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
@@ -552,6 +553,10 @@ export class Connection {
     if (offset + BigInt(length) > BigInt(dev.size)) {
       const errno = command === NBD_CMD_WRITE || command === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
       return { errno, message: `${name} of ${length} bytes at ${offset} is beyond the end of the export (${dev.size} bytes)` };
+    }
+    if (command === NBD_CMD_WRITE_ZEROES && (flags & NBD_CMD_FLAG_FAST_ZERO) !== 0 && dev.fastZero?.((flags & NBD_CMD_FLAG_NO_HOLE) === 0) !== true) {
+      // proto.md: fail quickly, changing nothing, unless it takes less time than the write would.
+      return { errno: NBD_ENOTSUP, message: 'zeroing this range would be no faster than writing it' };
     }
     const bs = dev.blockSize;
     if (this.blockSizeAgreed && bs > 1 && (offset % BigInt(bs) !== 0n || length % bs !== 0)) {
@@ -627,9 +632,9 @@ export class Connection {
           }
           break;
         case NBD_CMD_WRITE_ZEROES:
-          // NBD_CMD_FLAG_NO_HOLE only says how: either way the range must read as zeroes.
+          // Without NBD_CMD_FLAG_NO_HOLE the device may deallocate; either way the range must read as zeroes.
           if (length > 0) {
-            await dev.writeZeroes(offset, length);
+            await dev.writeZeroes(offset, length, (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0);
             if (fua) await dev.flush();
           }
           break;

@@ -1,16 +1,18 @@
 /**
  * `blkif serve` as a qemu-nbd user expects it: exports named and described per image
  * (-x/--export-name, -D/--description), the ready line naming the default export, and bad
- * names refused in one line.
+ * names refused in one line; copies into it (qemu-img convert, nbdcopy) as sparse as their source.
  */
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { openSync, readFileSync, statSync, writeSync, closeSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { sparseImage, tempDir } from '../e2e/helpers.js';
 import { execFileP, serve, MAIN } from './serve-support.js';
 import { needTools } from '../support/tools.js';
 
-needTools('qemu-img', 'nbdinfo');
+needTools('qemu-img', 'nbdinfo', 'nbdcopy');
 
 const tmp = tempDir('blkif-serve-export-');
 after(() => tmp.cleanup());
@@ -59,5 +61,34 @@ test('bad names and limits: one clear line, exit 2', async () => {
     assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr, msg);
     assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  }
+});
+
+/** Bytes the file really holds (du), from its allocated blocks. */
+const allocated = (path: string) => statSync(path).blocks * 512;
+
+test('qemu-img convert and nbdcopy into serve leave the image as sparse as the source, even over old data', async () => {
+  const src = join(tmp.dir, 'sparse-src.img');
+  sparseImage(src, 32 * MiB);
+  const fd = openSync(src, 'r+');
+  for (const at of [0, 10, 31]) writeSync(fd, randomBytes(MiB), 0, MiB, at * MiB);
+  closeSync(fd);
+  const srcBytes = readFileSync(src);
+  for (const [tool, copy] of [
+    ['qemu-img convert', (uri: string) => execFileP('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, uri])],
+    ['nbdcopy', (uri: string) => execFileP('nbdcopy', [src, uri])],
+  ] as const) {
+    // The target holds old data everywhere: every zero of the source must be made, and sparse.
+    const dst = join(tmp.dir, `sparse-dst-${tool.split(' ')[0]}.img`);
+    writeFileSync(dst, Buffer.alloc(32 * MiB, 0xaa));
+    assert.ok(allocated(dst) >= 32 * MiB);
+    const s = await serve([dst, '--port', '0']);
+    try {
+      await copy(s.readyUri);
+    } finally {
+      assert.equal(await s.stop(), 0);
+    }
+    assert.ok(readFileSync(dst).equals(srcBytes), `${tool}: the copy is byte-identical`);
+    assert.ok(allocated(dst) <= allocated(src) + MiB, `${tool}: ${allocated(dst)} bytes allocated, the source ${allocated(src)}`);
   }
 });
