@@ -150,7 +150,7 @@ export class NbdServer implements ConnectionHost {
       tlsHandshakeTimeoutMs: options.tlsHandshakeTimeoutMs ?? 30_000,
     };
     const t = options.tls;
-    this.tls = t === undefined || t.mode === 'off' ? { mode: 'off' } : { mode: t.mode, socketOptions: serverTlsOptions(t.credentials) };
+    this.tls = t === undefined || t.mode === 'off' ? { mode: 'off' } : { mode: t.mode, socketOptions: serverTlsOptions(t.credentials, t.aesFirst) };
     this.logFn = options.log;
     for (const e of options.exports ?? []) this.addExport(e);
     if (options.defaultExport !== undefined) this.defaultName = options.defaultExport;
