@@ -137,6 +137,16 @@ export function isReplyTypeError(type: number): boolean {
   return (type & NBD_REPLY_TYPE_ERROR_BIT) !== 0;
 }
 
+// --- Metadata contexts ---------------------------------------------------------------------------
+
+/** The one context the spec defines: allocation and zeroes. */
+export const NBD_META_BASE_ALLOCATION = 'base:allocation';
+/** base:allocation flags of an extent. */
+export const NBD_STATE_HOLE = 1 << 0;
+export const NBD_STATE_ZERO = 1 << 1;
+/** Most extents one block status reply carries (a client asks again for the rest). */
+export const MAX_EXTENTS_PER_REPLY = 1024;
+
 // --- Error values (the reply's error field) ----------------------------------------------------
 
 export const NBD_SUCCESS = 0;

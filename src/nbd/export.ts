@@ -53,6 +53,12 @@ export interface NbdExport {
   /** Free text for NBD_INFO_DESCRIPTION and NBD_OPT_LIST. */
   readonly description?: string;
   readonly device: NbdExportDevice;
+  /**
+   * Only this server writes the device (nothing else changes it behind the server's back): the
+   * ranges the server zeroes then stay zero until it writes them, and it offers them as the
+   * `base:allocation` metadata context (zero-extents.ts). Default false: no context offered.
+   */
+  readonly ownsWrites?: boolean;
 }
 
 /** A device failure with the NBD error value to report (else the server reports NBD_EIO). */

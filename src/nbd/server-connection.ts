@@ -17,6 +17,8 @@ import {
   NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REP_ACK,
   NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_SERVER, commandName, errnoName, optionName, replyName,
+  MAX_EXTENTS_PER_REPLY, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, NBD_META_BASE_ALLOCATION, NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT, NBD_REP_META_CONTEXT, NBD_STATE_ZERO,
 } from './constants.js';
 import { deviceErrno, type NbdExportDevice } from './export.js';
 import { NbdProtocolError, type InfoReply, type OptionMessage, type RequestMessage } from './messages.js';
@@ -24,8 +26,9 @@ import { ClientParser } from './parser.js';
 import {
   decodeInfoRequest, decodeUtf8, encodeExportNameReply, encodeGreeting, encodeInfo, encodeOffsetDataHeader,
   encodeOptionError, encodeOptionReply, encodeServerEntry, encodeSimpleReply, encodeStructuredError,
-  encodeStructuredNone,
+  encodeStructuredNone, decodeMetaContextRequest, encodeBlockStatus, encodeMetaContext,
 } from './serializer.js';
+import { HOLE_AND_ZERO, type ExtentChange } from './zero-extents.js';
 
 import type { ConnectionHost, NbdConnectionInfo, NbdLogLevel, ResolvedExport } from './server-types.js';
 
@@ -58,6 +61,10 @@ export class Connection {
   private exp: ResolvedExport | undefined;
   private noZeroes = false;
   private structured = false;
+  /** base:allocation as the last NBD_OPT_SET_META_CONTEXT selected it: for which export name, with which ID. */
+  private metaContext: { exportName: string; id: number } | undefined;
+  /** Its ID in transmission, if it was selected for the export chosen. */
+  private blockStatusId: number | undefined;
   /** The client asked for NBD_INFO_BLOCK_SIZE in NBD_OPT_GO, so it promised to honour it. */
   private blockSizeAgreed = false;
   private inFlight = 0;
@@ -370,7 +377,7 @@ export class Connection {
           return;
         }
         this.send(encodeExportNameReply(BigInt(exp.device.size), transmissionFlags(exp.device, this.structured), this.noZeroes));
-        this.enterTransmission(exp, false);
+        this.enterTransmission(exp, false, name!);
         return;
       }
       case NBD_OPT_ABORT:
@@ -423,12 +430,52 @@ export class Connection {
         }
         for (const i of infos) this.reply(option, NBD_REP_INFO, encodeInfo(i));
         this.reply(option, NBD_REP_ACK);
-        if (option === NBD_OPT_GO) this.enterTransmission(exp, wants.has(NBD_INFO_BLOCK_SIZE));
+        if (option === NBD_OPT_GO) this.enterTransmission(exp, wants.has(NBD_INFO_BLOCK_SIZE), req.name);
         return;
       }
+      case NBD_OPT_LIST_META_CONTEXT:
+      case NBD_OPT_SET_META_CONTEXT:
+        this.metaContextOption(option, data);
+        return;
       default:
         this.replyError(option, NBD_REP_ERR_UNSUP, `${optionName(option)} is not supported by this server`);
     }
+  }
+
+  /**
+   * NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT. The one context is base:allocation,
+   * offered for exports the server alone writes. LIST with no query, or the query "base:", lists
+   * it; SET selects it by its full name (and needs structured replies, which carry block status);
+   * a SET replaces the selection even when it fails; unknown namespaces are ignored.
+   */
+  private metaContextOption(option: number, data: Uint8Array): void {
+    const set = option === NBD_OPT_SET_META_CONTEXT;
+    if (set) this.metaContext = undefined;
+    const req = decodeMetaContextRequest(data);
+    if (req === undefined) {
+      this.replyError(option, NBD_REP_ERR_INVALID, `malformed ${optionName(option)} data`);
+      return;
+    }
+    if (set && !this.structured) {
+      this.replyError(option, NBD_REP_ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies (NBD_OPT_STRUCTURED_REPLY) first');
+      return;
+    }
+    const exp = this.server.resolveExport(req.name);
+    if (!exp) {
+      this.replyError(option, NBD_REP_ERR_UNKNOWN, req.name === '' ? 'no default export' : `no export named ${JSON.stringify(req.name)}`);
+      return;
+    }
+    const offered = exp.zeroes !== undefined;
+    const matches = set
+      ? req.queries.includes(NBD_META_BASE_ALLOCATION)
+      : req.queries.length === 0 || req.queries.some((q) => q === 'base:' || q === NBD_META_BASE_ALLOCATION);
+    if (offered && matches) {
+      // The spec reserves ID 0 in LIST replies; a SET's ID is ours to choose.
+      const id = set ? 1 : 0;
+      if (set) this.metaContext = { exportName: req.name, id };
+      this.reply(option, NBD_REP_META_CONTEXT, encodeMetaContext(id, NBD_META_BASE_ALLOCATION));
+    }
+    this.reply(option, NBD_REP_ACK);
   }
 
   /**
@@ -461,6 +508,7 @@ export class Connection {
     // What was agreed in the clear could have been a man in the middle's doing: the TLS session
     // starts from nothing (nbdkit's fix for CVE-2021-3716 does the same).
     this.structured = false;
+    this.metaContext = undefined;
     const plain = this.socket;
     plain.off('data', this.onData);
     plain.off('end', this.onEnd);
@@ -502,8 +550,10 @@ export class Connection {
     secure.on('close', () => clearTimeout(timer));
   }
 
-  private enterTransmission(exp: ResolvedExport, blockSizeAgreed: boolean): void {
+  private enterTransmission(exp: ResolvedExport, blockSizeAgreed: boolean, requestedName: string): void {
     this.exp = exp;
+    // Block status only for the export name the last NBD_OPT_SET_META_CONTEXT named (proto.md).
+    this.blockStatusId = this.metaContext?.exportName === requestedName ? this.metaContext.id : undefined;
     this.blockSizeAgreed = blockSizeAgreed;
     this.phase = 'transmission';
     this.parser.enterTransmission();
@@ -535,9 +585,9 @@ export class Connection {
     const name = commandName(command);
     if (this.shuttingDown) return { errno: NBD_ESHUTDOWN, message: 'server shutting down' };
     const known = command === NBD_CMD_READ || command === NBD_CMD_WRITE || command === NBD_CMD_FLUSH ||
-      command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
+      command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES || command === NBD_CMD_BLOCK_STATUS;
     if (!known) return { errno: NBD_EINVAL, message: `${name} is not supported` };
-    let allowed = NBD_CMD_FLAG_FUA;
+    let allowed = command === NBD_CMD_BLOCK_STATUS ? NBD_CMD_FLAG_REQ_ONE : NBD_CMD_FLAG_FUA;
     if (command === NBD_CMD_WRITE_ZEROES) allowed |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
     if (command === NBD_CMD_READ && this.structured) allowed |= NBD_CMD_FLAG_DF;
     if ((flags & ~allowed) !== 0) return { errno: NBD_EINVAL, message: `flags 0x${flags.toString(16)} are not valid for ${name}` };
@@ -545,6 +595,10 @@ export class Connection {
     if (writes && dev.readOnly) return { errno: NBD_EPERM, message: 'the export is read-only' };
     if (command === NBD_CMD_FLUSH) {
       return dev.canFlush ? undefined : { errno: NBD_EINVAL, message: 'the export does not support flush' };
+    }
+    if (command === NBD_CMD_BLOCK_STATUS) {
+      if (this.blockStatusId === undefined) return { errno: NBD_EINVAL, message: 'no metadata context was selected for this export (NBD_OPT_SET_META_CONTEXT)' };
+      if (length === 0) return { errno: NBD_EINVAL, message: 'NBD_CMD_BLOCK_STATUS of 0 bytes' };
     }
     if (command === NBD_CMD_TRIM && !dev.canTrim) return { errno: NBD_EINVAL, message: 'the export does not support trim' };
     if (command === NBD_CMD_READ && length > this.server.options.maxPayload) {
@@ -578,10 +632,14 @@ export class Connection {
       return;
     }
     const bytes = req.command === NBD_CMD_READ || req.command === NBD_CMD_WRITE ? req.length : 0;
+    // What the export knows of zeroes is forgotten over a range the moment a change of it starts.
+    const changes = req.command === NBD_CMD_WRITE || req.command === NBD_CMD_TRIM || req.command === NBD_CMD_WRITE_ZEROES;
+    const change = changes && req.length > 0 ? this.exp!.zeroes?.begin(Number(req.offset), req.length) : undefined;
     this.inFlight++;
     this.inFlightBytes += bytes;
     this.server.stat.inFlight++;
-    void this.execute(req, this.exp!.device).finally(() => {
+    void this.execute(req, this.exp!, change).finally(() => {
+      change?.done();
       this.inFlight--;
       this.inFlightBytes -= bytes;
       this.server.stat.inFlight--;
@@ -592,7 +650,8 @@ export class Connection {
   }
 
   /** Runs one checked request on the device and answers it. Never rejects. */
-  private async execute(req: RequestMessage, dev: NbdExportDevice): Promise<void> {
+  private async execute(req: RequestMessage, exp: ResolvedExport, change: ExtentChange | undefined): Promise<void> {
+    const dev = exp.device;
     const offset = Number(req.offset);
     const length = req.length;
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0 && dev.canFlush;
@@ -634,10 +693,17 @@ export class Connection {
         case NBD_CMD_WRITE_ZEROES:
           // Without NBD_CMD_FLAG_NO_HOLE the device may deallocate; either way the range must read as zeroes.
           if (length > 0) {
-            await dev.writeZeroes(offset, length, (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0);
+            const hole = await dev.writeZeroes(offset, length, (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0);
             if (fua) await dev.flush();
+            change?.done(hole === true ? HOLE_AND_ZERO : NBD_STATE_ZERO);
           }
           break;
+        case NBD_CMD_BLOCK_STATUS: {
+          // Structured replies are on: NBD_OPT_SET_META_CONTEXT required them.
+          const max = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0 ? 1 : MAX_EXTENTS_PER_REPLY;
+          this.send(encodeBlockStatus(req.handle, this.blockStatusId!, exp.zeroes!.query(offset, length, max)));
+          return;
+        }
       }
       this.send(encodeSimpleReply(0, req.handle));
     } catch (e) {

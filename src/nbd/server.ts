@@ -1,7 +1,9 @@
 /**
  * An NBD server: fixed newstyle negotiation (NBD_OPT_GO / INFO / EXPORT_NAME / LIST / ABORT /
- * STRUCTURED_REPLY), then pipelined transmission (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC)
- * against the named exports' devices. No metadata contexts, no extended headers.
+ * STRUCTURED_REPLY / LIST_META_CONTEXT / SET_META_CONTEXT), then pipelined transmission (READ,
+ * WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, DISC) against the named exports' devices.
+ * `base:allocation` only for exports the server alone writes, reporting what it zeroed itself
+ * (zero-extents.ts). No extended headers.
  *
  * TLS (`tls` option, see tls.ts): NBD_OPT_STARTTLS is acknowledged, then the same connection
  * becomes a TLS session and negotiation goes on inside it. In `require` mode every other option
@@ -26,6 +28,7 @@ import {
 import { validateDevice, type NbdExport } from './export.js';
 import { serverTlsOptions, type NbdServerTlsConfig } from './tls.js';
 import { Connection } from './server-connection.js';
+import { ZeroExtents } from './zero-extents.js';
 import type { ConnectionHost, NbdConnectionInfo, NbdLogLevel, NbdServerStats, ResolvedExport } from './server-types.js';
 
 export type { NbdConnectionInfo, NbdLogLevel, NbdServerStats } from './server-types.js';
@@ -160,7 +163,8 @@ export class NbdServer implements ConnectionHost {
   addExport(exp: NbdExport): void {
     validateDevice(exp.name, exp.device);
     if (exp.device.blockSize > this.options.maxPayload) throw new RangeError(`export "${exp.name}": block size exceeds maxPayload`);
-    this.exportMap.set(exp.name, { name: exp.name, description: exp.description ?? '', device: exp.device });
+    const zeroes = exp.ownsWrites === true ? new ZeroExtents() : undefined;
+    this.exportMap.set(exp.name, { name: exp.name, description: exp.description ?? '', device: exp.device, zeroes });
     if (!this.maxOptionsGiven) this.options.maxOptions = DEFAULT_MAX_OPTIONS + OPTIONS_PER_EXPORT * this.exportMap.size;
   }
 

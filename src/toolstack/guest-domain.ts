@@ -17,6 +17,8 @@ export interface GuestExportSpec {
   name: string;
   description: string;
   frontDir: string;
+  /** Only the NBD server writes this disk (a local image): it may report what it zeroed (base:allocation). */
+  ownsWrites: boolean;
 }
 
 const xen = await attachDomain();
@@ -68,7 +70,7 @@ const handlers: RpcHandlers = {
       ...(tls !== undefined ? { tls } : {}),
       ...limits,
     });
-    for (const e of exports) server.addExport({ name: e.name, description: e.description, device: exportDevice(disk(e.frontDir)) });
+    for (const e of exports) server.addExport({ name: e.name, description: e.description, device: exportDevice(disk(e.frontDir)), ownsWrites: e.ownsWrites });
     const addresses: NbdAddress[] = [];
     try {
       for (const l of Array.isArray(listen) ? listen : [listen]) {

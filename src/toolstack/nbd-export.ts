@@ -199,6 +199,8 @@ export class DiskExport {
         name: o.exportNames?.[i]?.name ?? `vbd${i}`,
         description: o.exportNames?.[i]?.description ?? `Xen PV disk ${xvdName(i)} of guest ${guest.domid} (${describe(d.info)})`,
         frontDir: d.paths.frontDir,
+        // A remote export may have other writers; a local image is this server's alone.
+        ownsWrites: o.images[i]!.kind === 'file',
       }));
       const { uri, addresses } = await guest.rpc.call<{ uri: string; addresses: NbdAddress[] }>('serveNbd', exports, o.listen, o.tls, o.limits);
       return new DiskExport(ts, backend, guest, disks, uri, exports.map((e) => e.name), addresses);

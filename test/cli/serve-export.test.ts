@@ -12,7 +12,7 @@ import { sparseImage, tempDir } from '../e2e/helpers.js';
 import { execFileP, serve, MAIN } from './serve-support.js';
 import { needTools } from '../support/tools.js';
 
-needTools('qemu-img', 'nbdinfo', 'nbdcopy');
+needTools('qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy');
 
 const tmp = tempDir('blkif-serve-export-');
 after(() => tmp.cleanup());
@@ -90,5 +90,30 @@ test('qemu-img convert and nbdcopy into serve leave the image as sparse as the s
     }
     assert.ok(readFileSync(dst).equals(srcBytes), `${tool}: the copy is byte-identical`);
     assert.ok(allocated(dst) <= allocated(src) + MiB, `${tool}: ${allocated(dst)} bytes allocated, the source ${allocated(src)}`);
+  }
+});
+
+test('block status through serve: a range zeroed by discard is a hole until data is written over it; qemu-img map agrees', async () => {
+  const image = join(tmp.dir, 'map.img');
+  sparseImage(image, 16 * MiB);
+  const s = await serve([image, '--port', '0']);
+  try {
+    const uri = s.readyUri;
+    await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 7 0 16M', '-c', 'write -z -u 4M 8M', '-c', 'write -P 9 6M 1M', '-c', 'discard 10M 1M', uri]);
+    const m = (await execFileP('nbdinfo', ['--map', uri])).stdout;
+    const rows = m.trim().split('\n').map((l) => l.trim().split(/\s+/)).map(([o, l, t]) => [Number(o), Number(l), Number(t)]);
+    const at = (o: number) => rows.find(([s0, l]) => s0! <= o && o < s0! + l!)![2];
+    assert.equal(at(0), 0, m);
+    assert.equal(at(4 * MiB), 3, `zeroed by discard: hole and zero\n${m}`);
+    assert.equal(at(6 * MiB), 0, `written over the hole: data, never a hole\n${m}`);
+    assert.equal(at(7 * MiB), 3, m);
+    assert.equal(at(10 * MiB), 0, `trimmed: unknown, so data\n${m}`);
+    assert.equal(at(12 * MiB), 0, m);
+    const map = JSON.parse((await execFileP('qemu-img', ['map', '--output=json', '-f', 'raw', uri])).stdout) as { start: number; length: number; zero: boolean; data: boolean }[];
+    const q = (o: number) => map.find((e) => e.start <= o && o < e.start + e.length)!;
+    assert.deepEqual([q(4 * MiB).zero, q(4 * MiB).data], [true, false]);
+    assert.deepEqual([q(6 * MiB).zero, q(6 * MiB).data], [false, true]);
+  } finally {
+    assert.equal(await s.stop(), 0);
   }
 });

@@ -86,7 +86,7 @@ export class MemoryDevice implements NbdExportDevice {
   trim(offset: number, length: number): Promise<void> {
     return this.run('trim', offset, length, () => this.bytes.fill(0, offset, offset + length) && undefined);
   }
-  writeZeroes(offset: number, length: number): Promise<void> {
+  writeZeroes(offset: number, length: number, _mayTrim?: boolean): Promise<boolean | void> {
     return this.run('writeZeroes', offset, length, () => this.bytes.fill(0, offset, offset + length) && undefined);
   }
 }

@@ -14,7 +14,7 @@ import { MemoryDevice, RawClient } from './support.js';
 /** A device that can deallocate quickly (as a disk whose backend offers discard). */
 class TrimmingDevice extends MemoryDevice {
   readonly mayTrim: boolean[] = [];
-  override async writeZeroes(offset: number, length: number, mayTrim = false): Promise<void> {
+  override async writeZeroes(offset: number, length: number, mayTrim = false): Promise<boolean | void> {
     this.mayTrim.push(mayTrim);
     await super.writeZeroes(offset, length);
   }
