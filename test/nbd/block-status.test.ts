@@ -14,7 +14,7 @@ import {
   decodeErrorChunk, decodeMetaContext, encodeInfoRequest, encodeMetaContextRequest, encodeOption, nbdUri,
   NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY, type NbdAddress,
 } from '../../src/nbd/index.js';
-import { MemoryDevice, RawClient, randomBytes, runOk } from './support.js';
+import { RawClient, TrimmingDevice, randomBytes, runOk } from './support.js';
 import { needTools } from '../support/tools.js';
 
 needTools('qemu-img', 'nbdinfo', 'qemu-io');
@@ -63,14 +63,6 @@ test('ZeroExtents against a per-block model: zeroes marked, writes and trims for
     assert.ok(one[0]!.length >= 1 && one[0]!.length <= B - 3);
   }), { numRuns: 300 });
 });
-
-/** A device that deallocates when allowed (the hole is then reported). */
-class TrimmingDevice extends MemoryDevice {
-  override async writeZeroes(offset: number, length: number, mayTrim = false): Promise<boolean | void> {
-    await super.writeZeroes(offset, length);
-    return mayTrim;
-  }
-}
 
 const MiB = 1024 * 1024;
 const owned = new TrimmingDevice(8 * MiB);

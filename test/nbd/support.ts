@@ -91,6 +91,22 @@ export class MemoryDevice implements NbdExportDevice {
   }
 }
 
+/**
+ * A device that deallocates quickly when allowed (as a disk whose backend offers discard): a zero
+ * without NO_HOLE is fast and leaves a hole. Records each zero's `mayTrim`.
+ */
+export class TrimmingDevice extends MemoryDevice {
+  readonly mayTrim: boolean[] = [];
+  override async writeZeroes(offset: number, length: number, mayTrim = false): Promise<boolean> {
+    this.mayTrim.push(mayTrim);
+    await super.writeZeroes(offset, length);
+    return mayTrim;
+  }
+  fastZero(mayTrim: boolean): boolean {
+    return mayTrim;
+  }
+}
+
 /** A promise with its resolver, for gating device operations. */
 export function deferred<T = void>(): { promise: Promise<T>; resolve: (v: T) => void } {
   let resolve!: (v: T) => void;

@@ -9,19 +9,7 @@ import {
   NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_WRITE_ZEROES, NBD_ENOTSUP, NBD_FLAG_SEND_FAST_ZERO,
   NBD_INFO_EXPORT, NbdServer,
 } from '../../src/nbd/index.js';
-import { MemoryDevice, RawClient } from './support.js';
-
-/** A device that can deallocate quickly (as a disk whose backend offers discard). */
-class TrimmingDevice extends MemoryDevice {
-  readonly mayTrim: boolean[] = [];
-  override async writeZeroes(offset: number, length: number, mayTrim = false): Promise<boolean | void> {
-    this.mayTrim.push(mayTrim);
-    await super.writeZeroes(offset, length);
-  }
-  fastZero(mayTrim: boolean): boolean {
-    return mayTrim;
-  }
-}
+import { MemoryDevice, RawClient, TrimmingDevice } from './support.js';
 
 const plain = new MemoryDevice(1 << 20);
 const trimming = new TrimmingDevice(1 << 20);
