@@ -118,7 +118,7 @@ export function serveCommand(): Command {
     .option('-D, --description <text>', 'description of an image\'s export (nbdinfo shows it), once per image in the order of the images (default: which Xen disk it is)',
       (v: string, prev: string[] | undefined) => [...(prev ?? []), exportText(v, '--description')])
     .addOption(new Option('-e, --shared <n>', 'clients served at once (0 = no limit); past it a new client is refused, told why').default(DEFAULT_MAX_CONNECTIONS).argParser(int('--shared', 0, 1_000_000)))
-    .addOption(new Option('--handshake-limit <seconds>', 'drop a client that has not chosen an export within this time (0 = never)').default(DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000).argParser(int('--handshake-limit', 0, 86_400)))
+    .addOption(new Option('--handshake-limit <seconds>', 'drop a client silent this long (no whole option) before choosing an export (0 = never)').default(DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000).argParser(int('--handshake-limit', 0, 86_400)))
     .addOption(new Option('--port <port>', 'TCP port (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
     .option('--bind <addr>', 'listen on this address (repeatable; IPv6 too, e.g. ::1 or ::); default 127.0.0.1 only',
       (v: string, prev: string[] | undefined) => [...(prev ?? []), bareHost(v)])
@@ -146,8 +146,8 @@ default export (the first image's), once clients may connect, e.g.
 Names and descriptions go with the images in order (as qemu-nbd's -x and -D, once per image):
   blkif serve a.img b.img -x sys -D 'system disk' -x data     (exports "sys" and "data"; nbdinfo --list)
 Limits are on by default (as qemu-nbd 9.1): at most --shared=${DEFAULT_MAX_CONNECTIONS} clients at once, each dropped if it
-has not chosen an export within --handshake-limit=${DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000} seconds; a client past the cap is told
-"server busy" (NBD_REP_ERR_POLICY) and closed, while those being served carry on.
+is silent for --handshake-limit=${DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000} seconds before choosing an export; a client past the cap is
+told "server busy" (NBD_REP_ERR_POLICY) and closed, while those being served carry on.
 With --tls=require the URI is nbds:// (with a PSK file: nbds://USER@HOST:PORT/?tls-psk-file=FILE, as
 libnbd takes it), e.g. beyond loopback:
   blkif serve --tls=require --tls-psk=keys.psk --bind ::
