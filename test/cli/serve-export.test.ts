@@ -37,6 +37,9 @@ test('-x and -D name and describe each image in order; nbdinfo --list shows them
     assert.equal(info['virtual-size'], 8 * MiB);
     const dflt = JSON.parse((await execFileP('qemu-img', ['info', '--output=json', s.readyUri])).stdout) as { 'virtual-size': number };
     assert.equal(dflt['virtual-size'], 16 * MiB);
+    const flags = JSON.parse((await execFileP('nbdinfo', ['--json', s.readyUri])).stdout) as { exports: Record<string, unknown>[] };
+    assert.equal(flags.exports[0]!['can_fast_zero'], true, 'NBD_FLAG_SEND_FAST_ZERO');
+    assert.equal(flags.exports[0]!['can_zero'], true);
   } finally {
     assert.equal(await s.stop(), 0);
   }
