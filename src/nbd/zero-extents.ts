@@ -9,6 +9,9 @@
  */
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from './constants.js';
 
+/** Most known runs kept (a few MiB): a disk zeroed in more pieces reports the rest as data. */
+const MAX_RUNS = 65536;
+
 /** One extent of a block status reply: `length` bytes with `flags` (NBD_STATE_*). */
 export interface Extent {
   length: number;
@@ -35,7 +38,7 @@ export interface ExtentChange {
 
 export class ZeroExtents {
   /** Known ranges, sorted and disjoint, never flags 0. */
-  private runs: Run[] = [];
+  private readonly runs: Run[] = [];
   private readonly pending = new Set<Pending>();
 
   /**
@@ -62,26 +65,53 @@ export class ZeroExtents {
     };
   }
 
-  /** Sets [start, end) to `flags` (0: unknown, i.e. data). */
+  /** Index of the first run ending after `at` (binary search: the runs are sorted). */
+  private firstEndingAfter(at: number): number {
+    let lo = 0;
+    let hi = this.runs.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.runs[mid]!.end <= at) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  /**
+   * Sets [start, end) to `flags` (0: unknown, i.e. data), splicing only the runs it touches. Past
+   * MAX_RUNS nothing new is learnt (forgetting is always allowed: what is not known is data).
+   */
   private set(start: number, end: number, flags: number): void {
-    if (end <= start) return;
-    const out: Run[] = [];
-    for (const r of this.runs) {
-      if (r.end <= start || r.start >= end) out.push(r);
-      else {
-        if (r.start < start) out.push({ start: r.start, end: start, flags: r.flags });
-        if (r.end > end) out.push({ start: end, end: r.end, flags: r.flags });
-      }
-    }
-    if (flags !== 0) out.push({ start, end, flags });
-    out.sort((a, b) => a.start - b.start);
+    if (end <= start || (flags !== 0 && this.runs.length >= MAX_RUNS)) return;
+    const runs = this.runs;
+    const i = this.firstEndingAfter(start);
+    let j = i;
+    while (j < runs.length && runs[j]!.start < end) j++;
+    const pieces: Run[] = [];
+    if (i < j && runs[i]!.start < start) pieces.push({ start: runs[i]!.start, end: start, flags: runs[i]!.flags });
+    if (flags !== 0) pieces.push({ start, end, flags });
+    if (i < j && runs[j - 1]!.end > end) pieces.push({ start: end, end: runs[j - 1]!.end, flags: runs[j - 1]!.flags });
     // Neighbours with the same flags become one.
-    this.runs = [];
-    for (const r of out) {
-      const last = this.runs[this.runs.length - 1];
-      if (last !== undefined && last.end === r.start && last.flags === r.flags) last.end = r.end;
-      else this.runs.push({ ...r });
+    let from = i;
+    let to = j;
+    const prev = runs[i - 1];
+    if (prev !== undefined && pieces.length > 0 && prev.end === pieces[0]!.start && prev.flags === pieces[0]!.flags) {
+      pieces.unshift(prev);
+      from--;
     }
+    const next = runs[j];
+    const last = pieces[pieces.length - 1];
+    if (next !== undefined && last !== undefined && next.start === last.end && next.flags === last.flags) {
+      pieces.push(next);
+      to++;
+    }
+    const merged: Run[] = [];
+    for (const r of pieces) {
+      const m = merged[merged.length - 1];
+      if (m !== undefined && m.end === r.start && m.flags === r.flags) m.end = r.end;
+      else merged.push({ ...r });
+    }
+    runs.splice(from, to - from, ...merged);
   }
 
   /**
@@ -97,8 +127,8 @@ export class ZeroExtents {
       else out.push({ length: len, flags });
     };
     let at = offset;
-    for (const r of this.runs) {
-      if (r.end <= at) continue;
+    for (let i = this.firstEndingAfter(offset); i < this.runs.length; i++) {
+      const r = this.runs[i]!;
       if (r.start >= end) break;
       if (r.start > at) push(r.start - at, 0);
       const to = Math.min(r.end, end);
