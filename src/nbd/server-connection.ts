@@ -634,7 +634,7 @@ export class Connection {
     const bytes = req.command === NBD_CMD_READ || req.command === NBD_CMD_WRITE ? req.length : 0;
     // What the export knows of zeroes is forgotten over a range the moment a change of it starts.
     const changes = req.command === NBD_CMD_WRITE || req.command === NBD_CMD_TRIM || req.command === NBD_CMD_WRITE_ZEROES;
-    const change = changes && req.length > 0 ? this.exp!.zeroes?.begin(Number(req.offset), req.length) : undefined;
+    const change = changes && req.length > 0 ? this.exp!.zeroes?.begin(Number(req.offset), req.length, req.command === NBD_CMD_WRITE_ZEROES) : undefined;
     this.inFlight++;
     this.inFlightBytes += bytes;
     this.server.stat.inFlight++;

@@ -27,8 +27,8 @@ interface Run {
 interface Pending {
   start: number;
   end: number;
-  /** Ranges of other changes in flight at some time during this one. */
-  overlaps: [number, number][];
+  /** A zero's: the ranges of other changes that overlapped it while it was in flight. */
+  overlaps: [number, number][] | undefined;
 }
 
 /** A change in flight: `done` it, with the flags the range now has if it was a zero. */
@@ -42,24 +42,27 @@ export class ZeroExtents {
   private readonly pending = new Set<Pending>();
 
   /**
-   * A write, trim or zero of [offset, offset + length) starts: what was known there is forgotten.
-   * Call `done` when it ends, with NBD_STATE_ZERO (| NBD_STATE_HOLE) for a successful zero.
+   * A write, trim or zero (`zero`) of [offset, offset + length) starts: what was known there is
+   * forgotten. Call `done` when it ends; a zero that succeeded passes NBD_STATE_ZERO, with
+   * NBD_STATE_HOLE if the device deallocated.
    */
-  begin(offset: number, length: number): ExtentChange {
-    const p: Pending = { start: offset, end: offset + length, overlaps: [] };
+  begin(offset: number, length: number, zero = false): ExtentChange {
+    const p: Pending = { start: offset, end: offset + length, overlaps: zero ? [] : undefined };
     for (const q of this.pending) {
-      q.overlaps.push([p.start, p.end]);
-      p.overlaps.push([q.start, q.end]);
+      if (q.end <= p.start || q.start >= p.end) continue;
+      q.overlaps?.push([p.start, p.end]);
+      p.overlaps?.push([q.start, q.end]);
     }
     this.pending.add(p);
     this.set(p.start, p.end, 0);
     return {
       done: (flags = 0) => {
-        if (!this.pending.delete(p)) return;
-        if (flags === 0) return;
+        if (!this.pending.delete(p) || flags === 0 || p.overlaps === undefined) return;
         // Only what no other change touched while this one was in flight.
         let pieces: [number, number][] = [[p.start, p.end]];
-        for (const [s, e] of p.overlaps) pieces = pieces.flatMap(([a, b]) => (e <= a || s >= b ? [[a, b]] : [...(s > a ? [[a, s]] : []), ...(e < b ? [[e, b]] : [])]) as [number, number][]);
+        for (const [s, e] of p.overlaps) {
+          pieces = pieces.flatMap(([a, b]): [number, number][] => (e <= a || s >= b ? [[a, b]] : [...(s > a ? [[a, s] as [number, number]] : []), ...(e < b ? [[e, b] as [number, number]] : [])]));
+        }
         for (const [a, b] of pieces) this.set(a, b, flags);
       },
     };

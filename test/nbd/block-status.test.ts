@@ -35,7 +35,7 @@ test('ZeroExtents against a per-block model: zeroes marked, writes and trims for
     let open: { done: (f?: number) => void; range: [number, number]; flags: number } | undefined;
     for (const [o, keepOpen] of ops) {
       const range: [number, number] = [o.start, Math.min(B, o.start + o.len)];
-      const c = z.begin(range[0], range[1] - range[0]);
+      const c = z.begin(range[0], range[1] - range[0], o.kind === 'zero' || o.kind === 'hole');
       set(range[0], range[1], 0);
       const flags = flagsOf(o.kind);
       if (open !== undefined) {
