@@ -38,7 +38,7 @@ export async function startServe(cleanup: Cleanup, images: readonly string[], ex
   const ready = new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`blkif serve not ready in ${limit / 1000} s: ${child.stderr().slice(-1000)}`)), limit);
     const look = () => {
-      const m = /^ready (nbd:\/\/\S+?)\/?$/m.exec(child.stdout());
+      const m = /^ready (nbd:\/\/[^/\s]+)\/\S*$/m.exec(child.stdout());
       if (m !== null) { clearTimeout(timer); resolve(m[1]!); }
     };
     child.proc.stdout!.on('data', look);

@@ -157,7 +157,7 @@ export class Blkfront {
     return this.submit('flush', 0, 0, undefined, false);
   }
 
-  /** Drops a range (reads then return zeroes); `secure` asks for BLKIF_DISCARD_SECURE. */
+  /** Drops a range (blkif.h promises nothing of what it reads afterwards: see zero-range.ts); `secure` asks for BLKIF_DISCARD_SECURE. */
   discard(offset: number, length: number, opts: { secure?: boolean } = {}): Promise<void> {
     return this.submit('discard', offset, length, undefined, opts.secure === true);
   }

@@ -13,7 +13,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { pino, type Logger } from 'pino';
 import { xdgData } from 'xdg-basedir';
 import { BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, DEFAULT_MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER, indirectOfferError } from '../abi/index.js';
-import { NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
+import { DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, NBD_MAX_STRING, NbdTlsConfigError, loadServerTls, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig, type NbdTlsMode } from '../nbd/index.js';
 import { DiskExport, ExportSetupError, exportStorage, prepareImages } from '../product/index.js';
 import type { StorageSpec } from '../storage/index.js';
 import { checkedByDefault } from '../xen/index.js';
@@ -53,6 +53,10 @@ interface ServeOptions {
   dataDir?: string;
   migrateEvery?: number;
   connections: number;
+  exportName?: string[];
+  description?: string[];
+  shared: number;
+  handshakeLimit: number;
 }
 
 const int = (what: string, min: number, max: number) => (v: string): number => {
@@ -87,6 +91,12 @@ export function serveCommand(): Command {
     .option('--queue-threads', 'serve each queue in a driver-domain thread of its own (a vCPU, as Linux runs a kthread per ring); use with --queues')
     .option('-r, --readonly', 'serve the disks read-only (exports are read-only too)')
     .addOption(new Option('--connections <n>', 'connections to a remote NBD export (used when its server allows multi-conn)').default(1).argParser(int('--connections', 1, 8)))
+    .option('-x, --export-name <name>', 'name of an image\'s export, once per image in the order of the images (default vbd0, vbd1, ...); the first image\'s is the default export',
+      (v: string, prev: string[] | undefined) => [...(prev ?? []), exportText(v, '--export-name')])
+    .option('-D, --description <text>', 'description of an image\'s export (nbdinfo shows it), once per image in the order of the images (default: which Xen disk it is)',
+      (v: string, prev: string[] | undefined) => [...(prev ?? []), exportText(v, '--description')])
+    .addOption(new Option('-e, --shared <n>', 'clients served at once (0 = no limit); past it a new client is refused, told why').default(DEFAULT_MAX_CONNECTIONS).argParser(int('--shared', 0, 1_000_000)))
+    .addOption(new Option('--handshake-limit <seconds>', 'drop a client silent this long (no whole option) before choosing an export (0 = never)').default(DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000).argParser(int('--handshake-limit', 0, 86_400)))
     .addOption(new Option('--port <port>', 'TCP port (0 = any free port)').default(DEFAULT_NBD_PORT).argParser(int('--port', 0, 65535)))
     .option('--bind <addr>', 'listen on this address (repeatable; IPv6 too, e.g. ::1 or ::); default 127.0.0.1 only',
       (v: string, prev: string[] | undefined) => [...(prev ?? []), bareHost(v)])
@@ -107,9 +117,15 @@ export function serveCommand(): Command {
     })
     .option('--data-dir <dir>', `where default images live (default ${defaultDataDir()})`)
     .addHelpText('after', `
-Prints "ready nbd://127.0.0.1:PORT/" (or "ready nbd+unix:///?socket=PATH") once clients may connect, e.g.
-  qemu-img info nbd://127.0.0.1:${DEFAULT_NBD_PORT}/
+Prints "ready nbd://127.0.0.1:PORT/NAME" (or "ready nbd+unix:///NAME?socket=PATH"), NAME being the
+default export (the first image's), once clients may connect, e.g.
+  qemu-img info nbd://127.0.0.1:${DEFAULT_NBD_PORT}/vbd0
   nbdcopy disk.raw nbd://127.0.0.1:${DEFAULT_NBD_PORT}/vbd0
+Names and descriptions go with the images in order (as qemu-nbd's -x and -D, once per image):
+  blkif serve a.img b.img -x sys -D 'system disk' -x data     (exports "sys" and "data"; nbdinfo --list)
+Limits are on by default (as qemu-nbd 9.1): at most --shared=${DEFAULT_MAX_CONNECTIONS} clients at once, each dropped if it
+is silent for --handshake-limit=${DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000} seconds before choosing an export; a client past the cap is
+told "server busy" (NBD_REP_ERR_POLICY) and closed, while those being served carry on.
 With --tls=require the URI is nbds:// (with a PSK file: nbds://USER@HOST:PORT/?tls-psk-file=FILE, as
 libnbd takes it), e.g. beyond loopback:
   blkif serve --tls=require --tls-psk=keys.psk --bind ::
@@ -170,6 +186,7 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   } catch (e) {
     asUsage(e);
   }
+  const exportNames = exportNamesFor(storage.length, o);
   // Each image file's share of libuv's threadpool, the pool being what the blkif executable sized
   // it to (threadpool.cts): a stalled image then holds its share, never every thread.
   const handles = imageHandles(storage.filter((s) => s.kind === 'file').length, o.queueThreads === true, o.queues);
@@ -185,6 +202,8 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   if (checkedByDefault()) info('checked hypervisor: Xen protocol violations are recorded and fail the stop (BLKIF_XEN_CHECKED)');
   const exp = await DiskExport.start({
     images: storage,
+    exportNames,
+    limits: { maxConnections: o.shared, handshakeTimeoutMs: o.handshakeLimit * 1000 },
     readOnly: o.readonly === true,
     backendOptions: { maxIndirectSegments: o.maxIndirectSegments, persistent: o.persistent, grantCopy: o.grantCopy === true, queueThreads: o.queueThreads === true },
     frontendOptions: { maxIndirectSegments: o.maxIndirectSegments, ringPageOrder: o.ringPageOrder, queues: o.queues, persistent: o.persistent },
@@ -203,7 +222,7 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
     const a = metrics.address();
     info(`metrics at http://127.0.0.1:${typeof a === 'object' && a !== null ? a.port : o.metrics}/metrics`);
   }
-  const uris = exp.addresses.map((a) => clientUri(a, o));
+  const uris = exp.addresses.map((a) => clientUri(a, exp.exportNames[0]!, o));
   for (const a of exp.addresses) {
     if ('path' in a) continue; // a Unix socket reaches only this machine
     const w = exposureWarning(a.host, o.tls, o.readonly === true);
@@ -215,7 +234,7 @@ async function serve(images: string[], o: ServeOptions): Promise<void> {
   const announce = () => {
     if (o.pidFile !== undefined) writePidFile(resolve(o.pidFile));
     process.stdout.write(`ready ${uris[0]}\n`);
-    jlog?.info({ uri: uris[0], uris, exports: exp.disks.map((_, i) => `vbd${i}`), tls: o.tls }, 'ready');
+    jlog?.info({ uri: uris[0], uris, exports: exp.exportNames, tls: o.tls }, 'ready');
   };
 
   // Migration on a timer or on SIGUSR2: clients keep working; each move is logged with what changed.
@@ -276,6 +295,29 @@ function asUsage(e: unknown): never {
   throw e instanceof ExportSetupError ? new UsageError(e.message) : e;
 }
 
+/** An export name or description as the NBD spec allows strings: at most 4096 bytes, no NUL. */
+function exportText(v: string, flag: string): string {
+  if (v === '' && flag === '--export-name') throw new InvalidArgumentError('an export name cannot be empty (the empty name already means the default export)');
+  if (v.includes('\0') || Buffer.byteLength(v) > NBD_MAX_STRING) throw new InvalidArgumentError(`${flag} takes at most ${NBD_MAX_STRING} bytes of text without NUL`);
+  return v;
+}
+
+/** Each VBD's -x/--export-name and -D/--description: the Nth of each goes with the Nth image. */
+function exportNamesFor(vbds: number, o: ServeOptions): { name?: string; description?: string }[] {
+  const names = o.exportName ?? [];
+  const descriptions = o.description ?? [];
+  for (const [flag, given] of [['--export-name', names], ['--description', descriptions]] as const) {
+    if (given.length > vbds) throw new UsageError(`${given.length} ${flag} for ${vbds} image(s): give at most one per image, in the order of the images`);
+  }
+  const all = Array.from({ length: vbds }, (_, i) => names[i] ?? `vbd${i}`);
+  const twice = all.find((n, i) => all.indexOf(n) !== i);
+  if (twice !== undefined) throw new UsageError(`two exports named ${JSON.stringify(twice)}: export names must differ`);
+  return Array.from({ length: vbds }, (_, i) => ({
+    ...(names[i] !== undefined ? { name: names[i] } : {}),
+    ...(descriptions[i] !== undefined ? { description: descriptions[i] } : {}),
+  }));
+}
+
 /** The TLS configuration from --tls, --tls-psk, --tls-certificates, --tls-verify-peer; undefined when off. */
 function serverTls(o: ServeOptions): NbdServerTlsConfig | undefined {
   const creds = o.tlsPsk !== undefined || o.tlsCertificates !== undefined;
@@ -316,11 +358,11 @@ function listenAddresses(o: ServeOptions, inherited: number[] | undefined): NbdL
   return binds.map((host) => ({ host, port: o.port, ...(both && host === '::' ? { ipv6Only: true } : {}) }));
 }
 
-/** The URI clients use for `a`: nbds:// when TLS is required, with the PSK file's first user and path. */
-function clientUri(a: NbdAddress, o: ServeOptions): string {
-  if (o.tls !== 'require') return nbdUri(a);
-  if (o.tlsPsk === undefined) return nbdUri(a, '', {});
+/** The URI clients use for export `name` at `a`: nbds:// when TLS is required, with the PSK file's first user and path. */
+function clientUri(a: NbdAddress, name: string, o: ServeOptions): string {
+  if (o.tls !== 'require') return nbdUri(a, name);
+  if (o.tlsPsk === undefined) return nbdUri(a, name, {});
   const file = resolve(o.tlsPsk);
   const user = readFileSync(file, 'utf8').split('\n').find((l) => l.includes(':'))?.split(':')[0];
-  return nbdUri(a, '', { ...(user !== undefined ? { user } : {}), query: `tls-psk-file=${encodeURIComponent(file).replace(/%2F/g, '/')}` });
+  return nbdUri(a, name, { ...(user !== undefined ? { user } : {}), query: `tls-psk-file=${encodeURIComponent(file).replace(/%2F/g, '/')}` });
 }

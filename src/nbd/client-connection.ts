@@ -16,6 +16,9 @@ import type { NbdTarget } from './uri.js';
 
 /** A request is sent at most this many times (the first time and re-sends after lost connections). */
 const MAX_SENDS = 3;
+/** How long a server has to close after our NBD_CMD_DISC. */
+const DISC_GRACE_MS = 2000;
+const SHUTDOWN = 'the server is shutting down (NBD_ESHUTDOWN)';
 
 /** One NBD request, at most the server's maximum long. */
 export interface Op {
@@ -88,7 +91,8 @@ function scatter(segments: readonly Uint8Array[], at: number, data: Uint8Array |
 
 /** One NBD connection, reconnected whenever it is lost. */
 export class Connection {
-  state: 'ready' | 'down' | 'dead' = 'down';
+  /** draining: NBD_ESHUTDOWN was heard; nothing new is sent, what is in flight is answered, then NBD_CMD_DISC. */
+  state: 'ready' | 'draining' | 'down' | 'dead' = 'down';
   readonly inflight = new Map<bigint, Op>();
   /** Requests that must go on this connection, waiting for room or for the connection. */
   readonly bound: Op[] = [];
@@ -178,7 +182,7 @@ export class Connection {
   private simpleReply(m: SimpleReplyMessage): void {
     const op = this.inflight.get(m.handle);
     if (op === undefined) throw new NbdProtocolError(`reply for unknown handle ${m.handle}`);
-    if (m.error === NBD_ESHUTDOWN) return this.shuttingDown();
+    if (m.error === NBD_ESHUTDOWN) return this.shuttingDown(op);
     if (m.error === 0 && op.command === NBD_CMD_READ && m.data !== undefined) scatter(op.segments, 0, m.data);
     this.complete(op, m.error === 0 ? undefined : this.serverError(op, m.error, ''));
   }
@@ -191,7 +195,7 @@ export class Connection {
     if (isReplyTypeError(type)) {
       const err = decodeErrorChunk(type, payload);
       if (err === undefined) throw new NbdProtocolError(`malformed error chunk for ${commandName(op.command)}`);
-      if (err.error === NBD_ESHUTDOWN) return this.shuttingDown();
+      if (err.error === NBD_ESHUTDOWN) return this.shuttingDown(op);
       op.error ??= this.serverError(op, err.error, err.message);
     } else if (type === NBD_REPLY_TYPE_OFFSET_DATA || type === NBD_REPLY_TYPE_OFFSET_HOLE) {
       if (op.command !== NBD_CMD_READ) throw new NbdProtocolError(`data chunk in reply to ${commandName(op.command)}`);
@@ -219,15 +223,44 @@ export class Connection {
     return new NbdClientError(clientErrorCode(errno), text);
   }
 
-  /** NBD_ESHUTDOWN: the server is going away; what is in flight goes again on the next connection. */
-  private shuttingDown(): void {
-    this.drop('the server is shutting down (NBD_ESHUTDOWN)');
+  /**
+   * NBD_ESHUTDOWN: the server is going away, and "the client MUST initiate a soft disconnect"
+   * (proto.md, Terminating the transmission phase): this request goes again on the next
+   * connection, nothing new is sent here, the rest in flight are answered, then NBD_CMD_DISC and
+   * close; the connection is made again as after any loss.
+   */
+  private shuttingDown(op: Op): void {
+    this.inflight.delete(op.handle);
+    if (this.state === 'ready') {
+      this.state = 'draining';
+      this.owner.log(`${this.owner.where}: connection ${this.id}: the server is shutting down (NBD_ESHUTDOWN): disconnecting once ${this.inflight.size} request(s) in flight are answered`);
+    }
+    if (op.sends >= MAX_SENDS) op.settle(this.lost(op, SHUTDOWN));
+    else {
+      this.owner.requeue(op);
+      this.owner.requeueDone();
+    }
+    this.disconnectIfDrained();
+  }
+
+  private disconnectIfDrained(): void {
+    if (this.state !== 'draining' || this.inflight.size > 0) return;
+    const socket = this.session!.socket;
+    if (socket.writableEnded) return;
+    socket.end(encodeRequest({ flags: 0, command: NBD_CMD_DISC, handle: this.owner.nextHandle(), offset: 0n, length: 0 }));
+    // The server closes after NBD_CMD_DISC; one that does not is cut (the socket's close then drops the session).
+    setTimeout(() => socket.destroy(), DISC_GRACE_MS).unref();
+  }
+
+  private lost(op: Op, reason: string): NbdClientError {
+    return new NbdClientError('EIO', `NBD server ${this.owner.where}: ${commandName(op.command)} of ${op.length} bytes at ${op.offset} lost its connection ${op.sends} times (last: ${reason})`);
   }
 
   private complete(op: Op, err: NbdClientError | undefined): void {
     this.inflight.delete(op.handle);
     if (err !== undefined) this.owner.counters.errors++;
     op.settle(err);
+    this.disconnectIfDrained();
   }
 
   private armTimer(): void {
@@ -235,7 +268,7 @@ export class Connection {
     if (limit <= 0 || this.timer !== undefined) return;
     const check = () => {
       this.timer = undefined;
-      if (this.state !== 'ready') return;
+      if (this.state !== 'ready' && this.state !== 'draining') return;
       const oldest = this.inflight.values().next();
       if (oldest.done === true) return;
       const waited = Date.now() - oldest.value.sentAt;
@@ -253,7 +286,8 @@ export class Connection {
 
   /** Cuts the connection; its requests go back in line; reconnects. */
   drop(reason: string, reset = false): void {
-    if (this.state !== 'ready') return;
+    if (this.state !== 'ready' && this.state !== 'draining') return;
+    if (this.state === 'draining') reason = SHUTDOWN;
     const session = this.session!;
     this.session = undefined;
     this.state = 'down';
@@ -269,7 +303,7 @@ export class Connection {
     const again: Op[] = [];
     for (const op of ops) {
       if (op.sends >= MAX_SENDS) {
-        op.settle(new NbdClientError('EIO', `NBD server ${this.owner.where}: ${commandName(op.command)} of ${op.length} bytes at ${op.offset} lost its connection ${op.sends} times (last: ${reason})`));
+        op.settle(this.lost(op, reason));
       } else if (op.bound === this) {
         again.push(op);
       } else {

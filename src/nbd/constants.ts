@@ -137,6 +137,16 @@ export function isReplyTypeError(type: number): boolean {
   return (type & NBD_REPLY_TYPE_ERROR_BIT) !== 0;
 }
 
+// --- Metadata contexts ---------------------------------------------------------------------------
+
+/** The one context the spec defines: allocation and zeroes. */
+export const NBD_META_BASE_ALLOCATION = 'base:allocation';
+/** base:allocation flags of an extent. */
+export const NBD_STATE_HOLE = 1 << 0;
+export const NBD_STATE_ZERO = 1 << 1;
+/** Most extents one block status reply carries (a client asks again for the rest). */
+export const MAX_EXTENTS_PER_REPLY = 1024;
+
 // --- Error values (the reply's error field) ----------------------------------------------------
 
 export const NBD_SUCCESS = 0;
@@ -179,6 +189,15 @@ export const DEFAULT_MAX_OPTION_LENGTH = 64 * 1024;
 export const DEFAULT_MAX_OPTIONS = 128;
 /** What each export adds to that cap: a client listing the exports asks about each of them. */
 export const OPTIONS_PER_EXPORT = 4;
+/** Default cap on connections served at once (qemu 9.1's NBD server caps at 100 since CVE-2024-7409). */
+export const DEFAULT_MAX_CONNECTIONS = 100;
+/**
+ * Connections past the cap being told why (NBD_REP_ERR_POLICY to their options) at once; a newer
+ * one closes the oldest.
+ */
+export const REFUSED_CONNECTIONS = 16;
+/** Default time a client has to choose an export (qemu-nbd 9.1's --handshake-limit: 10 s). */
+export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Default cap on one request's payload (NBD_CMD_WRITE) and on NBD_CMD_READ lengths: 32 MiB. */
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
 

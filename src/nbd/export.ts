@@ -32,8 +32,18 @@ export interface NbdExportDevice {
   flush(): Promise<void>;
   /** Drops a range (a hint: afterwards its contents are unspecified until written). */
   trim(offset: number, length: number): Promise<void>;
-  /** Makes a range read as zeroes. */
-  writeZeroes(offset: number, length: number): Promise<void>;
+  /**
+   * Makes a range read as zeroes. `mayTrim` (the client did not set NBD_CMD_FLAG_NO_HOLE): it may
+   * deallocate the range instead of writing, provided it then reads as zeroes. Resolves true when
+   * the range was deallocated and is known to read as zeroes (a hole the server may report).
+   */
+  writeZeroes(offset: number, length: number, mayTrim?: boolean): Promise<boolean | void>;
+  /**
+   * Optional: whether a zero request (`mayTrim` as for writeZeroes) would take less time than
+   * writing the zeroes, known before trying (NBD_CMD_FLAG_FAST_ZERO). Absent means never: such a
+   * request is answered NBD_ENOTSUP at once.
+   */
+  fastZero?(mayTrim: boolean): boolean;
 }
 
 /** One named export of an NbdServer. */
@@ -43,6 +53,12 @@ export interface NbdExport {
   /** Free text for NBD_INFO_DESCRIPTION and NBD_OPT_LIST. */
   readonly description?: string;
   readonly device: NbdExportDevice;
+  /**
+   * Only this server writes the device (nothing else changes it behind the server's back): the
+   * ranges the server zeroes then stay zero until it writes them, and it offers them as the
+   * `base:allocation` metadata context (zero-extents.ts). Default false: no context offered.
+   */
+  readonly ownsWrites?: boolean;
 }
 
 /** A device failure with the NBD error value to report (else the server reports NBD_EIO). */
@@ -56,10 +72,14 @@ export class NbdDeviceError extends Error {
   }
 }
 
-/** errno names (Node's `code`, or a StorageError's) and the NBD error value each maps to. */
-const CODE_TO_ERRNO: Readonly<Record<string, number>> = {
+/**
+ * errno names (Node's `code`, or a StorageError's or BlkfrontError's) and the NBD error value each
+ * maps to (proto.md, Error values: EDQUOT and EFBIG are NBD_ENOSPC; NBD_EOVERFLOW and NBD_ENOTSUP
+ * are kept for the requests they answer, so a host's EOVERFLOW or EOPNOTSUPP is NBD_EINVAL).
+ */
+export const CODE_TO_ERRNO: Readonly<Record<string, number>> = {
   EPERM: NBD_EPERM, EACCES: NBD_EPERM, EROFS: NBD_EPERM,
-  EINVAL: NBD_EINVAL,
+  EINVAL: NBD_EINVAL, EOVERFLOW: NBD_EINVAL, EOPNOTSUPP: NBD_EINVAL, ENOTSUP: NBD_EINVAL, ENOSYS: NBD_EINVAL,
   ENOSPC: NBD_ENOSPC, EDQUOT: NBD_ENOSPC, EFBIG: NBD_ENOSPC,
   ENOMEM: NBD_ENOMEM,
   EIO: NBD_EIO,

@@ -9,3 +9,4 @@ export * from './uri.js';
 export * from './tls.js';
 export * from './client.js';
 export { NbdClientError, clientErrorCode, type NbdClientErrorCode } from './client-error.js';
+export * from './zero-extents.js';

@@ -6,7 +6,7 @@ import {
   IHAVEOPT, NBDMAGIC, NBD_EXPORT_NAME_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT,
   NBD_INFO_NAME, NBD_MAX_STRING, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_ERROR_OFFSET,
   NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_REP_MAGIC, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
-  NBD_STRUCTURED_REPLY_MAGIC,
+  NBD_REPLY_TYPE_BLOCK_STATUS, NBD_STRUCTURED_REPLY_HEADER_SIZE, NBD_STRUCTURED_REPLY_MAGIC,
 } from './constants.js';
 import type { ErrorChunk, InfoReply, InfoRequest, OffsetDataChunk, OffsetHoleChunk, RequestMessage, ServerEntry } from './messages.js';
 
@@ -261,4 +261,73 @@ export function encodeRequest(req: Omit<RequestMessage, 'kind'>): Uint8Array {
     .u32(NBD_REQUEST_MAGIC).u16(req.flags).u16(req.command).u64(req.handle).u64(req.offset).u32(req.length)
     .raw(data)
     .done();
+}
+
+// --- Metadata contexts (NBD_OPT_LIST/SET_META_CONTEXT, NBD_CMD_BLOCK_STATUS) --------------------
+
+/** The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: an export name and queries. */
+export interface MetaContextRequest {
+  name: string;
+  queries: string[];
+}
+
+export function encodeMetaContextRequest(req: MetaContextRequest): Uint8Array {
+  const name = utf8(req.name, NBD_MAX_STRING);
+  const queries = req.queries.map((q) => utf8(q, NBD_MAX_STRING));
+  const w = new Writer(8 + name.length + queries.reduce((n, q) => n + 4 + q.length, 0)).u32(name.length).raw(name).u32(queries.length);
+  for (const q of queries) w.u32(q.length).raw(q);
+  return w.done();
+}
+
+/** Decodes that data; undefined when the lengths do not add up or a string is not UTF-8. */
+export function decodeMetaContextRequest(data: Uint8Array): MetaContextRequest | undefined {
+  const v = view(data);
+  const str = (at: number): [string, number] | undefined => {
+    if (at + 4 > data.length) return undefined;
+    const n = v.getUint32(at);
+    if (n > NBD_MAX_STRING || at + 4 + n > data.length) return undefined;
+    const s = decodeUtf8(data.subarray(at + 4, at + 4 + n));
+    return s === undefined ? undefined : [s, at + 4 + n];
+  };
+  const name = str(0);
+  if (name === undefined || name[1] + 4 > data.length) return undefined;
+  const count = v.getUint32(name[1]);
+  let at = name[1] + 4;
+  const queries: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const q = str(at);
+    if (q === undefined) return undefined;
+    queries.push(q[0]);
+    at = q[1];
+  }
+  return at === data.length ? { name: name[0], queries } : undefined;
+}
+
+/** NBD_REP_META_CONTEXT's data: the context's ID and name. */
+export function encodeMetaContext(id: number, name: string): Uint8Array {
+  const n = utf8(name, NBD_MAX_STRING);
+  return new Writer(4 + n.length).u32(id).raw(n).done();
+}
+
+export function decodeMetaContext(data: Uint8Array): { id: number; name: string } | undefined {
+  if (data.length < 4) return undefined;
+  const name = decodeUtf8(data.subarray(4));
+  return name === undefined ? undefined : { id: view(data).getUint32(0), name };
+}
+
+/** A final NBD_REPLY_TYPE_BLOCK_STATUS chunk: the context ID, then (length, flags) per extent. */
+export function encodeBlockStatus(handle: bigint, contextId: number, extents: readonly { length: number; flags: number }[]): Uint8Array {
+  const length = 4 + 8 * extents.length;
+  const w = new Writer(NBD_STRUCTURED_REPLY_HEADER_SIZE + length).raw(encodeStructuredHeader(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, handle, length))
+    .u32(contextId);
+  for (const e of extents) w.u32(e.length).u32(e.flags);
+  return w.done();
+}
+
+export function decodeBlockStatus(payload: Uint8Array): { contextId: number; extents: { length: number; flags: number }[] } | undefined {
+  if (payload.length < 4 || (payload.length - 4) % 8 !== 0) return undefined;
+  const v = view(payload);
+  const extents: { length: number; flags: number }[] = [];
+  for (let at = 4; at < payload.length; at += 8) extents.push({ length: v.getUint32(at), flags: v.getUint32(at + 4) });
+  return { contextId: v.getUint32(0), extents };
 }

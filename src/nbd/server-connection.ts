@@ -8,14 +8,17 @@ import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import {
   NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ,
-  NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, NBD_ESHUTDOWN,
+  NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ENOTSUP,
+  NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN,
   NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_DF, NBD_FLAG_SEND_FLUSH,
-  NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE,
+  NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
   NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REP_ACK,
   NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_SERVER, commandName, errnoName, optionName, replyName,
+  MAX_EXTENTS_PER_REPLY, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, NBD_META_BASE_ALLOCATION, NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT, NBD_REP_META_CONTEXT, NBD_STATE_ZERO,
 } from './constants.js';
 import { deviceErrno, type NbdExportDevice } from './export.js';
 import { NbdProtocolError, type InfoReply, type OptionMessage, type RequestMessage } from './messages.js';
@@ -23,8 +26,9 @@ import { ClientParser } from './parser.js';
 import {
   decodeInfoRequest, decodeUtf8, encodeExportNameReply, encodeGreeting, encodeInfo, encodeOffsetDataHeader,
   encodeOptionError, encodeOptionReply, encodeServerEntry, encodeSimpleReply, encodeStructuredError,
-  encodeStructuredNone,
+  encodeStructuredNone, decodeMetaContextRequest, encodeBlockStatus, encodeMetaContext,
 } from './serializer.js';
+import { HOLE_AND_ZERO, type ExtentChange } from './zero-extents.js';
 
 import type { ConnectionHost, NbdConnectionInfo, NbdLogLevel, ResolvedExport } from './server-types.js';
 
@@ -35,7 +39,8 @@ function transmissionFlags(device: NbdExportDevice, structured: boolean): number
   let f = NBD_FLAG_HAS_FLAGS;
   if (device.readOnly) f |= NBD_FLAG_READ_ONLY;
   else {
-    f |= NBD_FLAG_SEND_WRITE_ZEROES;
+    // FAST_ZERO is offered whatever the device can do: a fast NBD_ENOTSUP is a fast answer too.
+    f |= NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
     if (device.canTrim) f |= NBD_FLAG_SEND_TRIM;
   }
   if (device.canFlush) f |= NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
@@ -56,6 +61,10 @@ export class Connection {
   private exp: ResolvedExport | undefined;
   private noZeroes = false;
   private structured = false;
+  /** base:allocation as the last NBD_OPT_SET_META_CONTEXT selected it: for which export name, with which ID. */
+  private metaContext: { exportName: string; id: number } | undefined;
+  /** Its ID in transmission, if it was selected for the export chosen. */
+  private blockStatusId: number | undefined;
   /** The client asked for NBD_INFO_BLOCK_SIZE in NBD_OPT_GO, so it promised to honour it. */
   private blockSizeAgreed = false;
   private inFlight = 0;
@@ -82,6 +91,8 @@ export class Connection {
     private readonly server: ConnectionHost,
     socket: Socket,
     readonly id: number,
+    /** Past the server's connection cap: why, told to every option, and nothing served. */
+    private readonly refusal?: string,
   ) {
     this.socket = socket;
     this.parser = new ClientParser({ maxOptionLength: server.options.maxOptionLength, maxPayload: server.options.maxPayload });
@@ -145,7 +156,7 @@ export class Connection {
     if (t > 0) {
       this.handshakeTimer = setTimeout(() => {
         if (this.phase !== 'handshake') return;
-        this.log('warn', `no export chosen after ${t} ms`);
+        this.log('warn', `no export chosen, nothing heard for ${t} ms`);
         this.destroy();
       }, t);
       this.handshakeTimer.unref();
@@ -325,6 +336,10 @@ export class Connection {
   }
 
   private onOption({ option, data }: OptionMessage): void {
+    // The handshake limit counts from the last whole option: a peer that stalls is dropped, one
+    // that keeps negotiating (nbdinfo --list asks about each export, waiting on TCP's delayed
+    // ACKs) is bounded by maxOptions instead.
+    this.handshakeTimer?.refresh();
     if (++this.optionCount > this.server.options.maxOptions) {
       // Said once, then the session ends (what is queued is still sent, within end()'s grace).
       const why = `more than ${this.server.options.maxOptions} options without choosing an export`;
@@ -337,6 +352,11 @@ export class Connection {
     if (this.server.isClosing && option !== NBD_OPT_ABORT) {
       if (option === NBD_OPT_EXPORT_NAME) this.destroy();
       else this.replyError(option, NBD_REP_ERR_SHUTDOWN, 'server shutting down');
+      return;
+    }
+    if (this.refusal !== undefined && option !== NBD_OPT_ABORT) {
+      if (option === NBD_OPT_EXPORT_NAME) this.destroy();
+      else this.replyError(option, NBD_REP_ERR_POLICY, this.refusal);
       return;
     }
     if (this.server.tls.mode === 'require' && !this.tlsStarted && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {
@@ -357,7 +377,7 @@ export class Connection {
           return;
         }
         this.send(encodeExportNameReply(BigInt(exp.device.size), transmissionFlags(exp.device, this.structured), this.noZeroes));
-        this.enterTransmission(exp, false);
+        this.enterTransmission(exp, false, name!);
         return;
       }
       case NBD_OPT_ABORT:
@@ -410,12 +430,52 @@ export class Connection {
         }
         for (const i of infos) this.reply(option, NBD_REP_INFO, encodeInfo(i));
         this.reply(option, NBD_REP_ACK);
-        if (option === NBD_OPT_GO) this.enterTransmission(exp, wants.has(NBD_INFO_BLOCK_SIZE));
+        if (option === NBD_OPT_GO) this.enterTransmission(exp, wants.has(NBD_INFO_BLOCK_SIZE), req.name);
         return;
       }
+      case NBD_OPT_LIST_META_CONTEXT:
+      case NBD_OPT_SET_META_CONTEXT:
+        this.metaContextOption(option, data);
+        return;
       default:
         this.replyError(option, NBD_REP_ERR_UNSUP, `${optionName(option)} is not supported by this server`);
     }
+  }
+
+  /**
+   * NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT. The one context is base:allocation,
+   * offered for exports the server alone writes. LIST with no query, or the query "base:", lists
+   * it; SET selects it by its full name (and needs structured replies, which carry block status);
+   * a SET replaces the selection even when it fails; unknown namespaces are ignored.
+   */
+  private metaContextOption(option: number, data: Uint8Array): void {
+    const set = option === NBD_OPT_SET_META_CONTEXT;
+    if (set) this.metaContext = undefined;
+    const req = decodeMetaContextRequest(data);
+    if (req === undefined) {
+      this.replyError(option, NBD_REP_ERR_INVALID, `malformed ${optionName(option)} data`);
+      return;
+    }
+    if (set && !this.structured) {
+      this.replyError(option, NBD_REP_ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies (NBD_OPT_STRUCTURED_REPLY) first');
+      return;
+    }
+    const exp = this.server.resolveExport(req.name);
+    if (!exp) {
+      this.replyError(option, NBD_REP_ERR_UNKNOWN, req.name === '' ? 'no default export' : `no export named ${JSON.stringify(req.name)}`);
+      return;
+    }
+    const offered = exp.zeroes !== undefined;
+    const matches = set
+      ? req.queries.includes(NBD_META_BASE_ALLOCATION)
+      : req.queries.length === 0 || req.queries.some((q) => q === 'base:' || q === NBD_META_BASE_ALLOCATION);
+    if (offered && matches) {
+      // The spec reserves ID 0 in LIST replies; a SET's ID is ours to choose.
+      const id = set ? 1 : 0;
+      if (set) this.metaContext = { exportName: req.name, id };
+      this.reply(option, NBD_REP_META_CONTEXT, encodeMetaContext(id, NBD_META_BASE_ALLOCATION));
+    }
+    this.reply(option, NBD_REP_ACK);
   }
 
   /**
@@ -448,6 +508,7 @@ export class Connection {
     // What was agreed in the clear could have been a man in the middle's doing: the TLS session
     // starts from nothing (nbdkit's fix for CVE-2021-3716 does the same).
     this.structured = false;
+    this.metaContext = undefined;
     const plain = this.socket;
     plain.off('data', this.onData);
     plain.off('end', this.onEnd);
@@ -489,8 +550,10 @@ export class Connection {
     secure.on('close', () => clearTimeout(timer));
   }
 
-  private enterTransmission(exp: ResolvedExport, blockSizeAgreed: boolean): void {
+  private enterTransmission(exp: ResolvedExport, blockSizeAgreed: boolean, requestedName: string): void {
     this.exp = exp;
+    // Block status only for the export name the last NBD_OPT_SET_META_CONTEXT named (proto.md).
+    this.blockStatusId = this.metaContext?.exportName === requestedName ? this.metaContext.id : undefined;
     this.blockSizeAgreed = blockSizeAgreed;
     this.phase = 'transmission';
     this.parser.enterTransmission();
@@ -522,16 +585,20 @@ export class Connection {
     const name = commandName(command);
     if (this.shuttingDown) return { errno: NBD_ESHUTDOWN, message: 'server shutting down' };
     const known = command === NBD_CMD_READ || command === NBD_CMD_WRITE || command === NBD_CMD_FLUSH ||
-      command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
+      command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES || command === NBD_CMD_BLOCK_STATUS;
     if (!known) return { errno: NBD_EINVAL, message: `${name} is not supported` };
-    let allowed = NBD_CMD_FLAG_FUA;
-    if (command === NBD_CMD_WRITE_ZEROES) allowed |= NBD_CMD_FLAG_NO_HOLE;
+    let allowed = command === NBD_CMD_BLOCK_STATUS ? NBD_CMD_FLAG_REQ_ONE : NBD_CMD_FLAG_FUA;
+    if (command === NBD_CMD_WRITE_ZEROES) allowed |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
     if (command === NBD_CMD_READ && this.structured) allowed |= NBD_CMD_FLAG_DF;
     if ((flags & ~allowed) !== 0) return { errno: NBD_EINVAL, message: `flags 0x${flags.toString(16)} are not valid for ${name}` };
     const writes = command === NBD_CMD_WRITE || command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
     if (writes && dev.readOnly) return { errno: NBD_EPERM, message: 'the export is read-only' };
     if (command === NBD_CMD_FLUSH) {
       return dev.canFlush ? undefined : { errno: NBD_EINVAL, message: 'the export does not support flush' };
+    }
+    if (command === NBD_CMD_BLOCK_STATUS) {
+      if (this.blockStatusId === undefined) return { errno: NBD_EINVAL, message: 'no metadata context was selected for this export (NBD_OPT_SET_META_CONTEXT)' };
+      if (length === 0) return { errno: NBD_EINVAL, message: 'NBD_CMD_BLOCK_STATUS of 0 bytes' };
     }
     if (command === NBD_CMD_TRIM && !dev.canTrim) return { errno: NBD_EINVAL, message: 'the export does not support trim' };
     if (command === NBD_CMD_READ && length > this.server.options.maxPayload) {
@@ -540,6 +607,10 @@ export class Connection {
     if (offset + BigInt(length) > BigInt(dev.size)) {
       const errno = command === NBD_CMD_WRITE || command === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
       return { errno, message: `${name} of ${length} bytes at ${offset} is beyond the end of the export (${dev.size} bytes)` };
+    }
+    if (command === NBD_CMD_WRITE_ZEROES && (flags & NBD_CMD_FLAG_FAST_ZERO) !== 0 && dev.fastZero?.((flags & NBD_CMD_FLAG_NO_HOLE) === 0) !== true) {
+      // proto.md: fail quickly, changing nothing, unless it takes less time than the write would.
+      return { errno: NBD_ENOTSUP, message: 'zeroing this range would be no faster than writing it' };
     }
     const bs = dev.blockSize;
     if (this.blockSizeAgreed && bs > 1 && (offset % BigInt(bs) !== 0n || length % bs !== 0)) {
@@ -561,10 +632,14 @@ export class Connection {
       return;
     }
     const bytes = req.command === NBD_CMD_READ || req.command === NBD_CMD_WRITE ? req.length : 0;
+    // What the export knows of zeroes is forgotten over a range the moment a change of it starts.
+    const changes = req.command === NBD_CMD_WRITE || req.command === NBD_CMD_TRIM || req.command === NBD_CMD_WRITE_ZEROES;
+    const change = changes && req.length > 0 ? this.exp!.zeroes?.begin(Number(req.offset), req.length, req.command === NBD_CMD_WRITE_ZEROES) : undefined;
     this.inFlight++;
     this.inFlightBytes += bytes;
     this.server.stat.inFlight++;
-    void this.execute(req, this.exp!.device).finally(() => {
+    void this.execute(req, this.exp!, change).finally(() => {
+      change?.done();
       this.inFlight--;
       this.inFlightBytes -= bytes;
       this.server.stat.inFlight--;
@@ -575,7 +650,8 @@ export class Connection {
   }
 
   /** Runs one checked request on the device and answers it. Never rejects. */
-  private async execute(req: RequestMessage, dev: NbdExportDevice): Promise<void> {
+  private async execute(req: RequestMessage, exp: ResolvedExport, change: ExtentChange | undefined): Promise<void> {
+    const dev = exp.device;
     const offset = Number(req.offset);
     const length = req.length;
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0 && dev.canFlush;
@@ -615,16 +691,26 @@ export class Connection {
           }
           break;
         case NBD_CMD_WRITE_ZEROES:
-          // NBD_CMD_FLAG_NO_HOLE only says how: either way the range must read as zeroes.
+          // Without NBD_CMD_FLAG_NO_HOLE the device may deallocate; either way the range must read as zeroes.
           if (length > 0) {
-            await dev.writeZeroes(offset, length);
+            const hole = await dev.writeZeroes(offset, length, (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0);
             if (fua) await dev.flush();
+            change?.done(hole === true ? HOLE_AND_ZERO : NBD_STATE_ZERO);
           }
           break;
+        case NBD_CMD_BLOCK_STATUS: {
+          // Structured replies are on: NBD_OPT_SET_META_CONTEXT required them.
+          const max = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0 ? 1 : MAX_EXTENTS_PER_REPLY;
+          this.send(encodeBlockStatus(req.handle, this.blockStatusId!, exp.zeroes!.query(offset, length, max)));
+          return;
+        }
       }
       this.send(encodeSimpleReply(0, req.handle));
     } catch (e) {
-      const errno = deviceErrno(e);
+      let errno = deviceErrno(e);
+      // proto.md: NBD_ENOTSUP only answers a fast zero, NBD_EOVERFLOW only DF or an oversize length.
+      const fastZero = req.command === NBD_CMD_WRITE_ZEROES && (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
+      if ((errno === NBD_ENOTSUP && !fastZero) || errno === NBD_EOVERFLOW) errno = NBD_EINVAL;
       const message = e instanceof Error ? e.message : String(e);
       this.log('warn', `${commandName(req.command)} of ${length} bytes at ${offset} failed (${errnoName(errno)}): ${message}`);
       this.answerError(req, errno, message);

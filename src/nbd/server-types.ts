@@ -5,6 +5,7 @@
  */
 import type { NbdExportDevice } from './export.js';
 import type { serverTlsOptions } from './tls.js';
+import type { ZeroExtents } from './zero-extents.js';
 
 export type NbdLogLevel = 'debug' | 'info' | 'warn' | 'error';
 
@@ -49,6 +50,8 @@ export interface ResolvedExport {
   name: string;
   description: string;
   device: NbdExportDevice;
+  /** What the server zeroed itself, when it is the device's only writer (base:allocation). */
+  zeroes: ZeroExtents | undefined;
 }
 
 /** What a connection needs of its server. */

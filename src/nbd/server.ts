@@ -1,7 +1,9 @@
 /**
  * An NBD server: fixed newstyle negotiation (NBD_OPT_GO / INFO / EXPORT_NAME / LIST / ABORT /
- * STRUCTURED_REPLY), then pipelined transmission (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC)
- * against the named exports' devices. No metadata contexts, no extended headers.
+ * STRUCTURED_REPLY / LIST_META_CONTEXT / SET_META_CONTEXT), then pipelined transmission (READ,
+ * WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, DISC) against the named exports' devices.
+ * `base:allocation` only for exports the server alone writes, reporting what it zeroed itself
+ * (zero-extents.ts). No extended headers.
  *
  * TLS (`tls` option, see tls.ts): NBD_OPT_STARTTLS is acknowledged, then the same connection
  * becomes a TLS session and negotiation goes on inside it. In `require` mode every other option
@@ -19,10 +21,14 @@
  */
 import { createServer, type Server, type Socket } from 'node:net';
 import { lstatSync, rmSync } from 'node:fs';
-import { DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_OPTIONS, DEFAULT_MAX_PAYLOAD, OPTIONS_PER_EXPORT } from './constants.js';
+import {
+  DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OPTION_LENGTH, DEFAULT_MAX_OPTIONS, DEFAULT_MAX_PAYLOAD,
+  OPTIONS_PER_EXPORT, REFUSED_CONNECTIONS,
+} from './constants.js';
 import { validateDevice, type NbdExport } from './export.js';
 import { serverTlsOptions, type NbdServerTlsConfig } from './tls.js';
 import { Connection } from './server-connection.js';
+import { ZeroExtents } from './zero-extents.js';
 import type { ConnectionHost, NbdConnectionInfo, NbdLogLevel, NbdServerStats, ResolvedExport } from './server-types.js';
 
 export type { NbdConnectionInfo, NbdLogLevel, NbdServerStats } from './server-types.js';
@@ -53,9 +59,18 @@ export interface NbdServerOptions {
   maxInFlight?: number;
   /** Read and write bytes one connection may have in progress, and unsent reply bytes, before the server stops reading it (default 64 MiB). */
   maxInFlightBytes?: number;
-  /** Connections accepted at once; more are refused (default: no limit). */
+  /**
+   * Connections served at once, negotiating or transmitting (default 100, as qemu 9.1; 0: no
+   * limit). Past it a new connection gets the greeting and NBD_REP_ERR_POLICY, saying why, to
+   * each option until it leaves or its handshake time runs out (at most 16 such at once, the
+   * oldest closed for a newer one), so a flood cannot take what served clients hold.
+   */
   maxConnections?: number;
-  /** Drop a client that has not finished negotiating after this many ms (default 0: never). */
+  /**
+   * Drop a client that has not chosen an export and has sent no whole option for this many ms
+   * (default 10 s, as qemu-nbd 9.1's --handshake-limit; 0: never): a stalled or idle peer holds
+   * nothing for long, and one that keeps negotiating is bounded by `maxOptions`.
+   */
   handshakeTimeoutMs?: number;
   /** How long `close()` waits for in-flight requests and clients before cutting connections (default 10 s). */
   closeTimeoutMs?: number;
@@ -66,6 +81,9 @@ export interface NbdServerOptions {
   /** Drop a client whose TLS handshake has not finished after this many ms (default 30 s). */
   tlsHandshakeTimeoutMs?: number;
 }
+
+/** What a server lets one peer hold: connections at once, and time to choose an export. */
+export type NbdServerLimits = Pick<NbdServerOptions, 'maxConnections' | 'handshakeTimeoutMs'>;
 
 /** A TCP address, a Unix socket path, or a listening socket already open (systemd's LISTEN_FDS). */
 export type NbdListenOptions = { host?: string; port: number; ipv6Only?: boolean } | { path: string } | { fd: number };
@@ -96,14 +114,14 @@ export class NbdServer implements ConnectionHost {
   private defaultName: string | undefined;
   private readonly listeners: Listener[] = [];
   private readonly conns = new Set<Connection>();
+  /** Connections past maxConnections, being told so (not in `conns`). */
+  private readonly refused = new Set<Connection>();
   private nextId = 1;
   private closing = false;
   private closed: Promise<void> | undefined;
   private idleWaiters: (() => void)[] = [];
   private readonly maxOptionsGiven: boolean;
-  readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'maxConnections' | 'tls'>> & {
-    maxConnections: number | undefined;
-  };
+  readonly options: Required<Omit<NbdServerOptions, 'exports' | 'defaultExport' | 'log' | 'tls'>>;
   /** @internal TLS mode and the options of each connection's TLSSocket. */
   readonly tls: { mode: 'off' } | { mode: 'on' | 'require'; socketOptions: ReturnType<typeof serverTlsOptions> };
   private readonly logFn: ((level: NbdLogLevel, message: string) => void) | undefined;
@@ -129,13 +147,13 @@ export class NbdServer implements ConnectionHost {
       maxPayload,
       maxInFlight: Math.max(1, options.maxInFlight ?? 64),
       maxInFlightBytes: Math.max(1, options.maxInFlightBytes ?? 64 * 1024 * 1024),
-      maxConnections: options.maxConnections,
-      handshakeTimeoutMs: options.handshakeTimeoutMs ?? 0,
+      maxConnections: Math.max(0, options.maxConnections ?? DEFAULT_MAX_CONNECTIONS),
+      handshakeTimeoutMs: Math.max(0, options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS),
       closeTimeoutMs: options.closeTimeoutMs ?? 10_000,
       tlsHandshakeTimeoutMs: options.tlsHandshakeTimeoutMs ?? 30_000,
     };
     const t = options.tls;
-    this.tls = t === undefined || t.mode === 'off' ? { mode: 'off' } : { mode: t.mode, socketOptions: serverTlsOptions(t.credentials) };
+    this.tls = t === undefined || t.mode === 'off' ? { mode: 'off' } : { mode: t.mode, socketOptions: serverTlsOptions(t.credentials, t.aesFirst) };
     this.logFn = options.log;
     for (const e of options.exports ?? []) this.addExport(e);
     if (options.defaultExport !== undefined) this.defaultName = options.defaultExport;
@@ -145,7 +163,8 @@ export class NbdServer implements ConnectionHost {
   addExport(exp: NbdExport): void {
     validateDevice(exp.name, exp.device);
     if (exp.device.blockSize > this.options.maxPayload) throw new RangeError(`export "${exp.name}": block size exceeds maxPayload`);
-    this.exportMap.set(exp.name, { name: exp.name, description: exp.description ?? '', device: exp.device });
+    const zeroes = exp.ownsWrites === true ? new ZeroExtents() : undefined;
+    this.exportMap.set(exp.name, { name: exp.name, description: exp.description ?? '', device: exp.device, zeroes });
     if (!this.maxOptionsGiven) this.options.maxOptions = DEFAULT_MAX_OPTIONS + OPTIONS_PER_EXPORT * this.exportMap.size;
   }
 
@@ -166,7 +185,6 @@ export class NbdServer implements ConnectionHost {
   async listen(where: NbdListenOptions): Promise<NbdAddress> {
     if (this.closing) throw new Error('NbdServer is closed');
     const server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
-    if (this.options.maxConnections !== undefined) server.maxConnections = this.options.maxConnections;
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       const done = () => {
@@ -232,6 +250,7 @@ export class NbdServer implements ConnectionHost {
     this.closing = true;
     const deadline = Date.now() + this.options.closeTimeoutMs;
     const listenersClosed = this.listeners.map((l) => new Promise<void>((resolve) => l.server.close(() => resolve())));
+    for (const c of this.refused) c.destroy();
     for (const c of this.conns) c.shutdown();
     const finished = await this.waitUntil(() => this.counters.inFlight === 0 && this.conns.size === 0, deadline);
     if (!finished) {
@@ -278,6 +297,21 @@ export class NbdServer implements ConnectionHost {
       socket.destroy();
       return;
     }
+    const max = this.options.maxConnections;
+    if (max > 0 && this.conns.size >= max) {
+      if (this.refused.size >= REFUSED_CONNECTIONS) {
+        // The oldest refused peer has had its chance to read why: the newest gets the slot, so
+        // a real client arriving during a flood is still told.
+        const oldest = this.refused.values().next().value!;
+        this.refused.delete(oldest);
+        oldest.destroy();
+      }
+      this.log('warn', `${socket.remoteAddress ?? 'unix'}: refused, ${max} connections already (the limit)`);
+      const conn = new Connection(this, socket, this.nextId++, `server busy: ${max} connections already, the limit; try again later`);
+      this.refused.add(conn);
+      conn.start();
+      return;
+    }
     const conn = new Connection(this, socket, this.nextId++);
     this.conns.add(conn);
     this.counters.connections.total++;
@@ -313,6 +347,7 @@ export class NbdServer implements ConnectionHost {
   /** @internal */
   connectionClosed(conn: Connection): void {
     this.conns.delete(conn);
+    this.refused.delete(conn);
     this.notifyIdle();
   }
 

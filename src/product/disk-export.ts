@@ -7,7 +7,7 @@
  */
 import type { BlkbackOptions } from '../blkback/index.js';
 import type { BlkfrontOptions, DeviceInfo } from '../blkfront/index.js';
-import type { NbdAddress, NbdListenOptions, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
+import type { NbdAddress, NbdListenOptions, NbdServerLimits, NbdServerStats, NbdServerTlsConfig } from '../nbd/index.js';
 import { Toolstack, type BackendVbdStatus, type DomainProxy, type GuestDisk } from '../toolstack/index.js';
 import type { StorageSpec } from '../storage/index.js';
 import { xvdName } from '../xenbus/index.js';
@@ -25,6 +25,10 @@ export interface DiskExportOptions {
   readonly listen: NbdListenOptions | readonly NbdListenOptions[];
   /** TLS for the NBD server (default none). */
   readonly tls?: NbdServerTlsConfig;
+  /** The NBD server's connection cap and handshake time limit (default: the server's). */
+  readonly limits?: NbdServerLimits;
+  /** Per image, in order: its export's name (default vbdN) and description (default: what the disk is). */
+  readonly exportNames?: readonly { readonly name?: string; readonly description?: string }[];
   readonly log?: (domid: number, msg: string) => void;
   /** Called as each step completes, for progress output. */
   readonly progress?: (step: string) => void;
@@ -55,6 +59,8 @@ export class DiskExport {
     readonly guest: DomainProxy,
     disks: GuestDisk[],
     readonly uri: string,
+    /** The export names, in image order; the first is the default export. */
+    readonly exportNames: readonly string[],
     /** Every address the NBD server listens on, in the order given. */
     readonly addresses: readonly NbdAddress[],
   ) {
@@ -122,12 +128,14 @@ export class DiskExport {
         o.progress?.(`vbd${i}: ${xvdName(i)} of guest ${guest.domid} connected to ${disk.paths.backDir}`);
       }
       const exports: GuestExportSpec[] = disks.map((d, i) => ({
-        name: `vbd${i}`,
-        description: `Xen PV disk ${xvdName(i)} of guest ${guest.domid} (${describe(d.info)})`,
+        name: o.exportNames?.[i]?.name ?? `vbd${i}`,
+        description: o.exportNames?.[i]?.description ?? `Xen PV disk ${xvdName(i)} of guest ${guest.domid} (${describe(d.info)})`,
         frontDir: d.paths.frontDir,
+        // A remote export may have other writers; a local image is this server's alone.
+        ownsWrites: o.images[i]!.kind === 'file',
       }));
-      const { uri, addresses } = await guest.rpc.call<{ uri: string; addresses: NbdAddress[] }>('serveNbd', exports, o.listen, o.tls);
-      return new DiskExport(ts, backend, guest, disks, uri, addresses);
+      const { uri, addresses } = await guest.rpc.call<{ uri: string; addresses: NbdAddress[] }>('serveNbd', exports, o.listen, o.tls, o.limits);
+      return new DiskExport(ts, backend, guest, disks, uri, exports.map((e) => e.name), addresses);
     } catch (e) {
       await ts.shutdown().catch(() => undefined);
       throw e;

@@ -3,7 +3,7 @@
  * that serves the guest's disks straight from their blkfronts, so every byte a client moves goes
  * through the PV protocol. DiskExport loads it into its guest and drives it over the control channel.
  */
-import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerTlsConfig } from '../nbd/index.js';
+import { NbdServer, nbdUri, type NbdAddress, type NbdListenOptions, type NbdServerLimits, type NbdServerTlsConfig } from '../nbd/index.js';
 import type { GuestApplicationModule, GuestContext } from '../toolstack/index.js';
 import { exportDevice } from './nbd-device.js';
 
@@ -12,6 +12,8 @@ export interface GuestExportSpec {
   name: string;
   description: string;
   frontDir: string;
+  /** Only the NBD server writes this disk (a local image): it may report what it zeroed (base:allocation). */
+  ownsWrites: boolean;
 }
 
 /** This module, for `Toolstack.createGuest`'s applications. */
@@ -30,15 +32,16 @@ export function guestHandlers(guest: GuestContext) {
      * port 0 after the first is the port the first got); returns the addresses and the first's URI.
      */
     async serveNbd(
-      exports: GuestExportSpec[], listen: NbdListenOptions | NbdListenOptions[], tls?: NbdServerTlsConfig,
+      exports: GuestExportSpec[], listen: NbdListenOptions | NbdListenOptions[], tls?: NbdServerTlsConfig, limits: NbdServerLimits = {},
     ): Promise<{ uri: string; address: NbdAddress; addresses: NbdAddress[] }> {
       if (nbd !== undefined) throw new Error('an NBD server already runs in this guest');
       const server = new NbdServer({
         defaultExport: exports[0]?.name,
         log: (level, msg) => { if (level !== 'debug') guest.log(`nbd ${level}: ${msg}`); },
         ...(tls !== undefined ? { tls } : {}),
+        ...limits,
       });
-      for (const e of exports) server.addExport({ name: e.name, description: e.description, device: exportDevice(guest.disk(e.frontDir)) });
+      for (const e of exports) server.addExport({ name: e.name, description: e.description, device: exportDevice(guest.disk(e.frontDir)), ownsWrites: e.ownsWrites });
       const addresses: NbdAddress[] = [];
       try {
         for (const l of Array.isArray(listen) ? listen : [listen]) {

@@ -8,7 +8,10 @@ export const execFileP = promisify(execFile);
 export const MAIN = fileURLToPath(new URL('../../src/cli/blkif.cjs', import.meta.url));
 
 export interface Served {
+  /** The server's URI without an export name (the default export; append a name for another). */
   uri: string;
+  /** The URI of the ready line: the default export's, by name. */
+  readyUri: string;
   proc: ChildProcess;
   stderr: () => string;
   /** SIGTERM, then the exit code (rejects if it does not exit within `ms`). */
@@ -22,7 +25,7 @@ export async function serve(args: string[], env: NodeJS.ProcessEnv = {}): Promis
   let err = '';
   proc.stderr!.on('data', (b: Buffer) => { err += b.toString(); });
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  const uri = await new Promise<string>((resolve, reject) => {
+  const readyUri = await new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => { proc.kill('SIGKILL'); reject(new Error(`serve not ready in 30 s:\n${err}`)); }, 30_000);
     proc.stdout!.on('data', (b: Buffer) => {
       out += b.toString();
@@ -31,8 +34,11 @@ export async function serve(args: string[], env: NodeJS.ProcessEnv = {}): Promis
     });
     void exited.then((code) => { clearTimeout(timer); reject(new Error(`serve exited (${code}) before ready:\n${err}`)); });
   });
+  // nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH: the name is the path after the first '/'.
+  const uri = readyUri.replace(/^([a-z+]+:\/\/[^/]*\/)[^?]*/, '$1');
   return {
     uri,
+    readyUri,
     proc,
     stderr: () => err,
     async stop(signal: NodeJS.Signals = 'SIGTERM', ms = 30_000) {

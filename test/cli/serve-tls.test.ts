@@ -168,7 +168,7 @@ describe('blkif serve beyond loopback', { timeout: 240_000 }, () => {
     child.stdout!.on('data', (b: Buffer) => (out += b.toString()));
     child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
     await until(() => /^ready /m.test(out) || child.exitCode !== null, 30_000, `ready (${err})`);
-    assert.match(out, new RegExp(`^ready nbd://127\\.0\\.0\\.1:${port}/$`, 'm'), err);
+    assert.match(out, new RegExp(`^ready nbd://127\\.0\\.0\\.1:${port}/vbd0$`, 'm'), err);
     const info = JSON.parse((await execFileP('nbdinfo', ['--json', `nbd://127.0.0.1:${port}/`])).stdout) as { exports: { 'export-size': number }[] };
     assert.equal(info.exports[0]!['export-size'], 16 * MiB);
     const exited = new Promise<number | null>((r) => child.once('exit', (c) => r(c)));
@@ -199,7 +199,7 @@ describe('blkif serve beyond loopback', { timeout: 240_000 }, () => {
     const s = await started([dir('log.img'), '--size', '16M', '--port', '0', '--log', logFile]);
     assert.equal(await s.stop(), 0, `${s.stderr()}\n${readFileSync(logFile, 'utf8')}`);
     const lines = readFileSync(logFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { msg: string; uri?: string });
-    assert.ok(lines.some((l) => l.msg === 'ready' && l.uri === s.uri), 'a ready line with the URI');
+    assert.ok(lines.some((l) => l.msg === 'ready' && l.uri === s.readyUri), 'a ready line with the URI');
     assert.ok(lines.some((l) => l.msg === 'stopped'));
   });
 

@@ -12,7 +12,7 @@ import {
   NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ENOSPC,
   NBD_EPERM, NBD_ESHUTDOWN, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
   NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_DF,
-  NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE,
+  NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
   NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_REP_ACK, NBD_REP_ERR_INVALID,
@@ -145,7 +145,7 @@ describe('negotiation', () => {
     // Without requests: NBD_INFO_EXPORT only. 4K sectors: minimum = preferred = 4096.
     const bare = await c.option(NBD_OPT_INFO, encodeInfoRequest({ name: 'big', infos: [NBD_INFO_BLOCK_SIZE] }));
     assert.deepEqual(bare.filter((r) => r.replyType === NBD_REP_INFO).map((r) => decodeInfo(r.data)), [
-      { info: NBD_INFO_EXPORT, size: BigInt(8 * MiB), transmissionFlags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_CAN_MULTI_CONN },
+      { info: NBD_INFO_EXPORT, size: BigInt(8 * MiB), transmissionFlags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO | NBD_FLAG_CAN_MULTI_CONN },
       { info: NBD_INFO_BLOCK_SIZE, minimum: 4096, preferred: 4096, maximum: 32 * MiB },
     ]);
     const [unknown] = await c.option(NBD_OPT_INFO, encodeInfoRequest({ name: 'nope', infos: [] }));
@@ -177,7 +177,7 @@ describe('negotiation', () => {
     const replies = await c.option(NBD_OPT_INFO, encodeInfoRequest({ name: 'disk', infos: [] }));
     const info = decodeInfo(replies[0]!.data) as { transmissionFlags: number };
     assert.equal(info.transmissionFlags,
-      NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_DF | NBD_FLAG_CAN_MULTI_CONN);
+      NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO | NBD_FLAG_SEND_DF | NBD_FLAG_CAN_MULTI_CONN);
   });
 
   test('NBD_OPT_EXPORT_NAME: 124 zeroes only without NBD_FLAG_C_NO_ZEROES', async () => {

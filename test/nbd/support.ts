@@ -86,8 +86,24 @@ export class MemoryDevice implements NbdExportDevice {
   trim(offset: number, length: number): Promise<void> {
     return this.run('trim', offset, length, () => this.bytes.fill(0, offset, offset + length) && undefined);
   }
-  writeZeroes(offset: number, length: number): Promise<void> {
+  writeZeroes(offset: number, length: number, _mayTrim?: boolean): Promise<boolean | void> {
     return this.run('writeZeroes', offset, length, () => this.bytes.fill(0, offset, offset + length) && undefined);
+  }
+}
+
+/**
+ * A device that deallocates quickly when allowed (as a disk whose backend offers discard): a zero
+ * without NO_HOLE is fast and leaves a hole. Records each zero's `mayTrim`.
+ */
+export class TrimmingDevice extends MemoryDevice {
+  readonly mayTrim: boolean[] = [];
+  override async writeZeroes(offset: number, length: number, mayTrim = false): Promise<boolean> {
+    this.mayTrim.push(mayTrim);
+    await super.writeZeroes(offset, length);
+    return mayTrim;
+  }
+  fastZero(mayTrim: boolean): boolean {
+    return mayTrim;
   }
 }
 
