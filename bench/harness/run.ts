@@ -67,7 +67,7 @@ export function parameters(quick: boolean) {
     timeMs: quick ? 400 : 1500,
     /** blkif serve: images at start-up (time to ready, idle CPU, VmRSS), idle seconds measured. */
     startupCounts: quick ? [1, 4] : [1, 4, 16, 64],
-    idleSeconds: quick ? 1 : 3,
+    idleSeconds: quick ? 0.5 : 3,
     /** blkif serve with n images, a fio job per VBD. */
     serveScalingCounts: quick ? [1, 4] : [1, 2, 4, 8, 16],
     serveImageBytes: 32 * MiB,
