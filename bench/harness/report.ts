@@ -687,7 +687,7 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
 
   L.push('## 5. What a user sees: `blkif serve`', '',
     '`blkif serve` run as a child, at its defaults unless a table says otherwise, driven by fio\'s nbd engine (time based, one job per VBD, all jobs in one fio run). '
-    + 'Each server is first warmed for a second, unmeasured (1 MiB reads at QD32, or the section\'s own load): a new server\'s first requests pay for what later ones reuse, as blkback mapping each persistent grant on first use.', '');
+    + `Each server is first warmed for ${String(doc.parameters['warmSeconds'] ?? 1)} s, unmeasured (1 MiB reads at QD32, or the section\'s own load): a new server\'s first requests pay for what later ones reuse, as blkback mapping each persistent grant on first use.`, '');
   if (r.nbd.length > 0) {
     L.push('### NBD servers side by side', '',
       '`blkif serve IMAGE`, `qemu-nbd -f raw -t IMAGE` and `nbdkit file IMAGE` (each at its defaults, on 127.0.0.1), one after the other on the same image, the same fio job against each.', '',

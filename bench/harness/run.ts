@@ -56,13 +56,15 @@ export function parameters(quick: boolean) {
     imageBytes: 256 * MiB,
     memoryDiskBytes: 64 * MiB,
     apiMs: quick ? 80 : 1000,
-    matrixMs: quick ? 80 : 500,
+    matrixMs: quick ? 50 : 500,
     baselineMs: quick ? 100 : 700,
     inflightRounds: quick ? 2 : 4,
     scalingMs: quick ? 250 : 2000,
     /** Each workload of the queues-in-threads runs, per layout and mode. */
-    threadsMs: quick ? 150 : 1000,
+    threadsMs: quick ? 100 : 1000,
     fioSeconds: quick ? 0.5 : 3,
+    /** The unmeasured fio run before a server's first measured one. */
+    warmSeconds: quick ? 0.25 : 1,
     /** Where the time goes: long enough for CPU clock ticks (10 ms) to resolve each thread. */
     timeMs: quick ? 400 : 1500,
     /** blkif serve: images at start-up (time to ready, idle CPU, VmRSS), idle seconds measured. */

@@ -16,6 +16,7 @@ import {
 
 export interface ServeParameters {
   readonly fioSeconds: number;
+  readonly warmSeconds: number;
   readonly startupCounts: readonly number[];
   readonly idleSeconds: number;
   readonly serveScalingCounts: readonly number[];
@@ -48,11 +49,11 @@ export function addServeSections(c: ServeSectionsContext): void {
   };
   /**
    * A new server's first requests pay for what later ones reuse (persistent grants mapped on first
-   * use, code not yet optimized): a run of `w` as long as a measured one, at most a second
-   * (default: 1 MiB reads at QD32, which touch the whole page pool) before anything is measured.
+   * use, code not yet optimized): a run of `w` for warmSeconds (default: 1 MiB reads at QD32,
+   * which touch the whole page pool) before anything is measured.
    */
   const warm = async (uris: readonly string[], w: Workload = { pattern: 'read', blockSize: MiB, depth: 32 }) => {
-    await fioJobs(uris, w, Math.min(1, P.fioSeconds));
+    await fioJobs(uris, w, P.warmSeconds);
   };
   const stopped = async (s: Server) => {
     const code = await s.child.stop();
