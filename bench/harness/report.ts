@@ -351,7 +351,7 @@ export function missedReading(targets: readonly Target[], rows: readonly TimeRow
     const roles = Object.entries(row.cpuUs).filter(([, v]) => fin(v) && v > 0).sort((a, b) => b[1] - a[1]).map(([r, v]) => `${roleShort[r] ?? r} ${fmtUs(v)}`).join(', ');
     const maps = row.grantMaps !== undefined && row.grantMaps >= 1 ? `, ${fmtUs(row.grantMaps)} grant maps` : '';
     const why = big
-      ? 'a 1 MiB request is 257 pages, each a grant the backend keeps mapped (its persistent-grant cache holds a full ring of them) but still looks up per request, and the file\'s preadv scatters into 256 separate pages; under blkif serve the driver domain\'s thread makes that preadv itself'
+      ? 'a 1 MiB request is 257 pages; past 1,056 in flight the backend\'s persistent-grant cache (Linux\'s max_persistent_grants) is full, so most pages are mapped and unmapped per request, and the file\'s preadv scatters into 256 separate pages'
       : depth === 1
         ? 'at QD1 every hop finds its thread asleep: fio -> the guest\'s thread (socket) -> the driver domain\'s (event channel) -> the guest\'s -> fio, each wake-up ~60 µs here, where the other servers answer from the thread that read the request (two wake-ups); the threads poll 50 µs before sleeping, shorter than the round trip, so at QD1 the polling is spent and they sleep anyway'
         : 'each I/O crosses two threads (the guest\'s: NBD and blkfront; the driver domain\'s, which reads the file in place when it serves one VBD), each hop a possible wake-up, on 2 cores shared with fio, where the other servers answer from the thread that read the request';

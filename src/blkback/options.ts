@@ -40,14 +40,8 @@ export interface BlkbackOptions {
   maxQueues: number;
   /** `feature-persistent`: keep the frontend's grants mapped between requests. */
   persistent: boolean;
-  /**
-   * Linux `max_persistent_grants`: mappings kept per queue. 'ring' (the default): as many as a
-   * full ring of the largest requests uses (slots x (segments + indirect pages)), so that no
-   * page in flight is mapped per request; Linux's 1056 was sized for its own costs, and 32 x
-   * 257 pages of 1 MiB requests churn through it. Within the domain's maptrack either way: a
-   * quarter of it stays for mappings per request (PersistentMaps).
-   */
-  maxPersistentGrants: number | 'ring';
+  /** Linux `max_persistent_grants`: mappings kept per queue. */
+  maxPersistentGrants: number;
   /** Linux `persistent_grant_unused_seconds`, in ms: idle mappings are dropped after this. */
   persistentIdleMs: number;
   /** Reach the frontend's pages with GNTTABOP_copy into local pages instead of mapping them (QEMU's way). */
@@ -85,7 +79,7 @@ export const DEFAULT_BLKBACK_OPTIONS: Readonly<BlkbackOptions> = {
   defaultProtocol: XEN_IO_PROTO_ABI_X86_32,
   maxQueues: 4,
   persistent: true,
-  maxPersistentGrants: 'ring',
+  maxPersistentGrants: 1056,
   persistentIdleMs: 60_000,
   grantCopy: false,
   grantCopyPages: BLKIF_MAX_INDIRECT_SEGMENTS + 8,
@@ -112,7 +106,7 @@ export function blkbackOptions(given: Partial<BlkbackOptions> = {}): BlkbackOpti
   }
   if (!Number.isInteger(o.maxQueues) || o.maxQueues < 1 || o.maxQueues > 64) throw new BlkbackConfigError(`max queues ${o.maxQueues}: use 1..64`);
   if (!Number.isInteger(o.reqsPerPage) || o.reqsPerPage < 1) throw new BlkbackConfigError(`requests per ring page ${o.reqsPerPage}: at least 1`);
-  if (o.maxPersistentGrants !== 'ring' && (!Number.isInteger(o.maxPersistentGrants) || o.maxPersistentGrants < 0)) throw new BlkbackConfigError(`max persistent grants ${o.maxPersistentGrants}`);
+  if (!Number.isInteger(o.maxPersistentGrants) || o.maxPersistentGrants < 0) throw new BlkbackConfigError(`max persistent grants ${o.maxPersistentGrants}`);
   if (!Number.isInteger(o.grantCopyPages) || o.grantCopyPages < BLKIF_MAX_INDIRECT_SEGMENTS + 8) {
     throw new BlkbackConfigError(`grant copy pages ${o.grantCopyPages}: at least ${BLKIF_MAX_INDIRECT_SEGMENTS + 8} (one largest request)`);
   }

@@ -19,7 +19,7 @@ import {
 } from '../abi/index.js';
 import {
   DOMID_SELF, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTMAP_host_map, GNTMAP_readonly, GNTST_okay,
-  NR_MAPTRACK, type GntCopyOp, type GntMapOp, type XenDomain,
+  type GntCopyOp, type GntMapOp, type XenDomain,
 } from '../xen/index.js';
 import type { VbdCounters } from './counters.js';
 
@@ -149,13 +149,6 @@ export interface PersistentOptions {
   readonly idleMs: number;
 }
 
-/**
- * Mappings of the driver domain past which no new grant is kept persistently: a quarter of the
- * maptrack stays for mappings per request (and other VBDs' rings), however many VBDs' caches
- * share it.
- */
-const PERSISTENT_MAPTRACK_SHARE = (NR_MAPTRACK * 3) / 4;
-
 /** Share of the cache purged when it is full (Linux LRU_PERCENT_CLEAN). */
 const PURGE_PERCENT = 5;
 
@@ -193,9 +186,8 @@ export class PersistentMaps implements PageAccess {
         const i = missing[k]!;
         const gref = segs[i]!.gref;
         const dup = this.cache.get(gref);
-        if (dup !== undefined || this.cache.size >= this.o.max || this.d.xen.grants.mapsActive() >= PERSISTENT_MAPTRACK_SHARE) {
-          // Same gref twice in one request, the cache full, or the domain's maptrack mostly
-          // held by persistent grants: keep this mapping temporary.
+        if (dup !== undefined || this.cache.size >= this.o.max) {
+          // Same gref twice in one request, or the cache is full: keep this mapping temporary.
           temp.push(m.handles[k]!);
           entries[i] = { gref, handle: m.handles[k]!, page: m.pages[k]!, inUse: 1, lastUsed: now };
           continue;

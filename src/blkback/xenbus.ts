@@ -5,10 +5,7 @@
  * InitWait when it comes again. Event source, xenstore, grant table and storage are injected.
  */
 import {
-  BLKIF_MAX_SEGMENTS_PER_REQUEST,
-  BLKIF_SEGS_PER_INDIRECT_FRAME,
   SECTOR_SHIFT,
-  XEN_PAGE_SIZE,
   VDISK_CDROM,
   VDISK_READONLY,
   VDISK_REMOVABLE,
@@ -30,7 +27,6 @@ import {
 } from '../abi/index.js';
 import { storageShareable, type StorageSpec } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
-import { ringSizeFor } from '../ring/index.js';
 import type { XenDomain } from '../xen/index.js';
 import {
   XS_FRONTEND,
@@ -228,15 +224,6 @@ export class Blkback {
     }
   }
 
-  /** Persistent grants kept per queue: the option, or every page a full ring of the largest requests uses. */
-  private persistentMax(entrySize: number, order: number): number {
-    const m = this.options.maxPersistentGrants;
-    if (m !== 'ring') return m;
-    const segs = this.options.maxIndirectSegments;
-    const perRequest = segs === 0 ? BLKIF_MAX_SEGMENTS_PER_REQUEST : segs + Math.ceil(segs / BLKIF_SEGS_PER_INDIRECT_FRAME);
-    return ringSizeFor((1 << order) * XEN_PAGE_SIZE, entrySize) * perRequest;
-  }
-
   /** Maps the frontend's rings, binds their channels, publishes the disk and goes Connected (startup step 4). */
   private async connect(): Promise<void> {
     const { xen, xs, storage } = this.d;
@@ -246,7 +233,7 @@ export class Blkback {
     const persistent = this.options.persistent && !this.options.grantCopy && fr.frontendPersistent;
     const threaded = this.threadsWanted();
     const access: QueueSetup['access'] = this.options.grantCopy ? { kind: 'copy' }
-      : persistent ? { kind: 'persistent', max: this.persistentMax(abi.entrySize, order), idleMs: this.options.persistentIdleMs } : { kind: 'map' };
+      : persistent ? { kind: 'persistent', max: this.options.maxPersistentGrants, idleMs: this.options.persistentIdleMs } : { kind: 'map' };
     const conn = newConnection();
     this.conn = conn;
     const why = await startQueues(conn, {

@@ -276,11 +276,6 @@ export class GrantTable {
       && Atomics.load(this.t.gnt, e + G_DOMID) === this.domid;
   }
 
-  /** Mappings the domain holds now, over all its threads (its maptrack entries in use). */
-  mapsActive(): number {
-    return this.t.counter(this.slot, C_MAPS_ACTIVE);
-  }
-
   /** Claims up to HANDLE_BATCH free maptrack entries for this thread; false if none is free. */
   private claimHandles(): boolean {
     const base = this.slot * NR_MAPTRACK;

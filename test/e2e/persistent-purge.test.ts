@@ -40,20 +40,3 @@ test('grants the backend purged are ended by the frontend, and granted again on 
     assert.equal(be.counters.persistent_grants, f.persistentGrants);
   });
 });
-
-test('persistent grants are sized to the ring by default: a full ring of 1 MiB requests is mapped once, then served without maps', { timeout: 60_000 }, async () => {
-  // 32 slots x (256 segments + 1 indirect page) = 8224 pages: Linux's 1056 would churn here.
-  const storage = new MemoryStorage(64 * 1024 * 1024);
-  await withLocalDisk(suite.ts, { storage, guestPages: 8192 + 512, back: { maxIndirectSegments: 256 }, front: { bufferPages: 8192 } }, async ({ be, f }) => {
-    const MiB = 1024 * 1024;
-    // One 32 MiB read: blkfront splits it into 32 requests of 256 segments, a full ring at once.
-    const round = () => f.read(0, 32 * MiB);
-    await round();
-    const peak = be.counters.persistent_grants_peak;
-    assert.ok(peak > 1056, `more than Linux's 1056 kept (${peak})`);
-    const maps = be.counters.grant_map_ops;
-    await round();
-    await round();
-    assert.equal(be.counters.grant_map_ops, maps, 'the same pages again: no grant mapped anew');
-  });
-});
