@@ -20,7 +20,7 @@ import { opsPerSecond, type Figure } from './measure.js';
 
 export async function benchRing(quick = false): Promise<Figure[]> {
   const out: Figure[] = [];
-  const ms = quick ? 100 : 300;
+  const ms = quick ? 30 : 300;
   for (const abi of [X86_64_ABI, X86_32_ABI]) {
     const e = new RingEntry(abi.entrySize);
     const rw: BlkifRequest = {

@@ -132,5 +132,5 @@ export const SCALING_WORKLOAD: Workload = w('randread', 4 * KiB, 8);
 /** Where the time goes: small random reads and writes deep, and big sequential reads. */
 export const TIME_WORKLOADS: readonly Workload[] = [w('randread', 4 * KiB, 32), w('read', MiB, 8), w('randwrite', 4 * KiB, 32)];
 
-/** The NBD servers' comparison: the same three fio workloads against each. */
-export const NBD_WORKLOADS: readonly Workload[] = [w('randread', 4 * KiB, 32), w('read', MiB, 32), w('randwrite', 4 * KiB, 32)];
+/** The NBD servers' comparison: the same fio workloads against each (QD1: a single request's latency). */
+export const NBD_WORKLOADS: readonly Workload[] = [w('randread', 4 * KiB, 32), w('randread', 4 * KiB, 1), w('read', MiB, 32), w('randwrite', 4 * KiB, 32)];

@@ -71,6 +71,13 @@ export function computeTargets(r: BenchResults): Target[] {
     return target(`NBD: blkif serve vs ${vs}, ${label}`, `>= ${threshold.toFixed(1)}x`, threshold, '>=', v,
       a === undefined || b === undefined ? 'fio nbd engine: not measured' : `fio nbd engine, same image: ${fmtMiBps(a.perf.mibps)} vs ${fmtMiBps(b.perf.mibps)} MiB/s`);
   };
+  const qd1 = (vs: 'nbdkit file' | 'qemu-nbd'): Target => {
+    const a = nbdRow(r, 'blkif serve', 'randread-4k-qd1');
+    const b = nbdRow(r, vs, 'randread-4k-qd1');
+    const v = a !== undefined && b !== undefined ? a.perf.p50us / b.perf.p50us : undefined;
+    return target(`NBD: blkif serve vs ${vs}, 4 KiB random read QD1, p50 latency`, '<= 1.0x', 1.0, '<=', v,
+      a === undefined || b === undefined ? 'fio nbd engine: not measured' : `fio nbd engine, same image: p50 ${fmtUs(a.perf.p50us)} vs ${fmtUs(b.perf.p50us)} µs, p99 ${fmtUs(a.perf.p99us)} vs ${fmtUs(b.perf.p99us)} µs`);
+  };
   const sc = r.serveScaling ?? [];
   const s1 = sc.find((s) => s.vbds === 1);
   const s16 = sc.find((s) => s.vbds === 16);
@@ -87,6 +94,7 @@ export function computeTargets(r: BenchResults): Target[] {
     nbdVs('randread-4k-qd32', '4 KiB random read QD32', 'qemu-nbd', 1.2),
     nbdVs('read-1m-qd32', '1 MiB sequential read QD32', 'qemu-nbd', 1.2),
     nbdVs('randwrite-4k-qd32', '4 KiB random write QD32', 'qemu-nbd', 1.0),
+    qd1('nbdkit file'),
     target('scaling: 16 VBDs aggregate vs one VBD', '>= 1.0x', 1.0, '>=', s16 !== undefined && s1 !== undefined ? s16.iops / s1.iops : undefined,
       s16 === undefined || s1 === undefined ? 'not measured' : `blkif serve, fio ${workloadLabel(SCALING_WORKLOAD_REF)} per VBD: ${fmtInt(s16.iops)} vs ${fmtInt(s1.iops)} IOPS`),
     target('scaling fairness: every VBD within 25% of the mean', '<= 25%', 0.25, '<=', worst?.worstDeviation,
@@ -267,6 +275,25 @@ function nbdTable(rows: Row[]): Table {
   };
 }
 
+/** A single request's latency (fio QD1): each server's p50 and p99, and blkif serve's against each (lower is better). */
+function qd1Table(rows: Row[]): Table | undefined {
+  const at = rows.filter((r) => r.workload?.depth === 1);
+  if (at.length === 0) return undefined;
+  const base = (server: string, label: string) => at.find((x) => x.config === server && x.label === label);
+  const vs = (r: Row, server: string, k: 'p50us' | 'p99us') => {
+    const b = base(server, r.label);
+    return r.config === server ? '1.00x (baseline)' : b === undefined ? DASH : fmtRatio(r.perf[k] / b.perf[k]);
+  };
+  const order = (r: Row) => NBD_SERVERS.indexOf(r.config ?? '');
+  return {
+    headers: ['client', 'server', 'p50 µs', 'p99 µs', 'p50 vs nbdkit file', 'p99 vs nbdkit file', 'p50 vs qemu-nbd', 'p99 vs qemu-nbd'],
+    rows: [...at].sort((a, b) => a.label.localeCompare(b.label) || order(a) - order(b)).map((r) => [
+      r.label, r.config ?? DASH, fmtUs(r.perf.p50us), fmtUs(r.perf.p99us), vs(r, 'nbdkit file', 'p50us'), vs(r, 'nbdkit file', 'p99us'), vs(r, 'qemu-nbd', 'p50us'), vs(r, 'qemu-nbd', 'p99us'),
+    ]),
+    left: [0, 1],
+  };
+}
+
 const rate = (w: Workload, p: { iops: number; mibps: number }) => (small(w) ? `${fmtInt(p.iops)} IOPS` : `${fmtMiBps(p.mibps)} MiB/s`);
 const roleShort: Record<string, string> = {
   'guests (blkfront, NBD)': 'guests', 'driver domain': 'driver domain', 'queue threads': 'queue threads', 'main thread': 'main thread', 'V8 and libuv helpers': 'V8/libuv helpers',
@@ -317,14 +344,17 @@ export function missedReading(targets: readonly Target[], rows: readonly TimeRow
     const api = t.name.startsWith('blkfront API');
     const big = /1 MiB/.test(t.name);
     const pattern = /random write/.test(t.name) ? 'randwrite' : /random read/.test(t.name) ? 'randread' : 'read';
-    const row = rows.find((r) => r.where === (api ? 'blkfront API' : 'blkif serve') && r.workload.pattern === pattern && (r.workload.blockSize >= MiB) === big);
+    const depth = Number(/QD(\d+)/.exec(t.name)?.[1]);
+    const row = rows.find((r) => r.where === (api ? 'blkfront API' : 'blkif serve') && r.workload.pattern === pattern && (r.workload.blockSize >= MiB) === big && (api || r.workload.depth === depth));
     if (row === undefined) continue;
     const all = sumRec(row.cpuUs);
     const roles = Object.entries(row.cpuUs).filter(([, v]) => fin(v) && v > 0).sort((a, b) => b[1] - a[1]).map(([r, v]) => `${roleShort[r] ?? r} ${fmtUs(v)}`).join(', ');
     const maps = row.grantMaps !== undefined && row.grantMaps >= 1 ? `, ${fmtUs(row.grantMaps)} grant maps` : '';
     const why = big
       ? 'a 1 MiB request is 257 pages; past 1,056 in flight the backend\'s persistent-grant cache (Linux\'s max_persistent_grants) is full, so most pages are mapped and unmapped per request, and the file\'s preadv scatters into 256 separate pages'
-      : 'each I/O crosses three threads (the guest\'s: NBD and blkfront; the driver domain\'s; a libuv pool thread for the file), each hop a possible wake-up, on 2 cores shared with fio, where the other servers answer from the thread that read the request';
+      : depth === 1
+        ? 'at QD1 every hop finds its thread asleep: fio -> the guest\'s thread (socket) -> the driver domain\'s (event channel) -> the guest\'s -> fio, each wake-up ~60 µs here, where the other servers answer from the thread that read the request (two wake-ups); the threads poll 50 µs before sleeping, shorter than the round trip, so at QD1 the polling is spent and they sleep anyway'
+        : 'each I/O crosses two threads (the guest\'s: NBD and blkfront; the driver domain\'s, which reads the file in place when it serves one VBD), each hop a possible wake-up, on 2 cores shared with fio, where the other servers answer from the thread that read the request';
     out.push(`- ${t.name} (${t.kind} ${t.threshold}${t.kind === '>=' ? 'x' : ''}, measured ${t.value === undefined ? DASH : t.value.toFixed(2)}): ${fmtUs(all)} µs of CPU per ${row.per} (${roles}), ${fmtUs(sumRec(row.sleeps))} thread sleeps${maps} per ${row.per}: ${why}. docs/architecture.md ("Performance") says what would change it.`);
   }
   return out;
@@ -371,19 +401,29 @@ const inflightLabel = (x: InflightNbdRow) => `${x.indirect === 0 ? 'classic' : `
 /** Ring slots x segments x 4 KiB, for requests no larger than fio's 1 MiB I/Os. */
 const atOneMiB = (x: InflightNbdRow) => Math.min(x.segments, 256) * x.slots * 4096;
 
-/** nbdkit serves at most --threads requests at once (16 by default): MiB/s it allows at a fixed latency. */
-const NBDKIT_THREADS = 16;
-const storageCeiling = (x: InflightNbdRow, delayMs: number) => (Math.min(NBDKIT_THREADS, x.slots) * Math.min(x.segments, 256) * 4096) / MiB / (delayMs / 1000);
+/** nbdkit serves at most --threads requests at once (16 by default, what documents without the parameter ran). */
+const nbdkitThreads = (doc: BenchDocument) => Number(doc.parameters['inflightNbdThreads'] ?? 16);
+/** MiB/s nbdkit's threads allow at a fixed latency, for requests of this configuration's size (at most 1 MiB, fio's). */
+const storageCeiling = (x: InflightNbdRow, delayMs: number, threads: number) => (Math.min(threads, x.slots) * Math.min(x.segments, 256) * 4096) / MiB / (delayMs / 1000);
 
-function inflightNbdTable(rows: InflightNbdRow[], delayMs: number): Table {
+function inflightNbdTable(doc: BenchDocument): Table {
+  const rows = doc.results.inflightNbd ?? [];
+  const delayMs = Number(doc.parameters['inflightDelayMs']);
+  const threads = nbdkitThreads(doc);
   const classic = (o: number) => rows.find((x) => x.indirect === 0 && x.ringPageOrder === o);
+  const alone = doc.results.inflightNbdStorage;
   return {
-    headers: ['configuration', 'segments x slots', 'bytes in flight (x 4 KiB)', 'at 1 MiB I/Os', 'MiB/s', 'vs classic', 'peak in flight (blkback)', `ceiling of ${NBDKIT_THREADS} nbdkit threads, MiB/s`, 'serve CPU %', 'p50 µs', 'p99 µs'],
-    rows: [...rows].sort((a, b) => a.bytesInFlight - b.bytesInFlight).map((x) => {
-      const c = classic(x.ringPageOrder);
-      return [inflightLabel(x), `${x.segments} x ${x.slots}`, fmtBytes(x.bytesInFlight), fmtBytes(atOneMiB(x)), fmtMiBps(x.perf.mibps),
-        c === undefined ? DASH : c === x ? '1.00x (baseline)' : fmtRatio(x.perf.mibps / c.perf.mibps), fmtBytes(x.peakBytes), fmtMiBps(storageCeiling(x, delayMs)), fin(x.cpuPercent) ? x.cpuPercent.toFixed(0) : DASH, fmtUs(x.perf.p50us), fmtUs(x.perf.p99us)];
-    }),
+    headers: ['configuration', 'segments x slots', 'bytes in flight (x 4 KiB)', 'at 1 MiB I/Os', 'MiB/s', 'vs classic', 'peak in flight (blkback)', `ceiling of ${threads} nbdkit threads, MiB/s`, 'serve CPU %', 'p50 µs', 'p99 µs'],
+    rows: [
+      ...[...rows].sort((a, b) => a.bytesInFlight - b.bytesInFlight).map((x) => {
+        const c = classic(x.ringPageOrder);
+        return [inflightLabel(x), `${x.segments} x ${x.slots}`, fmtBytes(x.bytesInFlight), fmtBytes(atOneMiB(x)), fmtMiBps(x.perf.mibps),
+          c === undefined ? DASH : c === x ? '1.00x (baseline)' : fmtRatio(x.perf.mibps / c.perf.mibps), fmtBytes(x.peakBytes), fmtMiBps(storageCeiling(x, delayMs, threads)), fin(x.cpuPercent) ? x.cpuPercent.toFixed(0) : DASH, fmtUs(x.perf.p50us), fmtUs(x.perf.p99us)];
+      }),
+      // The storage's own ceiling: the same fio job straight at nbdkit, no blkif in between.
+      ...(alone === undefined ? [] : [['the storage alone (fio straight at nbdkit)', DASH, DASH, fmtBytes(32 * MiB), fmtMiBps(alone.perf.mibps),
+        classic(0) === undefined ? DASH : fmtRatio(alone.perf.mibps / classic(0)!.perf.mibps), DASH, fmtMiBps((Math.min(threads, 32) * MiB) / MiB / (delayMs / 1000)), DASH, fmtUs(alone.perf.p50us), fmtUs(alone.perf.p99us)]]),
+    ],
     left: [0],
   };
 }
@@ -393,16 +433,19 @@ export function inflightReading(doc: BenchDocument): string {
   const rows = doc.results.inflightNbd ?? [];
   if (rows.length === 0) return '';
   const delay = Number(doc.parameters['inflightDelayMs']);
+  const threads = nbdkitThreads(doc);
+  const alone = doc.results.inflightNbdStorage;
   const best = rows.reduce((a, b) => (b.perf.mibps > a.perf.mibps ? b : a));
   // With a fixed latency, throughput is the bytes in service at the storage over that latency.
   const atStorage = (best.perf.mibps * MiB * delay) / 1000;
   return `With ${delay} ms per request at the storage, throughput is what is in service there over ${delay} ms: the best configuration here (${inflightLabel(best)}, ${fmtMiBps(best.perf.mibps)} MiB/s) kept about ${fmtBytes(atStorage)} in service on average, `
     + `beside blkback's measured peak of ${fmtBytes(best.peakBytes)} in flight and a ring limit of ${fmtBytes(atOneMiB(best))} at 1 MiB I/Os. `
-    + `Other limits on the way: fio's queue (32 x 1 MiB = 32 MiB), nbdkit's --threads (16 by default: at most 16 requests in service, ${fmtBytes(16 * Math.min(best.segments, 256) * 4096)} at this request size)`
+    + `Other limits on the way: fio's queue (32 x 1 MiB = 32 MiB), nbdkit's --threads (${threads}: at most ${threads} requests in service, ${fmtBytes(threads * Math.min(best.segments, 256) * 4096)} at this request size)`
     + (() => {
       const c = rows.find((x) => x.indirect === 0 && x.ringPageOrder === 0);
-      return c === undefined ? '' : ` — which alone holds classic (${c.segments}-segment requests) to ${fmtMiBps(storageCeiling(c, delay))} MiB/s, so indirect 256 meets 5x classic only at ${fmtMiBps(5 * c.perf.mibps)} MiB/s or more`;
+      return c === undefined ? '' : ` — which would hold classic (${c.segments}-segment requests) to ${fmtMiBps(storageCeiling(c, delay, threads))} MiB/s, so indirect 256 meets 5x classic at ${fmtMiBps(5 * c.perf.mibps)} MiB/s or more`;
     })()
+    + (alone === undefined ? '' : `; the storage alone, the same fio job straight at it, gave ${fmtMiBps(alone.perf.mibps)} MiB/s (its own ceiling: nbdkit's CPU and socket, not its threads)`)
     + (fin(best.cpuPercent) ? `, and the CPU: blkif serve's threads used ${best.cpuPercent.toFixed(0)}% of one core meanwhile, on a machine of ${doc.machine.cpus} (${doc.machine.cpus * 100}%), where fio and nbdkit run too.` : '.');
 }
 
@@ -489,10 +532,11 @@ export function renderText(doc: BenchDocument): string {
   section('where the time goes: CPU µs per request (or I/O) by thread, and sleeps', timeCpuTable(r.time ?? []));
   section('where the time goes: events per request (or I/O)', timeEventsTable(r.time ?? []));
   section('NBD servers side by side (fio nbd engine, same image)', nbdTable(r.nbd));
+  section('NBD servers: latency of a single request (QD1; ratios of latency, lower is better)', qd1Table(r.nbd));
   section('blkif serve: start-up and idle', startupTable(r));
   section('blkif serve: scaling by VBD count (a fio job per VBD)', serveScalingTable(r.serveScaling ?? []));
   section('blkif serve: isolation', isolationTable(r));
-  section('blkif serve: bytes in flight on fixed-latency storage', inflightNbdTable(r.inflightNbd ?? [], Number(doc.parameters['inflightDelayMs'])));
+  section('blkif serve: bytes in flight on fixed-latency storage', inflightNbdTable(doc));
   section("queues in threads, image file (queueThreads: false vs true; ratio on throughput)", threadsTable(threadsOf(r)));
   for (const m of microTables(doc)) section(m.title, m.table);
   if (r.skipped.length > 0) out.push(`\nskipped:\n${r.skipped.map((s) => `  ${s.what}: ${s.why}`).join('\n')}\n`);
@@ -643,11 +687,13 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
 
   L.push('## 5. What a user sees: `blkif serve`', '',
     '`blkif serve` run as a child, at its defaults unless a table says otherwise, driven by fio\'s nbd engine (time based, one job per VBD, all jobs in one fio run). '
-    + 'Each server is first warmed for a second, unmeasured (1 MiB reads at QD32, or the section\'s own load): a new server\'s first requests pay for what later ones reuse, as blkback mapping each persistent grant on first use.', '');
+    + `Each server is first warmed for ${String(doc.parameters['warmSeconds'] ?? 1)} s, unmeasured (1 MiB reads at QD32, or the section\'s own load): a new server\'s first requests pay for what later ones reuse, as blkback mapping each persistent grant on first use.`, '');
   if (r.nbd.length > 0) {
     L.push('### NBD servers side by side', '',
       '`blkif serve IMAGE`, `qemu-nbd -f raw -t IMAGE` and `nbdkit file IMAGE` (each at its defaults, on 127.0.0.1), one after the other on the same image, the same fio job against each.', '',
       mdTable(nbdTable(r.nbd)), chartImg('nbd-servers.svg'));
+    const lat = qd1Table(r.nbd);
+    if (lat !== undefined) L.push('', 'A single request\'s latency, from the QD1 rows above (ratios of latency: lower is better):', '', mdTable(lat));
   }
   if ((r.startup ?? []).length > 0) {
     L.push('### Start-up and idle', '',
@@ -669,8 +715,8 @@ function markdown(doc: BenchDocument, chartDir: string, rendered: Map<string, Ch
   const inf = r.inflightNbd ?? [];
   if (inf.length > 0) {
     L.push('### Bytes in flight on fixed-latency storage', '',
-      `\`blkif serve nbd+unix:///?socket=...\` in front of nbdkit's memory plugin with a delay of ${String(doc.parameters['inflightDelayMs'])} ms per request (at nbdkit's default 16 threads), with \`--max-indirect-segments\` and \`--ring-page-order\` as named; fio 1 MiB sequential reads at QD32. With a fixed latency, throughput follows the bytes in flight.`, '',
-      mdTable(inflightNbdTable(inf, Number(doc.parameters['inflightDelayMs']))), chartImg('bytes-in-flight.svg'), inflightReading(doc), '');
+      `\`blkif serve nbd+unix:///?socket=...\` in front of nbdkit's memory plugin with a delay of ${String(doc.parameters['inflightDelayMs'])} ms per request (\`--threads ${nbdkitThreads(doc)}\`, so that the storage never caps the ring; its own ceiling, fio straight at it, in the last row), with \`--max-indirect-segments\` and \`--ring-page-order\` as named; fio 1 MiB sequential reads at QD32. With a fixed latency, throughput follows the bytes in flight.`, '',
+      mdTable(inflightNbdTable(doc)), chartImg('bytes-in-flight.svg'), inflightReading(doc), '');
   }
 
   const threads = threadsOf(r);

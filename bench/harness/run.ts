@@ -56,18 +56,20 @@ export function parameters(quick: boolean) {
     imageBytes: 256 * MiB,
     memoryDiskBytes: 64 * MiB,
     apiMs: quick ? 80 : 1000,
-    matrixMs: quick ? 80 : 500,
+    matrixMs: quick ? 50 : 500,
     baselineMs: quick ? 100 : 700,
     inflightRounds: quick ? 2 : 4,
     scalingMs: quick ? 250 : 2000,
     /** Each workload of the queues-in-threads runs, per layout and mode. */
-    threadsMs: quick ? 150 : 1000,
-    fioSeconds: quick ? 1 : 3,
+    threadsMs: quick ? 100 : 1000,
+    fioSeconds: quick ? 0.5 : 3,
+    /** The unmeasured fio run before a server's first measured one. */
+    warmSeconds: quick ? 0.25 : 1,
     /** Where the time goes: long enough for CPU clock ticks (10 ms) to resolve each thread. */
     timeMs: quick ? 400 : 1500,
     /** blkif serve: images at start-up (time to ready, idle CPU, VmRSS), idle seconds measured. */
     startupCounts: quick ? [1, 4] : [1, 4, 16, 64],
-    idleSeconds: quick ? 1 : 3,
+    idleSeconds: quick ? 0.5 : 3,
     /** blkif serve with n images, a fio job per VBD. */
     serveScalingCounts: quick ? [1, 4] : [1, 2, 4, 8, 16],
     serveImageBytes: 32 * MiB,
@@ -75,6 +77,8 @@ export function parameters(quick: boolean) {
     slowDelayMs: 200,
     /** Bytes in flight over NBD: the storage's latency per request, and the configurations. */
     inflightDelayMs: 10,
+    /** nbdkit --threads of the fixed-latency storage: enough that the storage never caps the ring (256 x 1 MiB in service). */
+    inflightNbdThreads: 256,
     inflightNbdConfigs: (quick ? [[0, 0], [256, 0]] : [0, 32, 256, 4096].flatMap((n) => [[n, 0], [n, 4]])) as [number, number][],
     matrixStorages: (quick ? ['file'] : ['file', 'memory']) as StorageKind[],
     inflightModes: (quick ? ['async'] : ['sync', 'async']) as ('sync' | 'async')[],

@@ -16,12 +16,14 @@ import {
 
 export interface ServeParameters {
   readonly fioSeconds: number;
+  readonly warmSeconds: number;
   readonly startupCounts: readonly number[];
   readonly idleSeconds: number;
   readonly serveScalingCounts: readonly number[];
   readonly serveImageBytes: number;
   readonly slowDelayMs: number;
   readonly inflightDelayMs: number;
+  readonly inflightNbdThreads: number;
   readonly inflightNbdConfigs: readonly (readonly [number, number])[];
 }
 
@@ -47,11 +49,11 @@ export function addServeSections(c: ServeSectionsContext): void {
   };
   /**
    * A new server's first requests pay for what later ones reuse (persistent grants mapped on first
-   * use, code not yet optimized): one second of `w` (default: 1 MiB reads at QD32, which touch
-   * the whole page pool) before anything is measured.
+   * use, code not yet optimized): a run of `w` for warmSeconds (default: 1 MiB reads at QD32,
+   * which touch the whole page pool) before anything is measured.
    */
   const warm = async (uris: readonly string[], w: Workload = { pattern: 'read', blockSize: MiB, depth: 32 }) => {
-    await fioJobs(uris, w, 1);
+    await fioJobs(uris, w, P.warmSeconds);
   };
   const stopped = async (s: Server) => {
     const code = await s.child.stop();
@@ -160,11 +162,22 @@ export function addServeSections(c: ServeSectionsContext): void {
 
   // ---- bytes in flight on fixed-latency storage ----
   const w1m: Workload = { pattern: 'read', blockSize: MiB, depth: 32 };
+  add('inflight-nbd', `bytes in flight over NBD: the storage alone (nbdkit memory, delay ${P.inflightDelayMs} ms, --threads ${P.inflightNbdThreads}), fio ${workloadLabel(w1m)} straight at it`, async () => {
+    need('fio', 'nbdkit');
+    const store = await startDelayedMemory(cleanup, c.dir(), 256 * MiB, P.inflightDelayMs, P.inflightNbdThreads);
+    try {
+      const [perf] = await fioJobs([store.uri], w1m, P.fioSeconds);
+      results.inflightNbdStorage = { threads: P.inflightNbdThreads, perf: perf! };
+      return `${int(perf!.mibps)} MiB/s`;
+    } finally {
+      await store.child.stop();
+    }
+  });
   for (const [indirect, order] of P.inflightNbdConfigs) {
     const label = `${indirect === 0 ? 'classic' : `indirect ${indirect}`}, ring order ${order}`;
     add('inflight-nbd', `bytes in flight over NBD (delay ${P.inflightDelayMs} ms): ${label}, fio ${workloadLabel(w1m)}`, async () => {
       need('fio', 'nbdkit');
-      const store = await startDelayedMemory(cleanup, c.dir(), 256 * MiB, P.inflightDelayMs);
+      const store = await startDelayedMemory(cleanup, c.dir(), 256 * MiB, P.inflightDelayMs, P.inflightNbdThreads);
       try {
         const s = await startServe(cleanup, [store.uri], ['--max-indirect-segments', String(indirect), '--ring-page-order', String(order)], { metrics: true });
         try {

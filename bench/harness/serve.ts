@@ -107,7 +107,7 @@ const fioBs = (n: number) => (n % MiB === 0 ? `${n / MiB}m` : `${n / KiB}k`);
  * workload (default `w`); the result per job, in order.
  */
 export async function fioJobs(uris: readonly string[], w: Workload, seconds: number, perJob?: readonly (Workload | undefined)[]): Promise<Perf[]> {
-  const args = ['--ioengine=nbd', '--time_based', `--runtime=${seconds}`, '--output-format=json', '--group_reporting=0'];
+  const args = ['--ioengine=nbd', '--time_based', `--runtime=${Math.round(seconds * 1000)}ms`, '--output-format=json', '--group_reporting=0'];
   uris.forEach((u, i) => {
     const j = perJob?.[i] ?? w;
     args.push(`--name=job${i}`, `--uri=${u}`, `--rw=${j.pattern}`, `--bs=${fioBs(j.blockSize)}`, `--iodepth=${j.depth}`);

@@ -266,6 +266,8 @@ export interface BenchResults {
   serveScaling?: ServeScalingRow[];
   isolation?: IsolationResult;
   inflightNbd?: InflightNbdRow[];
+  /** fio straight at the fixed-latency storage, same workload: its own ceiling (absent in older documents). */
+  inflightNbdStorage?: { threads: number; perf: Perf };
   skipped: Skipped[];
   micro: MicroSuite[];
 }

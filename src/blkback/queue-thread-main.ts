@@ -26,6 +26,8 @@ async function open(): Promise<Opened | { why: string; noThread: boolean }> {
   let storage: BlockStorage;
   try {
     storage = await openStorage(d.storage);
+    // This thread serves this one queue only: its storage may block here (BlockStorage.setOwnThread).
+    storage.setOwnThread?.(true);
   } catch (e) {
     return { why: `queue ${d.index} could not open the storage: ${(e as Error).message}`, noThread: true };
   }

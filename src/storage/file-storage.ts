@@ -5,10 +5,11 @@
  * a stalled image then holds only its own share of the pool. Holes are punched by fallocate
  * children, one at a time per image (hole-punch.ts).
  *
- * `io: 'sync'` makes reads, writes and flushes blocking calls instead. Nothing uses it by default:
- * even in a queue thread, which serves one queue only, it was no faster, and a blocked thread
- * cannot answer its control path (docs/decisions.md, "storage never blocks the driver domain");
- * the bench compares bytes in flight with it. Opening, the size, discards and closing stay
+ * `io: 'sync'` makes reads, writes and flushes blocking calls instead; so does `setOwnThread(true)`,
+ * which the driver domain says when its thread (or a queue thread) serves this handle alone: a
+ * round trip through the pool costs a pool thread's wake-up and a completion's (about half the
+ * CPU of a 4 KiB request, docs/decisions.md "a thread that serves one VBD reads synchronously"),
+ * and a stall there holds up only this handle's VBD. Opening, the size, discards and closing stay
  * asynchronous either way.
  */
 import {
@@ -72,7 +73,9 @@ export class FileStorage implements BlockStorage {
   readonly readOnly: boolean;
   private currentSize: number;
   private fd: number | undefined;
-  private readonly sync: boolean;
+  /** Reads, writes and flushes as blocking calls: `io: 'sync'`, or a thread of our own (setOwnThread). */
+  private sync: boolean;
+  private readonly syncOption: boolean;
   private readonly io: FileIo;
   private readonly holes: HolePuncher;
   private punches = false;
@@ -82,7 +85,8 @@ export class FileStorage implements BlockStorage {
     this.fd = fd;
     this.sectorSize = sectorSize;
     this.readOnly = opts.readOnly === true;
-    this.sync = opts.io === 'sync';
+    this.syncOption = opts.io === 'sync';
+    this.sync = this.syncOption;
     this.io = new FileIo(fd, opts.poolSlots ?? DEFAULT_POOL_SLOTS);
     this.currentSize = this.wholeSectors(bytes);
     // fallocate is pointed at our own descriptor through /proc where there is one, so a hole is
@@ -149,6 +153,10 @@ export class FileStorage implements BlockStorage {
         }
       }
     }
+  }
+
+  setOwnThread(own: boolean): void {
+    this.sync = own || this.syncOption;
   }
 
   /** Usable bytes: the file's size rounded down to whole sectors (never more). */

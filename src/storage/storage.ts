@@ -34,6 +34,13 @@ export interface BlockStorage {
    */
   refreshSize(now?: boolean): Promise<number>;
   close(): Promise<void>;
+  /**
+   * Told by the caller whether its thread serves this handle and nothing else (no other VBD, no
+   * other queue): then a store may make blocking system calls there, since a stall holds up only
+   * this handle's own requests (GUIDE: no synchronous storage call on a thread serving other
+   * VBDs). A store without the method ignores the hint.
+   */
+  setOwnThread?(own: boolean): void;
 }
 
 /** A storage failure, with the errno name blkback maps to a response status. */

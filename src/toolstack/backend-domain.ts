@@ -25,6 +25,22 @@ const link = await connectGuestXenstore(xen);
 const vbds = new Map<string, { be: Blkback; storage: BlockStorage }>();
 const log = (msg: string) => parentPort!.postMessage({ kind: 'log', domid: xen.domid, msg });
 
+/**
+ * A driver domain serving one VBD serves it alone in this thread: its storage may block here
+ * (storage.setOwnThread), which saves a threadpool round trip per request; with two or more,
+ * every store goes through the pool again, so that a stalled disk never holds up another VBD.
+ */
+const stores = new Set<BlockStorage>();
+function ownThreadIfAlone(): void {
+  for (const s of stores) s.setOwnThread?.(stores.size === 1);
+}
+
+async function closeStore(storage: BlockStorage): Promise<void> {
+  stores.delete(storage);
+  ownThreadIfAlone();
+  await storage.close();
+}
+
 function vbd(backDir: string) {
   const v = vbds.get(backDir);
   if (v === undefined) throw new Error(`no VBD at ${backDir}`);
@@ -40,13 +56,16 @@ serveRpc(parentPort!, {
   async addVbd(backDir: string, spec: StorageSpec, options: Partial<BlkbackOptions>) {
     if (vbds.has(backDir)) throw new Error(`a VBD is already served at ${backDir}`);
     const storage = await openStorage(spec, (m) => log(`${backDir}: ${m}`));
+    // Counted before it serves anything: the VBDs already served go asynchronous first.
+    stores.add(storage);
+    ownThreadIfAlone();
     try {
       // Queue threads open the same spec again (when its kind can be shared).
       const be = await Blkback.start({ xen, xs: link.xs, backDir, storage, storageSpec: spec, options, log });
       vbds.set(backDir, { be, storage });
       return { readOnly: be.readOnly, size: storage.size };
     } catch (e) {
-      await storage.close();
+      await closeStore(storage);
       throw e;
     }
   },
@@ -54,7 +73,7 @@ serveRpc(parentPort!, {
     const v = vbd(backDir);
     vbds.delete(backDir);
     await v.be.close();
-    await v.storage.close();
+    await closeStore(v.storage);
   },
   status: (backDir: string): BackendVbdStatus => status(backDir),
   /** Several VBDs' status in one call (one wake of this thread for a status line, whatever their number). */
@@ -64,7 +83,7 @@ serveRpc(parentPort!, {
       const v = vbds.get(backDir)!;
       vbds.delete(backDir);
       await v.be.close();
-      await v.storage.close();
+      await closeStore(v.storage);
     }
     link.close();
     xen.dispose();

@@ -146,11 +146,22 @@ export interface WaitOptions {
 
 /** Longest stretch a poll blocks its thread before letting other work run (µs). */
 const POLL_SLICE_MICROS = 10;
+/** Where a polling window that had shrunk to nothing starts again when it grows (µs; KVM's halt_poll_ns_grow_start). */
+const POLL_GROW_START_MICROS = 10;
 
 /** One vCPU's event-channel interface. Calls return Xen's values: >= 0, or -errno. */
 export class EventChannels {
-  /** Adaptive polling budget before sleeping, in microseconds (0 = never poll). */
+  /** Adaptive polling budget before sleeping, in microseconds (0 = never poll): the window's most. */
   pollMicros: number;
+  /**
+   * How long the next wait polls (µs), adapted as KVM's halt-polling adapts halt_poll_ns: a sleep
+   * that ended within the budget (an event came soon after) doubles it, up to `pollMicros`; a sleep
+   * longer than the budget (polling would not have caught it) resets it to 0. So a thread whose
+   * events come in streams polls, and one whose events come seldom (a driver domain between a
+   * QD1 client's requests: each costs a round trip through the client) sleeps at once, leaving
+   * the core to the threads that produce its next event.
+   */
+  private pollWindow: number;
   private readonly handlers = new Map<number, (port: number) => void>();
   private dispatchAbort: AbortController | undefined;
   private waiting = false;
@@ -168,6 +179,7 @@ export class EventChannels {
     readonly vcpu: number = 0,
   ) {
     this.pollMicros = pollMicros;
+    this.pollWindow = pollMicros;
     this.keepAlive = setInterval(() => undefined, 1 << 30);
     this.keepAlive.unref();
   }
@@ -374,13 +386,14 @@ export class EventChannels {
     if (this.waiting) throw new Error('events.wait(): another wait is in progress in this domain');
     this.waiting = true;
     try {
-      return await this.waitLoop(opts.pollMicros ?? this.pollMicros, opts.signal);
+      return await this.waitLoop(opts.pollMicros, opts.signal);
     } finally {
       this.waiting = false;
     }
   }
 
-  private async waitLoop(pollMicros: number, signal: AbortSignal | undefined): Promise<number[]> {
+  /** `fixedPoll`: this wait's own budget, not adapted; undefined: the adaptive window. */
+  private async waitLoop(fixedPoll: number | undefined, signal: AbortSignal | undefined): Promise<number[]> {
     const t = this.t;
     const upcall = vcpuWord(this.slot, this.vcpu, V_UPCALL);
     const sleeping = vcpuWord(this.slot, this.vcpu, V_SLEEPING);
@@ -406,7 +419,8 @@ export class EventChannels {
           await new Promise<void>((resolve) => setImmediate(resolve));
           continue;
         }
-        if (pollMicros > 0 && (await this.pollYielding(pollMicros, signal))) {
+        const poll = Math.min(fixedPoll ?? this.pollWindow, fixedPoll ?? this.pollMicros);
+        if (poll > 0 && (await this.pollYielding(poll, signal))) {
           t.count(this.slot, C_POLL_HITS);
           continue;
         }
@@ -416,13 +430,21 @@ export class EventChannels {
         if (r.async) {
           t.count(this.slot, C_SLEEPS);
           this.keepAlive.ref();
+          const slept = performance.now();
           try { await r.value; } finally { this.keepAlive.unref(); }
+          if (fixedPoll === undefined) this.adaptPoll((performance.now() - slept) * 1000);
         }
         Atomics.store(t.dom, sleeping, 0);
       }
     } finally {
       if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort);
     }
+  }
+
+  /** After a sleep of `sleptMicros`: grow the polling window if polling longer would have caught the event, else drop it. */
+  private adaptPoll(sleptMicros: number): void {
+    if (sleptMicros <= this.pollMicros) this.pollWindow = Math.min(this.pollMicros, Math.max(POLL_GROW_START_MICROS, this.pollWindow * 2));
+    else this.pollWindow = 0;
   }
 
   /**

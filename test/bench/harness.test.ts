@@ -83,6 +83,11 @@ function synthetic(): BenchDocument {
       nbd('nbdkit file', 'randread-4k-qd32', 'fio 4 KiB random read QD32', 40),
       nbd('blkif serve', 'read-1m-qd32', 'fio 1 MiB seq read QD32', 1194.27), nbd('qemu-nbd', 'read-1m-qd32', 'fio 1 MiB seq read QD32', 900),
       nbd('nbdkit file', 'read-1m-qd32', 'fio 1 MiB seq read QD32', 29.4),
+      // QD1: latency (p50, p99 µs) is what counts; perfOf(ops, bytes, seconds, p50, p99).
+      ...([['blkif serve', 60, 300], ['qemu-nbd', 30, 100], ['nbdkit file', 20, 150]] as const).map(([server, p50, p99]) => ({
+        id: `nbd/${server}/fio-randread-4k-qd1`, label: 'fio 4 KiB random read QD1', config: server,
+        workload: { pattern: 'randread' as const, blockSize: 4096, depth: 1 }, perf: perfOf(1000, 1000 * 4096, 1, p50, p99),
+      })),
     ],
     scaling: [],
     serveScaling: [
@@ -99,6 +104,7 @@ function synthetic(): BenchDocument {
       { indirect: 0, ringPageOrder: 0, segments: 11, slots: 32, bytesInFlight: 11 * 32 * 4096, perf: perfOf(100, 100 * MiB, 1, 300_000, 600_000), peakBytes: 11 * 32 * 4096, cpuPercent: 80 },
       { indirect: 256, ringPageOrder: 0, segments: 256, slots: 32, bytesInFlight: 32 * MiB, perf: perfOf(600, 600 * MiB, 1, 50_000, 90_000), peakBytes: 31 * MiB, cpuPercent: 150 },
     ],
+    inflightNbdStorage: { threads: 256, perf: perfOf(2000, 2000 * MiB, 1, 11_000, 15_000) },
     time: [
       { where: 'blkfront API', workload: r4k, perf: perfOf(1000, 1000 * 4096, 1, 10, 20), per: 'ring request', count: 1000,
         cpuUs: { 'guests (blkfront, NBD)': 10, 'driver domain': 30, 'queue threads': 0, 'main thread': 1, 'V8 and libuv helpers': 2 },
@@ -128,7 +134,7 @@ test('figures get their baselines as ratios, and the targets follow from them', 
   assert.equal(r.matrix[0]!.baseline, undefined, 'classic is the baseline itself');
   assert.equal(r.nbd[0]!.baseline?.ratio, 1.5);
   const t = new Map(doc.targets.map((x) => [x.name, x]));
-  assert.equal(doc.targets.length, 12, 'issue 17 names twelve targets');
+  assert.equal(doc.targets.length, 13, 'issue 17 names twelve targets, issue 23 adds QD1 latency');
   const check = (name: string, met: boolean | undefined, value?: number) => {
     const x = t.get(name);
     assert.ok(x !== undefined, `no target ${name}`);
@@ -147,6 +153,7 @@ test('figures get their baselines as ratios, and the targets follow from them', 
   check('scaling fairness: every VBD within 25% of the mean', false, 0.75);
   check('resident memory per VBD beyond the first', true, 20);
   check('bytes in flight: indirect 256 vs classic', true, 6);
+  check('NBD: blkif serve vs nbdkit file, 4 KiB random read QD1, p50 latency', false, 3);
   // Targets read in their own units.
   const md = renderText(doc);
   assert.match(md, /scaling fairness: every VBD within 25% of the mean\s+<= 25%\s+75%\s+not met/);
@@ -196,7 +203,13 @@ test('a report is written with its charts, and the latest copy links them', asyn
   assert.match(md, /\| 16 \| 1,600 \| 6\.40 \| 1\.60x \| 0\.25x \| 1\.05x \| 75% \|/);
   assert.match(md, /\| vbd1 \(image file\) beside busy vbd0 \| 4,000 \|.*\| 0\.80x \|/);
   assert.match(md, /\| indirect 256, ring order 0 \| 256 x 32 \| 32 MiB \| 32 MiB \| 600 \| 6\.00x \| 31 MiB \| 1,600 \| 150 \|/);
-  assert.match(md, /holds classic \(11-segment requests\) to 68\.8 MiB\/s, so indirect 256 meets 5x classic only at 500 MiB\/s or more/);
+  // A document without inflightNbdThreads ran nbdkit's default 16 threads.
+  assert.match(md, /would hold classic \(11-segment requests\) to 68\.8 MiB\/s, so indirect 256 meets 5x classic at 500 MiB\/s or more/);
+  assert.match(md, /\| the storage alone \(fio straight at nbdkit\) \| – \| – \| 32 MiB \| 2,000 \| 20\.0x \| – \| 1,600 \| – \| 11,000 \| 15,000 \|/);
+  assert.match(md, /the storage alone, the same fio job straight at it, gave 2,000 MiB\/s/);
+  // QD1: each server's latency, blkif serve's as ratios of nbdkit's and qemu-nbd's (lower is better).
+  assert.match(md, /\| fio 4 KiB random read QD1 \| blkif serve \| 60\.0 \| 300 \| 3\.00x \| 2\.00x \| 2\.00x \| 3\.00x \|/);
+  assert.match(md, /\| fio 4 KiB random read QD1 \| nbdkit file \| 20\.0 \| 150 \| 1\.00x \(baseline\) \| 1\.00x \(baseline\) \| 0\.67x \| 1\.50x \|/);
   assert.match(md, /kept about 6 MiB in service on average/);
   for (const f of ['nbd-servers.svg', 'bytes-in-flight.svg']) assert.ok(existsSync(join(path, '..', f)), f);
   assert.ok(existsSync(join(path, '..', 'results.json')));
@@ -264,7 +277,7 @@ test('a speed target not met is read against the profile row of its own path and
   ], rows);
   assert.equal(lines.length, 2, 'one line per target not met, none for one met');
   assert.match(lines[0]!, /4 KiB random read QD32.*: 50\.0 µs of CPU per I\/O/, 'the 4 KiB target reads the serve 4 KiB row (40 + 10 µs)');
-  assert.match(lines[0]!, /three threads/);
+  assert.match(lines[0]!, /two threads/);
   assert.match(lines[1]!, /: 510 µs of CPU per I\/O.*200 grant maps/, 'the 1 MiB target reads the serve 1 MiB row');
   assert.match(lines[1]!, /persistent-grant cache/);
 });

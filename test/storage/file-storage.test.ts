@@ -326,3 +326,46 @@ test('flush is fdatasync: the sync call in sync mode, the callback one in async 
     syncBuiltinESMExports();
   }
 });
+
+test('setOwnThread: a handle its thread serves alone reads and writes with blocking calls; told otherwise, through the pool again', async () => {
+  const p = fresh('own-thread.img');
+  await FileStorage.create(p, MiB);
+  const spies = { readvSync: mock.method(fs, 'readvSync'), writevSync: mock.method(fs, 'writevSync'), readv: mock.method(fs, 'readv'), writev: mock.method(fs, 'writev') };
+  syncBuiltinESMExports();
+  const calls = () => Object.fromEntries(Object.entries(spies).map(([k, v]) => [k, v.mock.callCount()]));
+  const s = await FileStorage.open(p);
+  try {
+    // One write and one read of a 4 KiB block: which calls they made, and that the bytes land.
+    const probe = async (fill: number) => {
+      for (const spy of Object.values(spies)) spy.mock.resetCalls();
+      await s.write(8192, [pattern(fill, 4096)]);
+      const got = new Uint8Array(4096);
+      await s.read(8192, [got]);
+      assert.deepEqual(got, pattern(fill, 4096));
+      assert.deepEqual(new Uint8Array(readFileSync(p).subarray(8192, 8192 + 4096)), pattern(fill, 4096));
+      return calls();
+    };
+    const pool = { readvSync: 0, writevSync: 0, readv: 1, writev: 1 };
+    const blocking = { readvSync: 1, writevSync: 1, readv: 0, writev: 0 };
+    assert.deepEqual(await probe(11), pool);
+    s.setOwnThread(true);
+    assert.deepEqual(await probe(12), blocking);
+    s.setOwnThread(false);
+    assert.deepEqual(await probe(13), pool);
+    // io: 'sync' stays blocking whatever the hint says.
+    const t = await FileStorage.open(p, { io: 'sync' });
+    try {
+      t.setOwnThread(false);
+      for (const spy of Object.values(spies)) spy.mock.resetCalls();
+      assert.deepEqual(await readBytes(t, 8192, 4096), pattern(13, 4096));
+      assert.equal(spies.readvSync.mock.callCount(), 1);
+      assert.equal(spies.readv.mock.callCount(), 0);
+    } finally {
+      await t.close();
+    }
+  } finally {
+    await s.close();
+    for (const spy of Object.values(spies)) spy.mock.restore();
+    syncBuiltinESMExports();
+  }
+});

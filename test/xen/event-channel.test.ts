@@ -148,3 +148,41 @@ describe('event channels', () => {
     assert.equal(hv.counters().channelsBound, 0);
   });
 });
+
+describe('adaptive polling (KVM halt-polling)', () => {
+  let hv: Hypervisor;
+  let a: XenDomain;
+  let b: XenDomain;
+  // A budget of 20 ms, so that timers can land inside or outside it.
+  const BUDGET_US = 20_000;
+  before(() => {
+    hv = new Hypervisor({ dom0MemoryPages: 4 });
+    a = hv.createLocalDomain({ memoryPages: 4, pollMicros: 0 });
+    b = hv.createLocalDomain({ memoryPages: 4, pollMicros: BUDGET_US });
+  });
+  after(() => hv.shutdown());
+
+  test('polls while events come soon; after a sleep longer than the budget it sleeps at once; a wait\'s own budget is not adapted', async () => {
+    const pa = a.events.allocUnbound(b.domid);
+    const pb = b.events.bindInterdomain(a.domid, pa);
+    assert.deepEqual(await b.events.wait({ pollMicros: 0 }), [pb]); // the bind-time pending bit
+    /** One wait of b with a's notify `afterMs` later: whether polling caught it, or b slept. */
+    const once = async (afterMs: number, opts: { pollMicros?: number } = {}) => {
+      const before = hv.counters();
+      const t = setTimeout(() => a.events.notify(pa), afterMs);
+      try {
+        assert.deepEqual(await b.events.wait(opts), [pb]);
+      } finally {
+        clearTimeout(t);
+      }
+      const now = hv.counters();
+      return { polled: now.pollHits - before.pollHits, slept: now.sleeps - before.sleeps };
+    };
+    assert.deepEqual(await once(5), { polled: 1, slept: 0 }, 'the window starts at the budget: 5 ms is caught polling');
+    assert.deepEqual(await once(60), { polled: 0, slept: 1 }, '60 ms: the budget spent, then a sleep of ~40 ms');
+    assert.deepEqual(await once(5), { polled: 0, slept: 1 }, 'after a sleep past the budget the window is 0: no polling');
+    assert.deepEqual(await once(5, { pollMicros: BUDGET_US }), { polled: 1, slept: 0 }, 'a wait\'s own budget polls whatever the window');
+    a.events.close(pa);
+    b.events.close(pb);
+  });
+});
