@@ -597,7 +597,9 @@ test('an unprivileged guest never reads, hears of or changes what its permission
         if (i % 4 === 0) await good.step(what);
       }
       // The attacker's events: only paths it may read now, or registration echoes of its own watches.
-      await within(unlessGone(c.read(`/local/domain/${ATTACKER}`)), 'attacker round trip', WAIT);
+      // Any answer will do (OK, ENOENT, or EACCES once the guest removed its own home: /local/domain
+      // is not its to read, so xenstored hides whether the node exists); it only orders the events.
+      await within(code(c.read(`/local/domain/${ATTACKER}`)), 'attacker round trip', WAIT);
       for (const e of heard) {
         if (registered.has(e.path) || [...registered].some((w) => abs(w) === abs(e.path))) continue;
         const p = abs(e.path);
