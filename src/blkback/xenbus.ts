@@ -27,7 +27,7 @@ import {
 } from '../abi/index.js';
 import { storageShareable, type StorageSpec } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import {
   XS_FRONTEND,
   XS_FRONTEND_ID,
@@ -51,7 +51,7 @@ import type { QueueSetup } from './queue-thread.js';
 import type { VbdLimits } from './validate.js';
 
 export interface BlkbackDeps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly xs: XenstoreClient;
   /** The backend directory the toolstack created (with `frontend`, `frontend-id`, `state`). */
   readonly backDir: string;

@@ -19,7 +19,7 @@ import {
   xsRingRefN,
 } from '../abi/index.js';
 import { MAX_RING_PAGE_ORDER } from '../ring/index.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import {
   XS_BACKEND,
   XS_BACKEND_ID,
@@ -45,7 +45,7 @@ import type { BlkfrontOptions } from './options.js';
 import type { PagePool } from './page-pool.js';
 
 export interface BlkfrontDeps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly xs: XenstoreClient;
   /** The frontend directory the toolstack created (with `backend`, `backend-id`, `state`). */
   readonly frontDir: string;
