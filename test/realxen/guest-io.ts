@@ -76,3 +76,25 @@ export function checkGuestIo(report: readonly [string, string[]][], imagePath: s
   assert.ok(last.size > 0, 'random writes reported');
   for (const [off, sha] of last) assert.equal(sha256(image.subarray(off, off + 4096)), sha, `the guest's 4 KiB write at ${off} is in the image`);
 }
+
+/**
+ * A guest of a read-only VBD: it reads the disk, then tries to write and discard anyway (its
+ * block layer's read-only flag turned off first, so what it can send reaches the backend), and
+ * reads again. Each attempt reports `accepted` or `refused`.
+ */
+export function guestReadOnlyScript(blkfrontArgs = ''): string {
+  return `set -u
+insmod /modules/xen-blkfront.ko ${blkfrontArgs} || echo "RESULT error insmod"
+i=0; while [ ! -b /dev/xvda ]; do i=$((i+1)); if [ $i -gt 600 ]; then echo "RESULT error no-xvda"; exit 1; fi; sleep 0.1; done
+echo "RESULT size $(blockdev --getsize64 /dev/xvda)"
+echo "RESULT ro $(cat /sys/block/xvda/ro)"
+echo "RESULT read-all $(dd if=/dev/xvda bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+blockdev --setrw /dev/xvda
+dd if=/dev/urandom of=/tmp/b bs=4096 count=1 2>/dev/null
+if dd if=/tmp/b of=/dev/xvda bs=4096 seek=16 oflag=direct conv=notrunc 2>/dev/null; then echo "RESULT ro-write accepted"; else echo "RESULT ro-write refused"; fi
+if blkdiscard -o 0 -l 65536 /dev/xvda 2>/dev/null; then echo "RESULT ro-discard accepted"; else echo "RESULT ro-discard refused"; fi
+sync
+echo "RESULT read-all-after $(dd if=/dev/xvda bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+echo "RESULT done"
+`;
+}
