@@ -101,7 +101,10 @@ export class VbdBus {
       const spec = storageFromArgument(params, { sectorSize: 512, readOnly: !mode.includes('w') });
       if (spec === undefined) throw new Error(`params ${JSON.stringify(params)}: not a file or an NBD URI`);
       const storage = await openStorage(spec, log);
-      const be = await Blkback.start({ xen, xs, backDir: dir, storage, storageSpec: spec, options: { ...this.o.blkback, queueThreads: false }, log: (m) => log(`${dir}: ${m}`) });
+      // libxl's `discard-enable` (the disk line's discard/no-discard): 0 means no feature-discard, as Linux blkback reads it.
+      const discardEnable = await xs.read(`${dir}/discard-enable`).catch(() => '1');
+      const options = { ...this.o.blkback, queueThreads: false, ...(discardEnable === '0' ? { discard: false } : {}) };
+      const be = await Blkback.start({ xen, xs, backDir: dir, storage, storageSpec: spec, options, log: (m) => log(`${dir}: ${m}`) });
       if (this.served.get(dir) !== 'starting' || this.closed) {
         await be.close();
         await storage.close();

@@ -36,7 +36,7 @@ name = "guest"
 kernel = "${img.inputs.vmlinuz}"
 ramdisk = "/tmp/work/domu.cpio"
 extra = "console=hvc0 loglevel=4"
-memory = 192
+memory = 128
 vcpus = 1
 on_poweroff = "destroy"
 on_crash = "destroy"
