@@ -7,9 +7,19 @@
  */
 import { createRequire } from 'node:module';
 
-type Koffi = typeof import('koffi');
-// koffi's declared function type: a call with any arguments.
+// A C function as koffi binds it: a call with any arguments.
 type Fn = (...args: unknown[]) => unknown;
+/**
+ * The part of koffi's API used here, declared here so that blkif builds where koffi (an
+ * optional dependency) is not installed.
+ */
+interface Koffi {
+  load(path: string): { func(declaration: string): Fn };
+  /** An ArrayBuffer over `len` bytes at a C pointer, without a copy. */
+  view(ptr: unknown, len: number): ArrayBuffer;
+  address(ptr: unknown): bigint;
+  errno(): number;
+}
 /** An opaque C pointer as koffi hands it back (null for NULL). */
 export type Pointer = object;
 

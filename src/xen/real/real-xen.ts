@@ -26,7 +26,7 @@ export interface RealXenOptions {
   readonly domid: number;
   /** Grants gntdev lets us map at once (its default is small). */
   readonly maxGrants?: number;
-  /** Pages of our own for grant copy. */
+  /** Pages of our own for grant copy (default 16384: 64 MiB of address space). */
   readonly memoryPages?: number;
 }
 
@@ -284,7 +284,9 @@ export class RealXen implements XenAccess {
     if (n.gnttabSetMaxGrants(xgt, o.maxGrants ?? 65536) !== 0 && errno() !== EBADF) {
       // Older gntdev without a limit to raise: its default stands.
     }
-    const pages = o.memoryPages ?? 1024;
+    // Grant copy's bounce pages: blkback takes up to grantCopyPages (4104 by default) per VBD.
+    // An anonymous private mapping costs only the pages touched.
+    const pages = o.memoryPages ?? 16384;
     const region = n.mmap(null, pages * XEN_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) as Pointer | null;
     if (region === null || n.koffi.address(region) === 0xffffffffffffffffn) {
       n.gnttabClose(xgt);
