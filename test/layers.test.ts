@@ -16,7 +16,7 @@ const SRC = fileURLToPath(new URL('../../src/', import.meta.url));
 /** Lowest first; a layer may import those of a lower rank. Peers share a rank. */
 const RANK: Readonly<Record<string, number>> = {
   abi: 0, ring: 1, xen: 2, xenstore: 2, xenbus: 3, nbd: 4, storage: 5, blkfront: 6, blkback: 6,
-  toolstack: 7, product: 8, '(entry)': 9, cli: 10,
+  toolstack: 7, 'driver-domain': 7, product: 8, '(entry)': 9, cli: 10,
 };
 
 interface Edge { readonly from: string; readonly to: string; readonly kind: 'import' | 'worker' }

@@ -6,7 +6,7 @@
 import { BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST, EINVAL, EIO, ENOMEM, type BlkifAbi } from '../abi/index.js';
 import { ringSizeFor } from '../ring/index.js';
 import type { BlockStorage } from '../storage/storage.js';
-import { XEN_PAGE_SIZE, type XenDomain } from '../xen/index.js';
+import { XEN_PAGE_SIZE, canStartVcpus, type XenAccess } from '../xen/index.js';
 import type { VbdCounters } from './counters.js';
 import type { BlkbackOptions } from './options.js';
 import { BouncePool } from './page-access.js';
@@ -28,7 +28,7 @@ export function newConnection(): Connection {
 
 /** What the queues of one connection are set up with. */
 export interface ConnectionSetup {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly frontDomid: number;
   readonly abi: BlkifAbi;
   readonly order: number;
@@ -61,6 +61,8 @@ export interface ConnectRefusal {
  */
 export async function startQueues(conn: Connection, s: ConnectionSetup): Promise<ConnectRefusal | undefined> {
   const { xen, options: o } = s;
+  // Queue threads are vCPU threads of the backend's domain: a Xen without them serves every queue here.
+  const threaded = s.threaded && canStartVcpus(xen);
   const nq = s.rings.length;
   const maxSegs = Math.max(o.maxIndirectSegments, BLKIF_MAX_SEGMENTS_PER_REQUEST);
   // Grant copy's bounce pages: one pool per VBD, or a share of it lent to each queue thread
@@ -72,17 +74,17 @@ export async function startQueues(conn: Connection, s: ConnectionSetup): Promise
     try {
       // A queue thread allocates only what it was lent (a vCPU cannot create pages); this
       // thread's pool takes pages as copies first need them, after checking they are there.
-      if (s.threaded) for (let q = 0; q < nq; q++) lend.push(xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
+      if (threaded) for (let q = 0; q < nq; q++) lend.push(xen.memory.alloc(each + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST));
       else if (xen.memory.freePages < want) throw new Error(`out of memory: ${want} pages wanted, ${xen.memory.freePages} free`);
       else conn.pools.push(new BouncePool(xen, [], want));
     } catch (e) {
       for (const f of lend) xen.memory.free(f);
-      return { errno: ENOMEM, why: `no memory for ${s.threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}` };
+      return { errno: ENOMEM, why: `no memory for ${threaded ? `${nq} x ${each}` : want} grant-copy pages: ${(e as Error).message}` };
     }
   }
   // Queue threads start together (each is a new thread: a few tens of ms); the ones that
   // came up join the connection before anything can fail, so a disconnect stops them.
-  const started = s.threaded ? await Promise.all(s.rings.map((r, q) => QueueThread.start({
+  const started = threaded ? await Promise.all(s.rings.map((r, q) => QueueThread.start({
     xen, index: q, frontDomid: s.frontDomid, protocol: s.abi.protocol, ring: r, storage: s.storageSpec!,
     limits: s.limits(), maxIndirectSegments: o.maxIndirectSegments, reqsPerPage: o.reqsPerPage, access: s.access,
     frames: lend[q] ?? [], housekeepingMs: o.housekeepingMs, onFatal: s.onFatal, log: s.log,

@@ -17,14 +17,14 @@ import {
   type BlkifAbi,
 } from '../abi/index.js';
 import { RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, type BackRing } from '../ring/index.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import type { BlockStorage } from '../storage/storage.js';
 import type { VbdCounters } from './counters.js';
 import type { PageAccess } from './page-access.js';
 import { classifyRequest, dataBytes, dataProblem, isRejection, type BackendRequest, type VbdLimits } from './validate.js';
 
 export interface DataPathDeps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly frontDomid: number;
   readonly ring: BackRing;
   readonly abi: BlkifAbi;

@@ -19,7 +19,7 @@ import {
 } from '../abi/index.js';
 import {
   DOMID_SELF, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTMAP_host_map, GNTMAP_readonly, GNTST_okay,
-  type GntCopyOp, type GntMapOp, type XenDomain,
+  type GntCopyOp, type GntMapOp, type XenAccess,
 } from '../xen/index.js';
 import type { VbdCounters } from './counters.js';
 
@@ -47,7 +47,7 @@ export interface PageAccess {
 }
 
 interface Deps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly frontDomid: number;
   readonly counters: VbdCounters;
 }
@@ -259,7 +259,7 @@ export class BouncePool {
   private waiters: { n: number; resolve: (frames: number[]) => void }[] = [];
   /** The most pages the pool holds: its capacity, or fewer once the domain ran out of memory. */
   private limit: number;
-  constructor(private readonly xen: XenDomain, frames: readonly number[], capacity = frames.length) {
+  constructor(private readonly xen: XenAccess, frames: readonly number[], capacity = frames.length) {
     this.owned = [...frames];
     this.free = [...frames];
     this.limit = Math.max(capacity, frames.length);

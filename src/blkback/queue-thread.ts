@@ -7,7 +7,7 @@
  */
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import type { StorageSpec } from '../storage/registry.js';
-import { EVTCHNSTAT_interdomain, type XenDomain } from '../xen/index.js';
+import { EVTCHNSTAT_interdomain, type XenAccessWithVcpus } from '../xen/index.js';
 import { sharedVbdCounters, type VbdCounters } from './counters.js';
 import type { QueueRing } from './queue.js';
 import type { VbdLimits } from './validate.js';
@@ -52,7 +52,7 @@ export type FromQueueThread =
 const SCRIPT = new URL('./queue-thread-main.js', import.meta.url);
 
 export interface QueueThreadOptions extends QueueSetup {
-  readonly xen: XenDomain;
+  readonly xen: XenAccessWithVcpus;
   /** Frames lent to the thread (grant copy's bounce pages); freed here once it has exited. */
   readonly frames: readonly number[];
   /** The thread found the frontend breaking the protocol, or died: disconnect the VBD. */

@@ -4,7 +4,7 @@
  * the control path's thread or in a queue thread of its own (queue-thread.ts).
  */
 import { BackRing, SharedRing } from '../ring/index.js';
-import { GNTMAP_host_map, GNTST_okay, type XenDomain } from '../xen/index.js';
+import { GNTMAP_host_map, GNTST_okay, type XenAccess } from '../xen/index.js';
 import type { VbdCounters } from './counters.js';
 import { DataPath, type DataPathDeps } from './data-path.js';
 import { GrantCopy, MapPerRequest, PersistentMaps, type BouncePool, type PageAccess } from './page-access.js';
@@ -30,7 +30,7 @@ export interface QueueDeps extends Pick<DataPathDeps, 'xen' | 'frontDomid' | 'ab
 
 export class Queue {
   private constructor(
-    private readonly xen: XenDomain,
+    private readonly xen: XenAccess,
     private readonly counters: VbdCounters,
     private readonly dataPath: DataPath,
     private readonly access: PageAccess,
@@ -89,7 +89,7 @@ export class Queue {
   }
 }
 
-function unmapRing(xen: XenDomain, counters: VbdCounters, handles: readonly number[]): void {
+function unmapRing(xen: XenAccess, counters: VbdCounters, handles: readonly number[]): void {
   if (handles.length === 0) return;
   counters.grant_unmap_ops += handles.length;
   xen.grants.unmap(handles);

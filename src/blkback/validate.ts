@@ -74,9 +74,13 @@ function backendRequest(
 
 /** Turns a decoded request into a backend request, or says why it is refused. */
 export function classifyRequest(req: BlkifRequest, vbd: VbdLimits): BackendRequest | Rejection {
+  // A flush or barrier without data covers no sectors, so its sector_number means nothing: Linux
+  // 6.1's blkfront sends the block layer's "no position", (sector_t)-1, and Linux blkback
+  // checks the range only of requests with sectors (xen_vbd_translate). Seen on real Xen.
+  const empty = (req.operation === BLKIF_OP_FLUSH_DISKCACHE || req.operation === BLKIF_OP_WRITE_BARRIER) && req.nr_segments === 0;
   // u64 sector numbers beyond 2^53 cannot be on any disk; refuse before converting.
-  if (req.sector_number > MAX_SECTOR) return reject(`sector ${req.sector_number} beyond the disk`);
-  const sector = Number(req.sector_number);
+  if (req.sector_number > MAX_SECTOR && !empty) return reject(`sector ${req.sector_number} beyond the disk`);
+  const sector = empty ? 0 : Number(req.sector_number);
   switch (req.operation) {
     case BLKIF_OP_READ:
       return backendRequest('read', req.id, BLKIF_OP_READ, sector, req.seg, req.nr_segments);

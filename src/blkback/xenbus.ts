@@ -7,7 +7,7 @@
 import { EIO, SECTOR_SHIFT, XS_MODE, XS_SECTORS, backendOfferNodes, diskFeatureNodes, diskNodes, type DiskFeatures } from '../abi/index.js';
 import { storageShareable, type StorageSpec } from '../storage/registry.js';
 import type { BlockStorage } from '../storage/storage.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import {
   XS_FRONTEND,
   XS_FRONTEND_ID,
@@ -32,7 +32,7 @@ import type { QueueSetup } from './queue-thread.js';
 import type { VbdLimits } from './validate.js';
 
 export interface BlkbackDeps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly xs: XenstoreClient;
   /** The backend directory the toolstack created (with `frontend`, `frontend-id`, `state`). */
   readonly backDir: string;

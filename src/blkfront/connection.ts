@@ -5,7 +5,7 @@
  * to be issued again and never reuses a page the backend still maps.
  */
 import { BLKIF_MAX_SEGMENTS_PER_REQUEST, abiByName, indirectPagesFor, type BlkifAbi } from '../abi/index.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import { GrantPerRequest, PersistentGrants, givePages, type GrantPolicy } from './grants.js';
 import type { BlkfrontCounters, Chunk, HeldRequest } from './io.js';
 import type { BackendTransport } from './negotiate.js';
@@ -30,7 +30,7 @@ export interface Connection {
 }
 
 export interface OpenConnection {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly pool: PagePool;
   readonly counters: BlkfrontCounters;
   readonly options: BlkfrontOptions;
@@ -81,7 +81,7 @@ export interface Released {
  * Lets go of the connection (Linux `blkif_free` and `blkif_recover`'s gathering): each queue's
  * requests released before its ring, then the persistent grants ended.
  */
-export function releaseConnection(conn: Connection, xen: XenDomain, pool: PagePool): Released {
+export function releaseConnection(conn: Connection, xen: XenAccess, pool: PagePool): Released {
   const again: Chunk[] = [];
   const held: HeldRequest[] = [];
   let ringLeaked = 0;

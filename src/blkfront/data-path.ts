@@ -6,7 +6,7 @@
  * violation goes back to the control path (`onBroken`), which stops the device.
  */
 import { BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_OKAY, XEN_PAGE_SIZE } from '../abi/index.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import type { Connection } from './connection.js';
 import { givePages } from './grants.js';
 import { BlkfrontError, type BlkfrontCounters, type Chunk, type IoOp, type Phase, type RefusedFeature } from './io.js';
@@ -17,7 +17,7 @@ import { issueRequest } from './request.js';
 import type { ShadowEntry } from './shadow.js';
 
 export interface DataPathDeps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly pool: PagePool;
   readonly counters: BlkfrontCounters;
   readonly handle: number;

@@ -9,7 +9,7 @@
  * Either way a page whose grant the backend still maps is not reused while it does (page-pool.ts
  * retries ending such grants, as Linux defers them).
  */
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import { BlkfrontError, type BlkfrontCounters } from './io.js';
 import type { PagePool } from './page-pool.js';
 import type { ShadowEntry } from './shadow.js';
@@ -40,7 +40,7 @@ export function givePages(pool: PagePool, s: ShadowEntry<unknown>): void {
 }
 
 interface GrantDeps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly backDomid: number;
   readonly pool: PagePool;
   readonly counters: BlkfrontCounters;

@@ -4,7 +4,7 @@
  * and reused, never given back before close: no allocation per request once warm. The pool size
  * bounds the bytes in flight; an idle or lightly used disk holds few pages.
  */
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 
 /** Pages the pool takes from the domain at once when it needs more. */
 export const GROW_CHUNK = 64;
@@ -34,7 +34,7 @@ export class PagePool {
   private readonly onLoan: number[] = [];
   private disposed = false;
 
-  constructor(private readonly xen: XenDomain, count: number) {
+  constructor(private readonly xen: XenAccess, count: number) {
     if (!Number.isInteger(count) || count < 1) throw new RangeError(`pool of ${count} pages`);
     this.limit = count;
   }

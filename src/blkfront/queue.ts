@@ -6,7 +6,7 @@
  */
 import { decodeResponse, type BlkifAbi } from '../abi/index.js';
 import { FrontRing, RING_CONSUMED, RING_PEER_OVERFLOW, RingEntry, SharedRing } from '../ring/index.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import { allocEvtchn, grantRing } from '../xenbus/index.js';
 import type { Chunk } from './io.js';
 import { ShadowTable, type ShadowEntry } from './shadow.js';
@@ -53,7 +53,7 @@ export class Queue {
    * Allocates and grants `1 << order` ring pages and an unbound channel to `backDomid`; `onEvent`
    * runs on every notification from the backend.
    */
-  static open(xen: XenDomain, backDomid: number, abi: BlkifAbi, order: number, index: number, onEvent: (q: Queue) => void): Queue {
+  static open(xen: XenAccess, backDomid: number, abi: BlkifAbi, order: number, index: number, onEvent: (q: Queue) => void): Queue {
     const ringFrames = xen.memory.alloc(1 << order);
     const ring = FrontRing.init(new SharedRing(ringFrames.map((f) => xen.memory.page(f)), abi.entrySize));
     const ringRefs = grantRing(xen, backDomid, ringFrames);
@@ -106,7 +106,7 @@ export class Queue {
    * and its entry released, then the ring's grants ended. A ring page the backend still maps goes
    * to `stuck` (freed once its grant can be ended); returns how many it still maps.
    */
-  close(xen: XenDomain, unanswered: (s: ShadowEntry<Chunk>) => void, stuck: (frame: number, ref: number) => void): number {
+  close(xen: XenAccess, unanswered: (s: ShadowEntry<Chunk>) => void, stuck: (frame: number, ref: number) => void): number {
     this.offEvent();
     clearTimeout(this.batchTimer);
     xen.events.close(this.port);

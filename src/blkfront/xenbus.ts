@@ -13,7 +13,7 @@
  * abi/negotiation.ts, the data path in data-path.ts (RequestPipe).
  */
 import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, frontendRingNodes } from '../abi/index.js';
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import {
   XS_BACKEND,
   XS_BACKEND_ID,
@@ -40,7 +40,7 @@ import type { PagePool } from './page-pool.js';
 import type { Queue } from './queue.js';
 
 export interface BlkfrontDeps {
-  readonly xen: XenDomain;
+  readonly xen: XenAccess;
   readonly xs: XenstoreClient;
   /** The frontend directory the toolstack created (with `backend`, `backend-id`, `state`). */
   readonly frontDir: string;

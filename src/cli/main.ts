@@ -5,6 +5,7 @@ import { VERSION } from '../index.js';
 import { UsageError } from './errors.js';
 import { ringCommand } from './ring.js';
 import { serveCommand } from './serve.js';
+import { xenBackendCommand } from './xen-backend.js';
 import { xenstoredCommand } from './xenstored.js';
 
 const program = new Command('blkif')
@@ -13,7 +14,8 @@ const program = new Command('blkif')
   .showHelpAfterError('(run with --help for usage)')
   .addCommand(serveCommand())
   .addCommand(ringCommand())
-  .addCommand(xenstoredCommand());
+  .addCommand(xenstoredCommand())
+  .addCommand(xenBackendCommand());
 
 // Every command's usage errors exit 2 (commander's own included), with one line on stderr.
 program.exitOverride();

@@ -13,3 +13,5 @@ export type { EvtchnStatus, WaitOptions } from './event-channel.js';
 export type { XenCounters } from './shared-tables.js';
 export { checkedByDefault, VIOLATION_KINDS } from './checked.js';
 export type { ViolationKind, XenViolation } from './checked.js';
+export { canStartVcpus } from './access.js';
+export type { XenAccess, XenAccessWithVcpus, GrantAccess, EventAccess, MemoryAccess } from './access.js';

@@ -2,7 +2,7 @@
  * Xenbus helpers a split driver uses on either end (Linux drivers/xen/xenbus: xenbus_switch_state,
  * xenbus_grant_ring, xenbus_alloc_evtchn, and waiting for the other end's state through a watch).
  */
-import type { XenDomain } from '../xen/index.js';
+import type { XenAccess } from '../xen/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
 import { XS_STATE } from './paths.js';
 import { parseXenbusState, xenbusMayMove, xenbusStateName, type XenbusSide, type XenbusState } from './state.js';
@@ -64,7 +64,7 @@ export async function waitForState(
 }
 
 /** `xenbus_grant_ring`: grants each ring page to the other end, in page order; returns the refs. */
-export function grantRing(xen: XenDomain, otherend: number, frames: readonly number[]): number[] {
+export function grantRing(xen: XenAccess, otherend: number, frames: readonly number[]): number[] {
   const refs: number[] = [];
   for (const frame of frames) {
     // Both ends write a ring for as long as it is shared (ring.h).
@@ -79,7 +79,7 @@ export function grantRing(xen: XenDomain, otherend: number, frames: readonly num
 }
 
 /** `xenbus_alloc_evtchn`: an unbound port the other end will bind. */
-export function allocEvtchn(xen: XenDomain, otherend: number): number {
+export function allocEvtchn(xen: XenAccess, otherend: number): number {
   const port = xen.events.allocUnbound(otherend);
   if (port < 0) throw new XenbusError(`allocating an event channel for domain ${otherend} failed (${port})`);
   return port;

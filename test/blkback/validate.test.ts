@@ -41,6 +41,16 @@ test('reads and writes inside the disk pass; past its end they fail', () => {
   assert.equal(verdict(write(2047n, [[3, 3]]), rw), 'ok');
 });
 
+test("a flush or barrier without data is served whatever its sector (Linux 6.1 sends (sector_t)-1); with data, its range is checked", () => {
+  const flush = (sector: bigint, segs: [number, number][]) => ({ ...write(sector, segs), operation: BLKIF_OP_FLUSH_DISKCACHE } as BlkifRequest);
+  const barrier = (sector: bigint, segs: [number, number][]) => ({ ...write(sector, segs), operation: BLKIF_OP_WRITE_BARRIER } as BlkifRequest);
+  assert.equal(verdict(flush(0xffffffffffffffffn, []), rw), 'ok');
+  assert.equal(verdict(barrier(0xffffffffffffffffn, []), rw), 'ok');
+  assert.equal(verdict(flush(0xffffffffffffffffn, [[0, 7]]), rw), 'error');
+  assert.equal(verdict(flush(2041n, [[0, 7]]), rw), 'error');
+  assert.equal(verdict(flush(2040n, [[0, 7]]), rw), 'ok');
+});
+
 test('segments must satisfy first_sect <= last_sect <= 7', () => {
   assert.equal(verdict(read(0n, [[4, 3]]), rw), 'error');
   assert.equal(verdict(read(0n, [[0, 8]]), rw), 'error');

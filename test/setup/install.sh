@@ -30,6 +30,15 @@ if [ "${BLKIF_TEST_NO_INSTALL:-}" != 1 ]; then
   fi
   if [ "$sudo" != none ]; then
     echo "installing Debian packages the tests need: $need" >&2
+    # Xen's tools would start their services as they install (xencommons, xendomains): refuse
+    # service starts for this install only, unless the machine already has its own policy.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+      # shellcheck disable=SC2064 # the path is fixed now
+      trap "$sudo rm -f $policy" EXIT
+      printf '#!/bin/sh\n# blkif test/setup/install.sh: no service starts while it installs\nexit 101\n' | $sudo tee "$policy" >/dev/null
+      $sudo chmod 755 "$policy"
+    fi
     # shellcheck disable=SC2086 # $need is a list of package names
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >&2
