@@ -37,7 +37,7 @@ import {
   type XenbusState,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
-import { openConnection, releaseConnection, type Connection } from './connection.js';
+import { openConnection, releaseConnection, settlePersistent, type Connection } from './connection.js';
 import type { DataPath, RefusedFeature } from './data-path.js';
 import { BlkfrontError, type BlkfrontCounters, type HeldRequest, type IoGate, type Phase } from './io.js';
 import { readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
@@ -228,6 +228,17 @@ export class BlkfrontXenbus {
           this.phase = 'connecting';
           this.armWaitTimer();
           await this.dev.switchState(XenbusStateClosing);
+          // Linux's blkback goes Closed only once we are (its frontend_changed), as Linux's
+          // blkfront_closing does at once: let the ring's requests be answered, then let go
+          // (what was never answered is issued again to the next backend) and close our end.
+          // Not awaited here: the backend's own Closed (ours goes Closed on our Closing) must not
+          // wait behind it.
+          const conn = this.conn;
+          void this.io.ringIdle(this.d.options.connectTimeoutMs).then(() => this.dev.enqueue(async () => {
+            if (this.conn !== conn || this.state !== XenbusStateClosing || this.userClosing) return;
+            this.teardown();
+            await this.dev.switchState(XenbusStateClosed);
+          })).catch((e: unknown) => this.log(`closing: ${(e as Error).message}`));
         }
         break;
       case XenbusStateClosed:
@@ -289,6 +300,8 @@ export class BlkfrontXenbus {
     }
     this.disk = disk;
     this.infoCache = undefined;
+    const offered = (await this.d.xs.read(`${this.backDir}/${XS_FEATURE_PERSISTENT}`).catch(() => '0')) === '1';
+    if (this.conn !== undefined && settlePersistent(this.conn, offered, this.d)) this.log(`backend ${offered ? 'offers' : 'withdrew'} feature-persistent once connected`);
     await this.dev.switchState(XenbusStateConnected);
     this.phase = 'connected';
     clearTimeout(this.waitTimer);
