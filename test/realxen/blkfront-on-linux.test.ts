@@ -23,6 +23,8 @@ const FRONT = `/local/domain/0/device/vbd/${DEVID}`;
 let work = '';
 let bootError: Error | undefined;
 let imageSha = '';
+let disk2Sha = '';
+let patternSha = '';
 let report: [string, string[]][] = [];
 let log = '';
 /** Cases that passed: the work directory (every log) stays unless all did. */
@@ -50,6 +52,8 @@ before(async () => {
   work = workDir('blkfront-on-linux');
   imageSha = makeImage(join(work, 'disk.img'));
   writeScript(join(work, 'hotplug-loop'), LOOP_HOTPLUG);
+  disk2Sha = makeImage(join(work, 'disk2.img'));
+  patternSha = makeImage(join(work, 'pattern.img'));
   writeScript(join(work, 'dom0.sh'), `${DOM0_PRELUDE}
 insmod /run/rig-modules/xen-blkback.ko || exit 93
 # gntalloc's default limit (1024 grants) is below what our blkfront shares.
@@ -59,6 +63,20 @@ xl block-attach 0 'format=raw, vdev=${VDEV}, access=rw, script=/tmp/work/hotplug
 echo "RIG: attached $(date +%s)"
 node ${ROOT}/dist/test/realxen/blkfront-dom0.js ${FRONT} /tmp/disk.img ${VDEV} > /tmp/work/blkfront.out 2> /tmp/work/blkfront.log
 echo "RIG: blkfront exit $? $(date +%s)"
+# blkif xen-frontend: a second VBD attached the same way, exported over NBD, read and written by nbdcopy.
+cp /tmp/work/disk2.img /tmp/disk2.img
+# The init brings up no network: the NBD client connects over loopback.
+ip link set lo up || busybox ifconfig lo 127.0.0.1 up
+xl block-attach 0 'format=raw, vdev=xvdc, access=rw, script=/tmp/work/hotplug-loop, target=/tmp/disk2.img' > /tmp/work/attach2.log 2>&1 || { cat /tmp/work/attach2.log; rig_diag; }
+node ${ROOT}/dist/src/cli/blkif.cjs xen-frontend 51744 --port 10809 --queues 2 > /tmp/work/frontend.out 2> /tmp/work/frontend.log &
+fpid=$!
+if wait_for "blkif xen-frontend ready" 90 grep -q ready /tmp/work/frontend.out; then
+  nbdcopy nbd://127.0.0.1:10809 /tmp/work/nbd-read.img > /tmp/work/nbdcopy.log 2>&1 && echo "RIG: nbd read $(date +%s)"
+  nbdcopy /tmp/work/pattern.img nbd://127.0.0.1:10809 >> /tmp/work/nbdcopy.log 2>&1 && echo "RIG: nbd written $(date +%s)"
+fi
+kill -TERM $fpid; wait $fpid; echo "RIG: xen-frontend exit $?"
+xl block-detach 0 xvdc > /tmp/work/detach2.log 2>&1; echo "RIG: xvdc detach exit $?"
+cp /tmp/disk2.img /tmp/work/disk2-final.img
 # The emulator against Xen, in the same boot: docs/real-xen.md's probes.
 node ${ROOT}/dist/test/realxen/xen-rules-dom0.js > /tmp/work/rules.out 2> /tmp/work/rules.log
 echo "RIG: probes exit $? $(date +%s)"
@@ -156,6 +174,17 @@ describe('real Xen: blkif blkfront in dom0 -> Linux xen-blkback', () => {
     passed++;
   });
 
+  test('blkif xen-frontend: the disk exported over NBD reads as the image, and nbdcopy\'s writes land in it; it exits holding nothing', () => {
+    if (bootError !== undefined) throw bootError;
+    const flog = readFileSync(join(work, 'frontend.log'), 'latin1');
+    assert.match(readFileSync(join(work, 'frontend.out'), 'latin1'), /^ready nbd:\/\/127\.0\.0\.1:10809/m, flog);
+    assert.match(flog, /attached: 16777216 bytes, indirect 256, 2 queue\(s\)/);
+    assert.equal(sha256(readFileSync(join(work, 'nbd-read.img'))), disk2Sha, 'read over NBD through our blkfront');
+    assert.equal(sha256(readFileSync(join(work, 'disk2-final.img'))), patternSha, 'written over NBD through our blkfront');
+    assert.match(flog, /exiting: held mapped=0 bound=0/);
+    passed++;
+  });
+
   test('the emulator against Xen: real Xen answers each checked-hypervisor rule as docs/real-xen.md says', () => {
     if (bootError !== undefined) throw bootError;
     assert.ok(rules.has('done'), `the probes finished\n${rulesLog}`);
@@ -164,7 +193,7 @@ describe('real Xen: blkif blkfront in dom0 -> Linux xen-blkback', () => {
   });
 
   test('the work directory goes when every case passed', () => {
-    assert.equal(passed, 8, `kept for a look: ${work}`);
+    assert.equal(passed, 9, `kept for a look: ${work}`);
     rmSync(work, { recursive: true, force: true });
   });
 });
