@@ -21,9 +21,13 @@ export interface Connection {
   /** Segments per request in use: 11 without indirect, else the negotiated indirect maximum. */
   readonly maxSegments: number;
   readonly indirect: boolean;
-  /** `feature-persistent` on both ends: pages keep their (writable) grant for the whole connection. */
-  readonly persistent: boolean;
-  readonly grants: GrantPolicy;
+  /**
+   * `feature-persistent` on both ends: pages keep their (writable) grant for the whole connection.
+   * Settled again when the backend connects (`settlePersistent`): Linux's blkback writes its
+   * feature-persistent only then.
+   */
+  persistent: boolean;
+  grants: GrantPolicy;
   readonly queues: Queue[];
   /** Round-robin start for spreading requests over the queues. */
   next: number;
@@ -65,6 +69,21 @@ export function openConnection(o: OpenConnection): Connection {
   o.adopt(conn);
   for (let i = 0; i < nq; i++) conn.queues.push(Queue.open(xen, backDomid, abi, order, i, (q) => o.onEvent(conn, q)));
   return conn;
+}
+
+/**
+ * Linux `blkfront_gather_backend_features`: a backend's `feature-persistent` is read once it is
+ * Connected (Linux 6.1's xen-blkback writes it in `connect()`, after InitWait, where openConnection
+ * looked). Before any request is on the ring, a connection opened without it takes persistent
+ * grants if both ends offer them now. Returns whether it changed.
+ */
+export function settlePersistent(conn: Connection, offered: boolean, d: { xen: XenAccess; pool: PagePool; counters: BlkfrontCounters; options: BlkfrontOptions }): boolean {
+  const want = d.options.persistent && offered;
+  if (want === conn.persistent || conn.queues.some((q) => q.shadow.inFlight > 0)) return false;
+  conn.persistent = want;
+  const deps = { xen: d.xen, backDomid: conn.backDomid, pool: d.pool, counters: d.counters };
+  conn.grants = want ? new PersistentGrants(deps) : new GrantPerRequest(deps);
+  return true;
 }
 
 /** What letting go of a connection left. */

@@ -38,6 +38,7 @@ export class DataPath {
   /** Chunks waiting for a ring slot, pages, or a connection; re-issued ones go first. */
   private queue: Chunk[] = [];
   private drainWaiters: (() => void)[] = [];
+  private ringWaiters: (() => void)[] = [];
 
   constructor(private readonly d: DataPathDeps) {}
 
@@ -286,7 +287,18 @@ export class DataPath {
    * left to settle, and close() must not wait for one.
    */
   private wakeDrained(): void {
+    if (this.ringWaiters.length > 0 && this.inFlight === 0) for (const w of this.ringWaiters.splice(0)) w();
     if (this.drainWaiters.length > 0 && this.inFlight === 0 && this.queue.length === 0) for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  /** Resolves once nothing is on the ring (queued I/O may wait), or after `ms`. */
+  ringIdle(ms: number): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const t = setTimeout(done, ms);
+      function done(): void { clearTimeout(t); resolve(); }
+      this.ringWaiters.push(done);
+    });
   }
 
   /** Resolves once nothing is queued or in flight. */

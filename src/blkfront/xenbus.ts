@@ -12,7 +12,7 @@
  * change, step by step on the XenbusDevice; the records it reads and writes live in
  * abi/negotiation.ts, the data path in data-path.ts (RequestPipe).
  */
-import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, frontendRingNodes } from '../abi/index.js';
+import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, XS_FEATURE_PERSISTENT, frontendRingNodes } from '../abi/index.js';
 import type { XenAccess } from '../xen/index.js';
 import {
   XS_BACKEND,
@@ -32,7 +32,7 @@ import {
   type XenbusState,
 } from '../xenbus/index.js';
 import type { XenstoreClient } from '../xenstore/index.js';
-import { openConnection, releaseConnection, type Connection } from './connection.js';
+import { openConnection, releaseConnection, settlePersistent, type Connection } from './connection.js';
 import { BlkfrontError, type BlkfrontCounters, type Chunk, type HeldRequest, type IoGate, type Phase, type RefusedFeature } from './io.js';
 import { NegotiationError, readBackendTransport, readDiskInfo, type DiskInfo } from './negotiate.js';
 import type { BlkfrontOptions } from './options.js';
@@ -85,6 +85,8 @@ export interface RequestPipe {
   requeue(again: readonly Chunk[]): void;
   failAll(err: Error): void;
   drained(): Promise<void>;
+  /** Resolves once nothing is on the ring, or after `ms` (what is still there stays for recovery). */
+  ringIdle(ms: number): Promise<void>;
 }
 
 export class BlkfrontXenbus {
@@ -247,6 +249,17 @@ export class BlkfrontXenbus {
           this.phase = 'connecting';
           this.armWaitTimer();
           await this.dev.switchState(XenbusStateClosing);
+          // Linux's blkback goes Closed only once we are (its frontend_changed), as Linux's
+          // blkfront_closing does at once: let the ring's requests be answered, then let go
+          // (what was never answered is issued again to the next backend) and close our end.
+          // Not awaited here: the backend's own Closed (ours goes Closed on our Closing) must not
+          // wait behind it.
+          const conn = this.conn;
+          void this.dataPath.ringIdle(this.d.options.connectTimeoutMs).then(() => this.dev.enqueue(async () => {
+            if (this.conn !== conn || this.state !== XenbusStateClosing || this.userClosing) return;
+            this.teardown();
+            await this.dev.switchState(XenbusStateClosed);
+          })).catch((e: unknown) => this.log(`closing: ${(e as Error).message}`));
         }
         break;
       case XenbusStateClosed:
@@ -293,6 +306,8 @@ export class BlkfrontXenbus {
     }
     this.disk = disk;
     this.infoCache = undefined;
+    const offered = (await this.d.xs.read(`${this.backDir}/${XS_FEATURE_PERSISTENT}`).catch(() => '0')) === '1';
+    if (this.conn !== undefined && settlePersistent(this.conn, offered, this.d)) this.log(`backend ${offered ? 'offers' : 'withdrew'} feature-persistent once connected`);
     await this.dev.switchState(XenbusStateConnected);
     this.phase = 'connected';
     clearTimeout(this.waitTimer);

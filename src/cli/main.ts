@@ -6,6 +6,7 @@ import { UsageError } from './errors.js';
 import { ringCommand } from './ring.js';
 import { serveCommand } from './serve.js';
 import { xenBackendCommand } from './xen-backend.js';
+import { xenFrontendCommand } from './xen-frontend.js';
 import { xenstoredCommand } from './xenstored.js';
 
 const program = new Command('blkif')
@@ -15,7 +16,8 @@ const program = new Command('blkif')
   .addCommand(serveCommand())
   .addCommand(ringCommand())
   .addCommand(xenstoredCommand())
-  .addCommand(xenBackendCommand());
+  .addCommand(xenBackendCommand())
+  .addCommand(xenFrontendCommand());
 
 // Every command's usage errors exit 2 (commander's own included), with one line on stderr.
 program.exitOverride();

@@ -206,10 +206,14 @@ export class EventChannels {
     return -ENOSPC;
   }
 
-  /** EVTCHNOP_alloc_unbound: a port that `remoteDomid` may bind. Returns the port or -ESRCH/-ENOSPC. */
+  /**
+   * EVTCHNOP_alloc_unbound: a port that `remoteDomid` may bind. Returns the port, or -EINVAL (not
+   * a domid) / -ENOSPC. As on Xen 4.17 (docs/real-xen.md), the remote domain need not exist yet:
+   * only a bind checks it.
+   */
   allocUnbound(remoteDomid: number): number {
     const rdom = remoteDomid === DOMID_SELF ? this.domid : remoteDomid;
-    if (this.t.slotOf(rdom) < 0) return -ESRCH;
+    if (!Number.isInteger(rdom) || rdom < 0 || rdom > 0xffff) return -EINVAL;
     const p = this.reserve();
     if (p < 0) return p;
     const i = pidx(this.slot, p);

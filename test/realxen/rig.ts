@@ -303,3 +303,20 @@ export function workDir(name: string): string {
   mkdirSync(dir, { recursive: true });
   return dir;
 }
+
+/**
+ * A hotplug script for Linux's blkback (an xl disk line's `script=`): a loop device over the
+ * image, as libxl's `block` does in short (its own times out in so bare a dom0).
+ */
+export const LOOP_HOTPLUG = `#!/bin/sh
+# libxl runs it with add or remove, the backend's xenstore path in XENBUS_PATH.
+case "$1" in
+add)
+  f=$(xenstore-read "$XENBUS_PATH/params") || exit 1
+  loop=$(losetup -f --show "$f") || exit 1
+  xenstore-write "$XENBUS_PATH/physical-device" "$(stat -L -c '%t:%T' "$loop")" \\
+    "$XENBUS_PATH/physical-device-path" "$loop" "$XENBUS_PATH/hotplug-status" connected ;;
+remove)
+  loop=$(xenstore-read "$XENBUS_PATH/physical-device-path") && losetup -d "$loop" ;;
+esac
+`;

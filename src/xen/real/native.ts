@@ -1,7 +1,7 @@
 /**
  * Xen's own userspace libraries, called through koffi (docs/decisions.md: "Real Xen through
  * koffi and Xen's libraries"): libxengnttab (/dev/xen/gntdev: map, unmap and copy other
- * domains' grants), libxenevtchn (/dev/xen/evtchn) and libc's mmap for our own pages. Loaded
+ * domains' grants; its xengntshr_* half shares our own pages through /dev/xen/gntalloc), libxenevtchn (/dev/xen/evtchn) and libc's mmap for our own pages. Loaded
  * only when a real Xen is asked for: where koffi or the libraries are missing, nothing else in
  * blkif notices, and the error names what to install.
  */
@@ -32,6 +32,11 @@ export interface Native {
   readonly gnttabMapGrantRef: Fn;
   readonly gnttabUnmap: Fn;
   readonly gnttabGrantCopy: Fn;
+  // libxengnttab's granting half (xengntshr_*, over /dev/xen/gntalloc)
+  readonly gntshrOpen: Fn;
+  readonly gntshrClose: Fn;
+  readonly gntshrSharePages: Fn;
+  readonly gntshrUnshare: Fn;
   // libxenevtchn (xenevtchn.h)
   readonly evtchnOpen: Fn;
   readonly evtchnClose: Fn;
@@ -76,6 +81,10 @@ export function native(): Native {
     gnttabUnmap: gnttab.func('int xengnttab_unmap(void *xgt, void *start_address, uint32_t count)'),
     // The segments are laid out by hand in a Buffer (grantCopySegments below).
     gnttabGrantCopy: gnttab.func('int xengnttab_grant_copy(void *xgt, uint32_t count, _Inout_ uint8_t *segs)'),
+    gntshrOpen: gnttab.func('void *xengntshr_open(void *logger, unsigned int flags)'),
+    gntshrClose: gnttab.func('int xengntshr_close(void *xgs)'),
+    gntshrSharePages: gnttab.func('void *xengntshr_share_pages(void *xgs, uint32_t domid, int count, _Out_ uint32_t *refs, int writable)'),
+    gntshrUnshare: gnttab.func('int xengntshr_unshare(void *xgs, void *start_address, uint32_t count)'),
     evtchnOpen: evtchn.func('void *xenevtchn_open(void *logger, unsigned int flags)'),
     evtchnClose: evtchn.func('int xenevtchn_close(void *xce)'),
     evtchnFd: evtchn.func('int xenevtchn_fd(void *xce)'),

@@ -2,8 +2,10 @@
  * A real Xen, as a Linux domain's userspace reaches it (XenAccess over /dev/xen): grants of other
  * domains mapped and copied through gntdev, event channels through evtchn, and pages of our own
  * (what grant copy copies into) from anonymous memory. Used by a driver domain's backend
- * (dom0 or another): granting our own pages (gntalloc, for a frontend) is not here yet, and
- * says so.
+ * (dom0 or another), and by a frontend: with `shareWith`, our pages are gntalloc's, each granted
+ * to that one domain when the pages are made (xengntshr_share_pages), and `grantAccess` hands out
+ * the page's standing grant (docs/real-xen.md says what that costs: no per-request grants, no
+ * read-only ones).
  *
  * Zero copy: a mapped grant is a view (`koffi.view`) over gntdev's mapping of the guest's page;
  * the storage reads into and writes from it directly.
@@ -20,14 +22,21 @@ import {
 
 const ENOSYS = 38;
 const EBADF = 9;
+const EINVAL = 22;
 
 export interface RealXenOptions {
   /** Our own domain id (xenstore's `domid`: 0 in dom0). */
   readonly domid: number;
   /** Grants gntdev lets us map at once (its default is small). */
   readonly maxGrants?: number;
-  /** Pages of our own for grant copy (default 16384: 64 MiB of address space). */
+  /** Pages of our own for grant copy (default 16384: 64 MiB of address space), or with `shareWith` the pages a frontend lends. */
   readonly memoryPages?: number;
+  /**
+   * A frontend's backend domain: our pages come from /dev/xen/gntalloc, each granted writable to
+   * it once, up front (gntalloc grants at allocation, to one domain, and only ends a grant when
+   * the page goes).
+   */
+  readonly shareWith?: number;
 }
 
 /** Grant map, unmap and copy through gntdev. */
@@ -86,12 +95,23 @@ class RealGrants implements GrantAccess {
     }
   }
 
-  grantAccess(): number {
-    return -ENOSYS; // gntalloc: not yet (a frontend on real Xen)
+  /**
+   * The standing gntalloc grant of one of our pages, if they were shared with `domid`. Asked
+   * read-only, the grant is still writable: gntalloc makes one kind per allocation.
+   */
+  grantAccess(domid: number, frame: number): number {
+    const refs = this.memory.refs;
+    if (refs === undefined) return -ENOSYS; // pages not shared: a backend's RealXen
+    if (domid !== this.memory.sharedWith) return -EINVAL;
+    return refs[frame] ?? -EINVAL;
   }
 
+  /**
+   * gntalloc ends a grant only when its page is unshared: the page goes back to the pool with
+   * its grant standing (a backend that kept it mapped could still reach it).
+   */
   endAccess(): boolean {
-    return false;
+    return this.memory.refs !== undefined;
   }
 
   /** Unmaps whatever is still mapped (the connection's end should have done it). */
@@ -124,7 +144,10 @@ class RealEvents implements EventAccess {
 
   allocUnbound(remoteDomid: number): number {
     const p = this.n.evtchnBindUnboundPort(this.xce, remoteDomid) as number;
-    return p < 0 ? -errno() : p;
+    if (p < 0) return -errno();
+    // Its peer binds later: interdomain from then on, as far as we track it.
+    this.peers.set(p, { remoteDomid, remotePort: 0 });
+    return p;
   }
 
   bindInterdomain(remoteDomid: number, remotePort: number): number {
@@ -212,7 +235,15 @@ class RealMemory implements MemoryAccess {
   private readonly base: bigint;
   private readonly view: ArrayBuffer;
 
-  constructor(private readonly n: Native, private readonly region: Pointer, readonly totalPages: number) {
+  constructor(
+    private readonly n: Native,
+    private readonly region: Pointer,
+    readonly totalPages: number,
+    /** gntalloc's grant refs of the pages, by frame, and the domain they are granted to. */
+    readonly refs?: Uint32Array,
+    readonly sharedWith?: number,
+    private readonly xgs?: Pointer,
+  ) {
     this.base = n.koffi.address(region);
     this.view = n.koffi.view(region, totalPages * XEN_PAGE_SIZE);
     this.used = new Uint8Array(totalPages);
@@ -251,7 +282,12 @@ class RealMemory implements MemoryAccess {
   }
 
   unmapAll(): void {
-    this.n.munmap(this.region, this.totalPages * XEN_PAGE_SIZE);
+    if (this.xgs !== undefined) {
+      this.n.gntshrUnshare(this.xgs, this.region, this.totalPages);
+      this.n.gntshrClose(this.xgs);
+    } else {
+      this.n.munmap(this.region, this.totalPages * XEN_PAGE_SIZE);
+    }
   }
 }
 
@@ -287,13 +323,28 @@ export class RealXen implements XenAccess {
     // Grant copy's bounce pages: blkback takes up to grantCopyPages (4104 by default) per VBD.
     // An anonymous private mapping costs only the pages touched.
     const pages = o.memoryPages ?? 16384;
-    const region = n.mmap(null, pages * XEN_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) as Pointer | null;
-    if (region === null || n.koffi.address(region) === 0xffffffffffffffffn) {
-      n.gnttabClose(xgt);
-      n.evtchnClose(xce);
-      throw new Error(`mmap of ${pages} pages failed (errno ${errno()})`);
+    let memory: RealMemory;
+    if (o.shareWith !== undefined) {
+      const xgs = n.gntshrOpen(null, 0) as Pointer | null;
+      const refs = new Uint32Array(pages);
+      const region = xgs === null ? null : n.gntshrSharePages(xgs, o.shareWith, pages, refs, 1) as Pointer | null;
+      if (region === null) {
+        const e = errno();
+        if (xgs !== null) n.gntshrClose(xgs);
+        n.gnttabClose(xgt);
+        n.evtchnClose(xce);
+        throw new Error(`sharing ${pages} pages with domain ${o.shareWith} through /dev/xen/gntalloc failed (errno ${e}): is xen-gntalloc loaded, and its limit (/sys/module/xen_gntalloc/parameters/limit) at least ${pages}?`);
+      }
+      memory = new RealMemory(n, region, pages, refs, o.shareWith, xgs!);
+    } else {
+      const region = n.mmap(null, pages * XEN_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) as Pointer | null;
+      if (region === null || n.koffi.address(region) === 0xffffffffffffffffn) {
+        n.gnttabClose(xgt);
+        n.evtchnClose(xce);
+        throw new Error(`mmap of ${pages} pages failed (errno ${errno()})`);
+      }
+      memory = new RealMemory(n, region, pages);
     }
-    const memory = new RealMemory(n, region, pages);
     return new RealXen(o.domid, n, xgt, xce, new RealGrants(n, xgt, memory), new RealEvents(n, xce, o.domid), memory);
   }
 
