@@ -115,7 +115,16 @@ export class DataPath {
 
   /** The head of `c` onto `q`: false if it must wait for pages or grants (the chunk stays queued). */
   private issue(conn: Connection, q: Queue, c: Chunk): boolean {
-    const r = issueRequest({ conn, pool: this.d.pool, disk: this.d.disk()!, handle: this.d.handle, counters: this.d.counters }, q, c);
+    const disk = this.d.disk()!;
+    if (c.op.kind === 'flush' && !disk.flush && !disk.barrier) {
+      // Queued before the backend refused flushing (EOPNOTSUPP drops the feature): there is
+      // nothing left to send it as (a WRITE_BARRIER was never offered), so it completes as the
+      // refused one did; Linux's blkfront likewise stops flushing (xlvbd_flush).
+      this.queue.shift();
+      this.finish(c.op, undefined);
+      return true;
+    }
+    const r = issueRequest({ conn, pool: this.d.pool, disk, handle: this.d.handle, counters: this.d.counters }, q, c);
     switch (r.kind) {
       case 'issued':
         // The request carries [c.start, c.start + bytes); the rest of the chunk stays queued.

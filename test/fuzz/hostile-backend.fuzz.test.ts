@@ -753,6 +753,15 @@ interface IoRecord {
   settledAt: number;
 }
 
+/**
+ * Cases that once failed, run first every time. Seed 197110962: a flush refused (EOPNOTSUPP) while
+ * more flushes were queued, the backend offering no barrier: the queued ones went out as
+ * WRITE_BARRIER.
+ */
+const REGRESSIONS: BeCase[] = [
+  {"seed": -828833783, "fe": {"ringPageOrder": 0, "queues": 1, "maxIndirectSegments": 32, "persistent": false, "bufferPages": 16, "protocol": "x86_32-abi"}, "features": {"maxIndirect": null, "maxOrder": "4", "maxQueues": "2", "persistent": "1", "sectors": "3338395", "sectorSize": "512", "physical": "512", "info": "0", "flush": "1", "barrier": null, "discard": "0"}, "faults": {"status": 0.192, "wrongOp": 0, "unknownId": 0.005000000000000001, "dup": 0, "garbage": 0.0005, "keepMap": 0, "delay": 0, "staleJump": 0, "overflow": 0, "bounce": 0.1005, "vanish": false, "keepMapOnClose": false}, "batches": [[{"kind": "discard", "frac": 3509, "units": 104, "odd": "negative"}, {"kind": "write", "frac": 2390, "units": 8, "odd": "none"}, {"kind": "read", "frac": 1517, "units": 16, "odd": "none"}, {"kind": "read", "frac": 8911, "units": 3, "odd": "none"}, {"kind": "flush", "frac": 8934, "units": 14, "odd": "none"}, {"kind": "write", "frac": 2544, "units": 220, "odd": "none"}, {"kind": "read", "frac": 700, "units": 6, "odd": "none"}, {"kind": "write", "frac": 756, "units": 15, "odd": "none"}, {"kind": "discard", "frac": 1271, "units": 4, "odd": "none"}, {"kind": "write", "frac": 892, "units": 1, "odd": "none"}, {"kind": "flush", "frac": 7086, "units": 4, "odd": "none"}], [{"kind": "write", "frac": 3313, "units": 10, "odd": "none"}, {"kind": "write", "frac": 3285, "units": 2, "odd": "none"}, {"kind": "write", "frac": 6077, "units": 7, "odd": "none"}, {"kind": "write", "frac": 724, "units": 245, "odd": "none"}, {"kind": "read", "frac": 8729, "units": 11, "odd": "none"}], [{"kind": "read", "frac": 4453, "units": 5, "odd": "none"}, {"kind": "read", "frac": 6070, "units": 11, "odd": "none"}, {"kind": "discard", "frac": 5304, "units": 2, "odd": "none"}], [{"kind": "write", "frac": 4198, "units": 2, "odd": "none"}, {"kind": "write", "frac": 3795, "units": 16, "odd": "none"}, {"kind": "read", "frac": 507, "units": 7, "odd": "none"}], [{"kind": "read", "frac": 9341, "units": 13, "odd": "none"}, {"kind": "read", "frac": 9511, "units": 13, "odd": "none"}, {"kind": "write", "frac": 8427, "units": 16, "odd": "none"}]], "closeWhileBusy": true},
+];
+
 async function runCase(c: BeCase, n: number): Promise<void> {
   stats.cases++;
   const prng = new Prng(c.seed);
@@ -929,7 +938,7 @@ async function runCase(c: BeCase, n: number): Promise<void> {
 
 test('blkfront against a hostile raw backend: no crash, no hang, data only from valid responses, grants all ended', async (t) => {
   const runs = fuzzRuns(40);
-  await runProperty(t, 'hostile backend', beCase, runCase, runs, () => `${stats.responses} hostile responses; ${JSON.stringify(stats)}`);
+  await runProperty(t, 'hostile backend', beCase, runCase, runs, () => `${stats.responses} hostile responses; ${JSON.stringify(stats)}`, REGRESSIONS);
   // The data checks ran: I/O resolved, reads compared byte for byte (~10 and ~5 per case; with a
   // handful of cases a hostile backend may break them all).
   assertChecksRan(runs, stats.connected > 0 && stats.resolved > 0 && stats.readsChecked > 0, JSON.stringify(stats));

@@ -55,12 +55,14 @@ export function fuzzSeed(): number {
 }
 
 /** fast-check parameters for an async property run of `runs` cases. */
-export function fuzzParams<T>(runs: number, seed: number): fc.Parameters<T> {
+export function fuzzParams<T>(runs: number, seed: number, examples: readonly T[] = []): fc.Parameters<T> {
   const shrink = process.env.BLKIF_FUZZ_SHRINK === '1';
   const path = process.env.BLKIF_FUZZ_PATH;
   return {
     numRuns: runs,
     seed,
+    // Cases that once failed run first, every time, whatever the seed.
+    ...(examples.length > 0 ? { examples: [...examples] } : {}),
     ...(path !== undefined && path !== '' ? { path } : {}),
     endOnFailure: !shrink,
   };
@@ -88,6 +90,8 @@ export async function runProperty<T>(
   body: (v: T, n: number) => Promise<void>,
   runs: number,
   extra?: () => string,
+  /** Counterexamples of past failures, run before the random cases. */
+  regressions: readonly T[] = [],
 ): Promise<void> {
   const seed = fuzzSeed();
   const counter = new CaseCounter(what, seed);
@@ -96,7 +100,7 @@ export async function runProperty<T>(
       fc.asyncProperty(arb, async (v) => {
         await body(v, counter.tick());
       }),
-      fuzzParams<[T]>(runs, seed),
+      fuzzParams<[T]>(runs, seed, regressions.map((v): [T] => [v])),
     );
   } catch (e) {
     throw shortened(e, what, seed);
