@@ -6,6 +6,7 @@ import { VbdBus } from '../driver-domain/vbd-bus.js';
 import { RealXen } from '../xen/real/real-xen.js';
 import { XenstoreClient } from '../xenstore/index.js';
 import { UsageError } from './errors.js';
+import { untilStopSignal } from './stop-signal.js';
 
 interface XenBackendOptions {
   xenstore: string;
@@ -63,15 +64,7 @@ export function xenBackendCommand(): Command {
         },
       });
       process.stdout.write(`ready domid=${domid} watching ${bus.root}\n`);
-      await new Promise<void>((resolve) => {
-        const stop = (): void => {
-          process.off('SIGINT', stop);
-          process.off('SIGTERM', stop);
-          resolve();
-        };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
+      await untilStopSignal();
       await bus.close();
       const held = xen.held();
       log(`exiting: held mapped=${held.mapped} bound=${held.bound}`);

@@ -8,6 +8,7 @@ import { exportDevice } from '../product/index.js';
 import { RealXen } from '../xen/real/real-xen.js';
 import { XenstoreClient } from '../xenstore/index.js';
 import { UsageError } from './errors.js';
+import { untilStopSignal } from './stop-signal.js';
 
 interface XenFrontendOptions {
   xenstore: string;
@@ -74,15 +75,7 @@ export function xenFrontendCommand(): Command {
       const i = f.info;
       log(`attached: ${i.size} bytes, ${i.indirect ? `indirect ${i.maxSegments}` : 'no indirect'}, ${i.queues} queue(s), ring order ${i.ringPageOrder}, ${i.persistent ? 'persistent grants' : 'grant per request'}`);
       process.stdout.write(`ready ${nbdUri(address, o.exportName)}\n`);
-      await new Promise<void>((resolve) => {
-        const stop = (): void => {
-          process.off('SIGINT', stop);
-          process.off('SIGTERM', stop);
-          resolve();
-        };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
+      await untilStopSignal();
       await server.close();
       await f.close().catch((e: unknown) => log(`close: ${(e as Error).message}`));
       const held = xen.held();

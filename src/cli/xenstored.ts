@@ -2,6 +2,7 @@
 // dom0 clients (e.g. Xen's xenstore-* tools with XENSTORED_PATH=PATH).
 import { Command } from 'commander';
 import { XenstoreDaemon, XenstoreSocketServer } from '../xenstore/index.js';
+import { untilStopSignal } from './stop-signal.js';
 
 export function xenstoredCommand(): Command {
   return new Command('xenstored')
@@ -15,15 +16,7 @@ export function xenstoredCommand(): Command {
       });
       const server = await XenstoreSocketServer.listen(daemon, opts.socket);
       process.stdout.write(`ready ${server.path}\n`);
-      await new Promise<void>((resolve) => {
-        const stop = (): void => {
-          process.off('SIGINT', stop);
-          process.off('SIGTERM', stop);
-          resolve();
-        };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
+      await untilStopSignal();
       await daemon.close();
     });
 }

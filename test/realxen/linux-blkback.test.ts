@@ -9,21 +9,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkGuestIo, guestIoScript, makeImage } from './guest-io.js';
-import { bootXen, DOM0_PRELUDE, results, rigImages, workDir, writeDomuRamdisk, writeScript } from './rig.js';
-
-/** A hotplug script for Linux's blkback: a loop device over the image, as libxl's `block` does in short. */
-const LOOP_HOTPLUG = `#!/bin/sh
-# libxl runs it with add or remove, the backend's xenstore path in XENBUS_PATH.
-case "$1" in
-add)
-  f=$(xenstore-read "$XENBUS_PATH/params") || exit 1
-  loop=$(losetup -f --show "$f") || exit 1
-  xenstore-write "$XENBUS_PATH/physical-device" "$(stat -L -c '%t:%T' "$loop")" \\
-    "$XENBUS_PATH/physical-device-path" "$loop" "$XENBUS_PATH/hotplug-status" connected ;;
-remove)
-  loop=$(xenstore-read "$XENBUS_PATH/physical-device-path") && losetup -d "$loop" ;;
-esac
-`;
+import { bootXen, DOM0_PRELUDE, LOOP_HOTPLUG, results, rigImages, workDir, writeDomuRamdisk, writeScript } from './rig.js';
 
 test('real Xen: Linux blkfront in a domU -> Linux blkback in dom0, checksums verified both ways', { timeout: 280_000 }, async () => {
   const img = rigImages();
