@@ -56,8 +56,22 @@ export class Queue {
   static open(xen: XenAccess, backDomid: number, abi: BlkifAbi, order: number, index: number, onEvent: (q: Queue) => void): Queue {
     const ringFrames = xen.memory.alloc(1 << order);
     const ring = FrontRing.init(new SharedRing(ringFrames.map((f) => xen.memory.page(f)), abi.entrySize));
-    const ringRefs = grantRing(xen, backDomid, ringFrames);
-    const port = allocEvtchn(xen, backDomid);
+    let ringRefs: number[];
+    try {
+      ringRefs = grantRing(xen, backDomid, ringFrames);
+    } catch (e) {
+      xen.memory.free(ringFrames);
+      throw e;
+    }
+    let port: number;
+    try {
+      port = allocEvtchn(xen, backDomid);
+    } catch (e) {
+      // Not a queue yet, so no teardown would end these grants (a backend that died as we
+      // connected: the checked hypervisor saw them left behind in the soak under load).
+      ringRefs.forEach((ref, i) => { if (xen.grants.endAccess(ref)) xen.memory.free([ringFrames[i]!]); });
+      throw e;
+    }
     const q = new Queue(index, abi, ring, ringFrames, ringRefs, port);
     q.offEvent = xen.events.on(port, () => onEvent(q));
     return q;

@@ -19,6 +19,8 @@ const ROOT = fileURLToPath(new URL('../../../', import.meta.url)).replace(/\/$/,
 const VDEV = 'xvdb';
 const DEVID = 51728; // xvdb: (202 << 8) | (1 << 4)
 const FRONT = `/local/domain/0/device/vbd/${DEVID}`;
+/** The images (ours reads and writes up to 13 MiB into them). */
+const DISK_BYTES = 16 << 20;
 
 let work = '';
 let bootError: Error | undefined;
@@ -50,10 +52,10 @@ before(async () => {
   rigImages();
   requireTools('/usr/bin/python3');
   work = workDir('blkfront-on-linux');
-  imageSha = makeImage(join(work, 'disk.img'));
+  imageSha = makeImage(join(work, 'disk.img'), DISK_BYTES);
   writeScript(join(work, 'hotplug-loop'), LOOP_HOTPLUG);
-  disk2Sha = makeImage(join(work, 'disk2.img'));
-  patternSha = makeImage(join(work, 'pattern.img'));
+  disk2Sha = makeImage(join(work, 'disk2.img'), DISK_BYTES);
+  patternSha = makeImage(join(work, 'pattern.img'), DISK_BYTES);
   writeScript(join(work, 'dom0.sh'), `${DOM0_PRELUDE}
 insmod /run/rig-modules/xen-blkback.ko || exit 93
 # gntalloc's default limit (1024 grants) is below what our blkfront shares.

@@ -11,8 +11,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 /** The image a guest gets: random bytes, so a misplaced sector cannot go unseen. */
 export const IMAGE_BYTES = 8 << 20;
 
-export function makeImage(path: string): string {
-  const data = randomBytes(IMAGE_BYTES);
+export function makeImage(path: string, bytes = IMAGE_BYTES): string {
+  const data = randomBytes(bytes);
   writeFileSync(path, data);
   return sha256(data);
 }
