@@ -87,7 +87,7 @@ losetup -a > /tmp/work/losetup-after.txt 2>&1
 cp /tmp/disk.img /tmp/work/final.img
 `);
   try {
-    const run = await bootXen(work, 240_000);
+    const run = await bootXen(work, 420_000);
     process.stderr.write(`real Xen rig: dom0 up ${run.dom0UpSeconds?.toFixed(1)} s, blkfront done ${run.seconds.toFixed(1)} s after QEMU started\n`);
   } catch (e) {
     bootError = e as Error;
@@ -98,7 +98,7 @@ cp /tmp/disk.img /tmp/work/final.img
   rules = new Map(results(read('rules.out')).filter(([k]) => k === 'rule').map(([, v]) => [v[0]!, v.slice(1)]));
   rulesLog = `${read('rules.log').slice(-1500)}`;
   log = `dom0.log:\n${read('dom0.log').slice(-2000)}\nblkfront.log:\n${read('blkfront.log').slice(-2000)}`;
-}, { timeout: 260_000 });
+}, { timeout: 450_000 });
 
 function value(key: string): string[] {
   if (bootError !== undefined) throw bootError;

@@ -123,7 +123,7 @@ run_guest() {
   }
   writeScript(join(work, 'dom0.sh'), script);
   try {
-    const run = await bootXen(work, 285_000);
+    const run = await bootXen(work, 480_000);
     process.stderr.write(`real Xen rig: dom0 up ${run.dom0UpSeconds?.toFixed(1)} s, ${CASES.length} guests done ${run.seconds.toFixed(1)} s after QEMU started\n`);
   } catch (e) {
     bootError = e as Error;
@@ -150,7 +150,7 @@ run_guest() {
       });
     }
   }
-}, { timeout: 295_000 });
+}, { timeout: 510_000 });
 
 function outcome(c: Case): Outcome {
   if (bootError !== undefined) throw bootError;

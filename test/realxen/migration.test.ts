@@ -102,12 +102,12 @@ wait_for "the second backend letting go" 30 grep -q 'let go' /tmp/work/plain.log
 kill -TERM $bpid; wait $bpid
 `);
   try {
-    const run = await bootXen(work, 280_000);
+    const run = await bootXen(work, 420_000);
     process.stderr.write(`real Xen rig: migration done ${run.seconds.toFixed(1)} s after QEMU started\n`);
   } catch (e) {
     bootError = e as Error;
   }
-}, { timeout: 290_000 });
+}, { timeout: 450_000 });
 
 const read = (f: string) => { try { return readFileSync(join(work, f), 'latin1'); } catch { return ''; } };
 
