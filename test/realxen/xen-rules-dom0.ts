@@ -157,18 +157,17 @@ probe('freed-while-mapped', () => {
   if (again !== null) n.gnttabUnmap(xgt, again, 1);
   n.gnttabUnmap(xgt, m, 1);
   // gntalloc ends a grant still mapped at unshare later (Linux's deferred end, retried each
-  // second): once unmapped, it ends within a few seconds. Each probe maps the grant again, and a
-  // retry that finds it mapped fails, so the probes leave two seconds between them for the retry
-  // (under TCG on a busy machine a probe took long enough to cover every retry in 10 s).
+  // second). Whether it had within 10 s of the unmap varied between runs (at once in one, not
+  // within 60 s in two on a busy machine): reported, not asserted (blkfront-on-linux.test.ts).
   const t0 = Date.now();
   let ended = false;
-  while (!ended && Date.now() - t0 < 60_000) {
+  while (!ended && Date.now() - t0 < 10_000) {
     spawnSync('sleep', ['2']);
     const after = map(g.ref, false);
     if (after === null) ended = true;
     else n.gnttabUnmap(xgt, after, 1);
   }
-  return [still, 'write-ok', remap, ended ? 'ended-after-unmap' : 'still-granted-60s-after-unmap'];
+  return [still, 'write-ok', remap, ended ? 'ended-after-unmap' : 'still-granted-10s-after-unmap'];
 });
 
 // Event channels: notify and close on a closed port, a bind to a port not offered to us.
