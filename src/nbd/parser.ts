@@ -125,7 +125,7 @@ export class ClientParser extends StreamParser<ClientMessage> {
       case 'transmission': {
         if (!this.pendingWrite) {
           if (q.length < NBD_REQUEST_SIZE) return undefined;
-          const v = view(q.take(NBD_REQUEST_SIZE));
+          const v = view(q.takeView(NBD_REQUEST_SIZE));
           const magic = v.getUint32(0);
           if (magic !== NBD_REQUEST_MAGIC) {
             const what = magic === NBD_EXTENDED_REQUEST_MAGIC ? 'extended request header (not negotiated)' : `bad request magic ${hex(magic)}`;
@@ -147,7 +147,9 @@ export class ClientParser extends StreamParser<ClientMessage> {
         const req = this.pendingWrite;
         if (q.length < req.length) return undefined;
         this.pendingWrite = undefined;
-        return { kind: 'request', ...req, data: q.take(req.length) };
+        // A view of the socket's chunk where it holds the whole payload: the device copies it
+        // (blkfront into its granted pages) before the write is answered.
+        return { kind: 'request', ...req, data: q.takeView(req.length) };
       }
     }
   }
