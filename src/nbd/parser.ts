@@ -125,7 +125,7 @@ export class ClientParser extends StreamParser<ClientMessage> {
       case 'transmission': {
         if (!this.pendingWrite) {
           if (q.length < NBD_REQUEST_SIZE) return undefined;
-          const v = view(q.takeView(NBD_REQUEST_SIZE));
+          const v = view(q.take(NBD_REQUEST_SIZE));
           const magic = v.getUint32(0);
           if (magic !== NBD_REQUEST_MAGIC) {
             const what = magic === NBD_EXTENDED_REQUEST_MAGIC ? 'extended request header (not negotiated)' : `bad request magic ${hex(magic)}`;
