@@ -1,6 +1,7 @@
 /**
- * A FIFO of received bytes, kept as the chunks they arrived in: appending never copies, and
- * `take` copies each byte out exactly once, however the stream was split.
+ * A FIFO of received bytes, kept as the chunks they arrived in: appending never copies, `take`
+ * copies each byte out exactly once, however the stream was split, and `takeView` copies only
+ * what straddles two chunks.
  */
 export class ByteQueue {
   private chunks: Uint8Array[] = [];
@@ -36,6 +37,24 @@ export class ByteQueue {
       }
     }
     this.total -= n;
+    return out;
+  }
+
+  /**
+   * Removes and returns the next `n` bytes: a view into the chunk that holds them all (no copy,
+   * no allocation: a 4 KiB NBD write's payload is most often inside one socket read), else a
+   * fresh copy. The view keeps its whole chunk alive; the pushed chunks must not be written to.
+   */
+  takeView(n: number): Uint8Array {
+    const chunk = this.chunks[0];
+    if (chunk === undefined || chunk.length - this.head < n) return this.take(n);
+    const out = chunk.subarray(this.head, this.head + n);
+    this.head += n;
+    this.total -= n;
+    if (this.head === chunk.length) {
+      this.chunks.shift();
+      this.head = 0;
+    }
     return out;
   }
 

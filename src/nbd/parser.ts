@@ -147,7 +147,9 @@ export class ClientParser extends StreamParser<ClientMessage> {
         const req = this.pendingWrite;
         if (q.length < req.length) return undefined;
         this.pendingWrite = undefined;
-        return { kind: 'request', ...req, data: q.take(req.length) };
+        // A view of the socket's chunk where it holds the whole payload: the device copies it
+        // (blkfront into its granted pages) before the write is answered.
+        return { kind: 'request', ...req, data: q.takeView(req.length) };
       }
     }
   }

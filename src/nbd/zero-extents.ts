@@ -40,6 +40,8 @@ export class ZeroExtents {
   /** Known ranges, sorted and disjoint, never flags 0. */
   private readonly runs: Run[] = [];
   private readonly pending = new Set<Pending>();
+  /** Zeroes among `pending`. */
+  private pendingZeroes = 0;
 
   /**
    * A write, trim or zero (`zero`) of [offset, offset + length) starts: what was known there is
@@ -48,16 +50,22 @@ export class ZeroExtents {
    */
   begin(offset: number, length: number, zero = false): ExtentChange {
     const p: Pending = { start: offset, end: offset + length, overlaps: zero ? [] : undefined };
-    for (const q of this.pending) {
-      if (q.end <= p.start || q.start >= p.end) continue;
-      q.overlaps?.push([p.start, p.end]);
-      p.overlaps?.push([q.start, q.end]);
+    // Only a zero records overlaps: a write or trim among writes and trims has nothing to scan.
+    if (zero || this.pendingZeroes > 0) {
+      for (const q of this.pending) {
+        if (q.end <= p.start || q.start >= p.end) continue;
+        q.overlaps?.push([p.start, p.end]);
+        p.overlaps?.push([q.start, q.end]);
+      }
     }
     this.pending.add(p);
-    this.set(p.start, p.end, 0);
+    if (zero) this.pendingZeroes++;
+    if (this.runs.length > 0) this.set(p.start, p.end, 0);
     return {
       done: (flags = 0) => {
-        if (!this.pending.delete(p) || flags === 0 || p.overlaps === undefined) return;
+        if (!this.pending.delete(p)) return;
+        if (zero) this.pendingZeroes--;
+        if (flags === 0 || p.overlaps === undefined) return;
         // Only what no other change touched while this one was in flight.
         let pieces: [number, number][] = [[p.start, p.end]];
         for (const [s, e] of p.overlaps) {
