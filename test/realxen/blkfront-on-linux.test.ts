@@ -10,12 +10,11 @@ import { before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { requireTools } from '../support/tools.js';
 import { makeImage, sha256 } from './guest-io.js';
-import { bootXen, DOM0_PRELUDE, LOOP_HOTPLUG, results, rigImages, workDir, writeScript } from './rig.js';
+import { bootXen, CHECKOUT, DOM0_PRELUDE, LOOP_HOTPLUG, results, rigImages, workDir, writeScript } from './rig.js';
 
-const ROOT = fileURLToPath(new URL('../../../', import.meta.url)).replace(/\/$/, '');
+const ROOT = CHECKOUT;
 const VDEV = 'xvdb';
 const DEVID = 51728; // xvdb: (202 << 8) | (1 << 4)
 const FRONT = `/local/domain/0/device/vbd/${DEVID}`;

@@ -11,11 +11,10 @@ import { before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { checkGuestIo, guestIoScript, makeImage, sha256 } from './guest-io.js';
-import { bootXen, DOM0_PRELUDE, results, rigImages, workDir, writeDomuRamdisk, writeScript } from './rig.js';
+import { bootXen, CHECKOUT, DOM0_PRELUDE, results, rigImages, workDir, writeDomuRamdisk, writeScript } from './rig.js';
 
-const ROOT = fileURLToPath(new URL('../../../', import.meta.url)).replace(/\/$/, '');
+const ROOT = CHECKOUT;
 
 /** One guest: its name, blkfront's module parameters, its scenario, the disk's access. */
 interface Case {

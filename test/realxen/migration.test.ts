@@ -15,11 +15,10 @@ import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { makeImage, sha256 } from './guest-io.js';
-import { bootXen, DOM0_PRELUDE, results, rigImages, workDir, writeDomuRamdisk, writeScript } from './rig.js';
+import { bootXen, CHECKOUT, DOM0_PRELUDE, results, rigImages, workDir, writeDomuRamdisk, writeScript } from './rig.js';
 
-const ROOT = fileURLToPath(new URL('../../../', import.meta.url)).replace(/\/$/, '');
+const ROOT = CHECKOUT;
 const PASSES = 12;
 
 /** The guest: 8 MiB of random data written over and over at the disk's start, then read back. */

@@ -204,7 +204,17 @@ export function writeScript(path: string, text: string): void {
  * The start of every dom0 scenario: Xen's daemons up, as Debian's xencommons would start them,
  * on the tmpfs the init mounted. Defines `wait_for WHAT SECONDS CMD...`: a bounded poll.
  */
+/**
+ * This checkout (its dist/ and node_modules/ are what dom0 runs). dom0 sees this machine's / over
+ * 9p, but with tmpfs over /tmp, /run, /var/lib/xen and /var/log: a checkout under one of those (a
+ * CI clone in /tmp) is shared on its own as well and mounted at the same path (DOM0_PRELUDE).
+ */
+export const CHECKOUT = fileURLToPath(new URL('../../../', import.meta.url)).replace(/\/$/, '');
+
 export const DOM0_PRELUDE = `set -u
+if [ ! -e '${CHECKOUT}/package.json' ]; then
+  mkdir -p '${CHECKOUT}' && mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose checkout '${CHECKOUT}' || { echo "RIG: 9p mount of the checkout failed"; exit 89; }
+fi
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
 wait_for() { what=$1; n=$2; shift 2; i=0; while ! "$@" >/dev/null 2>&1; do i=$((i+1)); if [ $i -ge $((n*5)) ]; then echo "RIG: timed out after $n s waiting for $what"; return 1; fi; sleep 0.2; done; }
 export XENSTORED_ROOTDIR=/run/xenstored-lib
@@ -251,6 +261,7 @@ export async function bootXen(work: string, timeoutMs: number): Promise<XenRun> 
     '-initrd', `${img.inputs.vmlinuz} console=hvc0 earlyprintk=xen loglevel=5,${img.dom0Initrd}`,
     '-virtfs', 'local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap',
     '-virtfs', `local,path=${work},mount_tag=work,security_model=none,multidevs=remap`,
+    '-virtfs', `local,path=${CHECKOUT},mount_tag=checkout,security_model=none,readonly=on,multidevs=remap`,
   ];
   const started = Date.now();
   const qemu: ChildProcess = track(spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] }));
