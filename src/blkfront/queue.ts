@@ -69,7 +69,7 @@ export class Queue {
     } catch (e) {
       // Not a queue yet, so no teardown would end these grants (a backend that died as we
       // connected: the checked hypervisor saw them left behind in the soak under load).
-      ringRefs.forEach((ref, i) => { if (xen.grants.endAccess(ref)) xen.memory.free([ringFrames[i]!]); });
+      Queue.endRing(xen, ringRefs, ringFrames, () => undefined);
       throw e;
     }
     const q = new Queue(index, abi, ring, ringFrames, ringRefs, port);
@@ -128,9 +128,14 @@ export class Queue {
       unanswered(s);
       this.shadow.release(s);
     }
+    return Queue.endRing(xen, this.ringRefs, this.ringFrames, stuck);
+  }
+
+  /** Ends the ring pages' grants and frees them; one the backend still maps goes to `stuck`. Returns how many. */
+  private static endRing(xen: XenAccess, refs: readonly number[], frames: readonly number[], stuck: (frame: number, ref: number) => void): number {
     let leaked = 0;
-    this.ringRefs.forEach((ref, i) => {
-      const frame = this.ringFrames[i]!;
+    refs.forEach((ref, i) => {
+      const frame = frames[i]!;
       if (xen.grants.endAccess(ref)) xen.memory.free([frame]);
       else {
         stuck(frame, ref);

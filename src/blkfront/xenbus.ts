@@ -12,7 +12,7 @@
  * change, step by step on the XenbusDevice; the records it reads and writes live in
  * abi/negotiation.ts, the data path in data-path.ts (RequestPipe).
  */
-import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, XS_FEATURE_PERSISTENT, frontendRingNodes } from '../abi/index.js';
+import { BLKIF_MAX_SEGMENTS_PER_REQUEST, EIO, frontendRingNodes } from '../abi/index.js';
 import type { XenAccess } from '../xen/index.js';
 import {
   XS_BACKEND,
@@ -306,7 +306,8 @@ export class BlkfrontXenbus {
     }
     this.disk = disk;
     this.infoCache = undefined;
-    const offered = (await this.d.xs.read(`${this.backDir}/${XS_FEATURE_PERSISTENT}`).catch(() => '0')) === '1';
+    // The backend's offer read again as the negotiation's record reads it (feature-persistent).
+    const offered = (await readBackendTransport(this.d.xs, this.backDir, this.d.options.maxIndirectSegments)).persistent;
     if (this.conn !== undefined && settlePersistent(this.conn, offered, this.d)) this.log(`backend ${offered ? 'offers' : 'withdrew'} feature-persistent once connected`);
     await this.dev.switchState(XenbusStateConnected);
     this.phase = 'connected';

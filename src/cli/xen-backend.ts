@@ -5,7 +5,7 @@ import { DEFAULT_BLKBACK_OPTIONS, type BlkbackOptions } from '../blkback/index.j
 import { VbdBus } from '../driver-domain/vbd-bus.js';
 import { RealXen } from '../xen/real/real-xen.js';
 import { XenstoreClient } from '../xenstore/index.js';
-import { UsageError } from './errors.js';
+import { wholeNumber } from './errors.js';
 import { untilStopSignal } from './stop-signal.js';
 
 interface XenBackendOptions {
@@ -15,12 +15,6 @@ interface XenBackendOptions {
   maxQueues: string;
   persistent: boolean;
   grantCopy?: boolean;
-}
-
-function int(name: string, v: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 0) throw new UsageError(`${name} ${JSON.stringify(v)}: a whole number, please`);
-  return n;
 }
 
 export function xenBackendCommand(): Command {
@@ -34,9 +28,9 @@ export function xenBackendCommand(): Command {
     .option('--grant-copy', "reach the guest's pages by grant copy instead of mapping them")
     .action(async (o: XenBackendOptions) => {
       const blkback: Partial<BlkbackOptions> = {
-        maxIndirectSegments: int('--max-indirect-segments', o.maxIndirectSegments),
-        maxRingPageOrder: int('--max-ring-page-order', o.maxRingPageOrder),
-        maxQueues: int('--max-queues', o.maxQueues),
+        maxIndirectSegments: wholeNumber('--max-indirect-segments', o.maxIndirectSegments),
+        maxRingPageOrder: wholeNumber('--max-ring-page-order', o.maxRingPageOrder),
+        maxQueues: wholeNumber('--max-queues', o.maxQueues),
         persistent: o.persistent,
         grantCopy: o.grantCopy === true,
       };

@@ -7,7 +7,7 @@ import { NbdServer, nbdUri } from '../nbd/index.js';
 import { exportDevice } from '../product/index.js';
 import { RealXen } from '../xen/real/real-xen.js';
 import { XenstoreClient } from '../xenstore/index.js';
-import { UsageError } from './errors.js';
+import { wholeNumber } from './errors.js';
 import { untilStopSignal } from './stop-signal.js';
 
 interface XenFrontendOptions {
@@ -20,12 +20,6 @@ interface XenFrontendOptions {
   ringPageOrder: string;
   bufferPages: string;
   persistent: boolean;
-}
-
-function int(name: string, v: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 0) throw new UsageError(`${name} ${JSON.stringify(v)}: a whole number, please`);
-  return n;
 }
 
 export function xenFrontendCommand(): Command {
@@ -43,14 +37,14 @@ export function xenFrontendCommand(): Command {
     .option('--no-persistent', 'do not offer feature-persistent')
     .action(async (vbd: string, o: XenFrontendOptions) => {
       const options = {
-        maxIndirectSegments: int('--max-indirect-segments', o.maxIndirectSegments),
-        queues: int('--queues', o.queues),
-        ringPageOrder: int('--ring-page-order', o.ringPageOrder),
-        bufferPages: int('--buffer-pages', o.bufferPages),
+        maxIndirectSegments: wholeNumber('--max-indirect-segments', o.maxIndirectSegments),
+        queues: wholeNumber('--queues', o.queues),
+        ringPageOrder: wholeNumber('--ring-page-order', o.ringPageOrder),
+        bufferPages: wholeNumber('--buffer-pages', o.bufferPages),
         persistent: o.persistent,
       };
-      const port = int('--port', o.port);
-      const devid = vbd.startsWith('/') ? undefined : int('<vbd>', vbd);
+      const port = wholeNumber('--port', o.port);
+      const devid = vbd.startsWith('/') ? undefined : wholeNumber('<vbd>', vbd);
       const log = (m: string) => process.stderr.write(`blkif: ${m}\n`);
       let xs: XenstoreClient | undefined;
       let xen: RealXen | undefined;
